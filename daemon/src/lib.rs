@@ -1,0 +1,18 @@
+//! `kilnd`, the Kiln node daemon, as a library.
+//!
+//! # Layout
+//!
+//! - [`protocol`]: the pure wire contract (HTTP DTOs, error codes). No I/O, no tokio; the
+//!   coordinator imports it.
+//! - [`config`]: the node's TOML configuration, validated before any port is bound.
+//! - [`comfy`]: everything that talks to ComfyUI: the simulator (`kilnd comfy-sim`), the HTTP and
+//!   WebSocket client, the workflow validator, the process supervisor and the per-job executor.
+//! - [`queue`]: the durable job store (SQLite in WAL mode behind one writer thread) and the
+//!   scheduler that picks the next job (tier, then account fairness, then age).
+//! - [`tiers`]: tiers, accounts and API keys (a keys file holding only hashes).
+//! - [`api`]: the axum HTTP API of a node.
+//! - [`node`]: wires the parts together; [`node::run`] is the entry point tests call in-process.
+
+pub mod comfy;
+pub mod protocol;
+pub mod queue;
