@@ -16,3 +16,4 @@
 pub mod comfy;
 pub mod protocol;
 pub mod queue;
+pub mod tiers;
