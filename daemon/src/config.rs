@@ -1,0 +1,405 @@
+//! The node's configuration: one TOML file, every key documented in `kilnd.example.toml`,
+//! unknown keys refused, validated before any port is bound.
+//!
+//! This module only parses and checks; it never opens a socket or a database. Secrets (the
+//! operator token) may be given inline or as `*_file`, and a secret file that others can read is
+//! refused.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::tiers::TierTable;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub node: NodeSection,
+    #[serde(default)]
+    pub api: ApiSection,
+    pub comfy: ComfySection,
+    #[serde(default)]
+    pub jobs: JobsSection,
+    #[serde(default)]
+    pub tiers: TierTable,
+}
+
+/// `[node]`: who this node is and where it keeps its data.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// The node's name in logs and (later) in the cluster view. Default: the host name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Where the job database and the output files live.
+    #[serde(default = "NodeSection::default_data_dir")]
+    pub data_dir: PathBuf,
+}
+
+impl Default for NodeSection {
+    fn default() -> Self {
+        NodeSection {
+            name: None,
+            data_dir: Self::default_data_dir(),
+        }
+    }
+}
+
+impl NodeSection {
+    fn default_data_dir() -> PathBuf {
+        PathBuf::from("/var/lib/kiln")
+    }
+}
+
+/// `[api]`: the HTTP API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSection {
+    #[serde(default = "ApiSection::default_listen")]
+    pub listen: SocketAddr,
+    /// Largest request body accepted, in bytes (larger → 413 `payload_too_large`).
+    #[serde(default = "ApiSection::default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// The keys file (`kiln keys add` writes it); reloaded when it changes.
+    #[serde(default = "ApiSection::default_keys_file")]
+    pub keys_file: PathBuf,
+    /// The operator token for operator routes, inline. Prefer `operator_token_file`.
+    #[serde(default)]
+    pub operator_token: Option<String>,
+    /// A file holding the operator token (must not be readable by group or others).
+    #[serde(default)]
+    pub operator_token_file: Option<PathBuf>,
+}
+
+impl Default for ApiSection {
+    fn default() -> Self {
+        ApiSection {
+            listen: Self::default_listen(),
+            max_body_bytes: Self::default_max_body_bytes(),
+            keys_file: Self::default_keys_file(),
+            operator_token: None,
+            operator_token_file: None,
+        }
+    }
+}
+
+impl ApiSection {
+    fn default_listen() -> SocketAddr {
+        SocketAddr::from(([0, 0, 0, 0], 7860))
+    }
+    fn default_max_body_bytes() -> usize {
+        4 * 1024 * 1024
+    }
+    fn default_keys_file() -> PathBuf {
+        PathBuf::from("/etc/kiln/keys.toml")
+    }
+}
+
+/// `[comfy]`: the ComfyUI this node supervises.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComfySection {
+    /// Program and arguments, e.g. `["/opt/comfyui/venv/bin/python", "main.py", "--listen",
+    /// "127.0.0.1", "--port", "8188"]`.
+    pub command: Vec<String>,
+    /// Where ComfyUI answers; must match the `--listen`/`--port` of `command`.
+    #[serde(default = "ComfySection::default_url")]
+    pub url: url::Url,
+    /// Working directory of the ComfyUI process.
+    #[serde(default)]
+    pub cwd: Option<PathBuf>,
+    /// Extra environment variables for ComfyUI.
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Seconds ComfyUI may take from spawn to answering `/system_stats`.
+    #[serde(default = "ComfySection::default_start_timeout_s")]
+    pub start_timeout_s: u64,
+    /// An API-format workflow run once after every start, before the node calls itself ready
+    /// (so the model is resident).
+    #[serde(default)]
+    pub warmup_workflow: Option<PathBuf>,
+}
+
+impl ComfySection {
+    fn default_url() -> url::Url {
+        url::Url::parse("http://127.0.0.1:8188").unwrap_or_else(|_| unreachable!())
+    }
+    fn default_start_timeout_s() -> u64 {
+        120
+    }
+}
+
+/// `[jobs]`: how jobs run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobsSection {
+    /// A job runs at most this many times (a crash or ComfyUI restart mid-run counts).
+    #[serde(default = "JobsSection::default_max_attempts")]
+    pub max_attempts: u32,
+    /// Longest a single run may take before it is interrupted.
+    #[serde(default = "JobsSection::default_timeout_s")]
+    pub timeout_s: u64,
+    /// How long an interrupt may take to land before ComfyUI is killed and restarted.
+    #[serde(default = "JobsSection::default_interrupt_grace_s")]
+    pub interrupt_grace_s: u64,
+    /// The job duration assumed for wait estimates until real durations were measured.
+    #[serde(default = "JobsSection::default_assumed_duration_s")]
+    pub assumed_duration_s: f64,
+}
+
+impl Default for JobsSection {
+    fn default() -> Self {
+        JobsSection {
+            max_attempts: Self::default_max_attempts(),
+            timeout_s: Self::default_timeout_s(),
+            interrupt_grace_s: Self::default_interrupt_grace_s(),
+            assumed_duration_s: Self::default_assumed_duration_s(),
+        }
+    }
+}
+
+impl JobsSection {
+    fn default_max_attempts() -> u32 {
+        3
+    }
+    fn default_timeout_s() -> u64 {
+        600
+    }
+    fn default_interrupt_grace_s() -> u64 {
+        15
+    }
+    fn default_assumed_duration_s() -> f64 {
+        6.0
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_s)
+    }
+
+    pub fn interrupt_grace(&self) -> Duration {
+        Duration::from_secs(self.interrupt_grace_s)
+    }
+}
+
+/// A configuration problem, naming the key or the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key {key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config = Config::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })?;
+        Ok(config)
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<text>"),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks everything that can be checked without binding a port or opening the database.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(name) = &self.node.name
+            && (name.is_empty() || name.len() > 63 || name.chars().any(|c| c.is_whitespace()))
+        {
+            return Err(invalid(
+                "node.name",
+                "must be 1 to 63 characters with no whitespace",
+            ));
+        }
+        if self.node.data_dir.as_os_str().is_empty() {
+            return Err(invalid("node.data_dir", "must not be empty"));
+        }
+        if self.api.max_body_bytes < 1024 {
+            return Err(invalid("api.max_body_bytes", "must be at least 1024"));
+        }
+        if self.api.operator_token.is_some() && self.api.operator_token_file.is_some() {
+            return Err(invalid(
+                "api.operator_token",
+                "give either operator_token or operator_token_file, not both",
+            ));
+        }
+        if let Some(token) = &self.api.operator_token
+            && token.len() < 16
+        {
+            return Err(invalid(
+                "api.operator_token",
+                "must be at least 16 characters",
+            ));
+        }
+        if self.comfy.command.is_empty() || self.comfy.command[0].is_empty() {
+            return Err(invalid(
+                "comfy.command",
+                "must name the program to run, e.g. [\"python\", \"main.py\", …]",
+            ));
+        }
+        if self.comfy.url.scheme() != "http" || self.comfy.url.host_str().is_none() {
+            return Err(invalid(
+                "comfy.url",
+                "must be an http:// URL with a host, e.g. http://127.0.0.1:8188",
+            ));
+        }
+        if self.comfy.start_timeout_s == 0 {
+            return Err(invalid("comfy.start_timeout_s", "must be at least 1"));
+        }
+        if self.jobs.max_attempts == 0 || self.jobs.max_attempts > 100 {
+            return Err(invalid("jobs.max_attempts", "must be between 1 and 100"));
+        }
+        if self.jobs.timeout_s == 0 {
+            return Err(invalid("jobs.timeout_s", "must be at least 1"));
+        }
+        if !(self.jobs.assumed_duration_s.is_finite() && self.jobs.assumed_duration_s > 0.0) {
+            return Err(invalid("jobs.assumed_duration_s", "must be a positive number"));
+        }
+        self.tiers.validate().map_err(|message| {
+            let key = message.split(' ').next().unwrap_or("tiers").to_string();
+            ConfigError::Invalid { key, message }
+        })?;
+        Ok(())
+    }
+
+    /// The operator token, read from the inline value or the token file. `None` means operator
+    /// routes are closed.
+    pub fn operator_token(&self) -> Result<Option<String>, ConfigError> {
+        if let Some(token) = &self.api.operator_token {
+            return Ok(Some(token.clone()));
+        }
+        let Some(path) = &self.api.operator_token_file else {
+            return Ok(None);
+        };
+        let token = read_secret_file(path).map_err(|m| invalid("api.operator_token_file", m))?;
+        if token.len() < 16 {
+            return Err(invalid(
+                "api.operator_token_file",
+                format!("{}: the token must be at least 16 characters", path.display()),
+            ));
+        }
+        Ok(Some(token))
+    }
+}
+
+/// Reads a secret from a file that only its owner can read; returns the trimmed content.
+pub fn read_secret_file(path: &Path) -> Result<String, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "{} is readable by group or others (mode {:o}); chmod 600 it",
+                path.display(),
+                mode & 0o777
+            ));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = meta;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(text.trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[comfy]
+command = ["python", "main.py", "--port", "8188"]
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let config = Config::parse(MINIMAL).expect("valid");
+        assert_eq!(config.api.listen.port(), 7860);
+        assert_eq!(config.jobs.max_attempts, 3);
+        assert_eq!(config.tiers.pro.wait_target_s, 30);
+        assert_eq!(config.comfy.url.as_str(), "http://127.0.0.1:8188/");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::parse(&format!("{MINIMAL}\n[jobs]\nmax_attempt = 2\n"))
+            .expect_err("unknown key refused");
+        assert!(err.to_string().contains("max_attempt"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        for (extra, key) in [
+            ("[jobs]\nmax_attempts = 0\n", "jobs.max_attempts"),
+            ("[api]\nmax_body_bytes = 10\n", "api.max_body_bytes"),
+            ("[api]\noperator_token = \"short\"\n", "api.operator_token"),
+            ("[tiers.free]\nwait_target_s = 300\ndaily_quota = 0\n", "tiers.free.daily_quota"),
+        ] {
+            let err = Config::parse(&format!("{MINIMAL}\n{extra}")).expect_err(extra);
+            assert!(err.to_string().contains(key), "{err} should name {key}");
+        }
+        let err = Config::parse("[comfy]\ncommand = []\n").expect_err("empty command");
+        assert!(err.to_string().contains("comfy.command"), "{err}");
+        let err = Config::parse("[api]\nlisten = \"nope\"\n").expect_err("bad addr");
+        assert!(err.to_string().contains("listen"), "{err}");
+    }
+
+    #[test]
+    fn secret_file_must_be_private() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("token");
+        std::fs::write(&path, "0123456789abcdef0123\n").expect("write");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
+                .expect("chmod");
+            assert!(read_secret_file(&path).is_err());
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .expect("chmod");
+        }
+        assert_eq!(
+            read_secret_file(&path).expect("read"),
+            "0123456789abcdef0123"
+        );
+    }
+
+    #[test]
+    fn shipped_example_is_valid() {
+        let text = include_str!("../kilnd.example.toml");
+        Config::parse(text).expect("the shipped example config must be valid");
+    }
+}
