@@ -15,6 +15,7 @@
 
 pub mod comfy;
 pub mod config;
+pub mod metrics;
 pub mod protocol;
 pub mod queue;
 pub mod tiers;

@@ -1,0 +1,200 @@
+//! Prometheus metrics of a node, in the text exposition format at `GET /metrics`.
+//!
+//! One registry per node (no process-wide globals), so several nodes can run in one test
+//! process. Recording a sample never blocks on I/O.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::protocol::{JobStatus, Tier};
+
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum TierLabel {
+    free,
+    premium,
+    pro,
+    enterprise,
+}
+
+impl From<Tier> for TierLabel {
+    fn from(tier: Tier) -> Self {
+        match tier {
+            Tier::Free => TierLabel::free,
+            Tier::Premium => TierLabel::premium,
+            Tier::Pro => TierLabel::pro,
+            Tier::Enterprise => TierLabel::enterprise,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TierLabels {
+    pub tier: TierLabel,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FinishedLabels {
+    pub tier: TierLabel,
+    pub status: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub method: String,
+    pub route: String,
+    pub status: u16,
+}
+
+/// Every metric a node exports.
+pub struct Metrics {
+    registry: Registry,
+    pub queue_depth: Family<TierLabels, Gauge>,
+    pub wait_seconds: Family<TierLabels, Histogram>,
+    pub job_duration_seconds: Histogram,
+    pub jobs_finished: Family<FinishedLabels, Counter>,
+    pub jobs_submitted: Family<TierLabels, Counter>,
+    pub jobs_refused: Family<TierLabels, Counter>,
+    pub comfy_restarts: Counter,
+    pub comfy_ready: Gauge,
+    pub http_requests: Family<HttpLabels, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+fn wait_histogram() -> Histogram {
+    // From 100 ms to about 27 minutes: covers every tier's wait target.
+    Histogram::new([
+        0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0,
+    ])
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("kiln");
+        let queue_depth = Family::<TierLabels, Gauge>::default();
+        registry.register(
+            "queue_depth",
+            "Jobs waiting in this node's queue",
+            queue_depth.clone(),
+        );
+        let wait_seconds =
+            Family::<TierLabels, Histogram>::new_with_constructor(wait_histogram as fn() -> _);
+        registry.register(
+            "job_wait_seconds",
+            "Time from submission to start of a job's first run",
+            wait_seconds.clone(),
+        );
+        let job_duration_seconds = Histogram::new([
+            0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+        ]);
+        registry.register(
+            "job_duration_seconds",
+            "Time a job spent running in ComfyUI",
+            job_duration_seconds.clone(),
+        );
+        let jobs_finished = Family::<FinishedLabels, Counter>::default();
+        registry.register(
+            "jobs_finished",
+            "Jobs that reached a final status",
+            jobs_finished.clone(),
+        );
+        let jobs_submitted = Family::<TierLabels, Counter>::default();
+        registry.register(
+            "jobs_submitted",
+            "Jobs accepted with 202",
+            jobs_submitted.clone(),
+        );
+        let jobs_refused = Family::<TierLabels, Counter>::default();
+        registry.register(
+            "jobs_refused",
+            "Jobs refused by admission control or quota",
+            jobs_refused.clone(),
+        );
+        let comfy_restarts = Counter::default();
+        registry.register(
+            "comfyui_restarts",
+            "Times ComfyUI was started again after the first start",
+            comfy_restarts.clone(),
+        );
+        let comfy_ready = Gauge::default();
+        registry.register(
+            "comfyui_ready",
+            "1 while the supervised ComfyUI is ready",
+            comfy_ready.clone(),
+        );
+        let http_requests = Family::<HttpLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests by route and status",
+            http_requests.clone(),
+        );
+        Arc::new(Metrics {
+            registry,
+            queue_depth,
+            wait_seconds,
+            job_duration_seconds,
+            jobs_finished,
+            jobs_submitted,
+            jobs_refused,
+            comfy_restarts,
+            comfy_ready,
+            http_requests,
+        })
+    }
+
+    pub fn tier(tier: Tier) -> TierLabels {
+        TierLabels { tier: tier.into() }
+    }
+
+    pub fn finished(&self, tier: Tier, status: JobStatus) {
+        self.jobs_finished
+            .get_or_create(&FinishedLabels {
+                tier: tier.into(),
+                status: status.as_str().to_string(),
+            })
+            .inc();
+    }
+
+    /// The registry in the Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(error) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::warn!(%error, "encoding metrics failed");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_labelled_series() {
+        let metrics = Metrics::new();
+        metrics.queue_depth.get_or_create(&Metrics::tier(Tier::Pro)).set(3);
+        metrics
+            .wait_seconds
+            .get_or_create(&Metrics::tier(Tier::Free))
+            .observe(1.5);
+        metrics.finished(Tier::Pro, JobStatus::Succeeded);
+        let text = metrics.encode();
+        assert!(text.contains("kiln_queue_depth{tier=\"pro\"} 3"), "{text}");
+        assert!(text.contains("kiln_job_wait_seconds_count{tier=\"free\"} 1"), "{text}");
+        assert!(
+            text.contains("kiln_jobs_finished_total{tier=\"pro\",status=\"succeeded\"} 1"),
+            "{text}"
+        );
+    }
+}
