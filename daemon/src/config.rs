@@ -149,6 +149,10 @@ pub struct JobsSection {
     /// The job duration assumed for wait estimates until real durations were measured.
     #[serde(default = "JobsSection::default_assumed_duration_s")]
     pub assumed_duration_s: f64,
+    /// On shutdown, how long the running job may go on before it is interrupted and handed
+    /// back to the queue.
+    #[serde(default = "JobsSection::default_drain_timeout_s")]
+    pub drain_timeout_s: u64,
 }
 
 impl Default for JobsSection {
@@ -158,6 +162,7 @@ impl Default for JobsSection {
             timeout_s: Self::default_timeout_s(),
             interrupt_grace_s: Self::default_interrupt_grace_s(),
             assumed_duration_s: Self::default_assumed_duration_s(),
+            drain_timeout_s: Self::default_drain_timeout_s(),
         }
     }
 }
@@ -174,6 +179,13 @@ impl JobsSection {
     }
     fn default_assumed_duration_s() -> f64 {
         6.0
+    }
+    fn default_drain_timeout_s() -> u64 {
+        60
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_timeout_s)
     }
 
     pub fn timeout(&self) -> Duration {

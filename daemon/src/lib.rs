@@ -14,8 +14,10 @@
 //! - [`node`]: wires the parts together; [`node::run`] is the entry point tests call in-process.
 
 pub mod comfy;
+pub mod api;
 pub mod config;
 pub mod metrics;
+pub mod node;
 pub mod protocol;
 pub mod queue;
 pub mod tiers;

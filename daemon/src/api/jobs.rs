@@ -1,0 +1,597 @@
+//! The job routes: submit, list, get, cancel, events (SSE) and outputs.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio::sync::broadcast::error::RecvError;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::{ApiError, AppState, authenticate, cancel_wait};
+use crate::comfy::workflow::{WorkflowError, validate};
+use crate::metrics::Metrics;
+use crate::protocol::{
+    ErrorCode, JobList, JobStatus, JobView, StatusEvent, SubmitRequest, sse,
+};
+use crate::queue::{CancelOutcome, Job, NewJob, Quota, StoreError};
+use crate::tiers::Account;
+
+/// Longest accepted `Idempotency-Key`.
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// `POST /v1/jobs`.
+#[utoipa::path(post, path = "/v1/jobs", tag = "jobs",
+    request_body = SubmitRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "same key + same account + same body → the same job")),
+    responses(
+        (status = 202, description = "the job was stored durably and queued", body = JobView),
+        (status = 400, description = "invalid_json, invalid_request or invalid_workflow", body = crate::protocol::ErrorBody),
+        (status = 401, description = "unauthorized", body = crate::protocol::ErrorBody),
+        (status = 409, description = "conflict: the idempotency key was used with another body", body = crate::protocol::ErrorBody),
+        (status = 413, description = "payload_too_large", body = crate::protocol::ErrorBody),
+        (status = 422, description = "unknown_node_class", body = crate::protocol::ErrorBody),
+        (status = 429, description = "quota_exceeded (Retry-After set)", body = crate::protocol::ErrorBody),
+        (status = 503, description = "busy (Retry-After set) or unavailable", body = crate::protocol::ErrorBody),
+    ),
+    security(("api_key" = [])))]
+pub(super) async fn submit(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let account = authenticate(&state, &headers)?;
+    let limit = state.config.api.max_body_bytes;
+    let too_large = || {
+        ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("the request body is over the limit of {limit} bytes"),
+        )
+        .details(json!({"limit_bytes": limit}))
+    };
+    if let Some(length) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && length > limit as u64
+    {
+        return Err(too_large());
+    }
+    let bytes = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| too_large())?;
+
+    let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::new(
+            ErrorCode::InvalidJson,
+            format!("the request body is not JSON: {e}"),
+        )
+    })?;
+    if !value.is_object() {
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            "the request body must be a JSON object: {\"workflow\": {…}, \"webhook\"?, \"metadata\"?}",
+        ));
+    }
+    let request: SubmitRequest = serde_json::from_value(value).map_err(|e| {
+        ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("the request body is not a job submission: {e}"),
+        )
+    })?;
+
+    let info = state.object_info.borrow().clone().ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::Unavailable,
+            "this node's ComfyUI has not reported its node classes yet; try again shortly",
+        )
+        .retry_after(5)
+    })?;
+    validate(&request.workflow, &info).map_err(workflow_error)?;
+    if let Some(webhook) = &request.webhook {
+        check_webhook(webhook)?;
+    }
+    if let Some(metadata) = &request.metadata
+        && !metadata.is_object()
+    {
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            "metadata must be a JSON object",
+        ));
+    }
+    let idempotency_key = idempotency_key(&headers)?;
+
+    let policy = state.config.tiers.get(account.tier).clone();
+    if let Some(max_wait) = policy.admission_max_wait_s {
+        let wait = state
+            .live
+            .estimate_wait(&state.store, account.tier, &account.id);
+        if wait > max_wait as f64 {
+            state
+                .metrics
+                .jobs_refused
+                .get_or_create(&Metrics::tier(account.tier))
+                .inc();
+            state.store.count_refused(&account.id).await;
+            let retry = (wait - max_wait as f64).ceil().max(1.0) as u64;
+            return Err(ApiError::new(
+                ErrorCode::Busy,
+                format!(
+                    "the {} tier's estimated wait is {wait:.0} s, over its limit of {max_wait} s; try again later",
+                    account.tier
+                ),
+            )
+            .details(json!({"estimated_wait_s": wait, "limit_s": max_wait}))
+            .retry_after(retry));
+        }
+    }
+
+    let body_hash = hex::encode(Sha256::digest(
+        serde_json::to_vec(&request).map_err(ApiError::internal)?,
+    ));
+    let new = NewJob {
+        id: uuid::Uuid::new_v4().to_string(),
+        account: account.id.clone(),
+        tier: account.tier,
+        workflow: request.workflow,
+        webhook: request.webhook,
+        metadata: request.metadata,
+        idempotency_key,
+        body_hash,
+        max_attempts: state.config.jobs.max_attempts,
+    };
+    let quota = Quota {
+        per_day: policy.daily_quota,
+        per_month: None,
+    };
+    let submitted = match state.store.submit(new, Some(quota)).await {
+        Ok(submitted) => submitted,
+        Err(StoreError::QuotaExceeded {
+            period,
+            limit,
+            used,
+            resets_at_ms,
+        }) => {
+            state
+                .metrics
+                .jobs_refused
+                .get_or_create(&Metrics::tier(account.tier))
+                .inc();
+            let now = crate::node::unix_ms();
+            let retry = ((resets_at_ms - now).max(1000) / 1000) as u64;
+            return Err(ApiError::new(
+                ErrorCode::QuotaExceeded,
+                format!(
+                    "the {} tier allows {limit} jobs per {}; {used} used",
+                    account.tier,
+                    period.as_str()
+                ),
+            )
+            .details(json!({"limit": limit, "used": used, "period": period.as_str(),
+                "resets_at": crate::protocol::rfc3339_ms(resets_at_ms)}))
+            .retry_after(retry));
+        }
+        Err(StoreError::IdempotencyConflict { key, job_id }) => {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!("the Idempotency-Key {key:?} was already used with a different body"),
+            )
+            .details(json!({"job_id": job_id})));
+        }
+        Err(StoreError::Invalid(message)) => {
+            return Err(ApiError::new(ErrorCode::InvalidRequest, message));
+        }
+        Err(error) => return Err(ApiError::internal(error)),
+    };
+    if submitted.created {
+        state
+            .metrics
+            .jobs_submitted
+            .get_or_create(&Metrics::tier(account.tier))
+            .inc();
+    }
+    let view = view_of(&state, &submitted.job).await?;
+    let mut response = (StatusCode::ACCEPTED, axum::Json(view)).into_response();
+    if let Ok(location) = HeaderValue::from_str(&format!("/v1/jobs/{}", submitted.job.id)) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    if !submitted.created {
+        response
+            .headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}
+
+fn workflow_error(error: WorkflowError) -> ApiError {
+    let message = error.to_string();
+    match error {
+        WorkflowError::UnknownClass {
+            node_id,
+            class_type,
+        } => ApiError::new(
+            ErrorCode::UnknownNodeClass,
+            format!("node {node_id:?} uses class_type {class_type:?}, which this ComfyUI does not have"),
+        )
+        .details(json!({"node_id": node_id, "class_type": class_type})),
+        WorkflowError::MissingInput {
+            node_id,
+            class_type,
+            input,
+        } => ApiError::new(ErrorCode::InvalidWorkflow, message)
+            .details(json!({"node_id": node_id, "class_type": class_type, "input": input})),
+        WorkflowError::LinkToMissingNode {
+            node_id,
+            input,
+            target,
+        } => ApiError::new(ErrorCode::InvalidWorkflow, message)
+            .details(json!({"node_id": node_id, "input": input, "target": target})),
+        WorkflowError::BadNode { node_id, .. }
+        | WorkflowError::MalformedLink { node_id, .. }
+        | WorkflowError::BadLinkIndex { node_id, .. }
+        | WorkflowError::Cycle { node_id } => {
+            ApiError::new(ErrorCode::InvalidWorkflow, message).details(json!({"node_id": node_id}))
+        }
+        WorkflowError::NotAnObject { .. }
+        | WorkflowError::NotApiFormat { .. }
+        | WorkflowError::Empty
+        | WorkflowError::NoOutputNode => ApiError::new(ErrorCode::InvalidWorkflow, message),
+    }
+}
+
+fn check_webhook(webhook: &str) -> Result<(), ApiError> {
+    let bad = |why: &str| {
+        ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("webhook {webhook:?} is not usable: {why}"),
+        )
+    };
+    if webhook.len() > 2048 {
+        return Err(bad("longer than 2048 characters"));
+    }
+    let url = url::Url::parse(webhook).map_err(|e| bad(&e.to_string()))?;
+    if !matches!(url.scheme(), "https" | "http") {
+        return Err(bad("the scheme must be https or http"));
+    }
+    if url.host_str().is_none() {
+        return Err(bad("it has no host"));
+    }
+    Ok(())
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let bad = || {
+        ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!(
+                "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters"
+            ),
+        )
+    };
+    let key = value.to_str().map_err(|_| bad())?.trim();
+    if key.is_empty()
+        || key.len() > MAX_IDEMPOTENCY_KEY
+        || !key.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+    {
+        return Err(bad());
+    }
+    Ok(Some(key.to_string()))
+}
+
+/// The job as its owner may see it, with live position, wait and progress.
+pub(crate) async fn view_of(state: &AppState, job: &Job) -> Result<JobView, ApiError> {
+    let outputs = if job.status == JobStatus::Succeeded {
+        state
+            .store
+            .outputs(&job.id)
+            .await
+            .map_err(ApiError::internal)?
+    } else {
+        Vec::new()
+    };
+    let (position, wait) = if job.status == JobStatus::Queued {
+        let position = state.store.position(&job.id);
+        let wait = position.map(|p| state.live.wait_for_position(p));
+        (position, wait)
+    } else {
+        (None, None)
+    };
+    let mut view = job.view(&outputs, position, wait);
+    if job.status == JobStatus::Running {
+        view.progress = state.live.progress(&job.id);
+    }
+    Ok(view)
+}
+
+/// Loads a job that belongs to `account`; another account's job is "not found".
+async fn owned_job(state: &AppState, account: &Account, id: &str) -> Result<Job, ApiError> {
+    match state.store.get(id).await.map_err(ApiError::internal)? {
+        Some(job) if job.account == account.id => Ok(job),
+        _ => Err(ApiError::not_found(format!("no job {id:?} for this account"))),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ListQuery {
+    status: Option<String>,
+    limit: Option<String>,
+}
+
+/// `GET /v1/jobs`.
+#[utoipa::path(get, path = "/v1/jobs", tag = "jobs",
+    params(("status" = Option<JobStatus>, Query, description = "only jobs in this status"),
+           ("limit" = Option<u32>, Query, description = "at most this many (1-500, default 20)")),
+    responses((status = 200, description = "the account's recent jobs, newest first", body = JobList),
+               (status = 400, description = "invalid_request", body = crate::protocol::ErrorBody),
+               (status = 401, description = "unauthorized", body = crate::protocol::ErrorBody)),
+    security(("api_key" = [])))]
+pub(super) async fn list(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<axum::Json<JobList>, ApiError> {
+    let account = authenticate(&state, &headers)?;
+    let Query(query) = query.map_err(|e| {
+        ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("bad query: {} (allowed: status, limit)", e.body_text()),
+        )
+    })?;
+    let status = match query.status.as_deref() {
+        None => None,
+        Some(s) => Some(s.parse::<JobStatus>().map_err(|e| {
+            ApiError::new(ErrorCode::InvalidRequest, e.to_string())
+        })?),
+    };
+    let limit = match query.limit.as_deref() {
+        None => 20,
+        Some(s) => match s.parse::<u32>() {
+            Ok(n) if (1..=500).contains(&n) => n,
+            _ => {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    format!("limit must be a number from 1 to 500, not {s:?}"),
+                ));
+            }
+        },
+    };
+    let jobs = state
+        .store
+        .list(&account.id, status, limit)
+        .await
+        .map_err(ApiError::internal)?;
+    let mut views = Vec::with_capacity(jobs.len());
+    for job in &jobs {
+        views.push(view_of(&state, job).await?);
+    }
+    Ok(axum::Json(JobList { jobs: views }))
+}
+
+/// `GET /v1/jobs/{id}`.
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs",
+    params(("id" = String, Path, description = "job id")),
+    responses((status = 200, description = "the job", body = JobView),
+               (status = 404, description = "not_found", body = crate::protocol::ErrorBody)),
+    security(("api_key" = [])))]
+pub(super) async fn get_job(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<axum::Json<JobView>, ApiError> {
+    let account = authenticate(&state, &headers)?;
+    let job = owned_job(&state, &account, &id).await?;
+    Ok(axum::Json(view_of(&state, &job).await?))
+}
+
+/// `DELETE /v1/jobs/{id}`: a queued job is cancelled at once; a running one is interrupted in
+/// ComfyUI and the answer waits (boundedly) for the interrupt to land.
+#[utoipa::path(delete, path = "/v1/jobs/{id}", tag = "jobs",
+    params(("id" = String, Path, description = "job id")),
+    responses((status = 200, description = "the job after cancelling", body = JobView),
+               (status = 404, description = "not_found", body = crate::protocol::ErrorBody),
+               (status = 409, description = "conflict: the job already finished", body = crate::protocol::ErrorBody)),
+    security(("api_key" = [])))]
+pub(super) async fn cancel(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<axum::Json<JobView>, ApiError> {
+    let account = authenticate(&state, &headers)?;
+    owned_job(&state, &account, &id).await?;
+    let mut changes = state.store.subscribe();
+    match state.store.cancel(&id).await {
+        Ok(CancelOutcome::Cancelled(job)) => {
+            state.metrics.finished(job.tier, JobStatus::Cancelled);
+            Ok(axum::Json(view_of(&state, &job).await?))
+        }
+        Ok(CancelOutcome::Running(_)) => {
+            state.live.request_cancel(&id);
+            let deadline = tokio::time::Instant::now() + cancel_wait(&state.config);
+            loop {
+                let job = owned_job(&state, &account, &id).await?;
+                if job.status.is_final() {
+                    return Ok(axum::Json(view_of(&state, &job).await?));
+                }
+                match tokio::time::timeout_at(deadline, changes.recv()).await {
+                    Err(_) => return Ok(axum::Json(view_of(&state, &job).await?)),
+                    Ok(Ok(_)) | Ok(Err(RecvError::Lagged(_))) => continue,
+                    Ok(Err(RecvError::Closed)) => {
+                        return Ok(axum::Json(view_of(&state, &job).await?));
+                    }
+                }
+            }
+        }
+        Err(StoreError::Conflict { id, status }) => Err(ApiError::new(
+            ErrorCode::Conflict,
+            format!("job {id} is already {status}; only queued or running jobs can be cancelled"),
+        )
+        .details(json!({"status": status}))),
+        Err(StoreError::NotFound(_)) => Err(ApiError::not_found(format!(
+            "no job {id:?} for this account"
+        ))),
+        Err(error) => Err(ApiError::internal(error)),
+    }
+}
+
+/// `GET /v1/jobs/{id}/events`: `status` (with position while queued), `progress`, then `done`
+/// with the final job, after which the stream ends.
+#[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs",
+    params(("id" = String, Path, description = "job id")),
+    responses((status = 200, description = "text/event-stream: status, progress, done", content_type = "text/event-stream"),
+               (status = 404, description = "not_found", body = crate::protocol::ErrorBody)),
+    security(("api_key" = [])))]
+pub(super) async fn events(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let account = authenticate(&state, &headers)?;
+    // Subscribe before reading the job so that no change falls between the two.
+    let mut changes = state.store.subscribe();
+    let mut progress = state.live.subscribe();
+    let job = owned_job(&state, &account, &id).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
+    tokio::spawn(async move {
+        let mut last_status: Option<StatusEvent> = None;
+        let mut job = job;
+        loop {
+            let view = match view_of(&state, &job).await {
+                Ok(view) => view,
+                Err(_) => return,
+            };
+            if job.status.is_final() {
+                let _ = tx.send(Ok(json_event(sse::DONE, &view))).await;
+                return;
+            }
+            let status = StatusEvent {
+                status: view.status,
+                position: view.position,
+                estimated_wait_s: view.estimated_wait_s.map(|w| w.round()),
+            };
+            if last_status.as_ref() != Some(&status) {
+                if tx.send(Ok(json_event(sse::STATUS, &status))).await.is_err() {
+                    return;
+                }
+                last_status = Some(status);
+            }
+            // Wait for something that may change what this stream shows.
+            loop {
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    change = changes.recv() => match change {
+                        Ok(change) if change.id == job.id || job.status == JobStatus::Queued => break,
+                        Ok(_) => continue,
+                        Err(RecvError::Lagged(_)) => break,
+                        Err(RecvError::Closed) => return,
+                    },
+                    event = progress.recv() => match event {
+                        Ok(event) if event.job_id == job.id => {
+                            if tx.send(Ok(json_event(sse::PROGRESS, &event.progress))).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(_) | Err(RecvError::Lagged(_)) => continue,
+                        Err(RecvError::Closed) => return,
+                    },
+                }
+            }
+            job = match state.store.get(&job.id).await {
+                Ok(Some(job)) => job,
+                _ => return,
+            };
+        }
+    });
+    let stream = ReceiverStream::new(rx);
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
+}
+
+fn json_event<T: serde::Serialize>(name: &str, data: &T) -> Event {
+    Event::default()
+        .event(name)
+        .json_data(data)
+        .unwrap_or_else(|_| Event::default().event(name).data("{}"))
+}
+
+/// `GET /v1/jobs/{id}/outputs/{index}`.
+#[utoipa::path(get, path = "/v1/jobs/{id}/outputs/{index}", tag = "jobs",
+    params(("id" = String, Path, description = "job id"), ("index" = u32, Path, description = "output index")),
+    responses((status = 200, description = "the file, with its content type"),
+               (status = 404, description = "not_found", body = crate::protocol::ErrorBody)),
+    security(("api_key" = [])))]
+pub(super) async fn output(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((id, index)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let account = authenticate(&state, &headers)?;
+    let job = owned_job(&state, &account, &id).await?;
+    let index: u32 = index
+        .parse()
+        .map_err(|_| ApiError::not_found(format!("no output {index:?} for job {id}")))?;
+    let outputs = state
+        .store
+        .outputs(&job.id)
+        .await
+        .map_err(ApiError::internal)?;
+    let output = outputs
+        .iter()
+        .find(|o| o.index == index)
+        .ok_or_else(|| ApiError::not_found(format!("job {id} has no output {index}")))?;
+    let path = state.store.data_dir().join(&output.path);
+    let bytes = tokio::fs::read(&path).await.map_err(|e| {
+        ApiError::internal(format!("output file {} of job {id}: {e}", path.display()))
+    })?;
+    let disposition = format!(
+        "inline; filename=\"{}\"",
+        output.filename.replace(['"', '\\', '\r', '\n'], "_")
+    );
+    let mut response = Response::new(Body::from(bytes));
+    let headers = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(&output.content_type) {
+        headers.insert(header::CONTENT_TYPE, value);
+    }
+    if let Ok(value) = HeaderValue::from_str(&disposition) {
+        headers.insert(header::CONTENT_DISPOSITION, value);
+    }
+    if let Ok(value) = HeaderValue::from_str(&format!("\"{}\"", output.sha256)) {
+        headers.insert(header::ETAG, value);
+    }
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn webhook_checks() {
+        assert!(check_webhook("https://example.com/hook").is_ok());
+        assert!(check_webhook("ftp://example.com/hook").is_err());
+        assert!(check_webhook("not a url").is_err());
+    }
+
+    #[test]
+    fn idempotency_key_checks() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(idempotency_key(&headers).ok(), Some(None));
+        headers.insert("idempotency-key", HeaderValue::from_static("abc-123"));
+        assert_eq!(
+            idempotency_key(&headers).ok(),
+            Some(Some("abc-123".to_string()))
+        );
+        headers.insert("idempotency-key", HeaderValue::from_static(""));
+        assert!(idempotency_key(&headers).is_err());
+    }
+}

@@ -1,0 +1,872 @@
+//! One Kiln node: wires the job store, the ComfyUI supervisor and client, the job runner and the
+//! HTTP API, and stops them in order.
+//!
+//! [`run`] is the entry point that `main` and the tests call; it takes its listener and a
+//! shutdown future so a whole node runs in-process on port 0. [`run_dev`] is `kilnd --dev`.
+//!
+//! Shutdown order: readiness off → the runner stops taking jobs and finishes (or hands back) the
+//! running one within a deadline → ComfyUI stopped (SIGINT, then SIGKILL) → HTTP stopped → the
+//! store's writer flushed.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::{self, AppState};
+use crate::comfy::client::ComfyClient;
+use crate::comfy::executor::{self, RunEvent, RunOptions, RunOutcome};
+use crate::comfy::supervisor::{Supervisor, SupervisorConfig, SupervisorState};
+use crate::comfy::types::ObjectInfo;
+use crate::comfy::ComfyControl;
+use crate::config::{ApiSection, ComfySection, Config, JobsSection, NodeSection};
+use crate::metrics::Metrics;
+use crate::protocol::{JobError, JobStatus, Progress, Tier};
+use crate::queue::{Job, JobStore, NewOutput, Outcome, StoreOptions};
+use crate::tiers::{Account, KeyRing, TierTable};
+
+/// Milliseconds since the Unix epoch, now.
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Whether the node takes work, and why not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    NotReady(String),
+}
+
+/// A progress report of the running job, for SSE subscribers.
+#[derive(Debug, Clone)]
+pub struct ProgressEvent {
+    pub job_id: String,
+    pub progress: Progress,
+}
+
+#[derive(Debug)]
+struct RunningJob {
+    id: String,
+    cancel: CancellationToken,
+    started: tokio::time::Instant,
+}
+
+/// What the runner and the API share about the job that runs now: its progress, a way to cancel
+/// it, and the measured job duration behind wait estimates. Short synchronous critical sections
+/// only.
+#[derive(Debug)]
+pub struct Live {
+    running: Mutex<Option<RunningJob>>,
+    pending_cancels: Mutex<HashSet<String>>,
+    progress: Mutex<HashMap<String, Progress>>,
+    events: broadcast::Sender<ProgressEvent>,
+    /// Exponentially weighted mean of successful job durations, in milliseconds.
+    mean_duration_ms: AtomicU64,
+    /// Ends streams (SSE) when the node shuts down.
+    pub shutdown: CancellationToken,
+}
+
+impl Live {
+    pub fn new(assumed_duration: Duration, shutdown: CancellationToken) -> Arc<Live> {
+        let (events, _) = broadcast::channel(256);
+        Arc::new(Live {
+            running: Mutex::new(None),
+            pending_cancels: Mutex::new(HashSet::new()),
+            progress: Mutex::new(HashMap::new()),
+            events,
+            mean_duration_ms: AtomicU64::new(assumed_duration.as_millis().max(1) as u64),
+            shutdown,
+        })
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<ProgressEvent> {
+        self.events.subscribe()
+    }
+
+    pub fn progress(&self, job_id: &str) -> Option<Progress> {
+        lock(&self.progress).get(job_id).cloned()
+    }
+
+    /// Asks the runner to interrupt a running job. Remembered if the runner has taken the job
+    /// but not registered it yet.
+    pub fn request_cancel(&self, job_id: &str) {
+        let running = lock(&self.running);
+        match running.as_ref() {
+            Some(job) if job.id == job_id => job.cancel.cancel(),
+            _ => {
+                lock(&self.pending_cancels).insert(job_id.to_string());
+            }
+        }
+    }
+
+    fn start(&self, job_id: &str) -> CancellationToken {
+        let cancel = CancellationToken::new();
+        if lock(&self.pending_cancels).remove(job_id) {
+            cancel.cancel();
+        }
+        *lock(&self.running) = Some(RunningJob {
+            id: job_id.to_string(),
+            cancel: cancel.clone(),
+            started: tokio::time::Instant::now(),
+        });
+        cancel
+    }
+
+    fn set_progress(&self, job_id: &str, progress: Progress) {
+        lock(&self.progress).insert(job_id.to_string(), progress.clone());
+        let _ = self.events.send(ProgressEvent {
+            job_id: job_id.to_string(),
+            progress,
+        });
+    }
+
+    fn end(&self, job_id: &str, duration: Option<Duration>) {
+        *lock(&self.running) = None;
+        lock(&self.progress).remove(job_id);
+        lock(&self.pending_cancels).remove(job_id);
+        if let Some(duration) = duration {
+            let sample = duration.as_millis().max(1) as u64;
+            let old = self.mean_duration_ms.load(Ordering::Relaxed);
+            // Weight 1/5 for a new sample: follows a change of workload within a few jobs.
+            let new = (old * 4 + sample) / 5;
+            self.mean_duration_ms.store(new.max(1), Ordering::Relaxed);
+        }
+    }
+
+    /// The mean job duration used for estimates, in seconds.
+    pub fn mean_duration_s(&self) -> f64 {
+        self.mean_duration_ms.load(Ordering::Relaxed) as f64 / 1000.0
+    }
+
+    /// Estimated seconds until the job at 1-based queue `position` starts: the rest of the
+    /// running job plus one mean duration per job ahead.
+    pub fn wait_for_position(&self, position: u64) -> f64 {
+        let mean = self.mean_duration_s();
+        let remaining = lock(&self.running)
+            .as_ref()
+            .map(|r| (mean - r.started.elapsed().as_secs_f64()).max(0.0))
+            .unwrap_or(0.0);
+        remaining + position.saturating_sub(1) as f64 * mean
+    }
+
+    /// Estimated seconds until a new job of `tier` from `account` would start.
+    pub fn estimate_wait(&self, store: &JobStore, tier: Tier, account: &str) -> f64 {
+        self.wait_for_position(store.queued_ahead(tier, account) + 1)
+    }
+
+    /// Copies the queue's per-tier depth into the metrics.
+    pub fn refresh_queue_metrics(&self, store: &JobStore, metrics: &Metrics) {
+        let summary = store.summary();
+        for tier in Tier::BY_PRIORITY {
+            let depth = summary
+                .tiers
+                .iter()
+                .find(|t| t.tier == tier)
+                .map(|t| t.queued)
+                .unwrap_or(0);
+            metrics
+                .queue_depth
+                .get_or_create(&Metrics::tier(tier))
+                .set(depth as i64);
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Everything a node needs besides its listener.
+#[derive(Debug, Clone)]
+pub struct NodeParts {
+    pub config: Config,
+    pub keys: KeyRing,
+    pub operator_token: Option<String>,
+}
+
+/// Runs a node from a config file's contents: reads secrets and keys, binds the API, runs.
+pub async fn run_with_config(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let operator_token = config.operator_token()?;
+    let keys = KeyRing::load(&config.api.keys_file)?;
+    let listener = TcpListener::bind(config.api.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (api.listen)", config.api.listen))?;
+    run(
+        NodeParts {
+            config,
+            keys,
+            operator_token,
+        },
+        listener,
+        shutdown,
+    )
+    .await
+}
+
+/// Runs a node until `shutdown` resolves, then stops it in order.
+pub async fn run(
+    parts: NodeParts,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let NodeParts {
+        config,
+        keys,
+        operator_token,
+    } = parts;
+    let config = Arc::new(config);
+    let data_dir = config.node.data_dir.clone();
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create the data dir {}", data_dir.display()))?;
+
+    let (store, recovery) = JobStore::open(&data_dir, StoreOptions::default())
+        .await
+        .with_context(|| format!("cannot open the job store in {}", data_dir.display()))?;
+    if !recovery.requeued.is_empty() || !recovery.failed.is_empty() {
+        tracing::warn!(
+            requeued = recovery.requeued.len(),
+            failed = recovery.failed.len(),
+            "jobs that were running when kilnd stopped: requeued or failed after max attempts"
+        );
+    }
+    tracing::info!(queued = recovery.queued, "job store open");
+
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let metrics = Metrics::new();
+    let live = Live::new(
+        Duration::from_secs_f64(config.jobs.assumed_duration_s),
+        stop.child_token(),
+    );
+
+    let supervisor = Supervisor::spawn(supervisor_config(&config)?)
+        .context("cannot start the ComfyUI supervisor")?;
+    let node_name = config.node.name.clone().unwrap_or_else(hostname);
+    let client = ComfyClient::new(
+        config.comfy.url.clone(),
+        format!("kiln-{node_name}-{}", uuid::Uuid::new_v4().simple()),
+    )
+    .context("cannot build the ComfyUI client")?;
+
+    let object_info_path = data_dir.join("object_info.json");
+    let (info_tx, info_rx) = watch::channel(load_object_info(&object_info_path));
+    let (ready_tx, ready_rx) = watch::channel(Readiness::NotReady(
+        "ComfyUI is starting".to_string(),
+    ));
+
+    // Keys file reloads.
+    if let Some(ring) = Some(keys.clone()) {
+        tasks.spawn(ring.watch(Duration::from_secs(2), stop.child_token()));
+    }
+    // Readiness, object_info and ComfyUI metrics follow the supervisor.
+    tasks.spawn(follow_supervisor(
+        supervisor.subscribe_state(),
+        client.clone(),
+        info_tx,
+        object_info_path,
+        ready_tx,
+        metrics.clone(),
+        stop.child_token(),
+    ));
+    // The job runner.
+    let runner_stop = CancellationToken::new();
+    let runner = tokio::spawn(run_jobs(Runner {
+        store: store.clone(),
+        client: client.clone(),
+        control: Arc::new(supervisor.control()),
+        states: supervisor.subscribe_state(),
+        live: live.clone(),
+        metrics: metrics.clone(),
+        jobs: config.jobs.clone(),
+        stop: runner_stop.clone(),
+    }));
+
+    let state = AppState {
+        store: store.clone(),
+        keys,
+        operator_token: operator_token.map(Arc::from),
+        config: config.clone(),
+        metrics: metrics.clone(),
+        object_info: info_rx,
+        readiness: ready_rx,
+        live: live.clone(),
+    };
+    let app = api::router(state);
+    let local = listener.local_addr().ok();
+    tracing::info!(addr = ?local, "API listening");
+    let http_stop = CancellationToken::new();
+    let http = {
+        let http_stop = http_stop.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { http_stop.cancelled().await })
+                .await
+        })
+    };
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    stop.cancel();
+    runner_stop.cancel();
+    match tokio::time::timeout(config.jobs.drain_timeout() + Duration::from_secs(5), runner).await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::error!(%error, "the job runner failed"),
+        Err(_) => tracing::error!("the job runner did not stop in time"),
+    }
+    if let Err(error) = supervisor.shutdown().await {
+        tracing::warn!(%error, "stopping ComfyUI");
+    }
+    http_stop.cancel();
+    match tokio::time::timeout(Duration::from_secs(5), http).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(error))) => tracing::warn!(%error, "HTTP server"),
+        Ok(Err(error)) => tracing::warn!(%error, "HTTP server task"),
+        Err(_) => tracing::warn!("HTTP connections still open at shutdown; dropped"),
+    }
+    tasks.close();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
+    store.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn supervisor_config(config: &Config) -> anyhow::Result<SupervisorConfig> {
+    let mut sup = SupervisorConfig::new(config.comfy.command.clone(), config.comfy.url.clone());
+    sup.env = config
+        .comfy
+        .env
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    sup.cwd = config.comfy.cwd.clone();
+    sup.start_timeout = Duration::from_secs(config.comfy.start_timeout_s);
+    if let Some(path) = &config.comfy.warmup_workflow {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("comfy.warmup_workflow: cannot read {}", path.display()))?;
+        let workflow: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("comfy.warmup_workflow: {} is not JSON", path.display()))?;
+        sup.warmup = Some(workflow);
+    }
+    sup.validate()
+        .map_err(|e| anyhow::anyhow!("comfy: {e}"))?;
+    Ok(sup)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "kiln-node".to_string())
+}
+
+fn load_object_info(path: &Path) -> Option<Arc<ObjectInfo>> {
+    let text = std::fs::read_to_string(path).ok()?;
+    match ObjectInfo::from_json_str(&text) {
+        Ok(info) => Some(Arc::new(info)),
+        Err(error) => {
+            tracing::warn!(%error, path = %path.display(), "ignoring the saved object_info");
+            None
+        }
+    }
+}
+
+/// Follows the supervisor: readiness for `/readyz`, the node classes of every new ComfyUI
+/// generation for validation (also saved to disk, so jobs can be accepted while ComfyUI
+/// restarts), and ComfyUI's metrics.
+async fn follow_supervisor(
+    mut states: watch::Receiver<SupervisorState>,
+    client: ComfyClient,
+    info_tx: watch::Sender<Option<Arc<ObjectInfo>>>,
+    info_path: PathBuf,
+    ready_tx: watch::Sender<Readiness>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    let mut info_generation: Option<u64> = None;
+    let mut restarts_seen = 0u64;
+    loop {
+        let state = states.borrow_and_update().clone();
+        if let SupervisorState::Ready { generation } = state {
+            if generation > 1 && generation - 1 > restarts_seen {
+                metrics.comfy_restarts.inc_by(generation - 1 - restarts_seen);
+                restarts_seen = generation - 1;
+            }
+            if info_generation != Some(generation) {
+                client.invalidate_object_info();
+                match client.object_info().await {
+                    Ok(info) => {
+                        if let Ok(text) = serde_json::to_string(info.raw()) {
+                            let tmp = info_path.with_extension("json.tmp");
+                            if std::fs::write(&tmp, text).is_ok() {
+                                let _ = std::fs::rename(&tmp, &info_path);
+                            }
+                        }
+                        info_tx.send_replace(Some(info));
+                        info_generation = Some(generation);
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot read ComfyUI's object_info; retrying");
+                        tokio::select! {
+                            _ = stop.cancelled() => break,
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        }
+                    }
+                }
+            }
+        }
+        let readiness = if stop.is_cancelled() {
+            Readiness::NotReady("the node is shutting down".to_string())
+        } else if state.is_ready() {
+            Readiness::Ready
+        } else {
+            Readiness::NotReady(format!("ComfyUI is not ready: {}", state.reason()))
+        };
+        metrics.comfy_ready.set(i64::from(state.is_ready()));
+        ready_tx.send_replace(readiness);
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            changed = states.changed() => if changed.is_err() { break },
+        }
+    }
+    ready_tx.send_replace(Readiness::NotReady(
+        "the node is shutting down".to_string(),
+    ));
+}
+
+struct Runner {
+    store: JobStore,
+    client: ComfyClient,
+    control: Arc<dyn ComfyControl>,
+    states: watch::Receiver<SupervisorState>,
+    live: Arc<Live>,
+    metrics: Arc<Metrics>,
+    jobs: JobsSection,
+    stop: CancellationToken,
+}
+
+/// Takes the best queued job whenever ComfyUI is ready and idle, and runs it. Exactly one
+/// prompt at a time goes to ComfyUI.
+async fn run_jobs(mut runner: Runner) {
+    let mut changes = runner.store.subscribe();
+    loop {
+        // Wait until ComfyUI is ready.
+        loop {
+            if runner.stop.is_cancelled() {
+                return;
+            }
+            if runner.states.borrow_and_update().is_ready() {
+                break;
+            }
+            tokio::select! {
+                _ = runner.stop.cancelled() => return,
+                changed = runner.states.changed() => if changed.is_err() { return },
+            }
+        }
+        let job = match runner.store.next_job().await {
+            Ok(Some(job)) => job,
+            Ok(None) => {
+                tokio::select! {
+                    _ = runner.stop.cancelled() => return,
+                    _ = changes.recv() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
+                continue;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot take the next job");
+                tokio::select! {
+                    _ = runner.stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                continue;
+            }
+        };
+        run_one(&runner, job).await;
+    }
+}
+
+async fn run_one(runner: &Runner, job: Job) {
+    let started = tokio::time::Instant::now();
+    if job.attempts == 1 {
+        let waited = (unix_ms() - job.created_at_ms).max(0) as f64 / 1000.0;
+        runner
+            .metrics
+            .wait_seconds
+            .get_or_create(&Metrics::tier(job.tier))
+            .observe(waited);
+    }
+    tracing::info!(job = %job.id, tier = %job.tier, attempt = job.attempts, "running job");
+    let cancel = runner.live.start(&job.id);
+    let (events_tx, mut events_rx) = tokio::sync::mpsc::channel::<RunEvent>(64);
+    let relay = {
+        let live = runner.live.clone();
+        let job_id = job.id.clone();
+        tokio::spawn(async move {
+            while let Some(event) = events_rx.recv().await {
+                if let RunEvent::Progress { node, value, max } = event {
+                    live.set_progress(&job_id, Progress { node, value, max });
+                }
+            }
+        })
+    };
+    let prompt_id = uuid::Uuid::new_v4().to_string();
+    let extra_data = json!({"kiln_job_id": job.id, "kiln_attempt": job.attempts});
+    let options = RunOptions {
+        timeout: runner.jobs.timeout(),
+        interrupt_grace: runner.jobs.interrupt_grace(),
+    };
+    // On shutdown the running job gets the drain deadline to finish, then it is interrupted
+    // and handed back to the queue.
+    let shutdown_interrupt = CancellationToken::new();
+    let run = executor::run_prompt(
+        &runner.client,
+        runner.control.as_ref(),
+        &prompt_id,
+        &job.workflow,
+        extra_data,
+        options,
+        events_tx,
+        cancel.clone(),
+    );
+    tokio::pin!(run);
+    let mut shutting_down = false;
+    let outcome = loop {
+        tokio::select! {
+            outcome = &mut run => break outcome,
+            _ = runner.stop.cancelled(), if !shutting_down => {
+                shutting_down = true;
+                let interrupt = shutdown_interrupt.clone();
+                let cancel = cancel.clone();
+                let drain = runner.jobs.drain_timeout();
+                tokio::spawn(async move {
+                    tokio::time::sleep(drain).await;
+                    interrupt.cancel();
+                    cancel.cancel();
+                });
+            }
+        }
+    };
+    let _ = relay.await;
+    let elapsed = started.elapsed();
+    let handed_back = shutdown_interrupt.is_cancelled();
+    let (store_outcome, duration) = match outcome {
+        RunOutcome::Succeeded { outputs, .. } => {
+            let outputs = outputs
+                .into_iter()
+                .map(|o| NewOutput {
+                    content_type: content_type_for(&o.filename).to_string(),
+                    filename: o.filename,
+                    bytes: o.bytes,
+                })
+                .collect();
+            (Outcome::Succeeded { outputs }, Some(elapsed))
+        }
+        RunOutcome::Interrupted if handed_back => (
+            Outcome::Requeue {
+                reason: "the node shut down while the job ran".to_string(),
+            },
+            None,
+        ),
+        RunOutcome::Interrupted => (Outcome::Cancelled, None),
+        RunOutcome::TimedOut => (
+            Outcome::Failed(JobError {
+                code: "timeout".to_string(),
+                message: format!(
+                    "the job ran longer than {} s and was stopped",
+                    runner.jobs.timeout_s
+                ),
+                details: None,
+            }),
+            None,
+        ),
+        RunOutcome::Lost => (
+            Outcome::Requeue {
+                reason: "ComfyUI restarted during the run and lost the prompt".to_string(),
+            },
+            None,
+        ),
+        RunOutcome::Failed(error) => match error.job_error() {
+            Some(job_error) => (Outcome::Failed(job_error), None),
+            None => (
+                Outcome::Requeue {
+                    reason: format!("ComfyUI failed: {error}"),
+                },
+                None,
+            ),
+        },
+    };
+    let final_status = match &store_outcome {
+        Outcome::Succeeded { .. } => Some(JobStatus::Succeeded),
+        Outcome::Failed(_) => Some(JobStatus::Failed),
+        Outcome::Cancelled => Some(JobStatus::Cancelled),
+        Outcome::Requeue { .. } => None,
+    };
+    match runner.store.finish(&job.id, store_outcome).await {
+        Ok(finished) => {
+            let status = final_status.unwrap_or(finished.status);
+            tracing::info!(job = %job.id, status = %finished.status, secs = elapsed.as_secs_f64(), "job ended");
+            if finished.status.is_final() {
+                runner.metrics.finished(job.tier, status);
+            }
+            if finished.status == JobStatus::Succeeded {
+                runner
+                    .metrics
+                    .job_duration_seconds
+                    .observe(elapsed.as_secs_f64());
+            }
+        }
+        Err(error) => tracing::error!(job = %job.id, %error, "cannot record the job's end"),
+    }
+    runner.live.end(&job.id, duration);
+}
+
+/// The content type of an output file, from its extension.
+pub fn content_type_for(filename: &str) -> &'static str {
+    let ext = filename
+        .rsplit_once('.')
+        .map(|(_, e)| e.to_ascii_lowercase())
+        .unwrap_or_default();
+    match ext.as_str() {
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "webp" => "image/webp",
+        "gif" => "image/gif",
+        "mp4" => "video/mp4",
+        "webm" => "video/webm",
+        "wav" => "audio/wav",
+        "mp3" => "audio/mpeg",
+        "flac" => "audio/flac",
+        "json" => "application/json",
+        "txt" => "text/plain; charset=utf-8",
+        _ => "application/octet-stream",
+    }
+}
+
+/// `kilnd --dev` options.
+#[derive(Debug, Clone, Default)]
+pub struct DevOptions {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub sim_step_ms: Option<u64>,
+}
+
+/// The demo keys of a dev node, one per tier, as written to `<data dir>/dev-keys.json`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DevKeys {
+    pub free: String,
+    pub premium: String,
+    pub pro: String,
+    pub enterprise: String,
+}
+
+impl DevKeys {
+    fn generate() -> DevKeys {
+        DevKeys {
+            free: crate::tiers::generate_key(),
+            premium: crate::tiers::generate_key(),
+            pro: crate::tiers::generate_key(),
+            enterprise: crate::tiers::generate_key(),
+        }
+    }
+
+    fn entries(&self) -> Vec<(String, Account)> {
+        [
+            (&self.free, Tier::Free),
+            (&self.premium, Tier::Premium),
+            (&self.pro, Tier::Pro),
+            (&self.enterprise, Tier::Enterprise),
+        ]
+        .into_iter()
+        .map(|(key, tier)| {
+            (
+                key.clone(),
+                Account {
+                    id: format!("demo-{tier}"),
+                    tier,
+                },
+            )
+        })
+        .collect()
+    }
+}
+
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).write(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    file.write_all(text.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// `kilnd --dev`: a single local node on 127.0.0.1 with the ComfyUI simulator as its ComfyUI,
+/// demo keys for every tier, and its data in a temporary folder unless one is given.
+pub async fn run_dev(
+    options: DevOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let listen = options
+        .listen
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7860)));
+    if !listen.ip().is_loopback() {
+        anyhow::bail!(
+            "--dev binds loopback addresses only, not {listen}; run a real node with --config"
+        );
+    }
+    let (data_dir, _temp) = match options.data_dir {
+        Some(dir) => (dir, None),
+        None => {
+            let temp = tempfile::Builder::new()
+                .prefix("kilnd-dev-")
+                .tempdir()
+                .context("cannot make a temporary data dir")?;
+            (temp.path().to_path_buf(), Some(temp))
+        }
+    };
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create {}", data_dir.display()))?;
+    let data_dir = data_dir
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", data_dir.display()))?;
+
+    let keys_path = data_dir.join("dev-keys.json");
+    let keys = match std::fs::read_to_string(&keys_path)
+        .ok()
+        .and_then(|text| serde_json::from_str::<DevKeys>(&text).ok())
+    {
+        Some(keys) => keys,
+        None => {
+            let keys = DevKeys::generate();
+            write_private(&keys_path, &serde_json::to_string_pretty(&keys)?)?;
+            keys
+        }
+    };
+    let operator_token = crate::tiers::generate_key().replacen("kiln_", "kilnop_", 1);
+    write_private(&data_dir.join("operator-token"), &operator_token)?;
+
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} (use --listen to pick another address)"))?;
+    let comfy_port = free_port().context("cannot find a free port for the simulator")?;
+    let exe = std::env::current_exe().context("cannot find the kilnd executable")?;
+    let mut command = vec![
+        exe.to_string_lossy().into_owned(),
+        "comfy-sim".to_string(),
+        "--port".to_string(),
+        comfy_port.to_string(),
+        "--base-dir".to_string(),
+        data_dir.join("comfy").to_string_lossy().into_owned(),
+    ];
+    if let Some(step) = options.sim_step_ms {
+        command.push("--step-time-ms".to_string());
+        command.push(step.to_string());
+    }
+    let config = Config {
+        node: NodeSection {
+            name: Some("dev".to_string()),
+            data_dir: data_dir.clone(),
+        },
+        api: ApiSection {
+            listen,
+            ..ApiSection::default()
+        },
+        comfy: ComfySection {
+            command,
+            url: url::Url::parse(&format!("http://127.0.0.1:{comfy_port}"))?,
+            cwd: None,
+            env: Default::default(),
+            start_timeout_s: 60,
+            warmup_workflow: None,
+        },
+        jobs: JobsSection::default(),
+        tiers: TierTable::default(),
+    };
+    config.validate()?;
+
+    let addr = listener.local_addr().unwrap_or(listen);
+    println!("kilnd --dev: API on http://{addr}  (data in {})", data_dir.display());
+    println!("demo API keys (also in {}):", keys_path.display());
+    for (key, account) in keys.entries() {
+        println!("  {:<11} {key}", account.tier.as_str());
+    }
+    println!("operator token: {operator_token}");
+    println!("try: curl -s http://{addr}/readyz");
+
+    run(
+        NodeParts {
+            config,
+            keys: KeyRing::fixed(keys.entries()),
+            operator_token: Some(operator_token),
+        },
+        listener,
+        shutdown,
+    )
+    .await
+}
+
+fn free_port() -> std::io::Result<u16> {
+    let socket = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+    Ok(socket.local_addr()?.port())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Logs to stderr; `RUST_LOG` filters (default `info`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
