@@ -37,6 +37,10 @@ struct RunArgs {
     /// With --dev: the simulator's time per sampler step in milliseconds.
     #[arg(long, value_name = "MS", requires = "dev")]
     sim_step_ms: Option<u64>,
+    /// With --dev: one more argument for `kilnd comfy-sim` (repeatable), e.g.
+    /// `--sim-arg=--executed-log=/tmp/executed.jsonl`.
+    #[arg(long, value_name = "ARG", requires = "dev", allow_hyphen_values = true)]
+    sim_arg: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -93,6 +97,7 @@ fn run_node(args: RunArgs) -> ExitCode {
                 listen: args.listen,
                 data_dir: args.data_dir,
                 sim_step_ms: args.sim_step_ms,
+                sim_args: args.sim_arg,
             };
             kiln_daemon::node::run_dev(dev, kiln_daemon::node::shutdown_signal()).await
         } else {

@@ -666,6 +666,8 @@ pub struct DevOptions {
     pub listen: Option<SocketAddr>,
     pub data_dir: Option<PathBuf>,
     pub sim_step_ms: Option<u64>,
+    /// More arguments for `kilnd comfy-sim`.
+    pub sim_args: Vec<String>,
 }
 
 /// The demo keys of a dev node, one per tier, as written to `<data dir>/dev-keys.json`.
@@ -787,6 +789,7 @@ pub async fn run_dev(
         command.push("--step-time-ms".to_string());
         command.push(step.to_string());
     }
+    command.extend(options.sim_args.iter().cloned());
     let config = Config {
         node: NodeSection {
             name: Some("dev".to_string()),
