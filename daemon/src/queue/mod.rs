@@ -1,1 +1,348 @@
-//! TODO
+//! The durable job store of a node and the scheduler that picks the next job.
+//!
+//! - [`store`]: [`JobStore`], the async handle: submit, get, list, cancel, next job, finish,
+//!   positions, usage and change notifications.
+//! - [`writer`]: the one thread that owns the write connection and commits requests in groups
+//!   (one fsync per group, not per job).
+//! - [`schema`]: the SQLite schema and its ordered migrations (`PRAGMA user_version`).
+//! - [`scheduler`]: the pure in-memory order of queued jobs (tier, then round robin between
+//!   accounts, then oldest first).
+//!
+//! A job that `submit` returned is committed with `synchronous=FULL` in WAL mode: it survives a
+//! `kill -9` and a power loss. Output files are written and fsync'd before the commit that marks
+//! a job succeeded. This module must never hand out a job state it has not committed, and never
+//! hold a lock across an `.await`.
+
+pub mod scheduler;
+pub mod schema;
+pub mod store;
+pub mod writer;
+
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+use crate::protocol::{JobError, JobStatus, JobView, OutputView, Tier, rfc3339_ms};
+
+pub use scheduler::{QueuedJob, RingPos, Scheduler, TierCount};
+pub use store::{JobStore, StoreOptions, system_clock};
+pub use writer::Clock;
+
+/// A job to store, as the API accepted it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewJob {
+    /// Unique job id (the API makes one, e.g. a UUID).
+    pub id: String,
+    pub account: String,
+    pub tier: Tier,
+    /// The ComfyUI API-format prompt.
+    pub workflow: Value,
+    pub webhook: Option<String>,
+    pub metadata: Option<Value>,
+    /// The `Idempotency-Key` header, if any: same account + key + body hash → the same job.
+    pub idempotency_key: Option<String>,
+    /// A hash of the request body (e.g. hex SHA-256), compared on idempotent replays.
+    pub body_hash: String,
+    /// How many times the job may start before it fails with `max_attempts` (at least 1).
+    pub max_attempts: u32,
+}
+
+/// A usage limit checked atomically with the submission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Quota {
+    /// Jobs per account per UTC day.
+    pub per_day: Option<u64>,
+    /// Jobs per account per UTC calendar month.
+    pub per_month: Option<u64>,
+}
+
+/// The answer to a submission.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Submitted {
+    pub job: Job,
+    /// `false` when an earlier job with the same idempotency key and body was returned.
+    pub created: bool,
+}
+
+/// A stored job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    pub id: String,
+    /// Submission order on this node (unique, increasing).
+    pub seq: i64,
+    pub account: String,
+    pub tier: Tier,
+    pub status: JobStatus,
+    pub workflow: Value,
+    pub webhook: Option<String>,
+    pub metadata: Option<Value>,
+    pub idempotency_key: Option<String>,
+    pub body_hash: String,
+    /// Unix ms.
+    pub created_at_ms: i64,
+    pub started_at_ms: Option<i64>,
+    pub finished_at_ms: Option<i64>,
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub error: Option<JobError>,
+}
+
+impl Job {
+    /// The job as the API shows it. `position` and `estimated_wait_s` are only shown while
+    /// queued, `outputs` only when succeeded.
+    pub fn view(
+        &self,
+        outputs: &[Output],
+        position: Option<u64>,
+        estimated_wait_s: Option<f64>,
+    ) -> JobView {
+        let queued = self.status == JobStatus::Queued;
+        JobView {
+            id: self.id.clone(),
+            status: self.status,
+            tier: self.tier,
+            position: position.filter(|_| queued),
+            estimated_wait_s: estimated_wait_s.filter(|_| queued),
+            progress: None,
+            attempts: self.attempts,
+            max_attempts: self.max_attempts,
+            created_at: rfc3339_ms(self.created_at_ms),
+            started_at: self.started_at_ms.map(rfc3339_ms),
+            finished_at: self.finished_at_ms.map(rfc3339_ms),
+            outputs: outputs.iter().map(|o| o.view(&self.id)).collect(),
+            error: self.error.clone(),
+            webhook: self.webhook.clone(),
+            metadata: self.metadata.clone(),
+        }
+    }
+}
+
+/// An output file to store with a succeeded job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewOutput {
+    pub filename: String,
+    pub content_type: String,
+    pub bytes: Vec<u8>,
+}
+
+/// A stored output file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Output {
+    pub index: u32,
+    /// The name ComfyUI gave it.
+    pub filename: String,
+    pub content_type: String,
+    pub bytes: u64,
+    /// Relative to the data dir: `outputs/<job id>/<index>-<safe filename>`.
+    pub path: PathBuf,
+    /// Hex SHA-256 of the content.
+    pub sha256: String,
+}
+
+impl Output {
+    pub fn view(&self, job_id: &str) -> OutputView {
+        OutputView {
+            index: self.index,
+            filename: self.filename.clone(),
+            content_type: self.content_type.clone(),
+            bytes: self.bytes,
+            url: format!("/v1/jobs/{job_id}/outputs/{}", self.index),
+        }
+    }
+}
+
+/// How a running job ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Succeeded { outputs: Vec<NewOutput> },
+    Failed(JobError),
+    Cancelled,
+    /// Put the job back in the queue at its old place (e.g. ComfyUI restarted and lost the
+    /// prompt), or fail it with `max_attempts` when its attempts are used up.
+    Requeue { reason: String },
+}
+
+/// What `cancel` did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CancelOutcome {
+    /// The job was queued; it is now cancelled and out of the queue.
+    Cancelled(Job),
+    /// The job is running: interrupt it in ComfyUI, then `finish(id, Outcome::Cancelled)`.
+    Running(Job),
+}
+
+/// One entry of a job's status history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobEvent {
+    pub at_ms: i64,
+    pub status: JobStatus,
+    pub detail: Option<String>,
+}
+
+/// A committed change of a job's status, broadcast to subscribers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobChange {
+    pub id: String,
+    pub account: String,
+    pub tier: Tier,
+    pub status: JobStatus,
+    pub at_ms: i64,
+}
+
+/// What opening the store did about jobs that were running when the process stopped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Running jobs put back in the queue at their old place.
+    pub requeued: Vec<String>,
+    /// Running jobs that had used all their attempts, now failed with `max_attempts`.
+    pub failed: Vec<String>,
+    /// Jobs queued after recovery.
+    pub queued: usize,
+}
+
+/// One account's usage on one UTC day.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Days since the Unix epoch (UTC).
+    pub day: i64,
+    pub submitted: u64,
+    pub refused: u64,
+    pub succeeded: u64,
+    pub images: u64,
+    pub gpu_ms: u64,
+}
+
+/// A snapshot of the queue for metrics and wait estimates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueSummary {
+    /// Highest priority first.
+    pub tiers: Vec<TierCount>,
+    pub running: u64,
+}
+
+/// Which usage period a quota refusal is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaPeriod {
+    Day,
+    Month,
+}
+
+impl QuotaPeriod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuotaPeriod::Day => "day",
+            QuotaPeriod::Month => "month",
+        }
+    }
+}
+
+/// Errors of the job store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("no job {0:?}")]
+    NotFound(String),
+    #[error("idempotency key {key:?} was used for job {job_id} with a different body")]
+    IdempotencyConflict { key: String, job_id: String },
+    #[error("quota of {limit} jobs per {} used up ({used} used); resets at unix ms {resets_at_ms}", period.as_str())]
+    QuotaExceeded {
+        period: QuotaPeriod,
+        limit: u64,
+        used: u64,
+        /// When the period ends (unix ms, UTC).
+        resets_at_ms: i64,
+    },
+    #[error("job {id} is {status}")]
+    Conflict { id: String, status: JobStatus },
+    #[error("invalid job: {0}")]
+    Invalid(String),
+    #[error("job store at {path} is unreadable: {detail}")]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("job store schema version {found} is newer than this kilnd supports ({supported}); upgrade kilnd")]
+    SchemaTooNew { found: i64, supported: i64 },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{context}: {source}")]
+    Sqlite {
+        context: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("the job store could not commit: {0}")]
+    CommitFailed(String),
+    #[error("the job store's writer has stopped: {0}")]
+    WriterGone(String),
+}
+
+impl StoreError {
+    pub(crate) fn sqlite(context: impl Into<String>) -> impl FnOnce(rusqlite::Error) -> StoreError {
+        let context = context.into();
+        move |source| StoreError::Sqlite { context, source }
+    }
+
+    pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
+        let context = context.into();
+        move |source| StoreError::Io { context, source }
+    }
+}
+
+/// Days since the Unix epoch of a unix-ms instant (UTC).
+pub fn utc_day(unix_ms: i64) -> i64 {
+    unix_ms.div_euclid(86_400_000)
+}
+
+/// The first day (days since epoch) of the UTC month containing `day`, and of the next month.
+pub fn utc_month_bounds(day: i64) -> (i64, i64) {
+    let (y, m, _) = civil_from_days(day);
+    let start = days_from_civil(y, m, 1);
+    let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+    (start, days_from_civil(ny, nm, 1))
+}
+
+// Howard Hinnant's civil calendar algorithms (proleptic Gregorian, UTC).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    (y, m as u32, d as u32)
+}
+
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(m);
+    let mp = if m > 2 { m - 3 } else { m + 9 };
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn month_bounds() {
+        // 2026-11-28 is day 20_785.
+        let day = utc_day(1_795_824_000_000 + 3_600_000);
+        assert_eq!(civil_from_days(day), (2026, 11, 28));
+        let (start, end) = utc_month_bounds(day);
+        assert_eq!(civil_from_days(start), (2026, 11, 1));
+        assert_eq!(civil_from_days(end), (2026, 12, 1));
+        let (s2, e2) = utc_month_bounds(days_from_civil(2024, 12, 31));
+        assert_eq!(civil_from_days(s2), (2024, 12, 1));
+        assert_eq!(civil_from_days(e2), (2025, 1, 1));
+        assert_eq!(days_from_civil(1970, 1, 1), 0);
+    }
+}

@@ -1,0 +1,168 @@
+//! The SQLite schema of the job store and its migrations.
+//!
+//! `PRAGMA user_version` holds the number of migrations applied. [`migrate`] applies the missing
+//! ones in order, all in one transaction, and refuses a database written by a newer kilnd
+//! ([`StoreError::SchemaTooNew`]) rather than guess at it. A migration, once released, is never
+//! edited: changes go in a new one appended to [`MIGRATIONS`].
+
+use std::path::Path;
+
+use rusqlite::Connection;
+
+use super::StoreError;
+
+/// The ordered migrations; the schema version is how many of them are applied.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: jobs, history, attempts, outputs, idempotency keys, usage, fairness ring.
+    r#"
+    CREATE TABLE jobs (
+        seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+        id              TEXT    NOT NULL UNIQUE,
+        account         TEXT    NOT NULL,
+        tier            INTEGER NOT NULL CHECK (tier BETWEEN 0 AND 3),
+        status          TEXT    NOT NULL
+                        CHECK (status IN ('queued','running','succeeded','failed','cancelled')),
+        workflow        TEXT    NOT NULL,
+        webhook         TEXT,
+        metadata        TEXT,
+        idempotency_key TEXT,
+        body_hash       TEXT    NOT NULL,
+        created_at      INTEGER NOT NULL,
+        started_at      INTEGER,
+        finished_at     INTEGER,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        max_attempts    INTEGER NOT NULL CHECK (max_attempts >= 1),
+        error           TEXT,
+        -- The account's ring position when the job was last taken, to requeue it in place.
+        ring_pos        INTEGER
+    );
+    CREATE INDEX jobs_account_seq ON jobs (account, seq DESC);
+    CREATE INDEX jobs_active ON jobs (status) WHERE status IN ('queued', 'running');
+
+    CREATE TABLE job_events (
+        n       INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id  TEXT    NOT NULL,
+        at      INTEGER NOT NULL,
+        status  TEXT    NOT NULL,
+        detail  TEXT
+    );
+    CREATE INDEX job_events_job ON job_events (job_id, n);
+
+    CREATE TABLE attempts (
+        job_id      TEXT    NOT NULL,
+        n           INTEGER NOT NULL,
+        started_at  INTEGER NOT NULL,
+        ended_at    INTEGER,
+        outcome     TEXT,
+        PRIMARY KEY (job_id, n)
+    );
+    CREATE INDEX attempts_succeeded ON attempts (ended_at) WHERE outcome = 'succeeded';
+
+    CREATE TABLE outputs (
+        job_id        TEXT    NOT NULL,
+        idx           INTEGER NOT NULL,
+        filename      TEXT    NOT NULL,
+        content_type  TEXT    NOT NULL,
+        bytes         INTEGER NOT NULL,
+        path          TEXT    NOT NULL,
+        sha256        TEXT    NOT NULL,
+        PRIMARY KEY (job_id, idx)
+    );
+
+    CREATE TABLE idempotency_keys (
+        account     TEXT    NOT NULL,
+        key         TEXT    NOT NULL,
+        job_id      TEXT    NOT NULL,
+        body_hash   TEXT    NOT NULL,
+        created_at  INTEGER NOT NULL,
+        PRIMARY KEY (account, key)
+    );
+
+    CREATE TABLE usage_daily (
+        account    TEXT    NOT NULL,
+        day        INTEGER NOT NULL,
+        submitted  INTEGER NOT NULL DEFAULT 0,
+        refused    INTEGER NOT NULL DEFAULT 0,
+        succeeded  INTEGER NOT NULL DEFAULT 0,
+        images     INTEGER NOT NULL DEFAULT 0,
+        gpu_ms     INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (account, day)
+    );
+
+    CREATE TABLE fair_ring (
+        tier     INTEGER NOT NULL,
+        account  TEXT    NOT NULL,
+        pos      INTEGER NOT NULL,
+        PRIMARY KEY (tier, account)
+    );
+    "#,
+];
+
+/// The schema version this code writes.
+pub fn current_version() -> i64 {
+    MIGRATIONS.len() as i64
+}
+
+/// Sets the connection options every connection of the store uses.
+pub fn configure(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .map_err(StoreError::sqlite("setting the busy timeout"))?;
+    // WAL: readers run beside the writer. synchronous=FULL: every commit is fsync'd before it
+    // returns, so a job that got its 202 survives a power loss, not only a process crash.
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode=WAL", [], |row| row.get(0))
+        .map_err(|e| corrupt_or(path, e, "enabling WAL mode"))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: format!("cannot use WAL journal mode (got {mode:?})"),
+        });
+    }
+    conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
+        .map_err(|e| corrupt_or(path, e, "setting pragmas"))?;
+    Ok(())
+}
+
+/// Maps "not a database" and "corrupt" to [`StoreError::Corrupt`] naming the file.
+pub fn corrupt_or(path: &Path, e: rusqlite::Error, context: &str) -> StoreError {
+    use rusqlite::ErrorCode;
+    match e.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase) | Some(ErrorCode::DatabaseCorrupt) => StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: format!("{context}: {e} (not a kilnd job store, or damaged)"),
+        },
+        _ => StoreError::Sqlite {
+            context: format!("{context} ({})", path.display()),
+            source: e,
+        },
+    }
+}
+
+/// Applies the missing migrations in one transaction. Returns (version before, version after).
+pub fn migrate(conn: &mut Connection, path: &Path) -> Result<(i64, i64), StoreError> {
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)
+        .map_err(|e| corrupt_or(path, e, "starting the migration"))?;
+    let found: i64 = tx
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(|e| corrupt_or(path, e, "reading the schema version"))?;
+    let supported = current_version();
+    if found > supported {
+        return Err(StoreError::SchemaTooNew { found, supported });
+    }
+    if found < 0 {
+        return Err(StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: format!("negative schema version {found}"),
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        tx.execute_batch(sql)
+            .map_err(|e| corrupt_or(path, e, &format!("applying migration {}", i + 1)))?;
+    }
+    tx.execute_batch(&format!("PRAGMA user_version = {supported}"))
+        .map_err(|e| corrupt_or(path, e, "writing the schema version"))?;
+    tx.commit()
+        .map_err(|e| corrupt_or(path, e, "committing the migration"))?;
+    Ok((found, supported))
+}

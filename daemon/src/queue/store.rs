@@ -1,0 +1,828 @@
+//! [`JobStore`]: the async, cheap-to-clone handle on a node's durable job store.
+//!
+//! Writes go to the writer thread (group commit, see [`super::writer`]) and return only once
+//! committed and fsync'd. Reads use a small pool of read-only connections on blocking threads;
+//! WAL lets them run beside the writer. Queue positions and counts come from the in-memory
+//! [`Scheduler`](super::Scheduler) without touching the database.
+//!
+//! It must never answer a write before its commit, never write output files after the commit
+//! that marks their job succeeded, and never hold a lock across an `.await`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use sha2::{Digest, Sha256};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use super::scheduler::{QueuedJob, RingPos};
+use super::writer::{self, Clock, FinishOp, MemState, Request, Shared, tier_from_rank};
+use super::{
+    CancelOutcome, Job, JobChange, JobEvent, NewJob, NewOutput, Outcome, Output, Quota,
+    QueueSummary, RecoveryReport, StoreError, Submitted, Usage, schema,
+};
+use crate::protocol::{JobError, JobStatus, Tier};
+
+/// The database file inside the data dir.
+pub const DB_FILE: &str = "kiln-jobs.sqlite3";
+/// The folder of output files inside the data dir.
+pub const OUTPUTS_DIR: &str = "outputs";
+
+/// Limits on what a job may carry; anything larger is refused with [`StoreError::Invalid`].
+const MAX_ID_LEN: usize = 128;
+const MAX_ACCOUNT_LEN: usize = 256;
+const MAX_KEY_LEN: usize = 256;
+
+/// Options of [`JobStore::open`].
+#[derive(Clone)]
+pub struct StoreOptions {
+    /// Most requests committed in one transaction.
+    pub max_batch: usize,
+    /// Requests waiting for the writer before senders wait.
+    pub channel_capacity: usize,
+    /// Read connections kept open.
+    pub read_connections: usize,
+    /// Capacity of the change broadcast; a subscriber that lags more than this misses changes
+    /// (and is told so by `RecvError::Lagged`).
+    pub change_capacity: usize,
+    /// The clock (unix ms); the system clock by default.
+    pub clock: Clock,
+}
+
+impl std::fmt::Debug for StoreOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreOptions")
+            .field("max_batch", &self.max_batch)
+            .field("channel_capacity", &self.channel_capacity)
+            .field("read_connections", &self.read_connections)
+            .field("change_capacity", &self.change_capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The system clock in unix ms.
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0)
+    })
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            max_batch: 1024,
+            channel_capacity: 8192,
+            read_connections: 4,
+            change_capacity: 4096,
+            clock: system_clock(),
+        }
+    }
+}
+
+struct ReadPool {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+    keep: usize,
+}
+
+impl ReadPool {
+    fn take(&self) -> Result<Connection, StoreError> {
+        let idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .pop();
+        match idle {
+            Some(conn) => Ok(conn),
+            None => open_reader(&self.path),
+        }
+    }
+
+    fn give(&self, conn: Connection) {
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if idle.len() < self.keep {
+            idle.push(conn);
+        }
+    }
+}
+
+fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| schema::corrupt_or(path, e, "opening a read connection"))?;
+    conn.busy_timeout(Duration::from_secs(10))
+        .map_err(StoreError::sqlite("setting the busy timeout"))?;
+    Ok(conn)
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Request>,
+    reads: ReadPool,
+    recovery: RecoveryReport,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// The handle on a node's job store. Clone it freely; the writer stops when the last clone is
+/// dropped (or at [`JobStore::close`]).
+#[derive(Clone)]
+pub struct JobStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for JobStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobStore")
+            .field("data_dir", &self.inner.shared.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl JobStore {
+    /// Opens (or creates) the store in `data_dir`: applies migrations, rebuilds the queue and
+    /// recovers jobs that were running when the process stopped (see
+    /// [`JobStore::recovery`]). Blocking work runs on a blocking thread.
+    pub async fn open(data_dir: &Path, opts: StoreOptions) -> Result<JobStore, StoreError> {
+        let data_dir = data_dir.to_path_buf();
+        tokio::task::spawn_blocking(move || Self::open_blocking(&data_dir, opts))
+            .await
+            .map_err(|e| StoreError::WriterGone(format!("opening the store panicked: {e}")))?
+    }
+
+    fn open_blocking(data_dir: &Path, opts: StoreOptions) -> Result<JobStore, StoreError> {
+        if opts.max_batch == 0 || opts.channel_capacity == 0 {
+            return Err(StoreError::Invalid(
+                "max_batch and channel_capacity must be at least 1".to_string(),
+            ));
+        }
+        std::fs::create_dir_all(data_dir.join(OUTPUTS_DIR)).map_err(StoreError::io(format!(
+            "creating the data dir {}",
+            data_dir.display()
+        )))?;
+        let db_path = data_dir.join(DB_FILE);
+        let mut conn = Connection::open(&db_path)
+            .map_err(|e| schema::corrupt_or(&db_path, e, "opening the job store"))?;
+        schema::configure(&conn, &db_path)?;
+        let (from, to) = schema::migrate(&mut conn, &db_path)?;
+        if from != to {
+            tracing::info!(from, to, path = %db_path.display(), "job store: schema migrated");
+        }
+        let (changes, _) = broadcast::channel(opts.change_capacity.max(1));
+        let shared = Arc::new(Shared {
+            state: Mutex::new(MemState::default()),
+            changes,
+            work: tokio::sync::Notify::new(),
+            clock: opts.clock.clone(),
+            data_dir: data_dir.to_path_buf(),
+            db_path: db_path.clone(),
+        });
+        let recovery = writer::recover(&mut conn, &shared)?;
+        if !recovery.requeued.is_empty() || !recovery.failed.is_empty() {
+            tracing::warn!(
+                requeued = recovery.requeued.len(),
+                failed = recovery.failed.len(),
+                queued = recovery.queued,
+                "job store: recovered jobs that were running when kilnd stopped"
+            );
+        }
+        let (tx, rx) = mpsc::channel(opts.channel_capacity);
+        let writer_shared = shared.clone();
+        let max_batch = opts.max_batch;
+        let handle = std::thread::Builder::new()
+            .name("kiln-store-writer".to_string())
+            .spawn(move || writer::run(conn, writer_shared, rx, max_batch))
+            .map_err(StoreError::io("starting the writer thread"))?;
+        let reads = ReadPool {
+            path: db_path,
+            idle: Mutex::new(Vec::new()),
+            keep: opts.read_connections.max(1),
+        };
+        Ok(JobStore {
+            inner: Arc::new(Inner {
+                shared,
+                tx,
+                reads,
+                recovery,
+                writer: Mutex::new(Some(handle)),
+            }),
+        })
+    }
+
+    /// What opening did about jobs that were running when the process stopped.
+    pub fn recovery(&self) -> &RecoveryReport {
+        &self.inner.recovery
+    }
+
+    /// The data dir (output paths are relative to it).
+    pub fn data_dir(&self) -> &Path {
+        &self.inner.shared.data_dir
+    }
+
+    /// Absolute path of a stored output file.
+    pub fn output_path(&self, output: &Output) -> PathBuf {
+        self.inner.shared.data_dir.join(&output.path)
+    }
+
+    async fn request<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Request,
+    ) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .tx
+            .send(make(reply))
+            .await
+            .map_err(|_| StoreError::WriterGone("the writer thread is not running".to_string()))?;
+        rx.await.map_err(|_| {
+            StoreError::WriterGone("the writer thread stopped before answering".to_string())
+        })?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection, &Path) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = inner.reads.take()?;
+            let out = f(&conn, &inner.shared.db_path);
+            inner.reads.give(conn);
+            out
+        })
+        .await
+        .map_err(|e| StoreError::WriterGone(format!("a read panicked: {e}")))?
+    }
+
+    /// Stores a new job durably (committed and fsync'd when this returns).
+    ///
+    /// Same account + idempotency key + body hash as an earlier job → that job, `created:
+    /// false`; a different body → [`StoreError::IdempotencyConflict`]. With a `quota`, a job
+    /// over it is refused with [`StoreError::QuotaExceeded`] and nothing is stored but the
+    /// `refused` usage counter. The usage counter is counted in the same transaction.
+    pub async fn submit(&self, job: NewJob, quota: Option<Quota>) -> Result<Submitted, StoreError> {
+        validate(&job)?;
+        self.request(|reply| Request::Submit {
+            job: Box::new(job),
+            quota,
+            reply,
+        })
+        .await
+    }
+
+    /// Takes the next job in scheduling order: marks it running, counts the attempt, and
+    /// returns it; `None` when nothing is queued.
+    pub async fn next_job(&self) -> Result<Option<Job>, StoreError> {
+        if self.inner.shared.lock().scheduler.is_empty() {
+            return Ok(None);
+        }
+        self.request(|reply| Request::Next { reply }).await
+    }
+
+    /// Waits until a job may be waiting (a submission or a requeue since the last call; returns
+    /// at once if one happened while nobody waited). Use with [`JobStore::next_job`]:
+    /// `loop { match store.next_job().await? { Some(job) => run(job), None => store.work_available().await } }`.
+    pub async fn work_available(&self) {
+        if !self.inner.shared.lock().scheduler.is_empty() {
+            return;
+        }
+        self.inner.shared.work.notified().await;
+    }
+
+    /// Cancels a job: a queued one is cancelled at once; for a running one the answer is
+    /// [`CancelOutcome::Running`] (interrupt ComfyUI, then `finish(id, Outcome::Cancelled)`);
+    /// a finished one is a [`StoreError::Conflict`].
+    pub async fn cancel(&self, id: &str) -> Result<CancelOutcome, StoreError> {
+        let id = id.to_string();
+        self.request(|reply| Request::Cancel { id, reply }).await
+    }
+
+    /// Ends a running job. For `Succeeded`, output files are written under
+    /// `outputs/<job id>/` and fsync'd before the commit; the job is reported succeeded only
+    /// after both. `Requeue` puts it back at its old place or fails it with `max_attempts`.
+    /// A job that is not running is a [`StoreError::Conflict`].
+    pub async fn finish(&self, id: &str, outcome: Outcome) -> Result<Job, StoreError> {
+        let op = match outcome {
+            Outcome::Succeeded { outputs } => {
+                let job = self
+                    .get(id)
+                    .await?
+                    .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+                if job.status != JobStatus::Running {
+                    return Err(StoreError::Conflict {
+                        id: id.to_string(),
+                        status: job.status,
+                    });
+                }
+                let data_dir = self.inner.shared.data_dir.clone();
+                let job_id = id.to_string();
+                let written = tokio::task::spawn_blocking(move || {
+                    write_outputs(&data_dir, &job_id, outputs)
+                })
+                .await
+                .map_err(|e| StoreError::WriterGone(format!("writing outputs panicked: {e}")))??;
+                FinishOp::Succeeded(written)
+            }
+            Outcome::Failed(error) => FinishOp::Failed(error),
+            Outcome::Cancelled => FinishOp::Cancelled,
+            Outcome::Requeue { reason } => FinishOp::Requeue(reason),
+        };
+        let id = id.to_string();
+        self.request(|reply| Request::Finish { id, op, reply }).await
+    }
+
+    /// The job, if stored.
+    pub async fn get(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        let id = id.to_string();
+        self.read(move |conn, path| load_job(conn, path, &id)).await
+    }
+
+    /// An account's jobs, newest first, optionally only those in `status`; at most `limit`.
+    pub async fn list(
+        &self,
+        account: &str,
+        status: Option<JobStatus>,
+        limit: usize,
+    ) -> Result<Vec<Job>, StoreError> {
+        let account = account.to_string();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |conn, path| {
+            let sql = format!(
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE account = ?1
+                 AND (?2 IS NULL OR status = ?2) ORDER BY seq DESC LIMIT ?3"
+            );
+            let mut st = conn
+                .prepare_cached(&sql)
+                .map_err(StoreError::sqlite("listing jobs"))?;
+            let rows = st
+                .query_map(params![account, status.map(|s| s.as_str()), limit], raw_job)
+                .map_err(StoreError::sqlite("listing jobs"))?;
+            let mut out = Vec::new();
+            for row in rows {
+                out.push(job_from_raw(
+                    row.map_err(StoreError::sqlite("listing jobs"))?,
+                    path,
+                )?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// A job's output files, by index.
+    pub async fn outputs(&self, id: &str) -> Result<Vec<Output>, StoreError> {
+        let id = id.to_string();
+        self.read(move |conn, _| {
+            let mut st = conn
+                .prepare_cached(
+                    "SELECT idx, filename, content_type, bytes, path, sha256 FROM outputs
+                     WHERE job_id = ?1 ORDER BY idx",
+                )
+                .map_err(StoreError::sqlite("reading outputs"))?;
+            let rows = st
+                .query_map([&id], |row| {
+                    Ok(Output {
+                        index: row.get(0)?,
+                        filename: row.get(1)?,
+                        content_type: row.get(2)?,
+                        bytes: u64::try_from(row.get::<_, i64>(3)?).unwrap_or(0),
+                        path: PathBuf::from(row.get::<_, String>(4)?),
+                        sha256: row.get(5)?,
+                    })
+                })
+                .map_err(StoreError::sqlite("reading outputs"))?;
+            rows.collect::<Result<Vec<_>, _>>()
+                .map_err(StoreError::sqlite("reading outputs"))
+        })
+        .await
+    }
+
+    /// A job's status history, oldest first.
+    pub async fn events(&self, id: &str) -> Result<Vec<JobEvent>, StoreError> {
+        let id = id.to_string();
+        self.read(move |conn, path| {
+            let mut st = conn
+                .prepare_cached(
+                    "SELECT at, status, detail FROM job_events WHERE job_id = ?1 ORDER BY n",
+                )
+                .map_err(StoreError::sqlite("reading job events"))?;
+            let rows = st
+                .query_map([&id], |row| {
+                    Ok((
+                        row.get::<_, i64>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, Option<String>>(2)?,
+                    ))
+                })
+                .map_err(StoreError::sqlite("reading job events"))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (at_ms, status, detail) = row.map_err(StoreError::sqlite("reading job events"))?;
+                out.push(JobEvent {
+                    at_ms,
+                    status: parse_status(&status, path)?,
+                    detail,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Durations (started → ended) of the most recent successful attempts, newest first.
+    pub async fn recent_durations(&self, n: usize) -> Result<Vec<Duration>, StoreError> {
+        let n = i64::try_from(n).unwrap_or(i64::MAX);
+        self.read(move |conn, _| {
+            let mut st = conn
+                .prepare_cached(
+                    "SELECT ended_at - started_at FROM attempts WHERE outcome = 'succeeded'
+                     ORDER BY ended_at DESC LIMIT ?1",
+                )
+                .map_err(StoreError::sqlite("reading durations"))?;
+            let rows = st
+                .query_map([n], |row| row.get::<_, i64>(0))
+                .map_err(StoreError::sqlite("reading durations"))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let ms = row.map_err(StoreError::sqlite("reading durations"))?;
+                out.push(Duration::from_millis(u64::try_from(ms).unwrap_or(0)));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// An account's usage on a UTC day (days since the Unix epoch; see [`super::utc_day`]).
+    pub async fn usage(&self, account: &str, day: i64) -> Result<Usage, StoreError> {
+        let account = account.to_string();
+        self.read(move |conn, _| {
+            let row = conn
+                .prepare_cached(
+                    "SELECT submitted, refused, succeeded, images, gpu_ms FROM usage_daily
+                     WHERE account = ?1 AND day = ?2",
+                )
+                .and_then(|mut st| {
+                    st.query_row(params![account, day], |row| {
+                        let get = |i: usize| -> rusqlite::Result<u64> {
+                            Ok(u64::try_from(row.get::<_, i64>(i)?).unwrap_or(0))
+                        };
+                        Ok(Usage {
+                            day,
+                            submitted: get(0)?,
+                            refused: get(1)?,
+                            succeeded: get(2)?,
+                            images: get(3)?,
+                            gpu_ms: get(4)?,
+                        })
+                    })
+                    .optional()
+                })
+                .map_err(StoreError::sqlite("reading usage"))?;
+            Ok(row.unwrap_or(Usage {
+                day,
+                ..Usage::default()
+            }))
+        })
+        .await
+    }
+
+    /// 1-based place of a queued job in the order `next_job` would take the jobs queued now;
+    /// `None` when it is not queued. Memory only.
+    pub fn position(&self, id: &str) -> Option<u64> {
+        self.inner.shared.lock().scheduler.position(id)
+    }
+
+    /// How many queued jobs would run before a new job of `account` in `tier` submitted now.
+    pub fn queued_ahead(&self, tier: Tier, account: &str) -> u64 {
+        self.inner.shared.lock().scheduler.queued_ahead(tier, account)
+    }
+
+    /// Per-tier queue counts and oldest waiting job, and the number of running jobs.
+    pub fn summary(&self) -> QueueSummary {
+        let state = self.inner.shared.lock();
+        QueueSummary {
+            tiers: state.scheduler.counts(),
+            running: state.running.len() as u64,
+        }
+    }
+
+    /// The queued jobs in the order they would be taken (for operators and tests).
+    pub fn queue_order(&self) -> Vec<QueuedJob> {
+        self.inner.shared.lock().scheduler.order()
+    }
+
+    /// Committed status changes, as they happen.
+    pub fn subscribe(&self) -> broadcast::Receiver<JobChange> {
+        self.inner.shared.changes.subscribe()
+    }
+
+    /// Stops the writer after it has committed everything already sent, and waits for it,
+    /// when this is the last handle; with other clones still alive it only drops this one
+    /// (the writer stops when the last one goes) and returns `Ok(false)`.
+    pub async fn close(self) -> Result<bool, StoreError> {
+        let inner = match Arc::try_unwrap(self.inner) {
+            Ok(inner) => inner,
+            Err(_) => return Ok(false),
+        };
+        let handle = inner
+            .writer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        // Dropping the last sender lets the writer drain its channel and stop.
+        drop(inner);
+        if let Some(handle) = handle {
+            tokio::task::spawn_blocking(move || handle.join())
+                .await
+                .map_err(|e| StoreError::WriterGone(format!("joining the writer: {e}")))?
+                .map_err(|_| StoreError::WriterGone("the writer thread panicked".to_string()))?;
+        }
+        Ok(true)
+    }
+}
+
+fn validate(job: &NewJob) -> Result<(), StoreError> {
+    let id_ok = !job.id.is_empty()
+        && job.id.len() <= MAX_ID_LEN
+        && job
+            .id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !id_ok {
+        return Err(StoreError::Invalid(format!(
+            "job id {:?} must be 1 to {MAX_ID_LEN} characters of A-Z, a-z, 0-9, '-' or '_'",
+            job.id
+        )));
+    }
+    if job.account.is_empty() || job.account.len() > MAX_ACCOUNT_LEN {
+        return Err(StoreError::Invalid(format!(
+            "account must be 1 to {MAX_ACCOUNT_LEN} bytes"
+        )));
+    }
+    if let Some(key) = &job.idempotency_key
+        && (key.is_empty() || key.len() > MAX_KEY_LEN)
+    {
+        return Err(StoreError::Invalid(format!(
+            "idempotency key must be 1 to {MAX_KEY_LEN} bytes"
+        )));
+    }
+    if job.max_attempts == 0 {
+        return Err(StoreError::Invalid("max_attempts must be at least 1".to_string()));
+    }
+    Ok(())
+}
+
+/// A filename safe as one path component: the last component of `name`, with anything but
+/// letters, digits, '.', '-' and '_' replaced by '_', at most 100 bytes, never "." or "..".
+fn safe_filename(name: &str) -> String {
+    let last = name.rsplit(['/', '\\']).next().unwrap_or("");
+    let mut safe: String = last
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(100)
+        .collect();
+    if safe.trim_matches('.').is_empty() {
+        safe = "output".to_string();
+    }
+    safe
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(StoreError::io(format!("syncing {}", dir.display())))
+}
+
+/// Writes a job's outputs as `outputs/<job id>/<index>-<safe filename>`, each through a
+/// temporary file that is fsync'd and renamed, then fsyncs the folders.
+fn write_outputs(
+    data_dir: &Path,
+    job_id: &str,
+    outputs: Vec<NewOutput>,
+) -> Result<Vec<Output>, StoreError> {
+    use std::io::Write;
+    let rel_dir = Path::new(OUTPUTS_DIR).join(job_id);
+    let dir = data_dir.join(&rel_dir);
+    std::fs::create_dir_all(&dir).map_err(StoreError::io(format!("creating {}", dir.display())))?;
+    let mut written = Vec::with_capacity(outputs.len());
+    for (i, out) in outputs.into_iter().enumerate() {
+        let index = u32::try_from(i)
+            .map_err(|_| StoreError::Invalid("too many outputs".to_string()))?;
+        let name = format!("{index}-{}", safe_filename(&out.filename));
+        let tmp = dir.join(format!(".{name}.tmp"));
+        let path = dir.join(&name);
+        let mut file = std::fs::File::create(&tmp)
+            .map_err(StoreError::io(format!("creating {}", tmp.display())))?;
+        file.write_all(&out.bytes)
+            .and_then(|()| file.sync_all())
+            .map_err(StoreError::io(format!("writing {}", tmp.display())))?;
+        std::fs::rename(&tmp, &path)
+            .map_err(StoreError::io(format!("renaming {}", tmp.display())))?;
+        written.push(Output {
+            index,
+            filename: out.filename,
+            content_type: out.content_type,
+            bytes: out.bytes.len() as u64,
+            path: rel_dir.join(&name),
+            sha256: hex::encode(Sha256::digest(&out.bytes)),
+        });
+    }
+    fsync_dir(&dir)?;
+    fsync_dir(&data_dir.join(OUTPUTS_DIR))?;
+    Ok(written)
+}
+
+const JOB_COLUMNS: &str = "id, seq, account, tier, status, workflow, webhook, metadata, \
+     idempotency_key, body_hash, created_at, started_at, finished_at, attempts, max_attempts, error";
+
+type RawJob = (
+    String,
+    i64,
+    String,
+    i64,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    String,
+    i64,
+    Option<i64>,
+    Option<i64>,
+    i64,
+    i64,
+    Option<String>,
+);
+
+fn raw_job(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawJob> {
+    Ok((
+        row.get(0)?,
+        row.get(1)?,
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+        row.get(5)?,
+        row.get(6)?,
+        row.get(7)?,
+        row.get(8)?,
+        row.get(9)?,
+        row.get(10)?,
+        row.get(11)?,
+        row.get(12)?,
+        row.get(13)?,
+        row.get(14)?,
+        row.get(15)?,
+    ))
+}
+
+fn parse_status(s: &str, path: &Path) -> Result<JobStatus, StoreError> {
+    s.parse().map_err(|e| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        detail: format!("{e}"),
+    })
+}
+
+fn corrupt_json(path: &Path, id: &str, what: &str, e: serde_json::Error) -> StoreError {
+    StoreError::Corrupt {
+        path: path.to_path_buf(),
+        detail: format!("job {id}: {what} is not valid JSON: {e}"),
+    }
+}
+
+fn job_from_raw(raw: RawJob, path: &Path) -> Result<Job, StoreError> {
+    let (
+        id,
+        seq,
+        account,
+        tier,
+        status,
+        workflow,
+        webhook,
+        metadata,
+        idempotency_key,
+        body_hash,
+        created_at_ms,
+        started_at_ms,
+        finished_at_ms,
+        attempts,
+        max_attempts,
+        error,
+    ) = raw;
+    let workflow =
+        serde_json::from_str(&workflow).map_err(|e| corrupt_json(path, &id, "workflow", e))?;
+    let metadata = match metadata {
+        Some(m) => Some(serde_json::from_str(&m).map_err(|e| corrupt_json(path, &id, "metadata", e))?),
+        None => None,
+    };
+    let error: Option<JobError> = match error {
+        Some(e) => Some(serde_json::from_str(&e).map_err(|e| corrupt_json(path, &id, "error", e))?),
+        None => None,
+    };
+    Ok(Job {
+        seq,
+        account,
+        tier: tier_from_rank(tier, path)?,
+        status: parse_status(&status, path)?,
+        workflow,
+        webhook,
+        metadata,
+        idempotency_key,
+        body_hash,
+        created_at_ms,
+        started_at_ms,
+        finished_at_ms,
+        attempts: u32::try_from(attempts).unwrap_or(0),
+        max_attempts: u32::try_from(max_attempts).unwrap_or(1),
+        error,
+        id,
+    })
+}
+
+/// Reads one job by id.
+pub(crate) fn load_job(conn: &Connection, path: &Path, id: &str) -> Result<Option<Job>, StoreError> {
+    let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1");
+    let raw = conn
+        .prepare_cached(&sql)
+        .and_then(|mut st| st.query_row([id], raw_job).optional())
+        .map_err(StoreError::sqlite(format!("reading job {id}")))?;
+    raw.map(|raw| job_from_raw(raw, path)).transpose()
+}
+
+/// Reads every queued job as the scheduler needs it.
+pub(crate) fn load_queued(conn: &Connection, path: &Path) -> Result<Vec<QueuedJob>, StoreError> {
+    let mut st = conn
+        .prepare("SELECT id, tier, account, seq, created_at FROM jobs WHERE status = 'queued'")
+        .map_err(StoreError::sqlite("reading queued jobs"))?;
+    let rows = st
+        .query_map([], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, i64>(1)?,
+                row.get::<_, String>(2)?,
+                row.get::<_, i64>(3)?,
+                row.get::<_, i64>(4)?,
+            ))
+        })
+        .map_err(StoreError::sqlite("reading queued jobs"))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, tier, account, seq, created_at_ms) =
+            row.map_err(StoreError::sqlite("reading queued jobs"))?;
+        out.push(QueuedJob {
+            id,
+            tier: tier_from_rank(tier, path)?,
+            account,
+            seq,
+            created_at_ms,
+        });
+    }
+    Ok(out)
+}
+
+/// Reads the stored fairness ring and the greatest ring position ever handed out.
+pub(crate) fn load_ring(
+    conn: &Connection,
+    path: &Path,
+) -> Result<(Vec<RingPos>, Option<u64>), StoreError> {
+    let mut st = conn
+        .prepare("SELECT tier, account, pos FROM fair_ring")
+        .map_err(StoreError::sqlite("reading the fairness ring"))?;
+    let rows = st
+        .query_map([], |row| {
+            Ok((
+                row.get::<_, i64>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, i64>(2)?,
+            ))
+        })
+        .map_err(StoreError::sqlite("reading the fairness ring"))?;
+    let mut ring = Vec::new();
+    for row in rows {
+        let (tier, account, pos) = row.map_err(StoreError::sqlite("reading the fairness ring"))?;
+        ring.push(RingPos {
+            tier: tier_from_rank(tier, path)?,
+            account,
+            pos: u64::try_from(pos).unwrap_or(0),
+        });
+    }
+    let max_job_pos: Option<i64> = conn
+        .query_row("SELECT MAX(ring_pos) FROM jobs", [], |row| row.get(0))
+        .map_err(StoreError::sqlite("reading the fairness ring"))?;
+    let max_ring = ring.iter().map(|r| r.pos).max();
+    let max_job = max_job_pos.and_then(|p| u64::try_from(p).ok());
+    Ok((ring, max_ring.max(max_job)))
+}

@@ -1,0 +1,924 @@
+//! The writer thread: the only code that writes to the job store's database.
+//!
+//! Requests arrive on a channel. The thread takes whatever is queued (up to a batch limit),
+//! applies all of it in one transaction (each request inside its own savepoint, so one failed
+//! request does not undo the others), commits once — one fsync for the whole group — and only
+//! then answers each request and broadcasts the changes. So no caller ever sees a state that is
+//! not durable, and throughput does not pay one fsync per job.
+//!
+//! It also keeps the in-memory [`Scheduler`] in step with the rows it writes; if a request or a
+//! commit fails halfway, the scheduler is rebuilt from the database, which stays the truth.
+//!
+//! It must never block on anything but SQLite and its channel, never hold the state lock while
+//! committing, and never answer before the commit.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use serde_json::json;
+use tokio::sync::{Notify, broadcast, mpsc, oneshot};
+
+use super::scheduler::{QueuedJob, RingPos, Scheduler};
+use super::store::{load_job, load_queued, load_ring};
+use super::{
+    CancelOutcome, Job, JobChange, NewJob, Output, Quota, QuotaPeriod, RecoveryReport, StoreError,
+    Submitted, utc_day, utc_month_bounds,
+};
+use crate::protocol::{JobError, JobStatus, Tier};
+
+/// Milliseconds since the Unix epoch; injectable so tests can move days.
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+/// The in-memory state beside the database.
+#[derive(Debug, Default)]
+pub(crate) struct MemState {
+    pub scheduler: Scheduler,
+    pub running: HashSet<String>,
+}
+
+/// What the handle and the writer share.
+pub(crate) struct Shared {
+    pub state: Mutex<MemState>,
+    pub changes: broadcast::Sender<JobChange>,
+    pub work: Notify,
+    pub clock: Clock,
+    pub data_dir: PathBuf,
+    pub db_path: PathBuf,
+}
+
+impl Shared {
+    /// Locks the state; a panic elsewhere while holding it leaves data that is still usable
+    /// (the scheduler is rebuilt on the next failure), so poisoning is not fatal.
+    pub fn lock(&self) -> MutexGuard<'_, MemState> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn now(&self) -> i64 {
+        (self.clock)()
+    }
+}
+
+/// How a running job ends, with output files already written and fsync'd.
+#[derive(Debug)]
+pub(crate) enum FinishOp {
+    Succeeded(Vec<Output>),
+    Failed(JobError),
+    Cancelled,
+    Requeue(String),
+}
+
+pub(crate) enum Request {
+    Submit {
+        job: Box<NewJob>,
+        quota: Option<Quota>,
+        reply: oneshot::Sender<Result<Submitted, StoreError>>,
+    },
+    Next {
+        reply: oneshot::Sender<Result<Option<Job>, StoreError>>,
+    },
+    Cancel {
+        id: String,
+        reply: oneshot::Sender<Result<CancelOutcome, StoreError>>,
+    },
+    Finish {
+        id: String,
+        op: FinishOp,
+        reply: oneshot::Sender<Result<Job, StoreError>>,
+    },
+}
+
+/// A reply waiting for the commit.
+enum Pending {
+    Submit(
+        oneshot::Sender<Result<Submitted, StoreError>>,
+        Result<Submitted, StoreError>,
+    ),
+    Next(
+        oneshot::Sender<Result<Option<Job>, StoreError>>,
+        Result<Option<Job>, StoreError>,
+    ),
+    Cancel(
+        oneshot::Sender<Result<CancelOutcome, StoreError>>,
+        Result<CancelOutcome, StoreError>,
+    ),
+    Finish(
+        oneshot::Sender<Result<Job, StoreError>>,
+        Result<Job, StoreError>,
+    ),
+}
+
+impl Pending {
+    fn send(self) {
+        // A caller that stopped waiting is not an error: the work is committed either way.
+        match self {
+            Pending::Submit(tx, r) => drop(tx.send(r)),
+            Pending::Next(tx, r) => drop(tx.send(r)),
+            Pending::Cancel(tx, r) => drop(tx.send(r)),
+            Pending::Finish(tx, r) => drop(tx.send(r)),
+        }
+    }
+
+    fn fail(self, message: &str) {
+        let err = || StoreError::CommitFailed(message.to_string());
+        match self {
+            Pending::Submit(tx, _) => drop(tx.send(Err(err()))),
+            Pending::Next(tx, _) => drop(tx.send(Err(err()))),
+            Pending::Cancel(tx, _) => drop(tx.send(Err(err()))),
+            Pending::Finish(tx, _) => drop(tx.send(Err(err()))),
+        }
+    }
+}
+
+/// Effects to publish after the commit.
+#[derive(Default)]
+struct Effects {
+    changes: Vec<JobChange>,
+    work: bool,
+    running_add: Vec<String>,
+    running_remove: Vec<String>,
+}
+
+/// Runs the writer until every sender is gone.
+pub(crate) fn run(
+    mut conn: Connection,
+    shared: Arc<Shared>,
+    mut rx: mpsc::Receiver<Request>,
+    max_batch: usize,
+) {
+    let mut batch = Vec::with_capacity(max_batch);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(req) => batch.push(req),
+                Err(_) => break,
+            }
+        }
+        process(&mut conn, &shared, batch.drain(..));
+    }
+    // Fold the WAL back into the main file so an operator's sqlite3 sees everything at once.
+    if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
+        tracing::warn!(error = %e, "job store: final WAL checkpoint failed");
+    }
+}
+
+fn process(
+    conn: &mut Connection,
+    shared: &Shared,
+    batch: impl Iterator<Item = Request>,
+) {
+    let now = shared.now();
+    let mut pending: Vec<Pending> = Vec::new();
+    let mut effects = Effects::default();
+    let mut rebuild = false;
+    let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => {
+            let message = format!("starting a transaction: {e}");
+            tracing::error!(error = %e, "job store: cannot start a transaction");
+            for req in batch {
+                fail_request(req, &message);
+            }
+            return;
+        }
+    };
+    let mut tx = tx;
+    for req in batch {
+        let p = apply_one(&mut tx, shared, req, now, &mut effects, &mut rebuild);
+        pending.push(p);
+    }
+    match tx.commit() {
+        Ok(()) => {
+            {
+                let mut state = shared.lock();
+                for id in effects.running_add.drain(..) {
+                    state.running.insert(id);
+                }
+                for id in &effects.running_remove {
+                    state.running.remove(id);
+                }
+            }
+            if rebuild {
+                rebuild_scheduler(conn, shared);
+            }
+            for p in pending {
+                p.send();
+            }
+            for change in effects.changes {
+                // No subscriber is fine.
+                let _ = shared.changes.send(change);
+            }
+            if effects.work {
+                shared.work.notify_one();
+                shared.work.notify_waiters();
+            }
+        }
+        Err(e) => {
+            let message = format!("committing: {e}");
+            tracing::error!(error = %e, "job store: commit failed");
+            rebuild_scheduler(conn, shared);
+            for p in pending {
+                p.fail(&message);
+            }
+        }
+    }
+}
+
+fn fail_request(req: Request, message: &str) {
+    let err = || StoreError::CommitFailed(message.to_string());
+    match req {
+        Request::Submit { reply, .. } => drop(reply.send(Err(err()))),
+        Request::Next { reply } => drop(reply.send(Err(err()))),
+        Request::Cancel { reply, .. } => drop(reply.send(Err(err()))),
+        Request::Finish { reply, .. } => drop(reply.send(Err(err()))),
+    }
+}
+
+/// Applies one request inside its own savepoint.
+fn apply_one(
+    tx: &mut Transaction<'_>,
+    shared: &Shared,
+    req: Request,
+    now: i64,
+    effects: &mut Effects,
+    rebuild: &mut bool,
+) -> Pending {
+    let mut sp = match tx.savepoint() {
+        Ok(sp) => sp,
+        Err(e) => {
+            let message = format!("starting a savepoint: {e}");
+            return match req {
+                Request::Submit { reply, .. } => {
+                    Pending::Submit(reply, Err(StoreError::CommitFailed(message)))
+                }
+                Request::Next { reply } => {
+                    Pending::Next(reply, Err(StoreError::CommitFailed(message)))
+                }
+                Request::Cancel { reply, .. } => {
+                    Pending::Cancel(reply, Err(StoreError::CommitFailed(message)))
+                }
+                Request::Finish { reply, .. } => {
+                    Pending::Finish(reply, Err(StoreError::CommitFailed(message)))
+                }
+            };
+        }
+    };
+    let mut local = Effects::default();
+    let mut touched_memory = false;
+    let (pending, ok) = match req {
+        Request::Submit { job, quota, reply } => {
+            let r = submit(&sp, shared, &job, quota, now, &mut local, &mut touched_memory);
+            let ok = !matches!(r, Err(StoreError::Sqlite { .. }) | Err(StoreError::Corrupt { .. }));
+            (Pending::Submit(reply, r), ok)
+        }
+        Request::Next { reply } => {
+            let r = next(&sp, shared, now, &mut local, &mut touched_memory);
+            let ok = r.is_ok();
+            (Pending::Next(reply, r), ok)
+        }
+        Request::Cancel { id, reply } => {
+            let r = cancel(&sp, shared, &id, now, &mut local, &mut touched_memory);
+            let ok = !matches!(r, Err(StoreError::Sqlite { .. }) | Err(StoreError::Corrupt { .. }));
+            (Pending::Cancel(reply, r), ok)
+        }
+        Request::Finish { id, op, reply } => {
+            let r = finish(&sp, shared, &id, op, now, &mut local, &mut touched_memory);
+            let ok = !matches!(r, Err(StoreError::Sqlite { .. }) | Err(StoreError::Corrupt { .. }));
+            (Pending::Finish(reply, r), ok)
+        }
+    };
+    let released = if ok {
+        sp.commit().map_err(|e| e.to_string())
+    } else {
+        Err(String::from("request failed"))
+    };
+    match released {
+        Ok(()) => {
+            effects.changes.append(&mut local.changes);
+            effects.work |= local.work;
+            effects.running_add.append(&mut local.running_add);
+            effects.running_remove.append(&mut local.running_remove);
+        }
+        Err(_) => {
+            // Dropping the savepoint rolls it back; memory may be ahead of the rows.
+            if touched_memory {
+                *rebuild = true;
+            }
+        }
+    }
+    pending
+}
+
+fn upsert_ring(tx: &Connection, ring: &RingPos) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO fair_ring (tier, account, pos) VALUES (?1, ?2, ?3)
+         ON CONFLICT (tier, account) DO UPDATE SET pos = excluded.pos",
+    )
+    .and_then(|mut st| {
+        st.execute(params![
+            ring.tier.rank(),
+            ring.account,
+            i64::try_from(ring.pos).unwrap_or(i64::MAX)
+        ])
+    })
+    .map_err(StoreError::sqlite("saving the fairness ring"))?;
+    Ok(())
+}
+
+fn add_event(
+    tx: &Connection,
+    id: &str,
+    now: i64,
+    status: JobStatus,
+    detail: Option<&str>,
+) -> Result<(), StoreError> {
+    tx.prepare_cached("INSERT INTO job_events (job_id, at, status, detail) VALUES (?1, ?2, ?3, ?4)")
+        .and_then(|mut st| st.execute(params![id, now, status.as_str(), detail]))
+        .map_err(StoreError::sqlite("recording a job event"))?;
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+enum Counter {
+    Submitted,
+    Refused,
+}
+
+fn count_usage(tx: &Connection, account: &str, day: i64, counter: Counter) -> Result<(), StoreError> {
+    let sql = match counter {
+        Counter::Submitted => {
+            "INSERT INTO usage_daily (account, day, submitted) VALUES (?1, ?2, 1)
+             ON CONFLICT (account, day) DO UPDATE SET submitted = submitted + 1"
+        }
+        Counter::Refused => {
+            "INSERT INTO usage_daily (account, day, refused) VALUES (?1, ?2, 1)
+             ON CONFLICT (account, day) DO UPDATE SET refused = refused + 1"
+        }
+    };
+    tx.prepare_cached(sql)
+        .and_then(|mut st| st.execute(params![account, day]))
+        .map_err(StoreError::sqlite("counting usage"))?;
+    Ok(())
+}
+
+fn count_finished(
+    tx: &Connection,
+    account: &str,
+    day: i64,
+    succeeded: bool,
+    images: u64,
+    gpu_ms: i64,
+) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO usage_daily (account, day, succeeded, images, gpu_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (account, day) DO UPDATE SET succeeded = succeeded + excluded.succeeded,
+             images = images + excluded.images, gpu_ms = gpu_ms + excluded.gpu_ms",
+    )
+    .and_then(|mut st| {
+        st.execute(params![
+            account,
+            day,
+            i64::from(succeeded),
+            i64::try_from(images).unwrap_or(i64::MAX),
+            gpu_ms.max(0)
+        ])
+    })
+    .map_err(StoreError::sqlite("counting usage"))?;
+    Ok(())
+}
+
+fn used_in(tx: &Connection, account: &str, from_day: i64, to_day: i64) -> Result<u64, StoreError> {
+    let used: i64 = tx
+        .prepare_cached(
+            "SELECT COALESCE(SUM(submitted), 0) FROM usage_daily
+             WHERE account = ?1 AND day >= ?2 AND day < ?3",
+        )
+        .and_then(|mut st| st.query_row(params![account, from_day, to_day], |row| row.get(0)))
+        .map_err(StoreError::sqlite("reading usage"))?;
+    Ok(u64::try_from(used).unwrap_or(0))
+}
+
+fn check_quota(
+    tx: &Connection,
+    account: &str,
+    quota: Quota,
+    now: i64,
+) -> Result<Option<StoreError>, StoreError> {
+    let day = utc_day(now);
+    if let Some(limit) = quota.per_day {
+        let used = used_in(tx, account, day, day + 1)?;
+        if used >= limit {
+            return Ok(Some(StoreError::QuotaExceeded {
+                period: QuotaPeriod::Day,
+                limit,
+                used,
+                resets_at_ms: (day + 1) * 86_400_000,
+            }));
+        }
+    }
+    if let Some(limit) = quota.per_month {
+        let (start, end) = utc_month_bounds(day);
+        let used = used_in(tx, account, start, end)?;
+        if used >= limit {
+            return Ok(Some(StoreError::QuotaExceeded {
+                period: QuotaPeriod::Month,
+                limit,
+                used,
+                resets_at_ms: end * 86_400_000,
+            }));
+        }
+    }
+    Ok(None)
+}
+
+fn submit(
+    tx: &Connection,
+    shared: &Shared,
+    new: &NewJob,
+    quota: Option<Quota>,
+    now: i64,
+    effects: &mut Effects,
+    touched_memory: &mut bool,
+) -> Result<Submitted, StoreError> {
+    if let Some(key) = &new.idempotency_key {
+        let found: Option<(String, String)> = tx
+            .prepare_cached(
+                "SELECT job_id, body_hash FROM idempotency_keys WHERE account = ?1 AND key = ?2",
+            )
+            .and_then(|mut st| {
+                st.query_row(params![new.account, key], |row| Ok((row.get(0)?, row.get(1)?)))
+                    .optional()
+            })
+            .map_err(StoreError::sqlite("reading idempotency keys"))?;
+        if let Some((job_id, hash)) = found {
+            if hash != new.body_hash {
+                return Err(StoreError::IdempotencyConflict {
+                    key: key.clone(),
+                    job_id,
+                });
+            }
+            let job = load_job(tx, &shared.db_path, &job_id)?.ok_or_else(|| StoreError::Corrupt {
+                path: shared.db_path.clone(),
+                detail: format!("idempotency key {key:?} names job {job_id}, which is missing"),
+            })?;
+            return Ok(Submitted {
+                job,
+                created: false,
+            });
+        }
+    }
+    let exists: Option<i64> = tx
+        .prepare_cached("SELECT seq FROM jobs WHERE id = ?1")
+        .and_then(|mut st| st.query_row([&new.id], |row| row.get(0)).optional())
+        .map_err(StoreError::sqlite("checking the job id"))?;
+    if exists.is_some() {
+        return Err(StoreError::Invalid(format!("job id {:?} already exists", new.id)));
+    }
+    if let Some(quota) = quota
+        && let Some(refusal) = check_quota(tx, &new.account, quota, now)?
+    {
+        count_usage(tx, &new.account, utc_day(now), Counter::Refused)?;
+        return Err(refusal);
+    }
+    let workflow = serde_json::to_string(&new.workflow)
+        .map_err(|e| StoreError::Invalid(format!("workflow cannot be stored: {e}")))?;
+    let metadata = match &new.metadata {
+        Some(m) => Some(
+            serde_json::to_string(m)
+                .map_err(|e| StoreError::Invalid(format!("metadata cannot be stored: {e}")))?,
+        ),
+        None => None,
+    };
+    tx.prepare_cached(
+        "INSERT INTO jobs (id, account, tier, status, workflow, webhook, metadata,
+             idempotency_key, body_hash, created_at, attempts, max_attempts)
+         VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7, ?8, ?9, 0, ?10)",
+    )
+    .and_then(|mut st| {
+        st.execute(params![
+            new.id,
+            new.account,
+            new.tier.rank(),
+            workflow,
+            new.webhook,
+            metadata,
+            new.idempotency_key,
+            new.body_hash,
+            now,
+            new.max_attempts
+        ])
+    })
+    .map_err(StoreError::sqlite("inserting the job"))?;
+    let seq = tx.last_insert_rowid();
+    add_event(tx, &new.id, now, JobStatus::Queued, None)?;
+    if let Some(key) = &new.idempotency_key {
+        tx.prepare_cached(
+            "INSERT INTO idempotency_keys (account, key, job_id, body_hash, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .and_then(|mut st| st.execute(params![new.account, key, new.id, new.body_hash, now]))
+        .map_err(StoreError::sqlite("saving the idempotency key"))?;
+    }
+    count_usage(tx, &new.account, utc_day(now), Counter::Submitted)?;
+    let joined = {
+        let mut state = shared.lock();
+        *touched_memory = true;
+        state.scheduler.push(QueuedJob {
+            id: new.id.clone(),
+            tier: new.tier,
+            account: new.account.clone(),
+            seq,
+            created_at_ms: now,
+        })
+    };
+    if let Some(ring) = joined {
+        upsert_ring(tx, &ring)?;
+    }
+    effects.work = true;
+    effects.changes.push(JobChange {
+        id: new.id.clone(),
+        account: new.account.clone(),
+        tier: new.tier,
+        status: JobStatus::Queued,
+        at_ms: now,
+    });
+    Ok(Submitted {
+        job: Job {
+            id: new.id.clone(),
+            seq,
+            account: new.account.clone(),
+            tier: new.tier,
+            status: JobStatus::Queued,
+            workflow: new.workflow.clone(),
+            webhook: new.webhook.clone(),
+            metadata: new.metadata.clone(),
+            idempotency_key: new.idempotency_key.clone(),
+            body_hash: new.body_hash.clone(),
+            created_at_ms: now,
+            started_at_ms: None,
+            finished_at_ms: None,
+            attempts: 0,
+            max_attempts: new.max_attempts,
+            error: None,
+        },
+        created: true,
+    })
+}
+
+fn next(
+    tx: &Connection,
+    shared: &Shared,
+    now: i64,
+    effects: &mut Effects,
+    touched_memory: &mut bool,
+) -> Result<Option<Job>, StoreError> {
+    // Bounded: each round removes one entry from the scheduler.
+    let bound = shared.lock().scheduler.len();
+    for _ in 0..bound {
+        let taken = {
+            let mut state = shared.lock();
+            *touched_memory = true;
+            match state.scheduler.pop() {
+                Some(t) => t,
+                None => return Ok(None),
+            }
+        };
+        if let Some(moved) = &taken.moved {
+            upsert_ring(tx, moved)?;
+        }
+        let changed = tx
+            .prepare_cached(
+                "UPDATE jobs SET status = 'running', attempts = attempts + 1, started_at = ?2,
+                     ring_pos = ?3
+                 WHERE id = ?1 AND status = 'queued'",
+            )
+            .and_then(|mut st| {
+                st.execute(params![
+                    taken.job.id,
+                    now,
+                    i64::try_from(taken.ring_pos).unwrap_or(i64::MAX)
+                ])
+            })
+            .map_err(StoreError::sqlite("starting the job"))?;
+        if changed == 0 {
+            // The scheduler had a job the rows do not show as queued; skip it.
+            tracing::warn!(job = %taken.job.id, "job store: scheduled job is not queued; skipped");
+            continue;
+        }
+        let job = load_job(tx, &shared.db_path, &taken.job.id)?.ok_or_else(|| StoreError::Corrupt {
+            path: shared.db_path.clone(),
+            detail: format!("job {} vanished while starting", taken.job.id),
+        })?;
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO attempts (job_id, n, started_at) VALUES (?1, ?2, ?3)",
+        )
+        .and_then(|mut st| st.execute(params![job.id, job.attempts, now]))
+        .map_err(StoreError::sqlite("recording the attempt"))?;
+        add_event(tx, &job.id, now, JobStatus::Running, Some(&format!("attempt {}", job.attempts)))?;
+        effects.running_add.push(job.id.clone());
+        effects.changes.push(change(&job, JobStatus::Running, now));
+        return Ok(Some(job));
+    }
+    Ok(None)
+}
+
+fn change(job: &Job, status: JobStatus, now: i64) -> JobChange {
+    JobChange {
+        id: job.id.clone(),
+        account: job.account.clone(),
+        tier: job.tier,
+        status,
+        at_ms: now,
+    }
+}
+
+fn cancel(
+    tx: &Connection,
+    shared: &Shared,
+    id: &str,
+    now: i64,
+    effects: &mut Effects,
+    touched_memory: &mut bool,
+) -> Result<CancelOutcome, StoreError> {
+    let job = load_job(tx, &shared.db_path, id)?.ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+    match job.status {
+        JobStatus::Queued => {
+            tx.prepare_cached(
+                "UPDATE jobs SET status = 'cancelled', finished_at = ?2 WHERE id = ?1",
+            )
+            .and_then(|mut st| st.execute(params![id, now]))
+            .map_err(StoreError::sqlite("cancelling the job"))?;
+            add_event(tx, id, now, JobStatus::Cancelled, Some("cancelled while queued"))?;
+            {
+                let mut state = shared.lock();
+                *touched_memory = true;
+                state.scheduler.remove(id);
+            }
+            effects.changes.push(change(&job, JobStatus::Cancelled, now));
+            Ok(CancelOutcome::Cancelled(Job {
+                status: JobStatus::Cancelled,
+                finished_at_ms: Some(now),
+                ..job
+            }))
+        }
+        JobStatus::Running => Ok(CancelOutcome::Running(job)),
+        status => Err(StoreError::Conflict {
+            id: id.to_string(),
+            status,
+        }),
+    }
+}
+
+fn end_attempt(tx: &Connection, job: &Job, now: i64, outcome: &str) -> Result<(), StoreError> {
+    tx.prepare_cached("UPDATE attempts SET ended_at = ?3, outcome = ?4 WHERE job_id = ?1 AND n = ?2")
+        .and_then(|mut st| st.execute(params![job.id, job.attempts, now, outcome]))
+        .map_err(StoreError::sqlite("closing the attempt"))?;
+    Ok(())
+}
+
+/// The error of a job that started `attempts` times without finishing.
+pub(crate) fn max_attempts_error(attempts: u32, last_reason: &str) -> JobError {
+    JobError {
+        code: "max_attempts".to_string(),
+        message: format!("ran {attempts} times without finishing"),
+        details: Some(json!({ "last_reason": last_reason })),
+    }
+}
+
+fn set_final(
+    tx: &Connection,
+    id: &str,
+    status: JobStatus,
+    now: i64,
+    error: Option<&JobError>,
+) -> Result<(), StoreError> {
+    let error = match error {
+        Some(e) => Some(
+            serde_json::to_string(e)
+                .map_err(|e| StoreError::Invalid(format!("job error cannot be stored: {e}")))?,
+        ),
+        None => None,
+    };
+    tx.prepare_cached("UPDATE jobs SET status = ?2, finished_at = ?3, error = ?4 WHERE id = ?1")
+        .and_then(|mut st| st.execute(params![id, status.as_str(), now, error]))
+        .map_err(StoreError::sqlite("finishing the job"))?;
+    Ok(())
+}
+
+fn finish(
+    tx: &Connection,
+    shared: &Shared,
+    id: &str,
+    op: FinishOp,
+    now: i64,
+    effects: &mut Effects,
+    touched_memory: &mut bool,
+) -> Result<Job, StoreError> {
+    let job = load_job(tx, &shared.db_path, id)?.ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+    if job.status != JobStatus::Running {
+        return Err(StoreError::Conflict {
+            id: id.to_string(),
+            status: job.status,
+        });
+    }
+    let ran_ms = now - job.started_at_ms.unwrap_or(now);
+    let day = utc_day(now);
+    let done = |status: JobStatus, error: Option<JobError>| Job {
+        status,
+        finished_at_ms: Some(now),
+        error,
+        ..job.clone()
+    };
+    let result = match op {
+        FinishOp::Succeeded(outputs) => {
+            for o in &outputs {
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO outputs
+                         (job_id, idx, filename, content_type, bytes, path, sha256)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )
+                .and_then(|mut st| {
+                    st.execute(params![
+                        id,
+                        o.index,
+                        o.filename,
+                        o.content_type,
+                        i64::try_from(o.bytes).unwrap_or(i64::MAX),
+                        o.path.to_string_lossy(),
+                        o.sha256
+                    ])
+                })
+                .map_err(StoreError::sqlite("recording an output"))?;
+            }
+            set_final(tx, id, JobStatus::Succeeded, now, None)?;
+            end_attempt(tx, &job, now, "succeeded")?;
+            count_finished(tx, &job.account, day, true, outputs.len() as u64, ran_ms)?;
+            add_event(tx, id, now, JobStatus::Succeeded, Some(&format!("{} outputs", outputs.len())))?;
+            done(JobStatus::Succeeded, None)
+        }
+        FinishOp::Failed(error) => {
+            set_final(tx, id, JobStatus::Failed, now, Some(&error))?;
+            end_attempt(tx, &job, now, &format!("failed: {}", error.code))?;
+            count_finished(tx, &job.account, day, false, 0, ran_ms)?;
+            add_event(tx, id, now, JobStatus::Failed, Some(&format!("{}: {}", error.code, error.message)))?;
+            done(JobStatus::Failed, Some(error))
+        }
+        FinishOp::Cancelled => {
+            set_final(tx, id, JobStatus::Cancelled, now, None)?;
+            end_attempt(tx, &job, now, "cancelled")?;
+            count_finished(tx, &job.account, day, false, 0, ran_ms)?;
+            add_event(tx, id, now, JobStatus::Cancelled, Some("cancelled while running"))?;
+            done(JobStatus::Cancelled, None)
+        }
+        FinishOp::Requeue(reason) => {
+            end_attempt(tx, &job, now, &format!("requeued: {reason}"))?;
+            count_finished(tx, &job.account, day, false, 0, ran_ms)?;
+            let ring_pos: Option<i64> = tx
+                .prepare_cached("SELECT ring_pos FROM jobs WHERE id = ?1")
+                .and_then(|mut st| st.query_row([id], |row| row.get(0)))
+                .map_err(StoreError::sqlite("reading the job's place"))?;
+            let requeued = requeue_row(tx, shared, &job, ring_pos, &reason, now, touched_memory)?;
+            if requeued.status == JobStatus::Queued {
+                effects.work = true;
+            }
+            requeued
+        }
+    };
+    effects.running_remove.push(id.to_string());
+    effects.changes.push(change(&result, result.status, now));
+    Ok(result)
+}
+
+/// Puts a running job back in the queue at its old place, or fails it with `max_attempts`.
+pub(crate) fn requeue_row(
+    tx: &Connection,
+    shared: &Shared,
+    job: &Job,
+    ring_pos: Option<i64>,
+    reason: &str,
+    now: i64,
+    touched_memory: &mut bool,
+) -> Result<Job, StoreError> {
+    if job.attempts >= job.max_attempts {
+        let error = max_attempts_error(job.attempts, reason);
+        set_final(tx, &job.id, JobStatus::Failed, now, Some(&error))?;
+        add_event(tx, &job.id, now, JobStatus::Failed, Some(&format!("max_attempts: {reason}")))?;
+        return Ok(Job {
+            status: JobStatus::Failed,
+            finished_at_ms: Some(now),
+            error: Some(error),
+            ..job.clone()
+        });
+    }
+    tx.prepare_cached("UPDATE jobs SET status = 'queued', started_at = NULL WHERE id = ?1")
+        .and_then(|mut st| st.execute([&job.id]))
+        .map_err(StoreError::sqlite("requeueing the job"))?;
+    add_event(tx, &job.id, now, JobStatus::Queued, Some(&format!("requeued: {reason}")))?;
+    let queued = QueuedJob {
+        id: job.id.clone(),
+        tier: job.tier,
+        account: job.account.clone(),
+        seq: job.seq,
+        created_at_ms: job.created_at_ms,
+    };
+    let ring = {
+        let mut state = shared.lock();
+        *touched_memory = true;
+        match ring_pos.and_then(|p| u64::try_from(p).ok()) {
+            Some(pos) => state.scheduler.requeue(queued, pos),
+            None => state.scheduler.push(queued),
+        }
+    };
+    if let Some(ring) = ring {
+        upsert_ring(tx, &ring)?;
+    }
+    Ok(Job {
+        status: JobStatus::Queued,
+        started_at_ms: None,
+        ..job.clone()
+    })
+}
+
+/// Rebuilds the scheduler from the committed rows (after a failed request or commit).
+fn rebuild_scheduler(conn: &Connection, shared: &Shared) {
+    match build_scheduler(conn, &shared.db_path) {
+        Ok((scheduler, _assigned)) => {
+            // Positions handed out here are not persisted; the next rebuild assigns the same
+            // ones because they depend only on the stored rows.
+            shared.lock().scheduler = scheduler;
+        }
+        Err(e) => tracing::error!(error = %e, "job store: cannot rebuild the scheduler"),
+    }
+}
+
+/// Builds a scheduler from the stored queued jobs and ring.
+pub(crate) fn build_scheduler(
+    conn: &Connection,
+    db_path: &std::path::Path,
+) -> Result<(Scheduler, Vec<RingPos>), StoreError> {
+    let jobs = load_queued(conn, db_path)?;
+    let (ring, max_pos) = load_ring(conn, db_path)?;
+    Ok(Scheduler::rebuild(jobs, ring, max_pos))
+}
+
+/// Opens the store's state: builds the scheduler and recovers jobs that were running when the
+/// process stopped. Runs on the write connection before the writer thread starts.
+pub(crate) fn recover(conn: &mut Connection, shared: &Shared) -> Result<RecoveryReport, StoreError> {
+    let now = shared.now();
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(StoreError::sqlite("starting recovery"))?;
+    let (scheduler, assigned) = build_scheduler(&tx, &shared.db_path)?;
+    for ring in &assigned {
+        upsert_ring(&tx, ring)?;
+    }
+    shared.lock().scheduler = scheduler;
+    let running: Vec<(String, Option<i64>)> = tx
+        .prepare("SELECT id, ring_pos FROM jobs WHERE status = 'running' ORDER BY seq")
+        .and_then(|mut st| {
+            st.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .map_err(StoreError::sqlite("reading running jobs"))?;
+    let mut report = RecoveryReport::default();
+    let mut touched = false;
+    for (id, ring_pos) in running {
+        let job = load_job(&tx, &shared.db_path, &id)?.ok_or_else(|| StoreError::Corrupt {
+            path: shared.db_path.clone(),
+            detail: format!("running job {id} vanished during recovery"),
+        })?;
+        end_attempt(&tx, &job, now, "interrupted: kilnd stopped while it ran")?;
+        let after = requeue_row(
+            &tx,
+            shared,
+            &job,
+            ring_pos,
+            "kilnd stopped while it ran",
+            now,
+            &mut touched,
+        )?;
+        if after.status == JobStatus::Queued {
+            report.requeued.push(id);
+        } else {
+            report.failed.push(id);
+        }
+    }
+    tx.commit().map_err(StoreError::sqlite("committing recovery"))?;
+    report.queued = shared.lock().scheduler.len();
+    Ok(report)
+}
+
+/// Tiers are stored as their rank.
+pub(crate) fn tier_from_rank(rank: i64, path: &std::path::Path) -> Result<Tier, StoreError> {
+    u8::try_from(rank)
+        .ok()
+        .and_then(Tier::from_rank)
+        .ok_or_else(|| StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: format!("unknown tier rank {rank}"),
+        })
+}

@@ -1,0 +1,556 @@
+//! The job store against real SQLite in temporary folders: durability across reopen,
+//! recovery of running jobs, idempotency, quotas, cancel, outputs, group commit under
+//! concurrency, migrations and refusal of bad files.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use kiln_daemon::protocol::{JobError, JobStatus, Tier};
+use kiln_daemon::queue::{
+    CancelOutcome, JobStore, NewJob, NewOutput, Outcome, Quota, QuotaPeriod, StoreError,
+    StoreOptions, utc_day,
+};
+use serde_json::json;
+
+fn new_job(id: &str, account: &str, tier: Tier) -> NewJob {
+    NewJob {
+        id: id.to_string(),
+        account: account.to_string(),
+        tier,
+        workflow: json!({"3": {"class_type": "KSampler", "inputs": {"seed": 1}}}),
+        webhook: Some("https://example.com/hook".to_string()),
+        metadata: Some(json!({"user": account})),
+        idempotency_key: None,
+        body_hash: format!("hash-{id}"),
+        max_attempts: 3,
+    }
+}
+
+async fn open(dir: &std::path::Path) -> JobStore {
+    JobStore::open(dir, StoreOptions::default())
+        .await
+        .expect("open store")
+}
+
+fn ids(store: &JobStore) -> Vec<String> {
+    store.queue_order().into_iter().map(|j| j.id).collect()
+}
+
+#[tokio::test]
+async fn submit_get_list_and_events() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path()).await;
+    let s = store
+        .submit(new_job("j1", "alice", Tier::Pro), None)
+        .await
+        .expect("submit");
+    assert!(s.created);
+    assert_eq!(s.job.status, JobStatus::Queued);
+    store
+        .submit(new_job("j2", "alice", Tier::Free), None)
+        .await
+        .expect("submit");
+    store
+        .submit(new_job("j3", "bob", Tier::Free), None)
+        .await
+        .expect("submit");
+    let got = store.get("j1").await.expect("get").expect("stored");
+    assert_eq!(got, s.job);
+    assert_eq!(store.get("nope").await.expect("get"), None);
+    let list: Vec<String> = store
+        .list("alice", None, 10)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(list, vec!["j2", "j1"]);
+    assert!(
+        store
+            .list("alice", Some(JobStatus::Running), 10)
+            .await
+            .expect("list")
+            .is_empty()
+    );
+    assert_eq!(store.list("alice", None, 1).await.expect("list").len(), 1);
+    assert_eq!(store.position("j1"), Some(1));
+    assert_eq!(store.position("j2"), Some(2));
+    assert_eq!(store.position("j3"), Some(3));
+    // A new bob free job would wait behind j1 (pro), alice's j2 and bob's j3.
+    assert_eq!(store.queued_ahead(Tier::Free, "bob"), 3);
+    assert_eq!(store.queued_ahead(Tier::Enterprise, "carol"), 0);
+    let events = store.events("j1").await.expect("events");
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].status, JobStatus::Queued);
+    let summary = store.summary();
+    assert_eq!(summary.running, 0);
+    let free = summary
+        .tiers
+        .iter()
+        .find(|t| t.tier == Tier::Free)
+        .expect("free tier");
+    assert_eq!((free.queued, free.accounts), (2, 2));
+    let err = store
+        .submit(new_job("j1", "alice", Tier::Pro), None)
+        .await
+        .expect_err("duplicate id");
+    assert!(matches!(err, StoreError::Invalid(_)), "{err}");
+    let err = store
+        .submit(new_job("../x", "alice", Tier::Pro), None)
+        .await
+        .expect_err("bad id");
+    assert!(matches!(err, StoreError::Invalid(_)), "{err}");
+}
+
+#[tokio::test]
+async fn queued_order_and_running_jobs_survive_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path()).await;
+    for (i, (account, tier)) in [
+        ("a", Tier::Free),
+        ("a", Tier::Free),
+        ("b", Tier::Free),
+        ("c", Tier::Pro),
+        ("a", Tier::Pro),
+        ("b", Tier::Enterprise),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        store
+            .submit(new_job(&format!("j{i}"), account, tier), None)
+            .await
+            .expect("submit");
+    }
+    let before = ids(&store);
+    assert_eq!(before, vec!["j5", "j3", "j4", "j0", "j2", "j1"]);
+    // Take one: it runs when the process "dies".
+    let running = store.next_job().await.expect("next").expect("a job");
+    assert_eq!(running.id, "j5");
+    assert_eq!(running.attempts, 1);
+    assert_eq!(store.summary().running, 1);
+    assert!(store.close().await.expect("close"));
+
+    let store = open(dir.path()).await;
+    assert_eq!(store.recovery().requeued, vec!["j5".to_string()]);
+    assert!(store.recovery().failed.is_empty());
+    assert_eq!(store.recovery().queued, 6);
+    assert_eq!(ids(&store), before);
+    let j5 = store.get("j5").await.expect("get").expect("stored");
+    assert_eq!((j5.status, j5.attempts), (JobStatus::Queued, 1));
+    let statuses: Vec<JobStatus> = store
+        .events("j5")
+        .await
+        .expect("events")
+        .into_iter()
+        .map(|e| e.status)
+        .collect();
+    assert_eq!(
+        statuses,
+        vec![JobStatus::Queued, JobStatus::Running, JobStatus::Queued]
+    );
+    // Drain a few, reopen again: the rest keeps its order.
+    for expected in ["j5", "j3"] {
+        let job = store.next_job().await.expect("next").expect("job");
+        assert_eq!(job.id, expected);
+        store
+            .finish(&job.id, Outcome::Succeeded { outputs: vec![] })
+            .await
+            .expect("finish");
+    }
+    let rest = ids(&store);
+    drop(store);
+    let store = open(dir.path()).await;
+    assert_eq!(ids(&store), rest);
+    assert!(store.recovery().requeued.is_empty());
+}
+
+#[tokio::test]
+async fn running_job_out_of_attempts_fails_at_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path()).await;
+    let mut job = new_job("once", "a", Tier::Premium);
+    job.max_attempts = 1;
+    store.submit(job, None).await.expect("submit");
+    store.next_job().await.expect("next").expect("job");
+    store.close().await.expect("close");
+    let store = open(dir.path()).await;
+    assert_eq!(store.recovery().failed, vec!["once".to_string()]);
+    let job = store.get("once").await.expect("get").expect("stored");
+    assert_eq!(job.status, JobStatus::Failed);
+    let error = job.error.expect("error");
+    assert_eq!(error.code, "max_attempts");
+    assert_eq!(error.message, "ran 1 times without finishing");
+    assert!(store.next_job().await.expect("next").is_none());
+}
+
+#[tokio::test]
+async fn idempotency_same_and_different_body() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path()).await;
+    let mut first = new_job("k1", "alice", Tier::Free);
+    first.idempotency_key = Some("key-1".into());
+    first.body_hash = "body-a".into();
+    let a = store.submit(first.clone(), None).await.expect("submit");
+    assert!(a.created);
+    let mut again = first.clone();
+    again.id = "k2".into();
+    let b = store.submit(again.clone(), None).await.expect("replay");
+    assert!(!b.created);
+    assert_eq!(b.job.id, "k1");
+    again.body_hash = "body-b".into();
+    let err = store.submit(again, None).await.expect_err("conflict");
+    assert!(
+        matches!(&err, StoreError::IdempotencyConflict { key, job_id } if key == "key-1" && job_id == "k1"),
+        "{err}"
+    );
+    // The same key for another account is another job.
+    let mut other = first.clone();
+    other.id = "k3".into();
+    other.account = "bob".into();
+    assert!(store.submit(other, None).await.expect("submit").created);
+    assert_eq!(store.get("k2").await.expect("get"), None);
+    let usage = store
+        .usage("alice", utc_day(a.job.created_at_ms))
+        .await
+        .expect("usage");
+    assert_eq!(usage.submitted, 1);
+}
+
+#[tokio::test]
+async fn quota_refusal_stores_nothing_and_resets_next_day() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let day0 = 20_000 * 86_400_000i64;
+    let now = Arc::new(AtomicI64::new(day0 + 1_000));
+    let clock_now = now.clone();
+    let opts = StoreOptions {
+        clock: Arc::new(move || clock_now.load(Ordering::SeqCst)),
+        ..StoreOptions::default()
+    };
+    let store = JobStore::open(dir.path(), opts).await.expect("open");
+    let quota = Some(Quota {
+        per_day: Some(2),
+        per_month: None,
+    });
+    for i in 0..2 {
+        store
+            .submit(new_job(&format!("q{i}"), "free-user", Tier::Free), quota)
+            .await
+            .expect("within quota");
+    }
+    let err = store
+        .submit(new_job("q2", "free-user", Tier::Free), quota)
+        .await
+        .expect_err("over quota");
+    match err {
+        StoreError::QuotaExceeded {
+            period,
+            limit,
+            used,
+            resets_at_ms,
+        } => {
+            assert_eq!((period, limit, used), (QuotaPeriod::Day, 2, 2));
+            assert_eq!(resets_at_ms, day0 + 86_400_000);
+        }
+        other => panic!("expected QuotaExceeded, got {other}"),
+    }
+    assert_eq!(store.get("q2").await.expect("get"), None);
+    assert_eq!(store.queue_order().len(), 2);
+    let usage = store.usage("free-user", 20_000).await.expect("usage");
+    assert_eq!((usage.submitted, usage.refused), (2, 1));
+    // Another account is not affected; the next day the quota is fresh.
+    store
+        .submit(new_job("other", "someone", Tier::Free), quota)
+        .await
+        .expect("other account");
+    now.store(day0 + 86_400_000 + 5, Ordering::SeqCst);
+    store
+        .submit(new_job("q3", "free-user", Tier::Free), quota)
+        .await
+        .expect("next day");
+    // A monthly quota counts the days of the month together.
+    let monthly = Some(Quota {
+        per_day: None,
+        per_month: Some(3),
+    });
+    let err = store
+        .submit(new_job("q4", "free-user", Tier::Free), monthly)
+        .await
+        .expect_err("month used up");
+    assert!(
+        matches!(err, StoreError::QuotaExceeded { period: QuotaPeriod::Month, used: 3, .. }),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn cancel_queued_running_and_final() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path()).await;
+    store
+        .submit(new_job("r", "a", Tier::Pro), None)
+        .await
+        .expect("submit");
+    store
+        .submit(new_job("q", "a", Tier::Free), None)
+        .await
+        .expect("submit");
+    let running = store.next_job().await.expect("next").expect("job");
+    assert_eq!(running.id, "r");
+    match store.cancel("q").await.expect("cancel queued") {
+        CancelOutcome::Cancelled(job) => assert_eq!(job.status, JobStatus::Cancelled),
+        other => panic!("expected Cancelled, got {other:?}"),
+    }
+    assert_eq!(store.position("q"), None);
+    assert!(store.queue_order().is_empty());
+    match store.cancel("r").await.expect("cancel running") {
+        CancelOutcome::Running(job) => assert_eq!(job.status, JobStatus::Running),
+        other => panic!("expected Running, got {other:?}"),
+    }
+    let done = store
+        .finish("r", Outcome::Cancelled)
+        .await
+        .expect("finish cancelled");
+    assert_eq!(done.status, JobStatus::Cancelled);
+    for id in ["q", "r"] {
+        let err = store.cancel(id).await.expect_err("final");
+        assert!(
+            matches!(err, StoreError::Conflict { status: JobStatus::Cancelled, .. }),
+            "{err}"
+        );
+    }
+    assert!(matches!(
+        store.cancel("missing").await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(store.next_job().await.expect("next").is_none());
+    assert_eq!(store.summary().running, 0);
+}
+
+#[tokio::test]
+async fn outputs_are_on_disk_before_success_is_visible() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path()).await;
+    let mut changes = store.subscribe();
+    store
+        .submit(new_job("img", "a", Tier::Pro), None)
+        .await
+        .expect("submit");
+    store.next_job().await.expect("next").expect("job");
+    let watcher_store = store.clone();
+    let watcher = tokio::spawn(async move {
+        loop {
+            let change = changes.recv().await.expect("change");
+            if change.status == JobStatus::Succeeded {
+                // The moment success is announced, the files must be complete.
+                let outputs = watcher_store.outputs(&change.id).await.expect("outputs");
+                let mut sizes = Vec::new();
+                for o in &outputs {
+                    let data = std::fs::read(watcher_store.output_path(o)).expect("file on disk");
+                    sizes.push(data.len());
+                }
+                return sizes;
+            }
+        }
+    });
+    let png = vec![0x89u8, b'P', b'N', b'G', 1, 2, 3];
+    let job = store
+        .finish(
+            "img",
+            Outcome::Succeeded {
+                outputs: vec![
+                    NewOutput {
+                        filename: "ComfyUI_00001_.png".into(),
+                        content_type: "image/png".into(),
+                        bytes: png.clone(),
+                    },
+                    NewOutput {
+                        filename: "../../etc/passwd".into(),
+                        content_type: "image/png".into(),
+                        bytes: vec![9; 10],
+                    },
+                ],
+            },
+        )
+        .await
+        .expect("finish");
+    assert_eq!(job.status, JobStatus::Succeeded);
+    let sizes = tokio::time::timeout(Duration::from_secs(10), watcher)
+        .await
+        .expect("watcher in time")
+        .expect("watcher ok");
+    assert_eq!(sizes, vec![png.len(), 10]);
+    let outputs = store.outputs("img").await.expect("outputs");
+    assert_eq!(outputs[0].path, std::path::Path::new("outputs/img/0-ComfyUI_00001_.png"));
+    assert_eq!(outputs[1].path, std::path::Path::new("outputs/img/1-passwd"));
+    assert_eq!(outputs[1].filename, "../../etc/passwd");
+    {
+        use sha2::Digest;
+        assert_eq!(outputs[0].sha256, hex::encode(sha2::Sha256::digest(&png)));
+    }
+    let view = job.view(&outputs, None, None);
+    assert_eq!(view.outputs[1].url, "/v1/jobs/img/outputs/1");
+    let usage = store
+        .usage("a", utc_day(job.finished_at_ms.expect("finished")))
+        .await
+        .expect("usage");
+    assert_eq!((usage.succeeded, usage.images), (1, 2));
+    assert_eq!(store.recent_durations(10).await.expect("durations").len(), 1);
+    let err = store
+        .finish("img", Outcome::Succeeded { outputs: vec![] })
+        .await
+        .expect_err("already final");
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn requeue_keeps_place_then_fails_at_max_attempts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path()).await;
+    let mut job = new_job("retry", "a", Tier::Free);
+    job.max_attempts = 2;
+    store.submit(job, None).await.expect("submit");
+    store
+        .submit(new_job("later", "b", Tier::Free), None)
+        .await
+        .expect("submit");
+    let taken = store.next_job().await.expect("next").expect("job");
+    assert_eq!(taken.id, "retry");
+    let back = store
+        .finish(
+            "retry",
+            Outcome::Requeue {
+                reason: "ComfyUI restarted".into(),
+            },
+        )
+        .await
+        .expect("requeue");
+    assert_eq!((back.status, back.attempts), (JobStatus::Queued, 1));
+    assert_eq!(ids(&store), vec!["retry", "later"]);
+    let again = store.next_job().await.expect("next").expect("job");
+    assert_eq!((again.id.as_str(), again.attempts), ("retry", 2));
+    let failed = store
+        .finish(
+            "retry",
+            Outcome::Requeue {
+                reason: "ComfyUI restarted".into(),
+            },
+        )
+        .await
+        .expect("requeue");
+    assert_eq!(failed.status, JobStatus::Failed);
+    assert_eq!(failed.error.expect("error").code, "max_attempts");
+    let next = store.next_job().await.expect("next").expect("job");
+    let done = store
+        .finish(
+            &next.id,
+            Outcome::Failed(JobError {
+                code: "execution_error".into(),
+                message: "node 3 failed".into(),
+                details: None,
+            }),
+        )
+        .await
+        .expect("fail");
+    assert_eq!(done.error.expect("error").code, "execution_error");
+    let stored = store.get("later").await.expect("get").expect("stored");
+    assert_eq!(stored.status, JobStatus::Failed);
+}
+
+#[tokio::test]
+async fn concurrent_submits_are_all_durable_and_distinct() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path()).await;
+    let mut tasks = Vec::new();
+    for t in 0..50 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            for i in 0..40 {
+                let job = store
+                    .submit(
+                        new_job(&format!("c{t}-{i}"), &format!("acct{}", t % 7), Tier::Pro),
+                        None,
+                    )
+                    .await
+                    .expect("submit");
+                seqs.push(job.job.seq);
+            }
+            seqs
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.expect("task"));
+    }
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all.len(), 2000);
+    drop(store);
+    let store = open(dir.path()).await;
+    assert_eq!(store.queue_order().len(), 2000);
+    assert_eq!(store.recovery().queued, 2000);
+}
+
+#[tokio::test]
+async fn work_available_wakes_on_submit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path()).await;
+    let waiter_store = store.clone();
+    let waiter = tokio::spawn(async move {
+        waiter_store.work_available().await;
+        waiter_store.next_job().await.expect("next")
+    });
+    store
+        .submit(new_job("w", "a", Tier::Free), None)
+        .await
+        .expect("submit");
+    let job = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("woken in time")
+        .expect("task");
+    assert_eq!(job.map(|j| j.id), Some("w".to_string()));
+}
+
+#[tokio::test]
+async fn migrates_an_empty_file_and_refuses_newer_or_garbage() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("kiln-jobs.sqlite3");
+    std::fs::write(&db, b"").expect("empty file");
+    let store = open(dir.path()).await;
+    store
+        .submit(new_job("m", "a", Tier::Free), None)
+        .await
+        .expect("submit");
+    assert!(store.close().await.expect("close"));
+    {
+        let conn = rusqlite::Connection::open(&db).expect("sqlite");
+        let v: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(v, kiln_daemon::queue::schema::current_version());
+        conn.execute_batch("PRAGMA user_version = 99")
+            .expect("set version");
+    }
+    let err = JobStore::open(dir.path(), StoreOptions::default())
+        .await
+        .expect_err("too new");
+    assert!(
+        matches!(err, StoreError::SchemaTooNew { found: 99, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("newer"), "{err}");
+
+    let garbage = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        garbage.path().join("kiln-jobs.sqlite3"),
+        vec![0xABu8; 8192],
+    )
+    .expect("garbage");
+    let err = JobStore::open(garbage.path(), StoreOptions::default())
+        .await
+        .expect_err("garbage");
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains("kiln-jobs.sqlite3"), "{err}");
+}
