@@ -235,9 +235,10 @@ pub async fn run(
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create the data dir {}", data_dir.display()))?;
 
-    let (store, recovery) = JobStore::open(&data_dir, StoreOptions::default())
+    let store = JobStore::open(&data_dir, StoreOptions::default())
         .await
         .with_context(|| format!("cannot open the job store in {}", data_dir.display()))?;
+    let recovery = store.recovery().clone();
     if !recovery.requeued.is_empty() || !recovery.failed.is_empty() {
         tracing::warn!(
             requeued = recovery.requeued.len(),
@@ -342,7 +343,9 @@ pub async fn run(
     }
     tasks.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
-    store.close().await;
+    if let Err(error) = store.close().await {
+        tracing::warn!(%error, "closing the job store");
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -465,7 +468,6 @@ struct Runner {
 /// Takes the best queued job whenever ComfyUI is ready and idle, and runs it. Exactly one
 /// prompt at a time goes to ComfyUI.
 async fn run_jobs(mut runner: Runner) {
-    let mut changes = runner.store.subscribe();
     loop {
         // Wait until ComfyUI is ready.
         loop {
@@ -485,8 +487,7 @@ async fn run_jobs(mut runner: Runner) {
             Ok(None) => {
                 tokio::select! {
                     _ = runner.stop.cancelled() => return,
-                    _ = changes.recv() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = runner.store.work_available() => {}
                 }
                 continue;
             }

@@ -118,7 +118,6 @@ pub(super) async fn submit(
                 .jobs_refused
                 .get_or_create(&Metrics::tier(account.tier))
                 .inc();
-            state.store.count_refused(&account.id).await;
             let retry = (wait - max_wait as f64).ceil().max(1.0) as u64;
             return Err(ApiError::new(
                 ErrorCode::Busy,
