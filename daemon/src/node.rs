@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::{self, AppState};
-use crate::comfy::client::ComfyClient;
+use crate::comfy::client::{ComfyClient, ComfyError};
 use crate::comfy::executor::{self, RunEvent, RunOptions, RunOutcome};
 use crate::comfy::supervisor::{Supervisor, SupervisorConfig, SupervisorState};
 use crate::comfy::types::ObjectInfo;
@@ -259,14 +259,15 @@ pub async fn run(
     let supervisor = Supervisor::spawn(supervisor_config(&config)?)
         .context("cannot start the ComfyUI supervisor")?;
     let node_name = config.node.name.clone().unwrap_or_else(hostname);
-    let client = ComfyClient::new(
-        config.comfy.url.clone(),
-        format!("kiln-{node_name}-{}", uuid::Uuid::new_v4().simple()),
-    )
-    .context("cannot build the ComfyUI client")?;
+    let client = Arc::new(
+        ComfyClient::new(
+            config.comfy.url.clone(),
+            format!("kiln-{node_name}-{}", uuid::Uuid::new_v4().simple()),
+        )
+        .context("cannot build the ComfyUI client")?,
+    );
 
-    let object_info_path = data_dir.join("object_info.json");
-    let (info_tx, info_rx) = watch::channel(load_object_info(&object_info_path));
+    let (info_tx, info_rx) = watch::channel(None);
     let (ready_tx, ready_rx) = watch::channel(Readiness::NotReady(
         "ComfyUI is starting".to_string(),
     ));
@@ -280,7 +281,6 @@ pub async fn run(
         supervisor.subscribe_state(),
         client.clone(),
         info_tx,
-        object_info_path,
         ready_tx,
         metrics.clone(),
         stop.child_token(),
@@ -380,25 +380,13 @@ fn hostname() -> String {
         .unwrap_or_else(|| "kiln-node".to_string())
 }
 
-fn load_object_info(path: &Path) -> Option<Arc<ObjectInfo>> {
-    let text = std::fs::read_to_string(path).ok()?;
-    match ObjectInfo::from_json_str(&text) {
-        Ok(info) => Some(Arc::new(info)),
-        Err(error) => {
-            tracing::warn!(%error, path = %path.display(), "ignoring the saved object_info");
-            None
-        }
-    }
-}
-
 /// Follows the supervisor: readiness for `/readyz`, the node classes of every new ComfyUI
-/// generation for validation (also saved to disk, so jobs can be accepted while ComfyUI
-/// restarts), and ComfyUI's metrics.
+/// generation for validation (the last known classes stay in use while ComfyUI restarts, so
+/// jobs are still accepted), and ComfyUI's metrics.
 async fn follow_supervisor(
     mut states: watch::Receiver<SupervisorState>,
-    client: ComfyClient,
+    client: Arc<ComfyClient>,
     info_tx: watch::Sender<Option<Arc<ObjectInfo>>>,
-    info_path: PathBuf,
     ready_tx: watch::Sender<Readiness>,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
@@ -413,15 +401,9 @@ async fn follow_supervisor(
                 restarts_seen = generation - 1;
             }
             if info_generation != Some(generation) {
-                client.invalidate_object_info();
+                client.invalidate();
                 match client.object_info().await {
                     Ok(info) => {
-                        if let Ok(text) = serde_json::to_string(info.raw()) {
-                            let tmp = info_path.with_extension("json.tmp");
-                            if std::fs::write(&tmp, text).is_ok() {
-                                let _ = std::fs::rename(&tmp, &info_path);
-                            }
-                        }
                         info_tx.send_replace(Some(info));
                         info_generation = Some(generation);
                     }
@@ -456,7 +438,7 @@ async fn follow_supervisor(
 
 struct Runner {
     store: JobStore,
-    client: ComfyClient,
+    client: Arc<ComfyClient>,
     control: Arc<dyn ComfyControl>,
     states: watch::Receiver<SupervisorState>,
     live: Arc<Live>,
@@ -523,7 +505,12 @@ async fn run_one(runner: &Runner, job: Job) {
         tokio::spawn(async move {
             while let Some(event) = events_rx.recv().await {
                 if let RunEvent::Progress { node, value, max } = event {
-                    live.set_progress(&job_id, Progress { node, value, max });
+                    let progress = Progress {
+                        node: node.unwrap_or_default(),
+                        value: value.max(0.0).round() as u64,
+                        max: max.max(0.0).round() as u64,
+                    };
+                    live.set_progress(&job_id, progress);
                 }
             }
         })
@@ -533,6 +520,7 @@ async fn run_one(runner: &Runner, job: Job) {
     let options = RunOptions {
         timeout: runner.jobs.timeout(),
         interrupt_grace: runner.jobs.interrupt_grace(),
+        ..RunOptions::default()
     };
     // On shutdown the running job gets the drain deadline to finish, then it is interrupted
     // and handed back to the queue.
@@ -542,8 +530,8 @@ async fn run_one(runner: &Runner, job: Job) {
         runner.control.as_ref(),
         &prompt_id,
         &job.workflow,
-        extra_data,
-        options,
+        Some(&extra_data),
+        &options,
         events_tx,
         cancel.clone(),
     );
@@ -575,19 +563,19 @@ async fn run_one(runner: &Runner, job: Job) {
                 .map(|o| NewOutput {
                     content_type: content_type_for(&o.filename).to_string(),
                     filename: o.filename,
-                    bytes: o.bytes,
+                    bytes: o.bytes.to_vec(),
                 })
                 .collect();
             (Outcome::Succeeded { outputs }, Some(elapsed))
         }
-        RunOutcome::Interrupted if handed_back => (
+        RunOutcome::Interrupted { .. } if handed_back => (
             Outcome::Requeue {
                 reason: "the node shut down while the job ran".to_string(),
             },
             None,
         ),
-        RunOutcome::Interrupted => (Outcome::Cancelled, None),
-        RunOutcome::TimedOut => (
+        RunOutcome::Interrupted { .. } => (Outcome::Cancelled, None),
+        RunOutcome::TimedOut { .. } => (
             Outcome::Failed(JobError {
                 code: "timeout".to_string(),
                 message: format!(
@@ -598,13 +586,13 @@ async fn run_one(runner: &Runner, job: Job) {
             }),
             None,
         ),
-        RunOutcome::Lost => (
+        RunOutcome::Lost { reason } => (
             Outcome::Requeue {
-                reason: "ComfyUI restarted during the run and lost the prompt".to_string(),
+                reason: format!("ComfyUI lost the prompt: {reason}"),
             },
             None,
         ),
-        RunOutcome::Failed(error) => match error.job_error() {
+        RunOutcome::Failed(error) => match job_error(&error) {
             Some(job_error) => (Outcome::Failed(job_error), None),
             None => (
                 Outcome::Requeue {
@@ -637,6 +625,47 @@ async fn run_one(runner: &Runner, job: Job) {
         Err(error) => tracing::error!(job = %job.id, %error, "cannot record the job's end"),
     }
     runner.live.end(&job.id, duration);
+}
+
+/// The job's own error when ComfyUI refused or failed the prompt itself; `None` when the fault
+/// is ComfyUI's or the connection's, so the job should run again.
+fn job_error(error: &ComfyError) -> Option<JobError> {
+    match error {
+        ComfyError::Execution {
+            node_id,
+            node_type,
+            exception_type,
+            message,
+            ..
+        } => Some(JobError {
+            code: "execution_error".to_string(),
+            message: format!("node {node_id} ({node_type}) failed: {exception_type}: {message}"),
+            details: Some(json!({
+                "node_id": node_id,
+                "node_type": node_type,
+                "exception_type": exception_type,
+                "exception_message": message,
+            })),
+        }),
+        ComfyError::Rejected {
+            error_type,
+            node_errors,
+            ..
+        } => Some(JobError {
+            code: "comfy_rejected".to_string(),
+            message: error.to_string(),
+            details: Some(json!({
+                "type": error_type,
+                "node_errors": node_errors,
+            })),
+        }),
+        ComfyError::Unreachable { .. }
+        | ComfyError::Interrupted
+        | ComfyError::Lost { .. }
+        | ComfyError::Http { .. }
+        | ComfyError::Protocol(_)
+        | ComfyError::Timeout(_) => None,
+    }
 }
 
 /// The content type of an output file, from its extension.

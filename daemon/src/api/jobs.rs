@@ -366,7 +366,7 @@ pub(super) async fn list(
     };
     let jobs = state
         .store
-        .list(&account.id, status, limit)
+        .list(&account.id, status, limit as usize)
         .await
         .map_err(ApiError::internal)?;
     let mut views = Vec::with_capacity(jobs.len());
