@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::scheduler::{QueuedJob, RingPos};
-use super::writer::{self, Clock, FinishOp, MemState, Request, Shared, tier_from_rank};
+use super::writer::{self, Clock, Encoded, FinishOp, MemState, Request, Shared, tier_from_rank};
 use super::{
     CancelOutcome, Job, JobChange, JobEvent, NewJob, NewOutput, Outcome, Output, QueueSummary,
     Quota, RecoveryReport, StoreError, Submitted, Usage, schema,
@@ -270,8 +270,20 @@ impl JobStore {
     /// `refused` usage counter. The usage counter is counted in the same transaction.
     pub async fn submit(&self, job: NewJob, quota: Option<Quota>) -> Result<Submitted, StoreError> {
         validate(&job)?;
+        let encoded =
+            Encoded {
+                workflow: serde_json::to_string(&job.workflow)
+                    .map_err(|e| StoreError::Invalid(format!("workflow cannot be stored: {e}")))?,
+                metadata: match &job.metadata {
+                    Some(m) => Some(serde_json::to_string(m).map_err(|e| {
+                        StoreError::Invalid(format!("metadata cannot be stored: {e}"))
+                    })?),
+                    None => None,
+                },
+            };
         self.request(|reply| Request::Submit {
             job: Box::new(job),
+            encoded,
             quota,
             reply,
         })

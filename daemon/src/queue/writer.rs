@@ -71,9 +71,18 @@ pub(crate) enum FinishOp {
     Requeue(String),
 }
 
+/// A job's JSON columns, encoded before the request reaches the writer.
+#[derive(Debug)]
+pub(crate) struct Encoded {
+    pub workflow: String,
+    pub metadata: Option<String>,
+}
+
 pub(crate) enum Request {
     Submit {
         job: Box<NewJob>,
+        /// The workflow and metadata as JSON text, encoded by the caller (off this thread).
+        encoded: Encoded,
         quota: Option<Quota>,
         reply: oneshot::Sender<Result<Submitted, StoreError>>,
     },
@@ -266,11 +275,16 @@ fn apply_one(
     let mut local = Effects::default();
     let mut touched_memory = false;
     let (pending, ok) = match req {
-        Request::Submit { job, quota, reply } => {
+        Request::Submit {
+            job,
+            encoded,
+            quota,
+            reply,
+        } => {
             let r = submit(
                 &sp,
                 shared,
-                &job,
+                (job, encoded),
                 quota,
                 now,
                 &mut local,
@@ -458,7 +472,7 @@ fn check_quota(
 fn submit(
     tx: &Connection,
     shared: &Shared,
-    new: &NewJob,
+    (new, encoded): (Box<NewJob>, Encoded),
     quota: Option<Quota>,
     now: i64,
     effects: &mut Effects,
@@ -510,15 +524,7 @@ fn submit(
         count_usage(tx, &new.account, utc_day(now), Counter::Refused)?;
         return Err(refusal);
     }
-    let workflow = serde_json::to_string(&new.workflow)
-        .map_err(|e| StoreError::Invalid(format!("workflow cannot be stored: {e}")))?;
-    let metadata = match &new.metadata {
-        Some(m) => Some(
-            serde_json::to_string(m)
-                .map_err(|e| StoreError::Invalid(format!("metadata cannot be stored: {e}")))?,
-        ),
-        None => None,
-    };
+    let Encoded { workflow, metadata } = encoded;
     tx.prepare_cached(
         "INSERT INTO jobs (id, account, tier, status, workflow, webhook, metadata,
              idempotency_key, body_hash, created_at, attempts, max_attempts)
@@ -572,23 +578,34 @@ fn submit(
         status: JobStatus::Queued,
         at_ms: now,
     });
+    let NewJob {
+        id,
+        account,
+        tier,
+        workflow,
+        webhook,
+        metadata,
+        idempotency_key,
+        body_hash,
+        max_attempts,
+    } = *new;
     Ok(Submitted {
         job: Job {
-            id: new.id.clone(),
+            id,
             seq,
-            account: new.account.clone(),
-            tier: new.tier,
+            account,
+            tier,
             status: JobStatus::Queued,
-            workflow: new.workflow.clone(),
-            webhook: new.webhook.clone(),
-            metadata: new.metadata.clone(),
-            idempotency_key: new.idempotency_key.clone(),
-            body_hash: new.body_hash.clone(),
+            workflow,
+            webhook,
+            metadata,
+            idempotency_key,
+            body_hash,
             created_at_ms: now,
             started_at_ms: None,
             finished_at_ms: None,
             attempts: 0,
-            max_attempts: new.max_attempts,
+            max_attempts,
             error: None,
         },
         created: true,
