@@ -173,19 +173,17 @@ fn run(ops: Vec<Op>, check_fairness: bool) -> Result<(), TestCaseError> {
                 p.running
                     .insert(job.id.clone(), (job.clone(), taken.ring_pos));
                 let key = (job.tier, job.account.clone());
-                if check_fairness {
-                    if let Some(&t1) = last_take.get(&key) {
-                        for ((t, b), &since) in &waiting_since {
-                            if *t == job.tier && *b != job.account && since < t1 {
-                                let taken_since =
-                                    last_take.get(&(*t, b.clone())).is_some_and(|&l| l > t1);
-                                prop_assert!(
-                                    taken_since,
-                                    "{} taken twice while {} waited",
-                                    job.account,
-                                    b
-                                );
-                            }
+                if check_fairness && let Some(&t1) = last_take.get(&key) {
+                    for ((t, b), &since) in &waiting_since {
+                        if *t == job.tier && *b != job.account && since < t1 {
+                            let taken_since =
+                                last_take.get(&(*t, b.clone())).is_some_and(|&l| l > t1);
+                            prop_assert!(
+                                taken_since,
+                                "{} taken twice while {} waited",
+                                job.account,
+                                b
+                            );
                         }
                     }
                 }

@@ -565,7 +565,7 @@ async fn migrates_an_empty_file_and_refuses_newer_or_garbage() {
     assert!(err.to_string().contains("newer"), "{err}");
 
     let garbage = tempfile::tempdir().expect("tempdir");
-    std::fs::write(garbage.path().join("kiln-jobs.sqlite3"), vec![0xABu8; 8192]).expect("garbage");
+    std::fs::write(garbage.path().join("kiln-jobs.sqlite3"), [0xABu8; 8192]).expect("garbage");
     let err = JobStore::open(garbage.path(), StoreOptions::default())
         .await
         .expect_err("garbage");
