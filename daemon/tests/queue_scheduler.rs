@@ -10,7 +10,10 @@ use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Submit { tier: u8, account: u8 },
+    Submit {
+        tier: u8,
+        account: u8,
+    },
     Pop,
     /// Cancel the n-th queued job (modulo the number queued).
     Cancel(usize),
@@ -65,8 +68,7 @@ impl Persisted {
                 pos: *pos,
             })
             .collect();
-        let (s, assigned) =
-            Scheduler::rebuild(self.queued.values().cloned(), ring, self.max_pos());
+        let (s, assigned) = Scheduler::rebuild(self.queued.values().cloned(), ring, self.max_pos());
         for r in assigned {
             self.save(Some(r));
         }
@@ -83,7 +85,12 @@ fn check_positions(s: &Scheduler) -> Result<(), TestCaseError> {
     let order = s.order();
     prop_assert_eq!(order.len(), s.len());
     for (i, job) in order.iter().enumerate() {
-        prop_assert_eq!(s.position(&job.id), Some(i as u64 + 1), "position of {}", job.id);
+        prop_assert_eq!(
+            s.position(&job.id),
+            Some(i as u64 + 1),
+            "position of {}",
+            job.id
+        );
     }
     // queued_ahead agrees with the position a new job would get.
     for t in 0..4u8 {
@@ -166,19 +173,17 @@ fn run(ops: Vec<Op>, check_fairness: bool) -> Result<(), TestCaseError> {
                 p.running
                     .insert(job.id.clone(), (job.clone(), taken.ring_pos));
                 let key = (job.tier, job.account.clone());
-                if check_fairness {
-                    if let Some(&t1) = last_take.get(&key) {
-                        for ((t, b), &since) in &waiting_since {
-                            if *t == job.tier && *b != job.account && since < t1 {
-                                let taken_since =
-                                    last_take.get(&(*t, b.clone())).is_some_and(|&l| l > t1);
-                                prop_assert!(
-                                    taken_since,
-                                    "{} taken twice while {} waited",
-                                    job.account,
-                                    b
-                                );
-                            }
+                if check_fairness && let Some(&t1) = last_take.get(&key) {
+                    for ((t, b), &since) in &waiting_since {
+                        if *t == job.tier && *b != job.account && since < t1 {
+                            let taken_since =
+                                last_take.get(&(*t, b.clone())).is_some_and(|&l| l > t1);
+                            prop_assert!(
+                                taken_since,
+                                "{} taken twice while {} waited",
+                                job.account,
+                                b
+                            );
                         }
                     }
                 }
@@ -272,9 +277,7 @@ fn many_jobs_of_one_account_do_not_block_another() {
         created_at_ms: 1000,
     });
     assert_eq!(s.position("b0"), Some(2));
-    let first: Vec<String> = (0..3)
-        .map(|_| s.pop().expect("queued").job.id)
-        .collect();
+    let first: Vec<String> = (0..3).map(|_| s.pop().expect("queued").job.id).collect();
     assert_eq!(first, vec!["a0", "b0", "a1"]);
 }
 

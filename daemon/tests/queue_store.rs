@@ -279,7 +279,14 @@ async fn quota_refusal_stores_nothing_and_resets_next_day() {
         .await
         .expect_err("month used up");
     assert!(
-        matches!(err, StoreError::QuotaExceeded { period: QuotaPeriod::Month, used: 3, .. }),
+        matches!(
+            err,
+            StoreError::QuotaExceeded {
+                period: QuotaPeriod::Month,
+                used: 3,
+                ..
+            }
+        ),
         "{err}"
     );
 }
@@ -316,7 +323,13 @@ async fn cancel_queued_running_and_final() {
     for id in ["q", "r"] {
         let err = store.cancel(id).await.expect_err("final");
         assert!(
-            matches!(err, StoreError::Conflict { status: JobStatus::Cancelled, .. }),
+            matches!(
+                err,
+                StoreError::Conflict {
+                    status: JobStatus::Cancelled,
+                    ..
+                }
+            ),
             "{err}"
         );
     }
@@ -382,8 +395,14 @@ async fn outputs_are_on_disk_before_success_is_visible() {
         .expect("watcher ok");
     assert_eq!(sizes, vec![png.len(), 10]);
     let outputs = store.outputs("img").await.expect("outputs");
-    assert_eq!(outputs[0].path, std::path::Path::new("outputs/img/0-ComfyUI_00001_.png"));
-    assert_eq!(outputs[1].path, std::path::Path::new("outputs/img/1-passwd"));
+    assert_eq!(
+        outputs[0].path,
+        std::path::Path::new("outputs/img/0-ComfyUI_00001_.png")
+    );
+    assert_eq!(
+        outputs[1].path,
+        std::path::Path::new("outputs/img/1-passwd")
+    );
     assert_eq!(outputs[1].filename, "../../etc/passwd");
     {
         use sha2::Digest;
@@ -396,7 +415,10 @@ async fn outputs_are_on_disk_before_success_is_visible() {
         .await
         .expect("usage");
     assert_eq!((usage.succeeded, usage.images), (1, 2));
-    assert_eq!(store.recent_durations(10).await.expect("durations").len(), 1);
+    assert_eq!(
+        store.recent_durations(10).await.expect("durations").len(),
+        1
+    );
     let err = store
         .finish("img", Outcome::Succeeded { outputs: vec![] })
         .await
@@ -543,11 +565,7 @@ async fn migrates_an_empty_file_and_refuses_newer_or_garbage() {
     assert!(err.to_string().contains("newer"), "{err}");
 
     let garbage = tempfile::tempdir().expect("tempdir");
-    std::fs::write(
-        garbage.path().join("kiln-jobs.sqlite3"),
-        vec![0xABu8; 8192],
-    )
-    .expect("garbage");
+    std::fs::write(garbage.path().join("kiln-jobs.sqlite3"), [0xABu8; 8192]).expect("garbage");
     let err = JobStore::open(garbage.path(), StoreOptions::default())
         .await
         .expect_err("garbage");

@@ -154,12 +154,16 @@ impl Output {
 /// How a running job ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    Succeeded { outputs: Vec<NewOutput> },
+    Succeeded {
+        outputs: Vec<NewOutput>,
+    },
     Failed(JobError),
     Cancelled,
     /// Put the job back in the queue at its old place (e.g. ComfyUI restarted and lost the
     /// prompt), or fail it with `max_attempts` when its attempts are used up.
-    Requeue { reason: String },
+    Requeue {
+        reason: String,
+    },
 }
 
 /// What `cancel` did.
@@ -257,7 +261,9 @@ pub enum StoreError {
     Invalid(String),
     #[error("job store at {path} is unreadable: {detail}")]
     Corrupt { path: PathBuf, detail: String },
-    #[error("job store schema version {found} is newer than this kilnd supports ({supported}); upgrade kilnd")]
+    #[error(
+        "job store schema version {found} is newer than this kilnd supports ({supported}); upgrade kilnd"
+    )]
     SchemaTooNew { found: i64, supported: i64 },
     #[error("{context}: {source}")]
     Io {

@@ -17,10 +17,10 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::scheduler::{QueuedJob, RingPos};
-use super::writer::{self, Clock, FinishOp, MemState, Request, Shared, tier_from_rank};
+use super::writer::{self, Clock, Encoded, FinishOp, MemState, Request, Shared, tier_from_rank};
 use super::{
-    CancelOutcome, Job, JobChange, JobEvent, NewJob, NewOutput, Outcome, Output, Quota,
-    QueueSummary, RecoveryReport, StoreError, Submitted, Usage, schema,
+    CancelOutcome, Job, JobChange, JobEvent, NewJob, NewOutput, Outcome, Output, QueueSummary,
+    Quota, RecoveryReport, StoreError, Submitted, Usage, schema,
 };
 use crate::protocol::{JobError, JobStatus, Tier};
 
@@ -270,8 +270,20 @@ impl JobStore {
     /// `refused` usage counter. The usage counter is counted in the same transaction.
     pub async fn submit(&self, job: NewJob, quota: Option<Quota>) -> Result<Submitted, StoreError> {
         validate(&job)?;
+        let encoded =
+            Encoded {
+                workflow: serde_json::to_string(&job.workflow)
+                    .map_err(|e| StoreError::Invalid(format!("workflow cannot be stored: {e}")))?,
+                metadata: match &job.metadata {
+                    Some(m) => Some(serde_json::to_string(m).map_err(|e| {
+                        StoreError::Invalid(format!("metadata cannot be stored: {e}"))
+                    })?),
+                    None => None,
+                },
+            };
         self.request(|reply| Request::Submit {
             job: Box::new(job),
+            encoded,
             quota,
             reply,
         })
@@ -324,11 +336,12 @@ impl JobStore {
                 }
                 let data_dir = self.inner.shared.data_dir.clone();
                 let job_id = id.to_string();
-                let written = tokio::task::spawn_blocking(move || {
-                    write_outputs(&data_dir, &job_id, outputs)
-                })
-                .await
-                .map_err(|e| StoreError::WriterGone(format!("writing outputs panicked: {e}")))??;
+                let written =
+                    tokio::task::spawn_blocking(move || write_outputs(&data_dir, &job_id, outputs))
+                        .await
+                        .map_err(|e| {
+                            StoreError::WriterGone(format!("writing outputs panicked: {e}"))
+                        })??;
                 FinishOp::Succeeded(written)
             }
             Outcome::Failed(error) => FinishOp::Failed(error),
@@ -336,7 +349,8 @@ impl JobStore {
             Outcome::Requeue { reason } => FinishOp::Requeue(reason),
         };
         let id = id.to_string();
-        self.request(|reply| Request::Finish { id, op, reply }).await
+        self.request(|reply| Request::Finish { id, op, reply })
+            .await
     }
 
     /// The job, if stored.
@@ -425,7 +439,8 @@ impl JobStore {
                 .map_err(StoreError::sqlite("reading job events"))?;
             let mut out = Vec::new();
             for row in rows {
-                let (at_ms, status, detail) = row.map_err(StoreError::sqlite("reading job events"))?;
+                let (at_ms, status, detail) =
+                    row.map_err(StoreError::sqlite("reading job events"))?;
                 out.push(JobEvent {
                     at_ms,
                     status: parse_status(&status, path)?,
@@ -502,7 +517,11 @@ impl JobStore {
 
     /// How many queued jobs would run before a new job of `account` in `tier` submitted now.
     pub fn queued_ahead(&self, tier: Tier, account: &str) -> u64 {
-        self.inner.shared.lock().scheduler.queued_ahead(tier, account)
+        self.inner
+            .shared
+            .lock()
+            .scheduler
+            .queued_ahead(tier, account)
     }
 
     /// Per-tier queue counts and oldest waiting job, and the number of running jobs.
@@ -575,7 +594,9 @@ fn validate(job: &NewJob) -> Result<(), StoreError> {
         )));
     }
     if job.max_attempts == 0 {
-        return Err(StoreError::Invalid("max_attempts must be at least 1".to_string()));
+        return Err(StoreError::Invalid(
+            "max_attempts must be at least 1".to_string(),
+        ));
     }
     Ok(())
 }
@@ -620,8 +641,8 @@ fn write_outputs(
     std::fs::create_dir_all(&dir).map_err(StoreError::io(format!("creating {}", dir.display())))?;
     let mut written = Vec::with_capacity(outputs.len());
     for (i, out) in outputs.into_iter().enumerate() {
-        let index = u32::try_from(i)
-            .map_err(|_| StoreError::Invalid("too many outputs".to_string()))?;
+        let index =
+            u32::try_from(i).map_err(|_| StoreError::Invalid("too many outputs".to_string()))?;
         let name = format!("{index}-{}", safe_filename(&out.filename));
         let tmp = dir.join(format!(".{name}.tmp"));
         let path = dir.join(&name);
@@ -725,7 +746,9 @@ fn job_from_raw(raw: RawJob, path: &Path) -> Result<Job, StoreError> {
     let workflow =
         serde_json::from_str(&workflow).map_err(|e| corrupt_json(path, &id, "workflow", e))?;
     let metadata = match metadata {
-        Some(m) => Some(serde_json::from_str(&m).map_err(|e| corrupt_json(path, &id, "metadata", e))?),
+        Some(m) => {
+            Some(serde_json::from_str(&m).map_err(|e| corrupt_json(path, &id, "metadata", e))?)
+        }
         None => None,
     };
     let error: Option<JobError> = match error {
@@ -753,7 +776,11 @@ fn job_from_raw(raw: RawJob, path: &Path) -> Result<Job, StoreError> {
 }
 
 /// Reads one job by id.
-pub(crate) fn load_job(conn: &Connection, path: &Path, id: &str) -> Result<Option<Job>, StoreError> {
+pub(crate) fn load_job(
+    conn: &Connection,
+    path: &Path,
+    id: &str,
+) -> Result<Option<Job>, StoreError> {
     let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1");
     let raw = conn
         .prepare_cached(&sql)

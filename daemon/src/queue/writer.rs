@@ -71,9 +71,18 @@ pub(crate) enum FinishOp {
     Requeue(String),
 }
 
+/// A job's JSON columns, encoded before the request reaches the writer.
+#[derive(Debug)]
+pub(crate) struct Encoded {
+    pub workflow: String,
+    pub metadata: Option<String>,
+}
+
 pub(crate) enum Request {
     Submit {
         job: Box<NewJob>,
+        /// The workflow and metadata as JSON text, encoded by the caller (off this thread).
+        encoded: Encoded,
         quota: Option<Quota>,
         reply: oneshot::Sender<Result<Submitted, StoreError>>,
     },
@@ -166,11 +175,7 @@ pub(crate) fn run(
     }
 }
 
-fn process(
-    conn: &mut Connection,
-    shared: &Shared,
-    batch: impl Iterator<Item = Request>,
-) {
+fn process(conn: &mut Connection, shared: &Shared, batch: impl Iterator<Item = Request>) {
     let now = shared.now();
     let mut pending: Vec<Pending> = Vec::new();
     let mut effects = Effects::default();
@@ -247,7 +252,7 @@ fn apply_one(
     effects: &mut Effects,
     rebuild: &mut bool,
 ) -> Pending {
-    let mut sp = match tx.savepoint() {
+    let sp = match tx.savepoint() {
         Ok(sp) => sp,
         Err(e) => {
             let message = format!("starting a savepoint: {e}");
@@ -270,9 +275,25 @@ fn apply_one(
     let mut local = Effects::default();
     let mut touched_memory = false;
     let (pending, ok) = match req {
-        Request::Submit { job, quota, reply } => {
-            let r = submit(&sp, shared, &job, quota, now, &mut local, &mut touched_memory);
-            let ok = !matches!(r, Err(StoreError::Sqlite { .. }) | Err(StoreError::Corrupt { .. }));
+        Request::Submit {
+            job,
+            encoded,
+            quota,
+            reply,
+        } => {
+            let r = submit(
+                &sp,
+                shared,
+                (job, encoded),
+                quota,
+                now,
+                &mut local,
+                &mut touched_memory,
+            );
+            let ok = !matches!(
+                r,
+                Err(StoreError::Sqlite { .. }) | Err(StoreError::Corrupt { .. })
+            );
             (Pending::Submit(reply, r), ok)
         }
         Request::Next { reply } => {
@@ -282,12 +303,18 @@ fn apply_one(
         }
         Request::Cancel { id, reply } => {
             let r = cancel(&sp, shared, &id, now, &mut local, &mut touched_memory);
-            let ok = !matches!(r, Err(StoreError::Sqlite { .. }) | Err(StoreError::Corrupt { .. }));
+            let ok = !matches!(
+                r,
+                Err(StoreError::Sqlite { .. }) | Err(StoreError::Corrupt { .. })
+            );
             (Pending::Cancel(reply, r), ok)
         }
         Request::Finish { id, op, reply } => {
             let r = finish(&sp, shared, &id, op, now, &mut local, &mut touched_memory);
-            let ok = !matches!(r, Err(StoreError::Sqlite { .. }) | Err(StoreError::Corrupt { .. }));
+            let ok = !matches!(
+                r,
+                Err(StoreError::Sqlite { .. }) | Err(StoreError::Corrupt { .. })
+            );
             (Pending::Finish(reply, r), ok)
         }
     };
@@ -336,9 +363,11 @@ fn add_event(
     status: JobStatus,
     detail: Option<&str>,
 ) -> Result<(), StoreError> {
-    tx.prepare_cached("INSERT INTO job_events (job_id, at, status, detail) VALUES (?1, ?2, ?3, ?4)")
-        .and_then(|mut st| st.execute(params![id, now, status.as_str(), detail]))
-        .map_err(StoreError::sqlite("recording a job event"))?;
+    tx.prepare_cached(
+        "INSERT INTO job_events (job_id, at, status, detail) VALUES (?1, ?2, ?3, ?4)",
+    )
+    .and_then(|mut st| st.execute(params![id, now, status.as_str(), detail]))
+    .map_err(StoreError::sqlite("recording a job event"))?;
     Ok(())
 }
 
@@ -348,7 +377,12 @@ enum Counter {
     Refused,
 }
 
-fn count_usage(tx: &Connection, account: &str, day: i64, counter: Counter) -> Result<(), StoreError> {
+fn count_usage(
+    tx: &Connection,
+    account: &str,
+    day: i64,
+    counter: Counter,
+) -> Result<(), StoreError> {
     let sql = match counter {
         Counter::Submitted => {
             "INSERT INTO usage_daily (account, day, submitted) VALUES (?1, ?2, 1)
@@ -438,7 +472,7 @@ fn check_quota(
 fn submit(
     tx: &Connection,
     shared: &Shared,
-    new: &NewJob,
+    (new, encoded): (Box<NewJob>, Encoded),
     quota: Option<Quota>,
     now: i64,
     effects: &mut Effects,
@@ -450,8 +484,10 @@ fn submit(
                 "SELECT job_id, body_hash FROM idempotency_keys WHERE account = ?1 AND key = ?2",
             )
             .and_then(|mut st| {
-                st.query_row(params![new.account, key], |row| Ok((row.get(0)?, row.get(1)?)))
-                    .optional()
+                st.query_row(params![new.account, key], |row| {
+                    Ok((row.get(0)?, row.get(1)?))
+                })
+                .optional()
             })
             .map_err(StoreError::sqlite("reading idempotency keys"))?;
         if let Some((job_id, hash)) = found {
@@ -461,10 +497,11 @@ fn submit(
                     job_id,
                 });
             }
-            let job = load_job(tx, &shared.db_path, &job_id)?.ok_or_else(|| StoreError::Corrupt {
-                path: shared.db_path.clone(),
-                detail: format!("idempotency key {key:?} names job {job_id}, which is missing"),
-            })?;
+            let job =
+                load_job(tx, &shared.db_path, &job_id)?.ok_or_else(|| StoreError::Corrupt {
+                    path: shared.db_path.clone(),
+                    detail: format!("idempotency key {key:?} names job {job_id}, which is missing"),
+                })?;
             return Ok(Submitted {
                 job,
                 created: false,
@@ -476,7 +513,10 @@ fn submit(
         .and_then(|mut st| st.query_row([&new.id], |row| row.get(0)).optional())
         .map_err(StoreError::sqlite("checking the job id"))?;
     if exists.is_some() {
-        return Err(StoreError::Invalid(format!("job id {:?} already exists", new.id)));
+        return Err(StoreError::Invalid(format!(
+            "job id {:?} already exists",
+            new.id
+        )));
     }
     if let Some(quota) = quota
         && let Some(refusal) = check_quota(tx, &new.account, quota, now)?
@@ -484,15 +524,7 @@ fn submit(
         count_usage(tx, &new.account, utc_day(now), Counter::Refused)?;
         return Err(refusal);
     }
-    let workflow = serde_json::to_string(&new.workflow)
-        .map_err(|e| StoreError::Invalid(format!("workflow cannot be stored: {e}")))?;
-    let metadata = match &new.metadata {
-        Some(m) => Some(
-            serde_json::to_string(m)
-                .map_err(|e| StoreError::Invalid(format!("metadata cannot be stored: {e}")))?,
-        ),
-        None => None,
-    };
+    let Encoded { workflow, metadata } = encoded;
     tx.prepare_cached(
         "INSERT INTO jobs (id, account, tier, status, workflow, webhook, metadata,
              idempotency_key, body_hash, created_at, attempts, max_attempts)
@@ -546,23 +578,34 @@ fn submit(
         status: JobStatus::Queued,
         at_ms: now,
     });
+    let NewJob {
+        id,
+        account,
+        tier,
+        workflow,
+        webhook,
+        metadata,
+        idempotency_key,
+        body_hash,
+        max_attempts,
+    } = *new;
     Ok(Submitted {
         job: Job {
-            id: new.id.clone(),
+            id,
             seq,
-            account: new.account.clone(),
-            tier: new.tier,
+            account,
+            tier,
             status: JobStatus::Queued,
-            workflow: new.workflow.clone(),
-            webhook: new.webhook.clone(),
-            metadata: new.metadata.clone(),
-            idempotency_key: new.idempotency_key.clone(),
-            body_hash: new.body_hash.clone(),
+            workflow,
+            webhook,
+            metadata,
+            idempotency_key,
+            body_hash,
             created_at_ms: now,
             started_at_ms: None,
             finished_at_ms: None,
             attempts: 0,
-            max_attempts: new.max_attempts,
+            max_attempts,
             error: None,
         },
         created: true,
@@ -609,16 +652,23 @@ fn next(
             tracing::warn!(job = %taken.job.id, "job store: scheduled job is not queued; skipped");
             continue;
         }
-        let job = load_job(tx, &shared.db_path, &taken.job.id)?.ok_or_else(|| StoreError::Corrupt {
-            path: shared.db_path.clone(),
-            detail: format!("job {} vanished while starting", taken.job.id),
-        })?;
+        let job =
+            load_job(tx, &shared.db_path, &taken.job.id)?.ok_or_else(|| StoreError::Corrupt {
+                path: shared.db_path.clone(),
+                detail: format!("job {} vanished while starting", taken.job.id),
+            })?;
         tx.prepare_cached(
             "INSERT OR REPLACE INTO attempts (job_id, n, started_at) VALUES (?1, ?2, ?3)",
         )
         .and_then(|mut st| st.execute(params![job.id, job.attempts, now]))
         .map_err(StoreError::sqlite("recording the attempt"))?;
-        add_event(tx, &job.id, now, JobStatus::Running, Some(&format!("attempt {}", job.attempts)))?;
+        add_event(
+            tx,
+            &job.id,
+            now,
+            JobStatus::Running,
+            Some(&format!("attempt {}", job.attempts)),
+        )?;
         effects.running_add.push(job.id.clone());
         effects.changes.push(change(&job, JobStatus::Running, now));
         return Ok(Some(job));
@@ -644,7 +694,8 @@ fn cancel(
     effects: &mut Effects,
     touched_memory: &mut bool,
 ) -> Result<CancelOutcome, StoreError> {
-    let job = load_job(tx, &shared.db_path, id)?.ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+    let job =
+        load_job(tx, &shared.db_path, id)?.ok_or_else(|| StoreError::NotFound(id.to_string()))?;
     match job.status {
         JobStatus::Queued => {
             tx.prepare_cached(
@@ -652,13 +703,21 @@ fn cancel(
             )
             .and_then(|mut st| st.execute(params![id, now]))
             .map_err(StoreError::sqlite("cancelling the job"))?;
-            add_event(tx, id, now, JobStatus::Cancelled, Some("cancelled while queued"))?;
+            add_event(
+                tx,
+                id,
+                now,
+                JobStatus::Cancelled,
+                Some("cancelled while queued"),
+            )?;
             {
                 let mut state = shared.lock();
                 *touched_memory = true;
                 state.scheduler.remove(id);
             }
-            effects.changes.push(change(&job, JobStatus::Cancelled, now));
+            effects
+                .changes
+                .push(change(&job, JobStatus::Cancelled, now));
             Ok(CancelOutcome::Cancelled(Job {
                 status: JobStatus::Cancelled,
                 finished_at_ms: Some(now),
@@ -674,9 +733,11 @@ fn cancel(
 }
 
 fn end_attempt(tx: &Connection, job: &Job, now: i64, outcome: &str) -> Result<(), StoreError> {
-    tx.prepare_cached("UPDATE attempts SET ended_at = ?3, outcome = ?4 WHERE job_id = ?1 AND n = ?2")
-        .and_then(|mut st| st.execute(params![job.id, job.attempts, now, outcome]))
-        .map_err(StoreError::sqlite("closing the attempt"))?;
+    tx.prepare_cached(
+        "UPDATE attempts SET ended_at = ?3, outcome = ?4 WHERE job_id = ?1 AND n = ?2",
+    )
+    .and_then(|mut st| st.execute(params![job.id, job.attempts, now, outcome]))
+    .map_err(StoreError::sqlite("closing the attempt"))?;
     Ok(())
 }
 
@@ -718,7 +779,8 @@ fn finish(
     effects: &mut Effects,
     touched_memory: &mut bool,
 ) -> Result<Job, StoreError> {
-    let job = load_job(tx, &shared.db_path, id)?.ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+    let job =
+        load_job(tx, &shared.db_path, id)?.ok_or_else(|| StoreError::NotFound(id.to_string()))?;
     if job.status != JobStatus::Running {
         return Err(StoreError::Conflict {
             id: id.to_string(),
@@ -757,21 +819,39 @@ fn finish(
             set_final(tx, id, JobStatus::Succeeded, now, None)?;
             end_attempt(tx, &job, now, "succeeded")?;
             count_finished(tx, &job.account, day, true, outputs.len() as u64, ran_ms)?;
-            add_event(tx, id, now, JobStatus::Succeeded, Some(&format!("{} outputs", outputs.len())))?;
+            add_event(
+                tx,
+                id,
+                now,
+                JobStatus::Succeeded,
+                Some(&format!("{} outputs", outputs.len())),
+            )?;
             done(JobStatus::Succeeded, None)
         }
         FinishOp::Failed(error) => {
             set_final(tx, id, JobStatus::Failed, now, Some(&error))?;
             end_attempt(tx, &job, now, &format!("failed: {}", error.code))?;
             count_finished(tx, &job.account, day, false, 0, ran_ms)?;
-            add_event(tx, id, now, JobStatus::Failed, Some(&format!("{}: {}", error.code, error.message)))?;
+            add_event(
+                tx,
+                id,
+                now,
+                JobStatus::Failed,
+                Some(&format!("{}: {}", error.code, error.message)),
+            )?;
             done(JobStatus::Failed, Some(error))
         }
         FinishOp::Cancelled => {
             set_final(tx, id, JobStatus::Cancelled, now, None)?;
             end_attempt(tx, &job, now, "cancelled")?;
             count_finished(tx, &job.account, day, false, 0, ran_ms)?;
-            add_event(tx, id, now, JobStatus::Cancelled, Some("cancelled while running"))?;
+            add_event(
+                tx,
+                id,
+                now,
+                JobStatus::Cancelled,
+                Some("cancelled while running"),
+            )?;
             done(JobStatus::Cancelled, None)
         }
         FinishOp::Requeue(reason) => {
@@ -806,7 +886,13 @@ pub(crate) fn requeue_row(
     if job.attempts >= job.max_attempts {
         let error = max_attempts_error(job.attempts, reason);
         set_final(tx, &job.id, JobStatus::Failed, now, Some(&error))?;
-        add_event(tx, &job.id, now, JobStatus::Failed, Some(&format!("max_attempts: {reason}")))?;
+        add_event(
+            tx,
+            &job.id,
+            now,
+            JobStatus::Failed,
+            Some(&format!("max_attempts: {reason}")),
+        )?;
         return Ok(Job {
             status: JobStatus::Failed,
             finished_at_ms: Some(now),
@@ -817,7 +903,13 @@ pub(crate) fn requeue_row(
     tx.prepare_cached("UPDATE jobs SET status = 'queued', started_at = NULL WHERE id = ?1")
         .and_then(|mut st| st.execute([&job.id]))
         .map_err(StoreError::sqlite("requeueing the job"))?;
-    add_event(tx, &job.id, now, JobStatus::Queued, Some(&format!("requeued: {reason}")))?;
+    add_event(
+        tx,
+        &job.id,
+        now,
+        JobStatus::Queued,
+        Some(&format!("requeued: {reason}")),
+    )?;
     let queued = QueuedJob {
         id: job.id.clone(),
         tier: job.tier,
@@ -867,7 +959,10 @@ pub(crate) fn build_scheduler(
 
 /// Opens the store's state: builds the scheduler and recovers jobs that were running when the
 /// process stopped. Runs on the write connection before the writer thread starts.
-pub(crate) fn recover(conn: &mut Connection, shared: &Shared) -> Result<RecoveryReport, StoreError> {
+pub(crate) fn recover(
+    conn: &mut Connection,
+    shared: &Shared,
+) -> Result<RecoveryReport, StoreError> {
     let now = shared.now();
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -907,7 +1002,8 @@ pub(crate) fn recover(conn: &mut Connection, shared: &Shared) -> Result<Recovery
             report.failed.push(id);
         }
     }
-    tx.commit().map_err(StoreError::sqlite("committing recovery"))?;
+    tx.commit()
+        .map_err(StoreError::sqlite("committing recovery"))?;
     report.queued = shared.lock().scheduler.len();
     Ok(report)
 }
