@@ -80,7 +80,7 @@ pub struct NodeSpec {
 impl Default for NodeSpec {
     fn default() -> Self {
         NodeSpec {
-            sim_args: vec!["--step-time-ms".into(), "20".into(), "--model-load-ms".into(), "0".into()],
+            sim_args: Vec::new(),
             extra_config: String::new(),
             jobs: String::new(),
             accounts: vec![
@@ -137,6 +137,15 @@ impl Node {
             dir.path().join("comfy").to_string_lossy().into_owned(),
             "--executed-log".to_string(),
             dir.path().join("executed.jsonl").to_string_lossy().into_owned(),
+            // Fast by default; a spec's own flags come later and win.
+            "--startup-delay-ms".to_string(),
+            "200".to_string(),
+            "--step-time-ms".to_string(),
+            "20".to_string(),
+            "--model-load-ms".to_string(),
+            "0".to_string(),
+            "--vae-time-ms".to_string(),
+            "0".to_string(),
         ];
         command.extend(spec.sim_args.iter().cloned());
         let command_toml = command
