@@ -689,6 +689,40 @@ async fn unreachable_comfyui_and_object_info_cache() {
     );
 
     let client = client(control.url());
+    // An id that ComfyUI already has in its history is refused before anything is posted.
+    let used = new_id();
+    let (tx, _rx) = mpsc::channel(64);
+    let first_run = run_prompt(
+        &client,
+        control.as_ref(),
+        &used,
+        &simple_workflow("kiln_reuse"),
+        None,
+        &RunOptions::default(),
+        tx.clone(),
+        CancellationToken::new(),
+    )
+    .await;
+    assert!(
+        matches!(first_run, RunOutcome::Succeeded { .. }),
+        "{first_run:?}"
+    );
+    let again = run_prompt(
+        &client,
+        control.as_ref(),
+        &used,
+        &simple_workflow("kiln_reuse"),
+        None,
+        &RunOptions::default(),
+        tx,
+        CancellationToken::new(),
+    )
+    .await;
+    assert!(
+        matches!(&again, RunOutcome::Failed(ComfyError::Protocol(m)) if m.contains(&used)),
+        "{again:?}"
+    );
+
     assert!(client.cached_object_info().is_none());
     let first = client.object_info().await.expect("object_info");
     let second = client.object_info().await.expect("object_info");
