@@ -103,6 +103,9 @@ impl Stop {
 
 /// Runs `workflow` as `prompt_id` to its end; see the module docs.
 ///
+/// `prompt_id` must be new for every attempt: a run whose id ComfyUI already has in its history
+/// is refused with [`ComfyError::Protocol`] before anything is posted.
+///
 /// The WebSocket is opened before the prompt is posted, so no event is missed. Progress is
 /// relayed to `progress` (best effort, never blocking). Output files are downloaded before
 /// [`RunOutcome::Succeeded`] is returned.
@@ -128,6 +131,16 @@ pub async fn run_prompt(
         },
         _ = cancel.cancelled() => return RunOutcome::Interrupted { restarted: false },
     };
+    // A history entry under this id would be taken for this run's result: ids are per attempt.
+    match client.history(prompt_id).await {
+        Ok(None) => {}
+        Ok(Some(_)) => {
+            return RunOutcome::Failed(ComfyError::Protocol(format!(
+                "prompt id {prompt_id} is already in ComfyUI's history; use a new id per attempt"
+            )));
+        }
+        Err(e) => return RunOutcome::Failed(e),
+    }
     let deadline = Instant::now() + opts.timeout;
     let submitted = match client.submit(prompt_id, workflow, extra_data).await {
         Ok(s) => s,
