@@ -403,6 +403,16 @@ async fn run_main(cfg: SimConfig) -> ExitCode {
         log_line(&cfg, &format!("Error: {e:#}"));
         return ExitCode::from(1);
     }
+    // Listen for SIGINT before the readiness line, so that a SIGINT right after it is handled.
+    // SIGTERM keeps its default action.
+    let mut sigint = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+    {
+        Ok(s) => s,
+        Err(e) => {
+            log_line(&cfg, &format!("Error: cannot listen for SIGINT: {e}"));
+            return ExitCode::from(1);
+        }
+    };
     if cfg.print_server {
         log_line(&cfg, "Starting server");
         log_line(&cfg, "");
@@ -453,7 +463,7 @@ async fn run_main(cfg: SimConfig) -> ExitCode {
             }
             ExitCode::from(1)
         }
-        _ = tokio::signal::ctrl_c() => {
+        _ = sigint.recv() => {
             // Like ComfyUI: an idle server stops cleanly; a busy one aborts (status 134).
             log_line(&cfg, "");
             log_line(&cfg, "Stopped server");
