@@ -502,7 +502,8 @@ mod tests {
             vec!["python".into()],
             Url::parse("http://127.0.0.1:8188").expect("url"),
         );
-        let cases: Vec<(&str, Box<dyn Fn(&mut SupervisorConfig)>)> = vec![
+        type Mutation = Box<dyn Fn(&mut SupervisorConfig)>;
+        let cases: Vec<(&str, Mutation)> = vec![
             ("command", Box::new(|c| c.command.clear())),
             ("command", Box::new(|c| c.command = vec![" ".into()])),
             (

@@ -39,7 +39,8 @@ pub struct Supervisor;
 impl Supervisor {
     /// Validates `config` and starts supervising on the current tokio runtime. The first start
     /// begins at once; watch [`SupervisorHandle::state`] or call
-    /// [`SupervisorHandle::wait_ready`].
+    /// [`SupervisorHandle::wait_ready`]. Must be called inside a tokio runtime (it spawns the
+    /// task that owns the child).
     pub fn spawn(config: SupervisorConfig) -> Result<SupervisorHandle, ConfigError> {
         config.validate()?;
         let http = probe::http_client(&config).map_err(|message| ConfigError {

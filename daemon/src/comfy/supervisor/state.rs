@@ -189,18 +189,35 @@ impl RestartPolicy {
 mod tests {
     use super::*;
 
+    /// A virtual clock: the policy only compares the instants it is given, so tests move time
+    /// by adding to them instead of sleeping.
+    struct Clock(Instant);
+
+    impl Clock {
+        fn new() -> Self {
+            Self(Instant::now())
+        }
+        fn now(&self) -> Instant {
+            self.0
+        }
+        fn advance(&mut self, d: Duration) {
+            self.0 += d;
+        }
+    }
+
     fn policy() -> RestartPolicy {
         RestartPolicy::new(BackoffConfig::default(), CrashLoopConfig::default())
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn backoff_doubles_then_crash_loop_at_fifth_restart_in_window() {
+    #[test]
+    fn backoff_doubles_then_crash_loop_at_fifth_restart_in_window() {
+        let mut clock = Clock::new();
         let mut p = policy();
         let mut delays = Vec::new();
         for _ in 0..5 {
-            let d = p.on_failure(Instant::now());
+            let d = p.on_failure(clock.now());
             delays.push((d.attempt, d.delay.as_secs(), d.crash_loop));
-            tokio::time::advance(Duration::from_secs(10)).await;
+            clock.advance(Duration::from_secs(10));
         }
         assert_eq!(
             delays,
@@ -213,48 +230,51 @@ mod tests {
             ]
         );
         // Still in the loop: retries keep going at the maximum.
-        let d = p.on_failure(Instant::now());
+        let d = p.on_failure(clock.now());
         assert_eq!((d.attempt, d.delay.as_secs(), d.crash_loop), (5, 60, true));
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn failures_age_out_of_the_window() {
+    #[test]
+    fn failures_age_out_of_the_window() {
+        let mut clock = Clock::new();
         let mut p = policy();
         for _ in 0..4 {
-            p.on_failure(Instant::now());
+            p.on_failure(clock.now());
         }
-        assert_eq!(p.recent_failures(Instant::now()), 4);
-        tokio::time::advance(Duration::from_secs(299)).await;
-        assert_eq!(p.recent_failures(Instant::now()), 4);
-        tokio::time::advance(Duration::from_secs(1)).await;
-        assert_eq!(p.recent_failures(Instant::now()), 0);
-        let d = p.on_failure(Instant::now());
+        assert_eq!(p.recent_failures(clock.now()), 4);
+        clock.advance(Duration::from_secs(299));
+        assert_eq!(p.recent_failures(clock.now()), 4);
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(p.recent_failures(clock.now()), 0);
+        let d = p.on_failure(clock.now());
         assert_eq!(
             (d.attempt, d.delay, d.crash_loop),
             (1, Duration::from_secs(1), false)
         );
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn crash_loop_ends_when_failures_spread_out() {
+    #[test]
+    fn crash_loop_ends_when_failures_spread_out() {
+        let mut clock = Clock::new();
         let mut p = policy();
         for _ in 0..5 {
-            p.on_failure(Instant::now());
-            tokio::time::advance(Duration::from_secs(1)).await;
+            p.on_failure(clock.now());
+            clock.advance(Duration::from_secs(1));
         }
-        assert_eq!(p.recent_failures(Instant::now()), 5);
+        assert_eq!(p.recent_failures(clock.now()), 5);
         // One failure every 100 s stays below 5 per 5 minutes.
-        tokio::time::advance(Duration::from_secs(300)).await;
+        clock.advance(Duration::from_secs(300));
         for _ in 0..10 {
-            let d = p.on_failure(Instant::now());
+            let d = p.on_failure(clock.now());
             assert!(!d.crash_loop, "{d:?}");
             assert!(d.attempt <= 3, "{d:?}");
-            tokio::time::advance(Duration::from_secs(100)).await;
+            clock.advance(Duration::from_secs(100));
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn delay_is_capped_and_factor_one_is_constant() {
+    #[test]
+    fn delay_is_capped_and_factor_one_is_constant() {
+        let clock = Clock::new();
         let mut p = RestartPolicy::new(
             BackoffConfig {
                 initial: Duration::from_millis(300),
@@ -267,10 +287,7 @@ mod tests {
             },
         );
         for _ in 0..20 {
-            assert_eq!(
-                p.on_failure(Instant::now()).delay,
-                Duration::from_millis(300)
-            );
+            assert_eq!(p.on_failure(clock.now()).delay, Duration::from_millis(300));
         }
         let mut p = RestartPolicy::new(
             BackoffConfig {
@@ -283,9 +300,9 @@ mod tests {
                 window: Duration::from_secs(3600),
             },
         );
-        assert_eq!(p.on_failure(Instant::now()).delay, Duration::from_secs(1));
+        assert_eq!(p.on_failure(clock.now()).delay, Duration::from_secs(1));
         for _ in 0..1000 {
-            assert_eq!(p.on_failure(Instant::now()).delay, Duration::from_secs(60));
+            assert_eq!(p.on_failure(clock.now()).delay, Duration::from_secs(60));
         }
     }
 
