@@ -361,10 +361,10 @@ fn learn_filenames(rec: &Value, got: &Value, ids: &mut HashMap<String, String>) 
                 continue;
             };
             for (a, b) in ri.iter().zip(gi.iter()) {
-                if let (Some(x), Some(y)) = (a["filename"].as_str(), b["filename"].as_str()) {
-                    if x != y {
-                        ids.insert(x.to_string(), y.to_string());
-                    }
+                if let (Some(x), Some(y)) = (a["filename"].as_str(), b["filename"].as_str())
+                    && x != y
+                {
+                    ids.insert(x.to_string(), y.to_string());
                 }
             }
         }
@@ -886,7 +886,7 @@ async fn queue_order_delete_clear_and_numbers() {
     let a = post_prompt(
         &http,
         &sim,
-        json!({"prompt": sampler_workflow(50, "qA"), "client_id": "q"}),
+        json!({"prompt": sampler_workflow(10_000, "qA"), "client_id": "q"}),
     )
     .await;
     let b = post_prompt(
@@ -966,7 +966,12 @@ async fn queue_order_delete_clear_and_numbers() {
         .expect("json");
     assert_eq!(q["queue_running"][0][1], a["prompt_id"]);
     assert_eq!(q["queue_pending"].as_array().map(Vec::len), Some(3));
-    // Order of execution: E (front), F (0.5), B.
+    // A runs until interrupted; then E (front), F (0.5), B.
+    http.post(sim.url("/interrupt"))
+        .json(&json!({"prompt_id": a["prompt_id"]}))
+        .send()
+        .await
+        .expect("interrupt");
     let mut order = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while order.len() < 4 {
@@ -1167,13 +1172,13 @@ async fn hang_node_ignores_interrupt_and_sigterm_kills_at_once() {
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(status.signal(), Some(libc::SIGTERM));
     // The socket drops without a close frame.
-    match timeout(Duration::from_secs(5), ws.ws.next())
+    let end = timeout(Duration::from_secs(5), ws.ws.next())
         .await
-        .expect("socket ends")
-    {
-        Some(Ok(Message::Close(_))) => panic!("no close frame expected"),
-        _ => {}
-    }
+        .expect("socket ends");
+    assert!(
+        !matches!(end, Some(Ok(Message::Close(_)))),
+        "no close frame expected"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
