@@ -1285,3 +1285,40 @@ async fn reconnect_with_same_client_id_replaces_the_old_socket() {
     let rest = old.drain(Duration::from_millis(200)).await;
     assert!(!types_of(&rest).contains(&"execution_success".to_string()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_runs_in_process_and_stops_on_shutdown() {
+    use kiln_daemon::comfy::sim::{SimConfig, serve};
+    let base = tempfile::tempdir().expect("temp");
+    let mut cfg = SimConfig::for_tests(base.path());
+    cfg.gpu_name = "NVIDIA GeForce RTX 4090 Test".to_string();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(cfg, listener, async move {
+        let _ = stop_rx.await;
+    }));
+    let stats: Value = reqwest::get(format!("http://127.0.0.1:{port}/api/system_stats"))
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(stats["devices"][0]["type"], "cuda");
+    assert_eq!(stats["devices"][0]["index"], 0);
+    assert!(
+        stats["devices"][0]["name"]
+            .as_str()
+            .expect("name")
+            .contains("NVIDIA GeForce RTX 4090 Test")
+    );
+    assert!(base.path().join("temp").is_dir() && base.path().join("output").is_dir());
+    stop_tx.send(()).expect("server still running");
+    timeout(Duration::from_secs(10), server)
+        .await
+        .expect("server stops")
+        .expect("join")
+        .expect("serve returned Ok");
+}
