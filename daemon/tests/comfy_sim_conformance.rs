@@ -1322,3 +1322,45 @@ async fn serve_runs_in_process_and_stops_on_shutdown() {
         .expect("join")
         .expect("serve returned Ok");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_while_busy_aborts() {
+    let mut sim = Sim::start(&["--hang-node", "KSampler"]).await;
+    let http = reqwest::Client::new();
+    let mut ws = sim.ws("b").await;
+    let _ = ws.next(Duration::from_secs(5)).await;
+    post_prompt(
+        &http,
+        &sim,
+        json!({"prompt": sampler_workflow(3, "b"), "client_id": "b"}),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match ws
+            .next(deadline.saturating_duration_since(Instant::now()))
+            .await
+        {
+            Some(Frame::Text(v)) if v["type"] == "executing" && v["data"]["node"] == "5" => break,
+            Some(_) => {}
+            None => panic!("sampler did not start"),
+        }
+    }
+    let pid = sim.child.id().expect("pid") as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("kill");
+    let status = timeout(Duration::from_secs(10), sim.child.wait())
+        .await
+        .expect("exits")
+        .expect("wait");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGABRT), "{status:?}");
+    let mut tail = Vec::new();
+    while let Ok(Some(l)) = timeout(Duration::from_secs(2), sim.stderr_lines.recv()).await {
+        tail.push(l);
+    }
+    assert!(tail.contains(&"Stopped server".to_string()), "{tail:?}");
+}
