@@ -741,7 +741,18 @@ async fn replay_recorded_session() {
         // Frames of runs without a socket (14) or rejected prompts: drain them.
         if name.contains("prompt") && method == "POST" && !ws_runs.contains_key(name.as_str()) {
             wait_idle(&http, &sim).await;
-            let _ = ws.drain(Duration::from_millis(100)).await;
+            let drained = ws.drain(Duration::from_millis(100)).await;
+            if name.starts_with("14_run_no_client_id_prompt_post") {
+                // Without a client_id only status and progress_state reach any socket.
+                let recorded = recorded_frames("14_run_no_client_id_ws.jsonl");
+                if types_of(&drained) != types_of(&recorded) {
+                    failures.push(format!(
+                        "14_run_no_client_id_ws.jsonl: recorded {:?}, got {:?}",
+                        types_of(&recorded),
+                        types_of(&drained)
+                    ));
+                }
+            }
         }
     }
     assert!(replayed > 50, "only {replayed} exchanges replayed");
