@@ -398,10 +398,10 @@ async fn history_get(
         Some(Err(_)) => return internal_error(),
     };
     let g = s.lock();
-    if offset < 0 {
-        if let Some(m) = max_items {
-            offset = g.history.len() as i64 - m;
-        }
+    if offset < 0
+        && let Some(m) = max_items
+    {
+        offset = g.history.len() as i64 - m;
     }
     let mut out = Map::new();
     for (i, (id, entry)) in g.history.iter().enumerate() {

@@ -75,7 +75,7 @@ pub struct SimArgs {
     #[arg(long, default_value_t = 200)]
     pub vae_time_ms: u64,
     /// Simulated time of one upscale tile (ImageUpscaleWithModel reports one progress tick per
-    /// 512x512 tile; 0 = instant).
+    /// 512x512 tile with a 32-pixel overlap, as ComfyUI tiles; 0 = instant).
     #[arg(long, default_value_t = 60)]
     pub upscale_tile_ms: u64,
     /// Delay before the server starts listening, like ComfyUI's import time.
@@ -231,6 +231,12 @@ impl TryFrom<SimArgs> for SimConfig {
             Some(b) => b,
             None => std::env::current_dir().context("reading the current directory")?,
         };
+        let abs = |p: PathBuf| {
+            std::path::absolute(&p).with_context(|| format!("resolving {}", p.display()))
+        };
+        let output_dir = abs(a.output_dir.unwrap_or_else(|| base.join("output")))?;
+        let input_dir = abs(a.input_dir.unwrap_or_else(|| base.join("input")))?;
+        let temp_dir = abs(a.temp_dir.unwrap_or_else(|| base.join("temp")))?;
         let mut models = default_models();
         for spec in &a.models {
             let (folder, files) = spec
@@ -260,9 +266,9 @@ impl TryFrom<SimArgs> for SimConfig {
         Ok(SimConfig {
             listen: a.listen,
             port: a.port,
-            output_dir: a.output_dir.unwrap_or_else(|| base.join("output")),
-            input_dir: a.input_dir.unwrap_or_else(|| base.join("input")),
-            temp_dir: a.temp_dir.unwrap_or_else(|| base.join("temp")),
+            output_dir,
+            input_dir,
+            temp_dir,
             gpu_name: a.gpu_name,
             vram_bytes: a.vram_mb.saturating_mul(1024 * 1024),
             models,

@@ -561,7 +561,7 @@ fn synth_image(w: u32, h: u32, seed: u64) -> RgbImage {
     let period = 16 + (seed >> 48) as u32 % 48;
     RgbImage::from_fn(w, h, |x, y| {
         let t = (x + y) as f32 / (w + h).max(1) as f32;
-        let stripe = if ((x / period) + (y / period)) % 2 == 0 {
+        let stripe = if ((x / period) + (y / period)).is_multiple_of(2) {
             0.9
         } else {
             1.0
@@ -676,9 +676,9 @@ fn save_images(
     std::fs::create_dir_all(&full).map_err(|e| {
         NodeError::failed("OSError", format!("cannot create {}: {e}", full.display()))
     })?;
-    let mut counter = next_counter(&full, &filename);
+    let first = next_counter(&full, &filename);
     let mut results = Vec::new();
-    for img in images {
+    for (counter, img) in (first..).zip(images.iter()) {
         let file = format!("{filename}_{counter:05}_.png");
         let png = encode_png(img, texts)?;
         let path = full.join(&file);
@@ -686,7 +686,6 @@ fn save_images(
             NodeError::failed("OSError", format!("cannot write {}: {e}", path.display()))
         })?;
         results.push(json!({"filename": file, "subfolder": subfolder, "type": kind}));
-        counter += 1;
     }
     Ok(results)
 }

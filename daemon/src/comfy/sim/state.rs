@@ -268,11 +268,9 @@ impl Shared {
             .as_ref()
             .and_then(QueueItem::client_id)
             .is_some_and(|c| c == sid);
-        if own_running {
-            if let Some(node) = &g.current_node {
-                let msg = json!({"type": "executing", "data": {"node": node}});
-                let _ = tx.send(WsOut::Text(to_py_string(&msg)));
-            }
+        if own_running && let Some(node) = &g.current_node {
+            let msg = json!({"type": "executing", "data": {"node": node}});
+            let _ = tx.send(WsOut::Text(to_py_string(&msg)));
         }
         g.clients.insert(sid.to_string(), Client { conn, tx });
         (conn, rx)

@@ -419,66 +419,62 @@ fn validate_node(
         if let (Some(min), Some(v)) = (
             spec.options.get("min").and_then(Value::as_f64),
             converted.as_f64(),
-        ) {
-            if v < min {
-                errors.push(error_obj(
-                    "value_smaller_than_min",
-                    &format!(
-                        "Value {} smaller than min of {}",
-                        converted, spec.options["min"]
-                    ),
-                    x,
-                    json!({"input_name": x, "input_config": info, "received_value": converted}),
-                ));
-                continue;
-            }
+        ) && v < min
+        {
+            errors.push(error_obj(
+                "value_smaller_than_min",
+                &format!(
+                    "Value {} smaller than min of {}",
+                    converted, spec.options["min"]
+                ),
+                x,
+                json!({"input_name": x, "input_config": info, "received_value": converted}),
+            ));
+            continue;
         }
         if let (Some(max), Some(v)) = (
             spec.options.get("max").and_then(Value::as_f64),
             converted.as_f64(),
-        ) {
-            if v > max {
-                errors.push(error_obj(
-                    "value_bigger_than_max",
-                    &format!(
-                        "Value {} bigger than max of {}",
-                        converted, spec.options["max"]
-                    ),
-                    x,
-                    json!({"input_name": x, "input_config": info, "received_value": converted}),
-                ));
-                continue;
-            }
+        ) && v > max
+        {
+            errors.push(error_obj(
+                "value_bigger_than_max",
+                &format!(
+                    "Value {} bigger than max of {}",
+                    converted, spec.options["max"]
+                ),
+                x,
+                json!({"input_name": x, "input_config": info, "received_value": converted}),
+            ));
+            continue;
         }
-        if let Some(choices) = Catalog::combo_choices(&spec.spec) {
-            if !choices.contains(&converted) {
-                let (list_info, input_config) = if choices.len() > 20 {
-                    (format!("(list of length {})", choices.len()), Value::Null)
-                } else {
-                    let items: Vec<String> = choices.iter().map(py_repr).collect();
-                    (format!("[{}]", items.join(", ")), info.clone())
-                };
-                errors.push(error_obj(
-                    "value_not_in_list",
-                    "Value not in list",
-                    &format!("{x}: '{}' not in {list_info}", py_str(&converted)),
-                    json!({"input_name": x, "input_config": input_config, "received_value": converted}),
-                ));
-                continue;
-            }
+        if let Some(choices) = Catalog::combo_choices(&spec.spec)
+            && !choices.contains(&converted)
+        {
+            let (list_info, input_config) = if choices.len() > 20 {
+                (format!("(list of length {})", choices.len()), Value::Null)
+            } else {
+                let items: Vec<String> = choices.iter().map(py_repr).collect();
+                (format!("[{}]", items.join(", ")), info.clone())
+            };
+            errors.push(error_obj(
+                "value_not_in_list",
+                "Value not in list",
+                &format!("{x}: '{}' not in {list_info}", py_str(&converted)),
+                json!({"input_name": x, "input_config": input_config, "received_value": converted}),
+            ));
+            continue;
         }
     }
-    if custom_image_check {
-        if let Some(image) = inputs.get("image").filter(|v| !v.is_array()) {
-            let name = py_str(image);
-            if !input_image_exists(ctx.cfg, &name) {
-                errors.push(error_obj(
-                    "custom_validation_failed",
-                    "Custom validation failed for node",
-                    &format!("image - Invalid image file: {name}"),
-                    json!({"input_name": "image"}),
-                ));
-            }
+    if custom_image_check && let Some(image) = inputs.get("image").filter(|v| !v.is_array()) {
+        let name = py_str(image);
+        if !input_image_exists(ctx.cfg, &name) {
+            errors.push(error_obj(
+                "custom_validation_failed",
+                "Custom validation failed for node",
+                &format!("image - Invalid image file: {name}"),
+                json!({"input_name": "image"}),
+            ));
         }
     }
     Ok(NodeResult {

@@ -390,12 +390,12 @@ impl Worker {
                     inputs.insert(k.clone(), val);
                 }
             }
-            let result = if cfg.hang_nodes.iter().any(|c| *c == class) {
+            let result = if cfg.hang_nodes.contains(&class) {
                 super::log_line(&cfg, &format!("simulated hang in node {id} ({class})"));
                 std::future::pending::<Result<NodeOutput, NodeError>>().await
             } else if let Some((_, msg)) = cfg.fail_nodes.iter().find(|(c, _)| *c == class) {
                 Err(NodeError::failed("RuntimeError", msg.clone()))
-            } else if cfg.oom_nodes.iter().any(|c| *c == class) {
+            } else if cfg.oom_nodes.contains(&class) {
                 Err(NodeError::failed(
                     "torch.OutOfMemoryError",
                     "CUDA out of memory. Tried to allocate 2.50 GiB. GPU 0 has a total capacity of 23.99 GiB of which 1.12 GiB is free. Of the allocated memory 20.61 GiB is allocated by PyTorch, and 1.73 GiB is reserved by PyTorch but unallocated.",
