@@ -137,16 +137,19 @@ impl Node {
             dir.path().join("comfy").to_string_lossy().into_owned(),
             "--executed-log".to_string(),
             dir.path().join("executed.jsonl").to_string_lossy().into_owned(),
-            // Fast by default; a spec's own flags come later and win.
-            "--startup-delay-ms".to_string(),
-            "200".to_string(),
-            "--step-time-ms".to_string(),
-            "20".to_string(),
-            "--model-load-ms".to_string(),
-            "0".to_string(),
-            "--vae-time-ms".to_string(),
-            "0".to_string(),
         ];
+        // Fast by default; a flag the spec gives itself replaces the default.
+        for (flag, value) in [
+            ("--startup-delay-ms", "200"),
+            ("--step-time-ms", "20"),
+            ("--model-load-ms", "0"),
+            ("--vae-time-ms", "0"),
+        ] {
+            if !spec.sim_args.iter().any(|a| a == flag) {
+                command.push(flag.to_string());
+                command.push(value.to_string());
+            }
+        }
         command.extend(spec.sim_args.iter().cloned());
         let command_toml = command
             .iter()
