@@ -58,6 +58,33 @@ impl OutputTail {
     }
 }
 
+/// Makes the child receive SIGKILL when the daemon dies, even by `kill -9` (Linux
+/// `PR_SET_PDEATHSIG`). Without it a crashed daemon would leave ComfyUI running on its port, and
+/// the restarted daemon could never start its own. (Shutdown in order still kills the whole
+/// group; this covers the case where the daemon gets no chance to.)
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn die_with_parent(cmd: &mut tokio::process::Command) {
+    let parent = nix::unistd::getpid();
+    // SAFETY: the closure runs in the forked child before exec and calls only prctl(2),
+    // getppid(2) and _exit(2), which are async-signal-safe; it allocates nothing and takes no
+    // lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)?;
+            // The daemon may have died between fork and prctl: then nobody would kill us.
+            if nix::unistd::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_cmd: &mut tokio::process::Command) {}
+
 /// A running child and its process group.
 #[derive(Debug)]
 pub(crate) struct Child {
@@ -87,6 +114,7 @@ impl Child {
         if let Some(cwd) = &config.cwd {
             cmd.current_dir(cwd);
         }
+        die_with_parent(&mut cmd);
         let mut inner = cmd.spawn().map_err(|e| {
             let cwd = config
                 .cwd
