@@ -45,7 +45,10 @@ async fn a_job_runs_end_to_end_and_its_png_downloads() {
     );
     let bytes = response.bytes().await.expect("bytes");
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
-    assert_eq!(bytes.len() as u64, outputs[0]["bytes"].as_u64().expect("bytes"));
+    assert_eq!(
+        bytes.len() as u64,
+        outputs[0]["bytes"].as_u64().expect("bytes")
+    );
 
     // Another account sees nothing of it.
     let bob = Api::new(&node, "bob");
@@ -54,7 +57,10 @@ async fn a_job_runs_end_to_end_and_its_png_downloads() {
     let (status, list) = bob.get("/v1/jobs").await.expect("list");
     assert_eq!(status, 200);
     assert_eq!(list["jobs"].as_array().map(Vec::len), Some(0));
-    let (status, list) = api.get("/v1/jobs?status=succeeded&limit=5").await.expect("list");
+    let (status, list) = api
+        .get("/v1/jobs?status=succeeded&limit=5")
+        .await
+        .expect("list");
     assert_eq!(status, 200);
     assert_eq!(list["jobs"][0]["id"], id.as_str());
 
@@ -71,7 +77,10 @@ async fn a_job_runs_end_to_end_and_its_png_downloads() {
         .await
         .expect("text");
     assert!(metrics.contains("kiln_queue_depth"), "{metrics}");
-    assert!(metrics.contains("kiln_job_wait_seconds_bucket"), "{metrics}");
+    assert!(
+        metrics.contains("kiln_job_wait_seconds_bucket"),
+        "{metrics}"
+    );
     assert!(metrics.contains("kiln_http_requests_total"), "{metrics}");
     let (status, doc) = api.get("/openapi.json").await.expect("openapi");
     assert_eq!(status, 200);
@@ -81,8 +90,8 @@ async fn a_job_runs_end_to_end_and_its_png_downloads() {
 #[tokio::test]
 async fn every_error_code_and_nothing_stored_for_refusals() {
     let spec = NodeSpec {
-        extra_config: "[tiers.free]\nwait_target_s = 300\ndaily_quota = 2\nadmission_max_wait_s = 60\n"
-            .into(),
+        extra_config:
+            "[tiers.free]\nwait_target_s = 300\ndaily_quota = 2\nadmission_max_wait_s = 60\n".into(),
         ..NodeSpec::default()
     };
     let node = Node::start(spec).await.expect("node starts");
@@ -91,10 +100,21 @@ async fn every_error_code_and_nothing_stored_for_refusals() {
     let jobs = format!("{}/v1/jobs", node.url);
 
     // unauthorized: no key, unknown key.
-    let (status, code, _) = error_code(http.post(&jobs).json(&json!({})).send().await.expect("send")).await;
+    let (status, code, _) = error_code(
+        http.post(&jobs)
+            .json(&json!({}))
+            .send()
+            .await
+            .expect("send"),
+    )
+    .await;
     assert_eq!((status, code.as_str()), (401, "unauthorized"));
     let (status, code, _) = error_code(
-        http.get(&jobs).bearer_auth("kiln_not_a_key").send().await.expect("send"),
+        http.get(&jobs)
+            .bearer_auth("kiln_not_a_key")
+            .send()
+            .await
+            .expect("send"),
     )
     .await;
     assert_eq!((status, code.as_str()), (401, "unauthorized"));
@@ -113,7 +133,13 @@ async fn every_error_code_and_nothing_stored_for_refusals() {
     let body = json!({"workflow": simple_workflow("x"), "webhok": "https://example.com"});
     let (status, code, body) = error_code(post(body.to_string()).await.expect("send")).await;
     assert_eq!((status, code.as_str()), (400, "invalid_request"), "{body}");
-    assert!(body["error"]["message"].as_str().unwrap_or("").contains("webhok"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("webhok"),
+        "{body}"
+    );
     // invalid_workflow: not API format
     let body = json!({"workflow": {"nodes": [], "links": []}});
     let (status, code, _) = error_code(post(body.to_string()).await.expect("send")).await;
@@ -121,16 +147,28 @@ async fn every_error_code_and_nothing_stored_for_refusals() {
     // invalid_workflow: a link to a node that is not there
     let mut workflow = simple_workflow("x");
     workflow["2"]["inputs"]["image"] = json!(["99", 0]);
-    let (status, code, body) =
-        error_code(post(json!({"workflow": workflow}).to_string()).await.expect("send")).await;
+    let (status, code, body) = error_code(
+        post(json!({"workflow": workflow}).to_string())
+            .await
+            .expect("send"),
+    )
+    .await;
     assert_eq!((status, code.as_str()), (400, "invalid_workflow"), "{body}");
     assert_eq!(body["error"]["details"]["target"], "99", "{body}");
     // unknown_node_class
     let mut workflow = simple_workflow("x");
     workflow["2"]["class_type"] = json!("NoSuchNodeClass");
-    let (status, code, body) =
-        error_code(post(json!({"workflow": workflow}).to_string()).await.expect("send")).await;
-    assert_eq!((status, code.as_str()), (422, "unknown_node_class"), "{body}");
+    let (status, code, body) = error_code(
+        post(json!({"workflow": workflow}).to_string())
+            .await
+            .expect("send"),
+    )
+    .await;
+    assert_eq!(
+        (status, code.as_str()),
+        (422, "unknown_node_class"),
+        "{body}"
+    );
     assert_eq!(body["error"]["details"]["class_type"], "NoSuchNodeClass");
     assert_eq!(body["error"]["details"]["node_id"], "2");
     // payload_too_large (the test config allows 64 KiB)
@@ -149,7 +187,11 @@ async fn every_error_code_and_nothing_stored_for_refusals() {
     assert_eq!((status, code.as_str()), (413, "payload_too_large"));
     // not_found
     let (status, code, _) = error_code(
-        http.get(format!("{jobs}/no-such-job")).bearer_auth(&api.key).send().await.expect("send"),
+        http.get(format!("{jobs}/no-such-job"))
+            .bearer_auth(&api.key)
+            .send()
+            .await
+            .expect("send"),
     )
     .await;
     assert_eq!((status, code.as_str()), (404, "not_found"));
@@ -173,13 +215,20 @@ async fn every_error_code_and_nothing_stored_for_refusals() {
     assert_eq!(again.status(), 202);
     let again: Value = again.json().await.expect("json");
     assert_eq!(first["id"], again["id"]);
-    let (status, code, _) = error_code(send_idem(simple_workflow("other")).await.expect("send")).await;
+    let (status, code, _) =
+        error_code(send_idem(simple_workflow("other")).await.expect("send")).await;
     assert_eq!((status, code.as_str()), (409, "conflict"));
     // conflict: cancelling a finished job
     let id = first["id"].as_str().expect("id");
-    api.wait_final(id, Duration::from_secs(30)).await.expect("final");
+    api.wait_final(id, Duration::from_secs(30))
+        .await
+        .expect("final");
     let (status, code, _) = error_code(
-        http.delete(format!("{jobs}/{id}")).bearer_auth(&api.key).send().await.expect("send"),
+        http.delete(format!("{jobs}/{id}"))
+            .bearer_auth(&api.key)
+            .send()
+            .await
+            .expect("send"),
     )
     .await;
     assert_eq!((status, code.as_str()), (409, "conflict"));
@@ -201,11 +250,20 @@ async fn every_error_code_and_nothing_stored_for_refusals() {
     let (status, code, _) = error_code(response).await;
     assert_eq!((status, code.as_str()), (429, "quota_exceeded"));
     let (_, list) = fred.get("/v1/jobs").await.expect("list");
-    assert_eq!(list["jobs"].as_array().map(Vec::len), Some(2), "the refused job is not stored");
+    assert_eq!(
+        list["jobs"].as_array().map(Vec::len),
+        Some(2),
+        "the refused job is not stored"
+    );
 
     // Operator-only document routes stay reachable; an unknown route is a JSON 404.
-    let (status, code, _) =
-        error_code(http.get(format!("{}/v1/nope", node.url)).send().await.expect("send")).await;
+    let (status, code, _) = error_code(
+        http.get(format!("{}/v1/nope", node.url))
+            .send()
+            .await
+            .expect("send"),
+    )
+    .await;
     assert_eq!((status, code.as_str()), (404, "not_found"));
 }
 
@@ -222,9 +280,15 @@ async fn busy_free_jobs_and_unavailable_while_comfyui_starts() {
     let alice = Api::new(&node, "alice");
     let fred = Api::new(&node, "fred");
     // Keep the GPU busy and one pro job waiting.
-    let (status, _) = alice.submit(&kiln_e2e::sdxl_workflow(100, 1)).await.expect("submit");
+    let (status, _) = alice
+        .submit(&kiln_e2e::sdxl_workflow(100, 1))
+        .await
+        .expect("submit");
     assert_eq!(status, 202);
-    let (status, _) = alice.submit(&kiln_e2e::sdxl_workflow(100, 2)).await.expect("submit");
+    let (status, _) = alice
+        .submit(&kiln_e2e::sdxl_workflow(100, 2))
+        .await
+        .expect("submit");
     assert_eq!(status, 202);
     let response = fred
         .http
@@ -267,7 +331,10 @@ async fn busy_free_jobs_and_unavailable_while_comfyui_starts() {
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["code"], "unavailable");
     assert!(
-        body["error"]["message"].as_str().unwrap_or("").contains("ComfyUI"),
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("ComfyUI"),
         "{body}"
     );
     let (status, body) = api.submit(&simple_workflow("x")).await.expect("submit");

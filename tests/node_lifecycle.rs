@@ -67,7 +67,10 @@ async fn running_job_fails_after_max_attempts_of_crashes() {
         node.kill9();
         node.restart().await.expect("restart");
     }
-    let job = alice.wait_final(&id, Duration::from_secs(30)).await.expect("final");
+    let job = alice
+        .wait_final(&id, Duration::from_secs(30))
+        .await
+        .expect("final");
     assert_eq!(job["status"], "failed", "{job}");
     assert_eq!(job["error"]["code"], "max_attempts", "{job}");
 }
@@ -112,7 +115,10 @@ async fn cancel_queued_and_running_jobs() {
     let job = if job["status"] == "cancelled" {
         job
     } else {
-        alice.wait_final(&running, Duration::from_secs(10)).await.expect("final")
+        alice
+            .wait_final(&running, Duration::from_secs(10))
+            .await
+            .expect("final")
     };
     assert_eq!(job["status"], "cancelled", "{job}");
     // The cancelled queued job never reached ComfyUI.
@@ -123,7 +129,10 @@ async fn cancel_queued_and_running_jobs() {
         .collect();
     assert!(!executed.contains(&queued), "{executed:?}");
     // The node goes on serving.
-    let (_, next) = alice.submit(&simple_workflow("after")).await.expect("submit");
+    let (_, next) = alice
+        .submit(&simple_workflow("after"))
+        .await
+        .expect("submit");
     let done = alice
         .wait_final(next["id"].as_str().expect("id"), Duration::from_secs(30))
         .await
@@ -195,7 +204,10 @@ async fn sse_shows_queued_progress_and_done() {
         .iter()
         .position(|(n, d)| n == "status" && d["status"] == "running")
         .expect("a running status event");
-    let first_progress = names.iter().position(|n| *n == "progress").expect("progress");
+    let first_progress = names
+        .iter()
+        .position(|n| *n == "progress")
+        .expect("progress");
     assert!(running_index < first_progress, "{text}");
     let (last_name, last) = events.last().expect("events");
     assert_eq!(last_name, "done");
@@ -207,14 +219,29 @@ async fn keys_added_with_kiln_work_without_a_restart() {
     let node = Node::start(NodeSpec::default()).await.expect("node starts");
     let keys_file = node.path().join("keys.toml");
     let output = std::process::Command::new(bin("kiln"))
-        .args(["keys", "add", "--account", "newco", "--tier", "premium", "--keys-file"])
+        .args([
+            "keys",
+            "add",
+            "--account",
+            "newco",
+            "--tier",
+            "premium",
+            "--keys-file",
+        ])
         .arg(&keys_file)
         .output()
         .expect("kiln keys add");
     assert!(output.status.success(), "{output:?}");
-    let key = String::from_utf8(output.stdout).expect("utf8").trim().to_string();
+    let key = String::from_utf8(output.stdout)
+        .expect("utf8")
+        .trim()
+        .to_string();
     assert!(key.starts_with("kiln_"));
-    assert!(!std::fs::read_to_string(&keys_file).expect("read").contains(&key));
+    assert!(
+        !std::fs::read_to_string(&keys_file)
+            .expect("read")
+            .contains(&key)
+    );
 
     let http = reqwest::Client::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
@@ -229,12 +256,23 @@ async fn keys_added_with_kiln_work_without_a_restart() {
         if status == 200 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "new key never accepted");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "new key never accepted"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // Bad arguments: exit 2 with one line.
     let output = std::process::Command::new(bin("kiln"))
-        .args(["keys", "add", "--account", "x", "--tier", "gold", "--keys-file"])
+        .args([
+            "keys",
+            "add",
+            "--account",
+            "x",
+            "--tier",
+            "gold",
+            "--keys-file",
+        ])
         .arg(&keys_file)
         .output()
         .expect("kiln keys add");
@@ -257,7 +295,11 @@ async fn sigterm_hands_the_running_job_back_and_it_runs_after_restart() {
         .await
         .expect("running");
     let status = node.stop().expect("exit status");
-    assert!(status.success(), "kilnd exits 0 on SIGTERM: {status:?}\n{}", node.log());
+    assert!(
+        status.success(),
+        "kilnd exits 0 on SIGTERM: {status:?}\n{}",
+        node.log()
+    );
     node.restart().await.expect("restart");
     let job = alice.job(&id).await.expect("job");
     assert!(

@@ -24,7 +24,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?
+        .local_addr()?
+        .port())
 }
 
 struct Dev {
@@ -49,7 +51,12 @@ async fn run() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let port = free_port()?;
     let child = Command::new(env!("CARGO_BIN_EXE_kilnd"))
-        .args(["--dev", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .args([
+            "--dev",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
         .arg(dir.path())
         .args(["--sim-step-ms", "0"])
         .arg(format!(
@@ -70,10 +77,14 @@ async fn run() -> anyhow::Result<()> {
         {
             break;
         }
-        anyhow::ensure!(started.elapsed() < Duration::from_secs(60), "kilnd not ready");
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "kilnd not ready"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let keys: Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("dev-keys.json"))?)?;
+    let keys: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("dev-keys.json"))?)?;
     let key = keys["pro"].as_str().unwrap_or_default().to_string();
     let workflow = json!({
         "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},

@@ -297,7 +297,10 @@ impl Config {
             return Err(invalid("jobs.timeout_s", "must be at least 1"));
         }
         if !(self.jobs.assumed_duration_s.is_finite() && self.jobs.assumed_duration_s > 0.0) {
-            return Err(invalid("jobs.assumed_duration_s", "must be a positive number"));
+            return Err(invalid(
+                "jobs.assumed_duration_s",
+                "must be a positive number",
+            ));
         }
         self.tiers.validate().map_err(|message| {
             let key = message.split(' ').next().unwrap_or("tiers").to_string();
@@ -319,7 +322,10 @@ impl Config {
         if token.len() < 16 {
             return Err(invalid(
                 "api.operator_token_file",
-                format!("{}: the token must be at least 16 characters", path.display()),
+                format!(
+                    "{}: the token must be at least 16 characters",
+                    path.display()
+                ),
             ));
         }
         Ok(Some(token))
@@ -378,7 +384,10 @@ command = ["python", "main.py", "--port", "8188"]
             ("[jobs]\nmax_attempts = 0\n", "jobs.max_attempts"),
             ("[api]\nmax_body_bytes = 10\n", "api.max_body_bytes"),
             ("[api]\noperator_token = \"short\"\n", "api.operator_token"),
-            ("[tiers.free]\nwait_target_s = 300\ndaily_quota = 0\n", "tiers.free.daily_quota"),
+            (
+                "[tiers.free]\nwait_target_s = 300\ndaily_quota = 0\n",
+                "tiers.free.daily_quota",
+            ),
         ] {
             let err = Config::parse(&format!("{MINIMAL}\n{extra}")).expect_err(extra);
             assert!(err.to_string().contains(key), "{err} should name {key}");
@@ -397,11 +406,9 @@ command = ["python", "main.py", "--port", "8188"]
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
-                .expect("chmod");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
             assert!(read_secret_file(&path).is_err());
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-                .expect("chmod");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         }
         assert_eq!(
             read_secret_file(&path).expect("read"),

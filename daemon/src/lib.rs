@@ -13,8 +13,8 @@
 //! - [`api`]: the axum HTTP API of a node.
 //! - [`node`]: wires the parts together; [`node::run`] is the entry point tests call in-process.
 
-pub mod comfy;
 pub mod api;
+pub mod comfy;
 pub mod config;
 pub mod metrics;
 pub mod node;

@@ -23,7 +23,12 @@ struct Cli {
 #[derive(Debug, Args)]
 struct RunArgs {
     /// The node's config file (TOML; see kilnd.example.toml).
-    #[arg(long, value_name = "FILE", conflicts_with = "dev", required_unless_present = "dev")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with = "dev",
+        required_unless_present = "dev"
+    )]
     config: Option<PathBuf>,
     /// Run a single local node with the ComfyUI simulator as its ComfyUI (a newcomer's first run).
     #[arg(long)]

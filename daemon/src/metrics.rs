@@ -183,7 +183,10 @@ mod tests {
     #[test]
     fn encodes_labelled_series() {
         let metrics = Metrics::new();
-        metrics.queue_depth.get_or_create(&Metrics::tier(Tier::Pro)).set(3);
+        metrics
+            .queue_depth
+            .get_or_create(&Metrics::tier(Tier::Pro))
+            .set(3);
         metrics
             .wait_seconds
             .get_or_create(&Metrics::tier(Tier::Free))
@@ -191,7 +194,10 @@ mod tests {
         metrics.finished(Tier::Pro, JobStatus::Succeeded);
         let text = metrics.encode();
         assert!(text.contains("kiln_queue_depth{tier=\"pro\"} 3"), "{text}");
-        assert!(text.contains("kiln_job_wait_seconds_count{tier=\"free\"} 1"), "{text}");
+        assert!(
+            text.contains("kiln_job_wait_seconds_count{tier=\"free\"} 1"),
+            "{text}"
+        );
         assert!(
             text.contains("kiln_jobs_finished_total{tier=\"pro\",status=\"succeeded\"} 1"),
             "{text}"

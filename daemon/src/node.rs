@@ -24,11 +24,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::{self, AppState};
+use crate::comfy::ComfyControl;
 use crate::comfy::client::{ComfyClient, ComfyError};
 use crate::comfy::executor::{self, RunEvent, RunOptions, RunOutcome};
 use crate::comfy::supervisor::{Supervisor, SupervisorConfig, SupervisorState};
 use crate::comfy::types::ObjectInfo;
-use crate::comfy::ComfyControl;
 use crate::config::{ApiSection, ComfySection, Config, JobsSection, NodeSection};
 use crate::metrics::Metrics;
 use crate::protocol::{JobError, JobStatus, Progress, Tier};
@@ -268,9 +268,8 @@ pub async fn run(
     );
 
     let (info_tx, info_rx) = watch::channel(None);
-    let (ready_tx, ready_rx) = watch::channel(Readiness::NotReady(
-        "ComfyUI is starting".to_string(),
-    ));
+    let (ready_tx, ready_rx) =
+        watch::channel(Readiness::NotReady("ComfyUI is starting".to_string()));
 
     // Keys file reloads.
     if let Some(ring) = Some(keys.clone()) {
@@ -325,8 +324,7 @@ pub async fn run(
     tracing::info!("shutting down");
     stop.cancel();
     runner_stop.cancel();
-    match tokio::time::timeout(config.jobs.drain_timeout() + Duration::from_secs(5), runner).await
-    {
+    match tokio::time::timeout(config.jobs.drain_timeout() + Duration::from_secs(5), runner).await {
         Ok(Ok(())) => {}
         Ok(Err(error)) => tracing::error!(%error, "the job runner failed"),
         Err(_) => tracing::error!("the job runner did not stop in time"),
@@ -367,8 +365,7 @@ fn supervisor_config(config: &Config) -> anyhow::Result<SupervisorConfig> {
             .with_context(|| format!("comfy.warmup_workflow: {} is not JSON", path.display()))?;
         sup.warmup = Some(workflow);
     }
-    sup.validate()
-        .map_err(|e| anyhow::anyhow!("comfy: {e}"))?;
+    sup.validate().map_err(|e| anyhow::anyhow!("comfy: {e}"))?;
     Ok(sup)
 }
 
@@ -397,7 +394,9 @@ async fn follow_supervisor(
         let state = states.borrow_and_update().clone();
         if let SupervisorState::Ready { generation } = state {
             if generation > 1 && generation - 1 > restarts_seen {
-                metrics.comfy_restarts.inc_by(generation - 1 - restarts_seen);
+                metrics
+                    .comfy_restarts
+                    .inc_by(generation - 1 - restarts_seen);
                 restarts_seen = generation - 1;
             }
             if info_generation != Some(generation) {
@@ -431,9 +430,7 @@ async fn follow_supervisor(
             changed = states.changed() => if changed.is_err() { break },
         }
     }
-    ready_tx.send_replace(Readiness::NotReady(
-        "the node is shutting down".to_string(),
-    ));
+    ready_tx.send_replace(Readiness::NotReady("the node is shutting down".to_string()));
 }
 
 struct Runner {
@@ -802,9 +799,9 @@ pub async fn run_dev(
     let operator_token = crate::tiers::generate_key().replacen("kiln_", "kilnop_", 1);
     write_private(&data_dir.join("operator-token"), &operator_token)?;
 
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen} (use --listen to pick another address)"))?;
+    let listener = TcpListener::bind(listen).await.with_context(|| {
+        format!("cannot listen on {listen} (use --listen to pick another address)")
+    })?;
     let comfy_port = free_port().context("cannot find a free port for the simulator")?;
     let exe = std::env::current_exe().context("cannot find the kilnd executable")?;
     let mut command = vec![
@@ -843,7 +840,10 @@ pub async fn run_dev(
     config.validate()?;
 
     let addr = listener.local_addr().unwrap_or(listen);
-    println!("kilnd --dev: API on http://{addr}  (data in {})", data_dir.display());
+    println!(
+        "kilnd --dev: API on http://{addr}  (data in {})",
+        data_dir.display()
+    );
     println!("demo API keys (also in {}):", keys_path.display());
     for (key, account) in keys.entries() {
         println!("  {:<11} {key}", account.tier.as_str());

@@ -181,7 +181,9 @@ pub enum KeysError {
         "account name {0:?} is not valid: use 1 to 64 characters from letters, digits, '-', '_', '.', '@'"
     )]
     BadAccount(String),
-    #[error("account {account:?} already has tier {existing} in the keys file; one account has one tier")]
+    #[error(
+        "account {account:?} already has tier {existing} in the keys file; one account has one tier"
+    )]
     TierMismatch { account: String, existing: Tier },
 }
 
@@ -220,14 +222,20 @@ pub fn parse_keys(path: &Path, text: &str) -> Result<HashMap<String, Account>, K
     for (index, entry) in file.key.iter().enumerate() {
         let invalid = |message: String| KeysError::Invalid {
             path: path.to_path_buf(),
-            message: format!("key #{} (account {:?}): {message}", index + 1, entry.account),
+            message: format!(
+                "key #{} (account {:?}): {message}",
+                index + 1,
+                entry.account
+            ),
         };
         let hex_part = entry
             .hash
             .strip_prefix("sha256:")
             .ok_or_else(|| invalid("hash must start with \"sha256:\"".into()))?;
         if hex_part.len() != 64 || !hex_part.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(invalid("hash must be 64 hex digits after \"sha256:\"".into()));
+            return Err(invalid(
+                "hash must be 64 hex digits after \"sha256:\"".into(),
+            ));
         }
         if !valid_account(&entry.account) {
             return Err(invalid("account name is not valid".into()));
@@ -389,7 +397,11 @@ impl KeyRing {
     }
 
     /// Polls the keys file every `interval` until `shutdown` fires, reloading it when it changes.
-    pub async fn watch(self, interval: std::time::Duration, shutdown: tokio_util::sync::CancellationToken) {
+    pub async fn watch(
+        self,
+        interval: std::time::Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

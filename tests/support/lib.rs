@@ -136,7 +136,10 @@ impl Node {
             "--base-dir".to_string(),
             dir.path().join("comfy").to_string_lossy().into_owned(),
             "--executed-log".to_string(),
-            dir.path().join("executed.jsonl").to_string_lossy().into_owned(),
+            dir.path()
+                .join("executed.jsonl")
+                .to_string_lossy()
+                .into_owned(),
         ];
         // Fast by default; a flag the spec gives itself replaces the default.
         for (flag, value) in [
@@ -228,7 +231,10 @@ drain_timeout_s = 5
     }
 
     pub fn key(&self, account: &str) -> &str {
-        self.keys.get(account).map(String::as_str).expect("known account")
+        self.keys
+            .get(account)
+            .map(String::as_str)
+            .expect("known account")
     }
 
     /// The kilnd log so far (for assertion messages).

@@ -17,9 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::{ApiError, AppState, authenticate, cancel_wait};
 use crate::comfy::workflow::{WorkflowError, validate};
 use crate::metrics::Metrics;
-use crate::protocol::{
-    ErrorCode, JobList, JobStatus, JobView, StatusEvent, SubmitRequest, sse,
-};
+use crate::protocol::{ErrorCode, JobList, JobStatus, JobView, StatusEvent, SubmitRequest, sse};
 use crate::queue::{CancelOutcome, Job, NewJob, Quota, StoreError};
 use crate::tiers::Account;
 
@@ -172,8 +170,10 @@ pub(super) async fn submit(
                     period.as_str()
                 ),
             )
-            .details(json!({"limit": limit, "used": used, "period": period.as_str(),
-                "resets_at": crate::protocol::rfc3339_ms(resets_at_ms)}))
+            .details(
+                json!({"limit": limit, "used": used, "period": period.as_str(),
+                "resets_at": crate::protocol::rfc3339_ms(resets_at_ms)}),
+            )
             .retry_after(retry));
         }
         Err(StoreError::IdempotencyConflict { key, job_id }) => {
@@ -216,7 +216,9 @@ fn workflow_error(error: WorkflowError) -> ApiError {
             class_type,
         } => ApiError::new(
             ErrorCode::UnknownNodeClass,
-            format!("node {node_id:?} uses class_type {class_type:?}, which this ComfyUI does not have"),
+            format!(
+                "node {node_id:?} uses class_type {class_type:?}, which this ComfyUI does not have"
+            ),
         )
         .details(json!({"node_id": node_id, "class_type": class_type})),
         WorkflowError::MissingInput {
@@ -315,7 +317,9 @@ pub(crate) async fn view_of(state: &AppState, job: &Job) -> Result<JobView, ApiE
 async fn owned_job(state: &AppState, account: &Account, id: &str) -> Result<Job, ApiError> {
     match state.store.get(id).await.map_err(ApiError::internal)? {
         Some(job) if job.account == account.id => Ok(job),
-        _ => Err(ApiError::not_found(format!("no job {id:?} for this account"))),
+        _ => Err(ApiError::not_found(format!(
+            "no job {id:?} for this account"
+        ))),
     }
 }
 
@@ -348,9 +352,10 @@ pub(super) async fn list(
     })?;
     let status = match query.status.as_deref() {
         None => None,
-        Some(s) => Some(s.parse::<JobStatus>().map_err(|e| {
-            ApiError::new(ErrorCode::InvalidRequest, e.to_string())
-        })?),
+        Some(s) => Some(
+            s.parse::<JobStatus>()
+                .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e.to_string()))?,
+        ),
     };
     let limit = match query.limit.as_deref() {
         None => 20,

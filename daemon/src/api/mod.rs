@@ -112,7 +112,9 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
 /// `GET /metrics`: Prometheus text format.
 #[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, description = "metrics")))]
 pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
-    state.live.refresh_queue_metrics(&state.store, &state.metrics);
+    state
+        .live
+        .refresh_queue_metrics(&state.store, &state.metrics);
     (
         StatusCode::OK,
         [(
@@ -156,7 +158,9 @@ fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
     let token = value
         .strip_prefix("Bearer ")
         .or_else(|| value.strip_prefix("bearer "))
-        .ok_or_else(|| ApiError::unauthorized("the Authorization header must be \"Bearer <api key>\""))?
+        .ok_or_else(|| {
+            ApiError::unauthorized("the Authorization header must be \"Bearer <api key>\"")
+        })?
         .trim();
     if token.is_empty() {
         return Err(ApiError::unauthorized("empty API key"));
