@@ -51,7 +51,7 @@ struct RunArgs {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a ComfyUI-compatible simulator (same HTTP and WebSocket API, real PNG outputs).
-    ComfySim(kiln_daemon::comfy::sim::SimArgs),
+    ComfySim(Box<kiln_daemon::comfy::sim::SimArgs>),
     /// Validate a config file and say what is wrong.
     CheckConfig {
         /// The config file to check.
@@ -62,7 +62,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::ComfySim(args)) => kiln_daemon::comfy::sim::main(args),
+        Some(Command::ComfySim(args)) => kiln_daemon::comfy::sim::main(*args),
         Some(Command::CheckConfig { file }) => match kiln_daemon::config::Config::load(&file) {
             Ok(config) => match config.operator_token() {
                 Ok(_) => {
