@@ -302,6 +302,7 @@ async fn prompt_post(State(s): State<Shared>, body: Bytes) -> Response {
                 prompt: prompt.clone(),
                 extra_data: Value::Object(extra_data),
                 outputs,
+                received_at_ms: super::state::unix_ms_f64(),
             });
             ok_json(&json!({"prompt_id": prompt_id, "number": number, "node_errors": node_errors}))
         }

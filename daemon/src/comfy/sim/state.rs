@@ -28,6 +28,9 @@ pub struct ExecutedRecord {
     pub extra_data: Value,
     /// `success`, `error`, `interrupted`, or `crashed` (written just before a simulated crash).
     pub status: String,
+    /// When `POST /prompt` accepted it, in milliseconds since the Unix epoch (for latency
+    /// measurements from the outside).
+    pub received_at_ms: f64,
 }
 
 /// A queued or running prompt: `[number, prompt_id, prompt, extra_data, outputs_to_execute]`.
@@ -42,6 +45,16 @@ pub struct QueueItem {
     pub prompt: Value,
     pub extra_data: Value,
     pub outputs: Vec<String>,
+    /// When `POST /prompt` accepted it, in milliseconds since the Unix epoch.
+    pub received_at_ms: f64,
+}
+
+/// Milliseconds since the Unix epoch, now, with sub-millisecond precision.
+pub fn unix_ms_f64() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(0.0)
 }
 
 impl QueueItem {

@@ -360,6 +360,7 @@ impl Worker {
                     number: item.number.clone(),
                     extra_data: item.extra_data.clone(),
                     status: "crashed".to_string(),
+                    received_at_ms: item.received_at_ms,
                 });
                 super::log_line(&cfg, "!!! simulated crash (--crash-after-prompts)");
                 std::process::abort();
@@ -508,6 +509,7 @@ impl Worker {
             number: item.number.clone(),
             extra_data: item.extra_data.clone(),
             status: record_status.to_string(),
+            received_at_ms: item.received_at_ms,
         });
         shared.broadcast_status();
         if let Some(c) = &client_id {
