@@ -343,3 +343,47 @@ async fn busy_free_jobs_and_unavailable_while_comfyui_starts() {
     let (_, list) = api.get("/v1/jobs").await.expect("list");
     assert_eq!(list["jobs"].as_array().map(Vec::len), Some(0));
 }
+
+#[test]
+fn check_config_names_what_is_wrong() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let keys = dir.path().join("keys.toml");
+    kiln_daemon::tiers::add_key(&keys, "acme", kiln_daemon::protocol::Tier::Pro).expect("key");
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        format!("[api]\nkeys_file = {keys:?}\n[comfy]\ncommand = [\"python\", \"main.py\"]\n"),
+    )
+    .expect("write");
+    let run = |path: &std::path::Path| {
+        std::process::Command::new(kiln_e2e::bin("kilnd"))
+            .arg("check-config")
+            .arg(path)
+            .output()
+            .expect("kilnd check-config")
+    };
+    let output = run(&good);
+    assert!(output.status.success(), "{output:?}");
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        format!("[api]\nkeys_file = {keys:?}\n[comfy]\ncommand = [\"python\"]\n[jobs]\nmax_attempts = 0\n"),
+    )
+    .expect("write");
+    let output = run(&bad);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("jobs.max_attempts"), "{stderr}");
+
+    let missing_keys = dir.path().join("missing.toml");
+    std::fs::write(
+        &missing_keys,
+        "[api]\nkeys_file = \"/nonexistent/keys.toml\"\n[comfy]\ncommand = [\"python\"]\n",
+    )
+    .expect("write");
+    let output = run(&missing_keys);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("keys_file"), "{stderr}");
+}

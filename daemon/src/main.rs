@@ -63,22 +63,21 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::ComfySim(args)) => kiln_daemon::comfy::sim::main(*args),
-        Some(Command::CheckConfig { file }) => match kiln_daemon::config::Config::load(&file) {
-            Ok(config) => match config.operator_token() {
+        Some(Command::CheckConfig { file }) => {
+            let checked = kiln_daemon::config::Config::load(&file)
+                .map_err(anyhow::Error::from)
+                .and_then(kiln_daemon::node::NodeParts::prepare);
+            match checked {
                 Ok(_) => {
                     println!("{}: ok", file.display());
                     ExitCode::SUCCESS
                 }
                 Err(error) => {
-                    eprintln!("kilnd: {error}");
+                    eprintln!("kilnd: {}: {error:#}", file.display());
                     ExitCode::FAILURE
                 }
-            },
-            Err(error) => {
-                eprintln!("kilnd: {error}");
-                ExitCode::FAILURE
             }
-        },
+        }
         None => run_node(cli.run),
     }
 }

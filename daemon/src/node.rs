@@ -189,12 +189,30 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Everything a node needs besides its listener.
+/// Everything a node needs besides its listener, read and checked before any port is bound.
 #[derive(Debug, Clone)]
 pub struct NodeParts {
     pub config: Config,
     pub keys: KeyRing,
     pub operator_token: Option<String>,
+    pub supervisor: SupervisorConfig,
+}
+
+impl NodeParts {
+    /// Reads the files a config names (operator token, keys file, warm-up workflow) and checks
+    /// them. `kilnd check-config` runs this too.
+    pub fn prepare(config: Config) -> anyhow::Result<NodeParts> {
+        let operator_token = config.operator_token()?;
+        let keys =
+            KeyRing::load(&config.api.keys_file).with_context(|| "api.keys_file".to_string())?;
+        let supervisor = supervisor_config(&config)?;
+        Ok(NodeParts {
+            config,
+            keys,
+            operator_token,
+            supervisor,
+        })
+    }
 }
 
 /// Runs a node from a config file's contents: reads secrets and keys, binds the API, runs.
@@ -202,21 +220,12 @@ pub async fn run_with_config(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let operator_token = config.operator_token()?;
-    let keys = KeyRing::load(&config.api.keys_file)?;
-    let listener = TcpListener::bind(config.api.listen)
+    let parts = NodeParts::prepare(config)?;
+    let listen = parts.config.api.listen;
+    let listener = TcpListener::bind(listen)
         .await
-        .with_context(|| format!("cannot listen on {} (api.listen)", config.api.listen))?;
-    run(
-        NodeParts {
-            config,
-            keys,
-            operator_token,
-        },
-        listener,
-        shutdown,
-    )
-    .await
+        .with_context(|| format!("cannot listen on {listen} (api.listen)"))?;
+    run(parts, listener, shutdown).await
 }
 
 /// Runs a node until `shutdown` resolves, then stops it in order.
@@ -229,6 +238,7 @@ pub async fn run(
         config,
         keys,
         operator_token,
+        supervisor,
     } = parts;
     let config = Arc::new(config);
     let data_dir = config.node.data_dir.clone();
@@ -256,8 +266,8 @@ pub async fn run(
         stop.child_token(),
     );
 
-    let supervisor = Supervisor::spawn(supervisor_config(&config)?)
-        .context("cannot start the ComfyUI supervisor")?;
+    let supervisor =
+        Supervisor::spawn(supervisor).context("cannot start the ComfyUI supervisor")?;
     let node_name = config.node.name.clone().unwrap_or_else(hostname);
     let client = Arc::new(
         ComfyClient::new(
@@ -271,10 +281,11 @@ pub async fn run(
     let (ready_tx, ready_rx) =
         watch::channel(Readiness::NotReady("ComfyUI is starting".to_string()));
 
-    // Keys file reloads.
-    if let Some(ring) = Some(keys.clone()) {
-        tasks.spawn(ring.watch(Duration::from_secs(2), stop.child_token()));
-    }
+    // Keys file reloads (a no-op for the fixed keys of --dev).
+    tasks.spawn(
+        keys.clone()
+            .watch(Duration::from_secs(2), stop.child_token()),
+    );
     // Readiness, object_info and ComfyUI metrics follow the supervisor.
     tasks.spawn(follow_supervisor(
         supervisor.subscribe_state(),
@@ -851,11 +862,13 @@ pub async fn run_dev(
     println!("operator token: {operator_token}");
     println!("try: curl -s http://{addr}/readyz");
 
+    let supervisor = supervisor_config(&config)?;
     run(
         NodeParts {
             config,
             keys: KeyRing::fixed(keys.entries()),
             operator_token: Some(operator_token),
+            supervisor,
         },
         listener,
         shutdown,

@@ -402,6 +402,9 @@ impl KeyRing {
         interval: std::time::Duration,
         shutdown: tokio_util::sync::CancellationToken,
     ) {
+        if self.path.is_none() {
+            return;
+        }
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
