@@ -191,7 +191,12 @@ async fn sse_shows_queued_progress_and_done() {
     let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names.first(), Some(&"status"), "{text}");
     assert_eq!(events[0].1["status"], "queued", "{text}");
-    assert_eq!(events[0].1["position"], 1, "{text}");
+    // Behind the running job (or, if the runner has not taken that one yet, behind it in the
+    // queue).
+    assert!(
+        matches!(events[0].1["position"].as_u64(), Some(1 | 2)),
+        "{text}"
+    );
     let progress: Vec<u64> = events
         .iter()
         .filter(|(n, _)| n == "progress")

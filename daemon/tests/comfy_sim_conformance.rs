@@ -942,14 +942,23 @@ async fn queue_order_delete_clear_and_numbers() {
     );
     assert_eq!(e["number"], json!(-4));
     assert_eq!(f["number"], json!(0.5));
-    let q: Value = http
-        .get(sim.url("/queue"))
-        .send()
-        .await
-        .expect("queue")
-        .json()
-        .await
-        .expect("json");
+    // The worker takes A a moment after its POST answered; wait for that.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let q: Value = loop {
+        let q: Value = http
+            .get(sim.url("/queue"))
+            .send()
+            .await
+            .expect("queue")
+            .json()
+            .await
+            .expect("json");
+        if q["queue_running"].as_array().is_some_and(|r| !r.is_empty()) || Instant::now() > deadline
+        {
+            break q;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(q["queue_running"][0][1], a["prompt_id"]);
     assert_eq!(q["queue_pending"].as_array().map(Vec::len), Some(4));
     let prompt_get: Value = http

@@ -500,6 +500,20 @@ pub(super) async fn events(
                     },
                     event = progress.recv() => match event {
                         Ok(event) if event.job_id == job.id => {
+                            // Progress means it runs, even if the status change has not been
+                            // seen yet: say so first, so the stream never shows progress of a
+                            // queued job.
+                            let running = StatusEvent {
+                                status: JobStatus::Running,
+                                position: None,
+                                estimated_wait_s: None,
+                            };
+                            if last_status.as_ref() != Some(&running) {
+                                if tx.send(Ok(json_event(sse::STATUS, &running))).await.is_err() {
+                                    return;
+                                }
+                                last_status = Some(running);
+                            }
                             if tx.send(Ok(json_event(sse::PROGRESS, &event.progress))).await.is_err() {
                                 return;
                             }
