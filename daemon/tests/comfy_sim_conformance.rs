@@ -900,6 +900,24 @@ async fn queue_order_delete_clear_and_numbers() {
         json!({"prompt": sampler_workflow(10_000, "qA"), "client_id": "q"}),
     )
     .await;
+    // As in the recording, A runs before the others are posted: the worker takes it a moment
+    // after its POST answered, and would take a front or lower-numbered prompt first otherwise.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let q: Value = http
+            .get(sim.url("/queue"))
+            .send()
+            .await
+            .expect("queue")
+            .json()
+            .await
+            .expect("json");
+        if q["queue_running"][0][1] == a["prompt_id"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "A never started: {q}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let b = post_prompt(
         &http,
         &sim,
@@ -942,23 +960,14 @@ async fn queue_order_delete_clear_and_numbers() {
     );
     assert_eq!(e["number"], json!(-4));
     assert_eq!(f["number"], json!(0.5));
-    // The worker takes A a moment after its POST answered; wait for that.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let q: Value = loop {
-        let q: Value = http
-            .get(sim.url("/queue"))
-            .send()
-            .await
-            .expect("queue")
-            .json()
-            .await
-            .expect("json");
-        if q["queue_running"].as_array().is_some_and(|r| !r.is_empty()) || Instant::now() > deadline
-        {
-            break q;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let q: Value = http
+        .get(sim.url("/queue"))
+        .send()
+        .await
+        .expect("queue")
+        .json()
+        .await
+        .expect("json");
     assert_eq!(q["queue_running"][0][1], a["prompt_id"]);
     assert_eq!(q["queue_pending"].as_array().map(Vec::len), Some(4));
     let prompt_get: Value = http

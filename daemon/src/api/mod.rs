@@ -35,6 +35,8 @@ use crate::tiers::{Account, KeyRing};
 pub struct AppState {
     pub store: JobStore,
     pub keys: KeyRing,
+    /// The operator token for operator routes (`/v1/cluster`, `/v1/admin/drain` with the
+    /// cluster); `None` closes them.
     pub operator_token: Option<Arc<str>>,
     pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
@@ -135,19 +137,6 @@ pub(crate) fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Acco
         .ok_or_else(|| ApiError::unauthorized("unknown API key"))
 }
 
-/// Checks the operator token on an operator route.
-#[allow(dead_code)]
-pub(crate) fn authenticate_operator(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let token = bearer(headers)?;
-    match &state.operator_token {
-        Some(expected) if constant_time_eq(expected.as_bytes(), token.as_bytes()) => Ok(()),
-        Some(_) => Err(ApiError::unauthorized("bad operator token")),
-        None => Err(ApiError::unauthorized(
-            "operator routes are closed: this node has no operator token configured",
-        )),
-    }
-}
-
 fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
     let value = headers
         .get(header::AUTHORIZATION)
@@ -166,13 +155,6 @@ fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
         return Err(ApiError::unauthorized("empty API key"));
     }
     Ok(token)
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// How long `DELETE` of a running job waits for the interrupt to land before answering.
