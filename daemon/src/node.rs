@@ -610,18 +610,11 @@ async fn run_one(runner: &Runner, job: Job) {
             ),
         },
     };
-    let final_status = match &store_outcome {
-        Outcome::Succeeded { .. } => Some(JobStatus::Succeeded),
-        Outcome::Failed(_) => Some(JobStatus::Failed),
-        Outcome::Cancelled => Some(JobStatus::Cancelled),
-        Outcome::Requeue { .. } => None,
-    };
     match runner.store.finish(&job.id, store_outcome).await {
         Ok(finished) => {
-            let status = final_status.unwrap_or(finished.status);
             tracing::info!(job = %job.id, status = %finished.status, secs = elapsed.as_secs_f64(), "job ended");
             if finished.status.is_final() {
-                runner.metrics.finished(job.tier, status);
+                runner.metrics.finished(job.tier, finished.status);
             }
             if finished.status == JobStatus::Succeeded {
                 runner

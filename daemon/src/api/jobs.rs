@@ -492,6 +492,7 @@ pub(super) async fn events(
             loop {
                 tokio::select! {
                     _ = tx.closed() => return,
+                    _ = state.live.shutdown.cancelled() => return,
                     change = changes.recv() => match change {
                         Ok(change) if change.id == job.id || job.status == JobStatus::Queued => break,
                         Ok(_) => continue,
