@@ -18,6 +18,7 @@ pub mod comfy;
 pub mod config;
 pub mod metrics;
 pub mod node;
+pub mod pki;
 pub mod protocol;
 pub mod queue;
 pub mod tiers;

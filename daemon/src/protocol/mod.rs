@@ -5,6 +5,8 @@
 //! What is written here is a contract that users depend on (see API.md): add fields freely, but
 //! never rename or remove one.
 
+pub mod cluster;
+
 use std::fmt;
 use std::str::FromStr;
 
