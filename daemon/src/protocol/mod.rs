@@ -6,6 +6,7 @@
 //! never rename or remove one.
 
 pub mod cluster;
+pub mod gossip;
 
 use std::fmt;
 use std::str::FromStr;
