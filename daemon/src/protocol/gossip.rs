@@ -498,8 +498,8 @@ mod tests {
             ..GpuStatus::default()
         };
         assert_eq!(
-            quantise_gpu(&reading(96, 70)),
-            quantise_gpu(&reading(97, 71))
+            quantise_gpu(&reading(96, 69)),
+            quantise_gpu(&reading(97, 70))
         );
         assert_ne!(
             quantise_gpu(&reading(50, 70)),
