@@ -26,6 +26,8 @@ pub struct Config {
     pub jobs: JobsSection,
     #[serde(default)]
     pub tiers: TierTable,
+    #[serde(default)]
+    pub cluster: ClusterSection,
 }
 
 /// `[node]`: who this node is and where it keeps its data.
@@ -197,6 +199,190 @@ impl JobsSection {
     }
 }
 
+/// Which transports a member listens on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    /// QUIC over UDP (the default).
+    Quic,
+    /// TLS over TCP, for hosts that accept no inbound UDP (RunPod pods).
+    Tcp,
+}
+
+/// `[cluster]`: membership of a Kiln cluster (gossip over QUIC or TLS over TCP, mutual TLS).
+/// Without `certs_dir` the node runs alone.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// `cert.pem`, `key.pem`, `ca.pem` (and optionally `crl.pem`) from `kiln certs issue`. The
+    /// certificate's name is the node's name in the cluster.
+    #[serde(default)]
+    pub certs_dir: Option<PathBuf>,
+    /// The gossip port's listen address (UDP for QUIC, TCP for TLS over TCP: the same number).
+    #[serde(default = "ClusterSection::default_listen")]
+    pub listen: SocketAddr,
+    /// `["quic"]`, `["tcp"]` or both.
+    #[serde(default = "ClusterSection::default_transports")]
+    pub transports: Vec<TransportKind>,
+    /// The address other members dial, `scheme://ip:port`, when it differs from `listen` (NAT,
+    /// port mapping). `${VAR}` is replaced from the environment at start, e.g.
+    /// `quic://${PUBLIC_IPADDR}:${VAST_UDP_PORT_7946}` on Vast.ai.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// With both transports: the TCP address others may dial instead (same `${VAR}` rule).
+    #[serde(default)]
+    pub advertise_tcp: Option<String>,
+    /// Members to contact first: `quic://host:port`, `tcp://host:port` or `host:port` (QUIC).
+    #[serde(default)]
+    pub seeds: Vec<String>,
+    /// The node's API URL as other members and the coordinator reach it. Default: built from
+    /// the advertised IP and `api.listen`'s port.
+    #[serde(default)]
+    pub api_url: Option<String>,
+    #[serde(default = "ClusterSection::default_gossip_interval_ms")]
+    pub gossip_interval_ms: u64,
+    /// Failure-detector threshold (phi accrual).
+    #[serde(default = "ClusterSection::default_phi_threshold")]
+    pub phi_threshold: f64,
+    /// How long a dead member's state is kept before it is forgotten.
+    #[serde(default = "ClusterSection::default_dead_grace_s")]
+    pub dead_grace_s: u64,
+    /// How long deleted keys are remembered (tombstones).
+    #[serde(default = "ClusterSection::default_deleted_key_grace_s")]
+    pub deleted_key_grace_s: u64,
+    /// Where this host is rented (`vast`, `runpod`, `lambda`, `local`), shown in the view.
+    #[serde(default)]
+    pub provider: Option<String>,
+    /// The provider's id of this host.
+    #[serde(default)]
+    pub instance_id: Option<String>,
+    /// What this host costs per hour, USD.
+    #[serde(default)]
+    pub price_per_hour: Option<f64>,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            certs_dir: None,
+            listen: Self::default_listen(),
+            transports: Self::default_transports(),
+            advertise: None,
+            advertise_tcp: None,
+            seeds: Vec::new(),
+            api_url: None,
+            gossip_interval_ms: Self::default_gossip_interval_ms(),
+            phi_threshold: Self::default_phi_threshold(),
+            dead_grace_s: Self::default_dead_grace_s(),
+            deleted_key_grace_s: Self::default_deleted_key_grace_s(),
+            provider: None,
+            instance_id: None,
+            price_per_hour: None,
+        }
+    }
+}
+
+impl ClusterSection {
+    fn default_listen() -> SocketAddr {
+        SocketAddr::from(([0, 0, 0, 0], 7946))
+    }
+    fn default_transports() -> Vec<TransportKind> {
+        vec![TransportKind::Quic]
+    }
+    fn default_gossip_interval_ms() -> u64 {
+        500
+    }
+    fn default_phi_threshold() -> f64 {
+        8.0
+    }
+    fn default_dead_grace_s() -> u64 {
+        3600
+    }
+    fn default_deleted_key_grace_s() -> u64 {
+        300
+    }
+
+    pub fn gossip_interval(&self) -> Duration {
+        Duration::from_millis(self.gossip_interval_ms)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.transports.is_empty() {
+            return Err(invalid(
+                "cluster.transports",
+                "name at least one of \"quic\" and \"tcp\"",
+            ));
+        }
+        if !(50..=10_000).contains(&self.gossip_interval_ms) {
+            return Err(invalid(
+                "cluster.gossip_interval_ms",
+                "must be between 50 and 10000",
+            ));
+        }
+        if !(self.phi_threshold.is_finite() && self.phi_threshold >= 1.0) {
+            return Err(invalid("cluster.phi_threshold", "must be a number ≥ 1"));
+        }
+        if self.dead_grace_s == 0 {
+            return Err(invalid("cluster.dead_grace_s", "must be at least 1"));
+        }
+        if self.deleted_key_grace_s == 0 {
+            return Err(invalid("cluster.deleted_key_grace_s", "must be at least 1"));
+        }
+        if let Some(price) = self.price_per_hour
+            && !(price.is_finite() && (0.0..1000.0).contains(&price))
+        {
+            return Err(invalid(
+                "cluster.price_per_hour",
+                "must be a number of USD between 0 and 1000",
+            ));
+        }
+        if self.advertise_tcp.is_some() && !self.transports.contains(&TransportKind::Tcp) {
+            return Err(invalid(
+                "cluster.advertise_tcp",
+                "is only useful with \"tcp\" in cluster.transports",
+            ));
+        }
+        if let Some(url) = &self.api_url {
+            match url::Url::parse(url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => {}
+                _ => {
+                    return Err(invalid(
+                        "cluster.api_url",
+                        "must be an http(s):// URL with a host",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Replaces every `${NAME}` in `text` with the environment variable `NAME`, naming the first
+/// one that is not set. Used for addresses only known inside a rented host.
+pub fn expand_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| format!("{text:?}: unclosed ${{"))?;
+        let name = &after[..end];
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!("{text:?}: bad variable name {name:?}"));
+        }
+        let value = lookup(name)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| format!("{text:?}: environment variable {name} is not set"))?;
+        out.push_str(&value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
 /// A configuration problem, naming the key or the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -302,6 +488,7 @@ impl Config {
                 "must be a positive number",
             ));
         }
+        self.cluster.validate()?;
         self.tiers.validate().map_err(|message| {
             let key = message.split(' ').next().unwrap_or("tiers").to_string();
             ConfigError::Invalid { key, message }
@@ -396,6 +583,52 @@ command = ["python", "main.py", "--port", "8188"]
         assert!(err.to_string().contains("comfy.command"), "{err}");
         let err = Config::parse("[api]\nlisten = \"nope\"\n").expect_err("bad addr");
         assert!(err.to_string().contains("listen"), "{err}");
+    }
+
+    #[test]
+    fn cluster_section_is_checked() {
+        let ok = Config::parse(&format!(
+            "{MINIMAL}\n[cluster]\ncerts_dir = \"/etc/kiln/certs\"\ntransports = [\"quic\", \"tcp\"]\nseeds = [\"tcp://10.0.0.2:7946\"]\n"
+        ))
+        .expect("valid cluster section");
+        assert_eq!(ok.cluster.transports.len(), 2);
+        for (extra, key) in [
+            ("[cluster]\ntransports = []\n", "cluster.transports"),
+            (
+                "[cluster]\ngossip_interval_ms = 5\n",
+                "cluster.gossip_interval_ms",
+            ),
+            (
+                "[cluster]\nprice_per_hour = -1.0\n",
+                "cluster.price_per_hour",
+            ),
+            (
+                "[cluster]\nadvertise_tcp = \"tcp://1.2.3.4:1\"\n",
+                "cluster.advertise_tcp",
+            ),
+            ("[cluster]\napi_url = \"ftp://x\"\n", "cluster.api_url"),
+            ("[cluster]\ntransports = [\"udp\"]\n", "udp"),
+        ] {
+            let err = Config::parse(&format!("{MINIMAL}\n{extra}")).expect_err(extra);
+            assert!(err.to_string().contains(key), "{err} should name {key}");
+        }
+    }
+
+    #[test]
+    fn env_expansion_names_the_missing_variable() {
+        let env = |name: &str| match name {
+            "PUBLIC_IPADDR" => Some("203.0.113.7\n".to_string()),
+            "VAST_UDP_PORT_7946" => Some("41012".to_string()),
+            _ => None,
+        };
+        assert_eq!(
+            expand_env("quic://${PUBLIC_IPADDR}:${VAST_UDP_PORT_7946}", env),
+            Ok("quic://203.0.113.7:41012".to_string())
+        );
+        let err = expand_env("quic://${NOPE}:1", env).expect_err("unset");
+        assert!(err.contains("NOPE"), "{err}");
+        assert!(expand_env("quic://${PUBLIC_IPADDR", env).is_err());
+        assert_eq!(expand_env("plain", env), Ok("plain".to_string()));
     }
 
     #[test]

@@ -29,7 +29,7 @@ use crate::comfy::client::{ComfyClient, ComfyError};
 use crate::comfy::executor::{self, RunEvent, RunOptions, RunOutcome};
 use crate::comfy::supervisor::{Supervisor, SupervisorConfig, SupervisorState};
 use crate::comfy::types::ObjectInfo;
-use crate::config::{ApiSection, ComfySection, Config, JobsSection, NodeSection};
+use crate::config::{ApiSection, ClusterSection, ComfySection, Config, JobsSection, NodeSection};
 use crate::metrics::Metrics;
 use crate::protocol::{JobError, JobStatus, Progress, Tier};
 use crate::queue::{Job, JobStore, NewOutput, Outcome, StoreOptions};
@@ -803,6 +803,13 @@ pub async fn run_dev(
     let operator_token = crate::tiers::generate_key().replacen("kiln_", "kilnop_", 1);
     write_private(&data_dir.join("operator-token"), &operator_token)?;
 
+    // A one-member cluster with its own CA, so `kiln certs issue --ca <data>/certs/ca NAME`
+    // gives `kiln status` (or more dev nodes) a way in.
+    let certs_root = data_dir.join("certs");
+    crate::pki::dev_identity(&certs_root, "dev")
+        .with_context(|| format!("cannot make dev certificates in {}", certs_root.display()))?;
+    let dev_certs = certs_root.join("dev");
+
     let listener = TcpListener::bind(listen).await.with_context(|| {
         format!("cannot listen on {listen} (use --listen to pick another address)")
     })?;
@@ -840,6 +847,11 @@ pub async fn run_dev(
         },
         jobs: JobsSection::default(),
         tiers: TierTable::default(),
+        cluster: ClusterSection {
+            certs_dir: Some(dev_certs),
+            listen: SocketAddr::new(listen.ip(), 0),
+            ..ClusterSection::default()
+        },
     };
     config.validate()?;
 
