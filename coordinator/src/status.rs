@@ -167,7 +167,12 @@ async fn fetch_api(api: &Url, token: &str, timeout: Duration) -> Result<Snapshot
         return Err(FetchError::Status {
             url: url.to_string(),
             status,
-            detail: error_detail(&body),
+            detail: match error_detail(&body) {
+                detail if detail.is_empty() && status == StatusCode::NOT_FOUND => {
+                    " (is this a kilnd API? --api names a node, e.g. http://127.0.0.1:7860)".into()
+                }
+                detail => detail,
+            },
         });
     }
     let json = String::from_utf8(body).map_err(|_| FetchError::NotAClusterView {

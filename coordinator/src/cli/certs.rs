@@ -86,6 +86,17 @@ pub fn run(command: CertsCommand, out: &mut dyn Write) -> anyhow::Result<()> {
     }
 }
 
+/// An RFC 3339 time without its fractional seconds, for people (`…T07:09:28.807611523Z` →
+/// `…T07:09:28Z`); JSON output keeps the exact value.
+fn short_time(rfc3339: &str) -> String {
+    match (rfc3339.find('.'), rfc3339.find(['Z', '+'])) {
+        (Some(dot), Some(zone)) if dot < zone => {
+            format!("{}{}", &rfc3339[..dot], &rfc3339[zone..])
+        }
+        _ => rfc3339.to_string(),
+    }
+}
+
 /// A path as the operator can paste it anywhere: absolute when it can be resolved.
 fn absolute(path: &Path) -> PathBuf {
     std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
@@ -107,7 +118,7 @@ fn init(args: CertsInit, out: &mut dyn Write) -> anyhow::Result<()> {
         "Created the CA of cluster {:?} in {} (valid until {}).",
         summary.cluster_id,
         dir.display(),
-        summary.not_after
+        short_time(&summary.not_after)
     )?;
     writeln!(
         out,
@@ -153,7 +164,10 @@ fn issue(args: CertsIssue, out: &mut dyn Write) -> anyhow::Result<()> {
     writeln!(
         out,
         "Issued {:?} for cluster {:?} (serial {}, valid until {}):",
-        summary.name, summary.cluster_id, summary.serial, summary.not_after
+        summary.name,
+        summary.cluster_id,
+        summary.serial,
+        short_time(&summary.not_after)
     )?;
     for file in &files {
         let note = if file.ends_with(pki::KEY_FILE) {
@@ -166,8 +180,8 @@ fn issue(args: CertsIssue, out: &mut dyn Write) -> anyhow::Result<()> {
     writeln!(
         out,
         "Copy this folder to the member (keep key.pem mode 600) and point its config at it:\n  \
-         [cluster]\n  certs_dir = {:?}",
-        dir.display().to_string()
+         [cluster]\n  certs_dir = {}",
+        toml::Value::String(dir.display().to_string())
     )?;
     Ok(())
 }
@@ -213,8 +227,10 @@ fn list(args: CertsList, out: &mut dyn Write) -> anyhow::Result<()> {
             [
                 e.name.clone(),
                 e.serial.clone(),
-                e.not_after.clone(),
-                e.revoked_at.clone().unwrap_or_else(|| "-".into()),
+                short_time(&e.not_after),
+                e.revoked_at
+                    .as_deref()
+                    .map_or_else(|| "-".into(), short_time),
             ]
         })
         .collect();
@@ -235,4 +251,23 @@ fn list(args: CertsList, out: &mut dyn Write) -> anyhow::Result<()> {
         writeln!(out, "{}", line.trim_end())?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short_time;
+
+    #[test]
+    fn times_lose_their_fractional_seconds() {
+        assert_eq!(
+            short_time("2036-11-25T07:09:28.807611523Z"),
+            "2036-11-25T07:09:28Z"
+        );
+        assert_eq!(
+            short_time("2036-11-25T07:09:28.5+01:00"),
+            "2036-11-25T07:09:28+01:00"
+        );
+        assert_eq!(short_time("2036-11-25T07:09:28Z"), "2036-11-25T07:09:28Z");
+        assert_eq!(short_time("not a time"), "not a time");
+    }
 }
