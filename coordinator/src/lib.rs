@@ -7,9 +7,11 @@
 //!   exit.
 //! - [`status`]: the cluster view — where it is fetched from ([`status::StatusSource`]) and the
 //!   pure table rendering ([`status::render_table`]).
+//! - [`text`]: aligned tables and safe text for what people read.
 //!
 //! The coordinator imports the node's pure wire contract (`kiln_daemon::protocol`) and the
 //! cluster CA (`kiln_daemon::pki`), never the node's runtime parts.
 
 pub mod cli;
 pub mod status;
+pub mod text;

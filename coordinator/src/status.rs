@@ -16,41 +16,73 @@ use reqwest::StatusCode;
 use reqwest::header::{AUTHORIZATION, HeaderValue};
 use url::Url;
 
+use crate::text::{self, Align, clean, short_time};
+
 /// The largest cluster view body accepted, so a confused server cannot exhaust memory.
 pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 
-/// Where the cluster view comes from.
-#[derive(Clone)]
+/// Where the cluster view comes from. Another source (joining the gossip as a member with a
+/// certificate) becomes another variant; [`fetch`] is the one entry point.
+#[derive(Debug, Clone)]
 pub enum StatusSource {
-    /// `GET {url}/v1/cluster` on any node's HTTP API with the operator token.
-    Api {
-        /// The node's API base URL, e.g. `http://127.0.0.1:7860`.
-        url: Url,
-        /// The operator token (sent as `Authorization: Bearer …`, never printed).
-        token: String,
-        /// Limit for the whole request, connection included.
-        timeout: Duration,
-    },
-}
-
-impl fmt::Debug for StatusSource {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            StatusSource::Api { url, timeout, .. } => f
-                .debug_struct("Api")
-                .field("url", &url.as_str())
-                .field("token", &"<redacted>")
-                .field("timeout", timeout)
-                .finish(),
-        }
-    }
+    /// `GET {api}/v1/cluster` on any node's HTTP API with the operator token.
+    Api(ApiSource),
 }
 
 impl fmt::Display for StatusSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            StatusSource::Api { url, .. } => write!(f, "{url}"),
+            StatusSource::Api(api) => write!(f, "{}", api.base),
         }
+    }
+}
+
+/// A node's HTTP API as a status source. Built once and reused, so `--watch` keeps its
+/// connection. Its `Debug` never shows the token.
+#[derive(Clone)]
+pub struct ApiSource {
+    base: Url,
+    url: Url,
+    auth: HeaderValue,
+    timeout: Duration,
+    client: reqwest::Client,
+}
+
+impl fmt::Debug for ApiSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiSource")
+            .field("url", &self.url.as_str())
+            .field("token", &"<redacted>")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ApiSource {
+    /// `api` is the node's API base URL (e.g. `http://127.0.0.1:7860`), `token` the operator
+    /// token, `timeout` the limit for each whole request, connecting included.
+    pub fn new(api: &Url, token: &str, timeout: Duration) -> Result<ApiSource, FetchError> {
+        let url = cluster_url(api)?;
+        let mut auth =
+            HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| FetchError::BadToken)?;
+        auth.set_sensitive(true);
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .build()
+            .map_err(|e| FetchError::Client(innermost(&e)))?;
+        Ok(ApiSource {
+            base: api.clone(),
+            url,
+            auth,
+            timeout,
+            client,
+        })
+    }
+
+    /// The cluster view's URL.
+    pub fn url(&self) -> &Url {
+        &self.url
     }
 }
 
@@ -69,6 +101,8 @@ pub enum FetchError {
     BadUrl(String, String),
     #[error("the operator token cannot be sent in an HTTP header (it holds a control character)")]
     BadToken,
+    #[error("cannot set up the HTTP client: {0}")]
+    Client(String),
     #[error("cannot reach {url}: {reason}")]
     Unreachable { url: String, reason: String },
     #[error("the node refused the operator token (401)")]
@@ -107,38 +141,27 @@ pub fn cluster_url(api: &Url) -> Result<Url, FetchError> {
 /// Fetches one cluster view from `source`.
 pub async fn fetch(source: &StatusSource) -> Result<Snapshot, FetchError> {
     match source {
-        StatusSource::Api {
-            url,
-            token,
-            timeout,
-        } => fetch_api(url, token, *timeout).await,
+        StatusSource::Api(api) => fetch_api(api).await,
     }
 }
 
-async fn fetch_api(api: &Url, token: &str, timeout: Duration) -> Result<Snapshot, FetchError> {
-    let url = cluster_url(api)?;
-    let mut auth =
-        HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| FetchError::BadToken)?;
-    auth.set_sensitive(true);
-    let client = reqwest::Client::builder()
-        .timeout(timeout)
-        .connect_timeout(timeout)
-        .build()
-        .map_err(|e| FetchError::Unreachable {
-            url: url.to_string(),
-            reason: innermost(&e),
-        })?;
+async fn fetch_api(api: &ApiSource) -> Result<Snapshot, FetchError> {
+    let url = &api.url;
     let unreachable = |e: reqwest::Error| FetchError::Unreachable {
         url: url.to_string(),
         reason: if e.is_timeout() {
-            format!("no answer within {}", humantime::format_duration(timeout))
+            format!(
+                "no answer within {}",
+                humantime::format_duration(api.timeout)
+            )
         } else {
             innermost(&e)
         },
     };
-    let mut response = client
+    let mut response = api
+        .client
         .get(url.clone())
-        .header(AUTHORIZATION, auth)
+        .header(AUTHORIZATION, api.auth.clone())
         .send()
         .await
         .map_err(unreachable)?;
@@ -207,14 +230,6 @@ fn error_detail(body: &[u8]) -> String {
 
 fn one_line(text: &str) -> String {
     clean(text.trim()).chars().take(300).collect()
-}
-
-/// Replaces control characters (escape sequences, newlines) with `?` so text from the network
-/// cannot move the cursor or forge lines.
-fn clean(text: &str) -> String {
-    text.chars()
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect()
 }
 
 /// Short tier letters for the QUEUE column, highest priority first.
@@ -325,12 +340,6 @@ fn price_cell(price: Option<f64>) -> String {
     }
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Align {
-    Left,
-    Right,
-}
-
 const COLUMNS: [(&str, Align); 12] = [
     ("NODE", Align::Left),
     ("ROLE", Align::Left),
@@ -346,14 +355,14 @@ const COLUMNS: [(&str, Align); 12] = [
     ("VERSION", Align::Left),
 ];
 
-fn member_row(member: &ClusterMember) -> [String; 12] {
+fn member_row(member: &ClusterMember) -> Vec<String> {
     let s = &member.status;
     let state = if member.live {
         s.state.as_str().to_string()
     } else {
         "dead".to_string()
     };
-    [
+    vec![
         clean(&s.name),
         s.role.as_str().to_string(),
         s.provider.as_deref().map_or_else(|| ABSENT.into(), clean),
@@ -381,40 +390,8 @@ fn member_row(member: &ClusterMember) -> [String; 12] {
 /// member's GPUs. QUEUE lists waiting jobs per tier, highest first (`e` enterprise, `p` pro,
 /// `m` premium, `f` free); OLDEST is the longest wait over all tiers. Absent values are `-`.
 pub fn render_table(view: &ClusterView) -> String {
-    let header: Vec<String> = COLUMNS.iter().map(|(h, _)| (*h).to_string()).collect();
-    let rows: Vec<[String; 12]> = view.members.iter().map(member_row).collect();
-    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for row in &rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    let mut push_row = |cells: &[String]| {
-        let mut line = String::new();
-        for (i, cell) in cells.iter().enumerate() {
-            if i > 0 {
-                line.push_str("  ");
-            }
-            let pad = widths[i].saturating_sub(cell.chars().count());
-            match COLUMNS[i].1 {
-                Align::Left => {
-                    line.push_str(cell);
-                    line.extend(std::iter::repeat_n(' ', pad));
-                }
-                Align::Right => {
-                    line.extend(std::iter::repeat_n(' ', pad));
-                    line.push_str(cell);
-                }
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    };
-    push_row(&header);
-    for row in &rows {
-        push_row(row);
-    }
+    let rows: Vec<Vec<String>> = view.members.iter().map(member_row).collect();
+    let mut out = text::table(&COLUMNS, &rows);
     out.push_str(&footer(view));
     out.push('\n');
     out
@@ -435,7 +412,7 @@ fn footer(view: &ClusterView) -> String {
         "{live} live, {dead} dead · cluster {} · seen by {} at {} · ${cost:.3}/h live",
         clean(&view.cluster_id),
         clean(&view.observed_by),
-        clean(&view.observed_at),
+        short_time(&clean(&view.observed_at)),
     )
 }
 

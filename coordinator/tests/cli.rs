@@ -148,6 +148,8 @@ fn certs_init_issue_list_revoke_round_trip() {
             .expect("kiln certs init"),
     );
     assert_eq!(init["cluster_id"], "prod");
+    let ca_abs = std::fs::canonicalize(&ca).expect("CA folder exists");
+    assert_eq!(init["dir"], ca_abs.to_str().expect("UTF-8 path"));
     assert!(init["not_after"].as_str().is_some_and(|t| !t.is_empty()));
     assert_eq!(mode(&ca.join("ca.key")), 0o600);
 
@@ -171,6 +173,8 @@ fn certs_init_issue_list_revoke_round_trip() {
     );
     assert_eq!(issued["name"], "gpu-1");
     assert_eq!(issued["cluster_id"], "prod");
+    let node_abs = std::fs::canonicalize(&node).expect("certs folder exists");
+    assert_eq!(issued["dir"], node_abs.to_str().expect("UTF-8 path"));
     let serial = issued["serial"].as_str().expect("serial").to_string();
     let files: Vec<&str> = issued["files"]
         .as_array()
@@ -218,10 +222,9 @@ fn certs_init_issue_list_revoke_round_trip() {
     );
     assert_eq!(revoked["revoked_serials"], serde_json::json!([serial]));
     assert_eq!(revoked["crl_number"], 2);
-    assert!(
-        revoked["crl"]
-            .as_str()
-            .is_some_and(|p| p.ends_with("crl.pem"))
+    assert_eq!(
+        revoked["crl"],
+        ca_abs.join("crl.pem").to_str().expect("UTF-8 path")
     );
 
     let table = kiln_clean()

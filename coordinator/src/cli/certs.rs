@@ -10,6 +10,8 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use kiln_daemon::pki;
 
+use crate::text::{self, Align, short_time};
+
 #[derive(Debug, Subcommand)]
 pub enum CertsCommand {
     /// Create a cluster CA in a new folder (ca.pem, ca.key, crl.pem, issued.json).
@@ -86,17 +88,6 @@ pub fn run(command: CertsCommand, out: &mut dyn Write) -> anyhow::Result<()> {
     }
 }
 
-/// An RFC 3339 time without its fractional seconds, for people (`…T07:09:28.807611523Z` →
-/// `…T07:09:28Z`); JSON output keeps the exact value.
-fn short_time(rfc3339: &str) -> String {
-    match (rfc3339.find('.'), rfc3339.find(['Z', '+'])) {
-        (Some(dot), Some(zone)) if dot < zone => {
-            format!("{}{}", &rfc3339[..dot], &rfc3339[zone..])
-        }
-        _ => rfc3339.to_string(),
-    }
-}
-
 /// A path as the operator can paste it anywhere: absolute when it can be resolved.
 fn absolute(path: &Path) -> PathBuf {
     std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
@@ -109,10 +100,15 @@ fn write_json(out: &mut dyn Write, value: &impl serde::Serialize) -> anyhow::Res
 
 fn init(args: CertsInit, out: &mut dyn Write) -> anyhow::Result<()> {
     let summary = pki::init_ca(&args.dir, &args.cluster, args.days)?;
-    if args.json {
-        return write_json(out, &summary);
-    }
     let dir = absolute(&summary.dir);
+    if args.json {
+        let body = serde_json::json!({
+            "dir": dir,
+            "cluster_id": summary.cluster_id,
+            "not_after": summary.not_after,
+        });
+        return write_json(out, &body);
+    }
     writeln!(
         out,
         "Created the CA of cluster {:?} in {} (valid until {}).",
@@ -188,10 +184,16 @@ fn issue(args: CertsIssue, out: &mut dyn Write) -> anyhow::Result<()> {
 
 fn revoke(args: CertsRevoke, out: &mut dyn Write) -> anyhow::Result<()> {
     let summary = pki::revoke(&args.ca_dir, &args.name)?;
-    if args.json {
-        return write_json(out, &summary);
-    }
     let crl = absolute(&summary.crl);
+    if args.json {
+        let body = serde_json::json!({
+            "name": summary.name,
+            "revoked_serials": summary.revoked_serials,
+            "crl_number": summary.crl_number,
+            "crl": crl,
+        });
+        return write_json(out, &body);
+    }
     writeln!(
         out,
         "Revoked {:?} (serial {}). New CRL number {}: {}",
@@ -221,53 +223,25 @@ fn list(args: CertsList, out: &mut dyn Write) -> anyhow::Result<()> {
         )?;
         return Ok(());
     }
-    let rows: Vec<[String; 4]> = entries
+    let rows: Vec<Vec<String>> = entries
         .iter()
         .map(|e| {
-            [
-                e.name.clone(),
-                e.serial.clone(),
-                short_time(&e.not_after),
+            vec![
+                text::clean(&e.name),
+                text::clean(&e.serial),
+                short_time(&text::clean(&e.not_after)),
                 e.revoked_at
                     .as_deref()
-                    .map_or_else(|| "-".into(), short_time),
+                    .map_or_else(|| "-".into(), |t| short_time(&text::clean(t))),
             ]
         })
         .collect();
-    let header = ["NAME", "SERIAL", "EXPIRES", "REVOKED"].map(String::from);
-    let mut widths = header.clone().map(|h| h.chars().count());
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    for row in std::iter::once(&header).chain(&rows) {
-        let line = row
-            .iter()
-            .zip(widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ");
-        writeln!(out, "{}", line.trim_end())?;
-    }
+    let columns = [
+        ("NAME", Align::Left),
+        ("SERIAL", Align::Left),
+        ("EXPIRES", Align::Left),
+        ("REVOKED", Align::Left),
+    ];
+    out.write_all(text::table(&columns, &rows).as_bytes())?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::short_time;
-
-    #[test]
-    fn times_lose_their_fractional_seconds() {
-        assert_eq!(
-            short_time("2036-11-25T07:09:28.807611523Z"),
-            "2036-11-25T07:09:28Z"
-        );
-        assert_eq!(
-            short_time("2036-11-25T07:09:28.5+01:00"),
-            "2036-11-25T07:09:28+01:00"
-        );
-        assert_eq!(short_time("2036-11-25T07:09:28Z"), "2036-11-25T07:09:28Z");
-        assert_eq!(short_time("not a time"), "not a time");
-    }
 }

@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use url::Url;
 
-use crate::status::{self, Snapshot, StatusSource};
+use crate::status::{self, ApiSource, Snapshot, StatusSource};
 
 /// The environment variable holding the operator token when no `--token-file` is given.
 pub const TOKEN_ENV: &str = "KILN_OPERATOR_TOKEN";
@@ -98,12 +98,7 @@ pub fn operator_token(
 
 pub fn run(args: StatusArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let token = operator_token(args.token_file.as_deref(), std::env::var(TOKEN_ENV).ok())?;
-    let source = StatusSource::Api {
-        url: args.api.clone(),
-        token,
-        timeout: args.timeout,
-    };
-    status::cluster_url(&args.api)?;
+    let source = StatusSource::Api(ApiSource::new(&args.api, &token, args.timeout)?);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
