@@ -537,3 +537,40 @@ async fn status_watch_redraws_and_shows_errors_in_the_frame() {
         .args(["--watch", "--json"]);
     assert_eq!(output(conflicting).await.status.code(), Some(2));
 }
+
+#[tokio::test]
+async fn status_watch_stops_cleanly_on_ctrl_c() {
+    use tokio::io::AsyncReadExt;
+
+    let api = fake_node().await;
+    let mut watch = status(&api);
+    watch
+        .env("KILN_OPERATOR_TOKEN", TOKEN)
+        .args(["--watch", "--interval", "100ms"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = watch.spawn().expect("kiln status --watch starts");
+    let mut stdout = child.stdout.take().expect("piped stdout");
+
+    // Wait until a whole frame has been drawn (its footer), with a deadline.
+    let mut seen = Vec::new();
+    let first_frame = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains("1 live, 1 dead") {
+            let n = stdout.read(&mut buf).await.expect("read stdout");
+            assert!(n > 0, "kiln exited before drawing a frame");
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    assert!(first_frame.is_ok(), "no frame within 30s: {seen:?}");
+
+    let pid = child.id().expect("child pid");
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid fits i32"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("send SIGINT");
+    let status = tokio::time::timeout(std::time::Duration::from_secs(30), child.wait())
+        .await
+        .expect("kiln stops within 30s of Ctrl-C")
+        .expect("wait for kiln");
+    assert!(status.success(), "Ctrl-C ends --watch cleanly: {status:?}");
+}
