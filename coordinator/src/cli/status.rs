@@ -97,7 +97,12 @@ pub fn operator_token(
 }
 
 pub fn run(args: StatusArgs, out: &mut dyn Write) -> anyhow::Result<()> {
-    let token = operator_token(args.token_file.as_deref(), std::env::var(TOKEN_ENV).ok())?;
+    let env_token = match std::env::var(TOKEN_ENV) {
+        Ok(token) => Some(token),
+        Err(std::env::VarError::NotPresent) => None,
+        Err(std::env::VarError::NotUnicode(_)) => bail!("{TOKEN_ENV} is not valid UTF-8"),
+    };
+    let token = operator_token(args.token_file.as_deref(), env_token)?;
     let source = StatusSource::Api(ApiSource::new(&args.api, &token, args.timeout)?);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
