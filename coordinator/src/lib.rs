@@ -2,10 +2,16 @@
 //!
 //! # Layout
 //!
-//! - [`cli`]: the command-line surface (`kiln keys add`, …); every command returns a result and
-//!   `main` turns an error into one line on stderr and a non-zero exit.
+//! - [`cli`]: the command-line surface (`kiln status`, `kiln certs …`, `kiln keys add`); every
+//!   command returns a result and `main` turns an error into one line on stderr and a non-zero
+//!   exit.
+//! - [`status`]: the cluster view — where it is fetched from ([`status::StatusSource`]) and the
+//!   pure table rendering ([`status::render_table`]).
+//! - [`text`]: aligned tables and safe text for what people read.
 //!
-//! The coordinator imports the node's pure wire contract (`kiln_daemon::protocol`) and never
-//! the node's runtime parts.
+//! The coordinator imports the node's pure wire contract (`kiln_daemon::protocol`) and the
+//! cluster CA (`kiln_daemon::pki`), never the node's runtime parts.
 
 pub mod cli;
+pub mod status;
+pub mod text;

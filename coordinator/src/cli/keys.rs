@@ -1,26 +1,11 @@
-//! The `kiln` command line.
+//! `kiln keys add`: creates an API key, prints it once and stores only its hash.
 
 use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Subcommand};
 use kiln_daemon::protocol::Tier;
-
-/// Kiln's coordinator and operator CLI.
-#[derive(Debug, Parser)]
-#[command(name = "kiln", version, about = "Kiln coordinator and operator CLI")]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Manage API keys (stored only as hashes).
-    #[command(subcommand)]
-    Keys(KeysCommand),
-}
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
@@ -44,14 +29,13 @@ pub struct KeysAdd {
     pub json: bool,
 }
 
-/// Runs one parsed command, writing its normal output to `out`.
-pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
-    match cli.command {
-        Command::Keys(KeysCommand::Add(args)) => keys_add(args, out),
+pub fn run(command: KeysCommand, out: &mut dyn Write) -> anyhow::Result<()> {
+    match command {
+        KeysCommand::Add(args) => add(args, out),
     }
 }
 
-fn keys_add(args: KeysAdd, out: &mut dyn Write) -> anyhow::Result<()> {
+fn add(args: KeysAdd, out: &mut dyn Write) -> anyhow::Result<()> {
     let key = kiln_daemon::tiers::add_key(&args.keys_file, &args.account, args.tier)?;
     if args.json {
         let body = serde_json::json!({"account": args.account, "tier": args.tier, "key": key});

@@ -1,0 +1,247 @@
+//! `kiln certs …`: the cluster CA and its member certificates, on top of `kiln_daemon::pki`.
+//!
+//! This module only parses arguments and words the results; every file it makes is made by
+//! `pki`, which refuses to overwrite a CA or a key. It never prints key material.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use kiln_daemon::pki;
+
+use crate::text::{self, Align, short_time};
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Create a cluster CA in a new folder (ca.pem, ca.key, crl.pem, issued.json).
+    Init(CertsInit),
+    /// Issue a member certificate (one per node, one for the coordinator) into a folder.
+    Issue(CertsIssue),
+    /// Revoke every certificate issued to a name and rewrite the CA's crl.pem.
+    Revoke(CertsRevoke),
+    /// List the certificates a CA issued.
+    List(CertsList),
+}
+
+#[derive(Debug, Args)]
+pub struct CertsInit {
+    /// The folder for the CA (created; refused if it already holds a CA).
+    pub dir: PathBuf,
+    /// The cluster's name (lowercase letters, digits, '-' and '.'); members name it in TLS.
+    #[arg(long, default_value = "kiln")]
+    pub cluster: String,
+    /// How long the CA is valid, in days.
+    #[arg(long, default_value_t = pki::DEFAULT_CA_DAYS, value_parser = clap::value_parser!(u32).range(1..))]
+    pub days: u32,
+    /// Print `{"dir", "cluster_id", "not_after"}` as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CertsIssue {
+    /// The CA folder made by `kiln certs init`.
+    #[arg(long = "ca", value_name = "DIR")]
+    pub ca_dir: PathBuf,
+    /// The member's name (its node id; lowercase letters, digits, '-' and '.').
+    pub name: String,
+    /// The folder to write cert.pem, key.pem, ca.pem and crl.pem into [default: ./NAME].
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// How long the certificate is valid, in days (never past the CA's expiry).
+    #[arg(long, default_value_t = pki::DEFAULT_CERT_DAYS, value_parser = clap::value_parser!(u32).range(1..))]
+    pub days: u32,
+    /// Print what was issued and the files written as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CertsRevoke {
+    /// The CA folder made by `kiln certs init`.
+    #[arg(long = "ca", value_name = "DIR")]
+    pub ca_dir: PathBuf,
+    /// The member name whose certificates are revoked.
+    pub name: String,
+    /// Print `{"name", "revoked_serials", "crl_number", "crl"}` as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CertsList {
+    /// The CA folder made by `kiln certs init`.
+    #[arg(long = "ca", value_name = "DIR")]
+    pub ca_dir: PathBuf,
+    /// Print the ledger entries (`name`, `serial`, `not_after`, `revoked_at`) as a JSON array.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(command: CertsCommand, out: &mut dyn Write) -> anyhow::Result<()> {
+    match command {
+        CertsCommand::Init(args) => init(args, out),
+        CertsCommand::Issue(args) => issue(args, out),
+        CertsCommand::Revoke(args) => revoke(args, out),
+        CertsCommand::List(args) => list(args, out),
+    }
+}
+
+/// A path as the operator can paste it anywhere: absolute when it can be resolved.
+fn absolute(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+fn write_json(out: &mut dyn Write, value: &impl serde::Serialize) -> anyhow::Result<()> {
+    let text = serde_json::to_string(value).context("encoding JSON")?;
+    writeln!(out, "{text}").context("writing to stdout")
+}
+
+fn init(args: CertsInit, out: &mut dyn Write) -> anyhow::Result<()> {
+    let summary = pki::init_ca(&args.dir, &args.cluster, args.days)?;
+    let dir = absolute(&summary.dir);
+    if args.json {
+        let body = serde_json::json!({
+            "dir": dir,
+            "cluster_id": summary.cluster_id,
+            "not_after": summary.not_after,
+        });
+        return write_json(out, &body);
+    }
+    writeln!(
+        out,
+        "Created the CA of cluster {:?} in {} (valid until {}).",
+        summary.cluster_id,
+        dir.display(),
+        short_time(&summary.not_after)
+    )?;
+    writeln!(
+        out,
+        "Keep {} secret and offline when you can: whoever holds it can make members of this cluster.",
+        dir.join(pki::CA_KEY_FILE).display()
+    )?;
+    writeln!(
+        out,
+        "Next, issue one certificate per node and one for the coordinator:\n  kiln certs issue --ca {} NAME",
+        dir.display()
+    )?;
+    Ok(())
+}
+
+fn issue(args: CertsIssue, out: &mut dyn Write) -> anyhow::Result<()> {
+    let out_dir = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(&args.name));
+    let summary = pki::issue(&args.ca_dir, &args.name, &out_dir, args.days)?;
+    let dir = absolute(&summary.dir);
+    let files: Vec<PathBuf> = [
+        pki::CERT_FILE,
+        pki::KEY_FILE,
+        pki::CA_CERT_FILE,
+        pki::CRL_FILE,
+    ]
+    .iter()
+    .map(|f| dir.join(f))
+    .filter(|p| p.exists())
+    .collect();
+    if args.json {
+        let body = serde_json::json!({
+            "name": summary.name,
+            "cluster_id": summary.cluster_id,
+            "serial": summary.serial,
+            "not_after": summary.not_after,
+            "dir": dir,
+            "files": files,
+        });
+        return write_json(out, &body);
+    }
+    writeln!(
+        out,
+        "Issued {:?} for cluster {:?} (serial {}, valid until {}):",
+        summary.name,
+        summary.cluster_id,
+        summary.serial,
+        short_time(&summary.not_after)
+    )?;
+    for file in &files {
+        let note = if file.ends_with(pki::KEY_FILE) {
+            "  (private key, mode 600)"
+        } else {
+            ""
+        };
+        writeln!(out, "  {}{note}", file.display())?;
+    }
+    writeln!(
+        out,
+        "Copy this folder to the member (keep key.pem mode 600) and point its config at it:\n  \
+         [cluster]\n  certs_dir = {}",
+        toml::Value::String(dir.display().to_string())
+    )?;
+    Ok(())
+}
+
+fn revoke(args: CertsRevoke, out: &mut dyn Write) -> anyhow::Result<()> {
+    let summary = pki::revoke(&args.ca_dir, &args.name)?;
+    let crl = absolute(&summary.crl);
+    if args.json {
+        let body = serde_json::json!({
+            "name": summary.name,
+            "revoked_serials": summary.revoked_serials,
+            "crl_number": summary.crl_number,
+            "crl": crl,
+        });
+        return write_json(out, &body);
+    }
+    writeln!(
+        out,
+        "Revoked {:?} (serial {}). New CRL number {}: {}",
+        summary.name,
+        summary.revoked_serials.join(", "),
+        summary.crl_number,
+        crl.display()
+    )?;
+    writeln!(
+        out,
+        "Copy it to every member's certs folder as {}; a member refuses the revoked certificate once it has loaded that file.",
+        pki::CRL_FILE
+    )?;
+    Ok(())
+}
+
+fn list(args: CertsList, out: &mut dyn Write) -> anyhow::Result<()> {
+    let entries = pki::list(&args.ca_dir)?;
+    if args.json {
+        return write_json(out, &entries);
+    }
+    if entries.is_empty() {
+        writeln!(
+            out,
+            "No certificates issued yet; issue one with `kiln certs issue --ca {} NAME`.",
+            args.ca_dir.display()
+        )?;
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = entries
+        .iter()
+        .map(|e| {
+            vec![
+                text::clean(&e.name),
+                text::clean(&e.serial),
+                short_time(&text::clean(&e.not_after)),
+                e.revoked_at
+                    .as_deref()
+                    .map_or_else(|| "-".into(), |t| short_time(&text::clean(t))),
+            ]
+        })
+        .collect();
+    let columns = [
+        ("NAME", Align::Left),
+        ("SERIAL", Align::Left),
+        ("EXPIRES", Align::Left),
+        ("REVOKED", Align::Left),
+    ];
+    out.write_all(text::table(&columns, &rows).as_bytes())?;
+    Ok(())
+}

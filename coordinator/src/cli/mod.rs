@@ -1,0 +1,44 @@
+//! The `kiln` command line: argument definitions and dispatch. One submodule per command group;
+//! each command returns a result, and `main` turns an error into one line on stderr and exit 1
+//! (clap exits 2 for bad arguments). Normal output goes to the writer given to [`run`].
+
+use std::io::Write;
+
+use clap::{Parser, Subcommand};
+
+pub mod certs;
+pub mod keys;
+pub mod status;
+
+pub use certs::CertsCommand;
+pub use keys::{KeysAdd, KeysCommand};
+pub use status::StatusArgs;
+
+/// Kiln's coordinator and operator CLI.
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, about = "Kiln coordinator and operator CLI")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show the cluster as a table: every member's state, GPU, queue per tier and cost.
+    Status(StatusArgs),
+    /// Manage the cluster CA and member certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Manage API keys (stored only as hashes).
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+/// Runs one parsed command, writing its normal output to `out`.
+pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Status(args) => status::run(args, out),
+        Command::Certs(command) => certs::run(command, out),
+        Command::Keys(command) => keys::run(command, out),
+    }
+}

@@ -1,0 +1,179 @@
+//! `kiln status`: fetches the cluster view once (or every interval with `--watch`) and prints it
+//! as a table or, with `--json`, exactly as the node sent it.
+//!
+//! The fetching and drawing live in [`crate::status`]; this module only turns arguments and the
+//! environment into a [`StatusSource`] and runs the loop. It never prints the operator token.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use url::Url;
+
+use crate::status::{self, ApiSource, Snapshot, StatusSource};
+
+/// The environment variable holding the operator token when no `--token-file` is given.
+pub const TOKEN_ENV: &str = "KILN_OPERATOR_TOKEN";
+
+/// ANSI: cursor home, then clear the screen.
+const CLEAR_SCREEN: &str = "\x1b[H\x1b[2J";
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Any node's HTTP API.
+    #[arg(
+        long,
+        env = "KILN_API",
+        default_value = "http://127.0.0.1:7860",
+        value_name = "URL"
+    )]
+    pub api: Url,
+    /// A file holding the operator token, readable only by its owner (else the token is read from
+    /// KILN_OPERATOR_TOKEN).
+    #[arg(long, env = "KILN_OPERATOR_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Print the cluster view JSON exactly as the node sent it.
+    #[arg(long, conflicts_with = "watch")]
+    pub json: bool,
+    /// Redraw the table every interval until Ctrl-C.
+    #[arg(long)]
+    pub watch: bool,
+    /// Time between redraws with --watch (e.g. 2s, 500ms; at least 100ms).
+    #[arg(long, default_value = "2s", value_parser = parse_interval, value_name = "DURATION")]
+    pub interval: Duration,
+    /// Stop --watch after this many draws.
+    #[arg(long, hide = true, requires = "watch", value_parser = clap::value_parser!(u64).range(1..))]
+    pub iterations: Option<u64>,
+    /// How long to wait for the node's answer (e.g. 10s).
+    #[arg(long, default_value = "10s", value_parser = parse_timeout, value_name = "DURATION")]
+    pub timeout: Duration,
+}
+
+fn parse_duration(text: &str, min: Duration) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if duration < min {
+        return Err(format!(
+            "must be at least {}",
+            humantime::format_duration(min)
+        ));
+    }
+    Ok(duration)
+}
+
+fn parse_interval(text: &str) -> Result<Duration, String> {
+    parse_duration(text, Duration::from_millis(100))
+}
+
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    parse_duration(text, Duration::from_millis(1))
+}
+
+/// The operator token: from `token_file` when given (a file only its owner can read), else
+/// from `env_token` (the value of `KILN_OPERATOR_TOKEN`).
+pub fn operator_token(
+    token_file: Option<&Path>,
+    env_token: Option<String>,
+) -> anyhow::Result<String> {
+    let token = match token_file {
+        Some(path) => kiln_daemon::config::read_secret_file(path)
+            .map_err(|message| anyhow::anyhow!("operator token: {message}"))?,
+        None => match env_token {
+            Some(token) => token.trim().to_string(),
+            None => bail!(
+                "no operator token: give --token-file FILE or set {TOKEN_ENV} \
+                 (kilnd --dev writes one to <data dir>/operator-token)"
+            ),
+        },
+    };
+    if token.is_empty() {
+        match token_file {
+            Some(path) => bail!("operator token: {} is empty", path.display()),
+            None => bail!("operator token: {TOKEN_ENV} is empty"),
+        }
+    }
+    Ok(token)
+}
+
+pub fn run(args: StatusArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    let env_token = match std::env::var(TOKEN_ENV) {
+        Ok(token) => Some(token),
+        Err(std::env::VarError::NotPresent) => None,
+        Err(std::env::VarError::NotUnicode(_)) => bail!("{TOKEN_ENV} is not valid UTF-8"),
+    };
+    let token = operator_token(args.token_file.as_deref(), env_token)?;
+    let source = StatusSource::Api(ApiSource::new(&args.api, &token, args.timeout)?);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        if args.watch {
+            watch(&source, args.interval, args.iterations, out).await
+        } else {
+            once(&source, args.json, out).await
+        }
+    })
+}
+
+async fn once(source: &StatusSource, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
+    let snapshot = status::fetch(source).await?;
+    if json {
+        let text = snapshot.json.trim_end();
+        writeln!(out, "{text}").context("writing to stdout")?;
+    } else {
+        out.write_all(status::render_table(&snapshot.view).as_bytes())
+            .context("writing to stdout")?;
+    }
+    Ok(())
+}
+
+/// Redraws until Ctrl-C or `iterations` draws. A failed fetch is shown in the frame (above the
+/// last good table, if any) and the loop goes on.
+async fn watch(
+    source: &StatusSource,
+    interval: Duration,
+    iterations: Option<u64>,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut last_good: Option<Snapshot> = None;
+    let mut drawn: u64 = 0;
+    loop {
+        let fetched = tokio::select! {
+            fetched = status::fetch(source) => fetched,
+            signal = &mut ctrl_c => return signal.context("cannot listen for Ctrl-C"),
+        };
+        let mut frame = String::from(CLEAR_SCREEN);
+        frame.push_str(&format!(
+            "Every {}: kiln status --api {source}    (Ctrl-C to stop)\n\n",
+            humantime::format_duration(interval)
+        ));
+        match fetched {
+            Ok(snapshot) => {
+                frame.push_str(&status::render_table(&snapshot.view));
+                last_good = Some(snapshot);
+            }
+            Err(error) => {
+                frame.push_str(&format!("kiln: {error}\n"));
+                if let Some(snapshot) = &last_good {
+                    frame.push_str("\nLast view received:\n");
+                    frame.push_str(&status::render_table(&snapshot.view));
+                }
+            }
+        }
+        out.write_all(frame.as_bytes())
+            .and_then(|()| out.flush())
+            .context("writing to stdout")?;
+        drawn += 1;
+        if iterations.is_some_and(|n| drawn >= n) {
+            return Ok(());
+        }
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            signal = &mut ctrl_c => return signal.context("cannot listen for Ctrl-C"),
+        }
+    }
+}

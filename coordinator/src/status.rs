@@ -1,0 +1,604 @@
+//! The cluster view for `kiln status`: where it comes from ([`StatusSource`], [`fetch`]) and how
+//! it is drawn as a table ([`render_table`]).
+//!
+//! Fetching is behind [`StatusSource`] so that another source (joining the gossip as a member
+//! with a certificate) plugs in beside the HTTP API without touching the rendering. Rendering is
+//! pure: no I/O, no clock, so its output is pinned by golden tests. Nothing here ever prints the
+//! operator token or lets text from the network drive the terminal (control characters in names
+//! and versions are replaced before they are drawn).
+
+use std::fmt;
+use std::time::Duration;
+
+use kiln_daemon::protocol::Tier;
+use kiln_daemon::protocol::cluster::{ClusterMember, ClusterView, GpuStatus};
+use reqwest::StatusCode;
+use reqwest::header::{AUTHORIZATION, HeaderValue};
+use url::Url;
+
+use crate::text::{self, Align, clean, short_time};
+
+/// The largest cluster view body accepted, so a confused server cannot exhaust memory.
+pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+
+/// Where the cluster view comes from. Another source (joining the gossip as a member with a
+/// certificate) becomes another variant; [`fetch`] is the one entry point.
+#[derive(Debug, Clone)]
+pub enum StatusSource {
+    /// `GET {api}/v1/cluster` on any node's HTTP API with the operator token.
+    Api(ApiSource),
+}
+
+impl fmt::Display for StatusSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StatusSource::Api(api) => write!(f, "{}", api.base),
+        }
+    }
+}
+
+/// A node's HTTP API as a status source. Built once and reused, so `--watch` keeps its
+/// connection. Its `Debug` never shows the token.
+#[derive(Clone)]
+pub struct ApiSource {
+    base: Url,
+    url: Url,
+    auth: HeaderValue,
+    timeout: Duration,
+    client: reqwest::Client,
+}
+
+impl fmt::Debug for ApiSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiSource")
+            .field("url", &self.url.as_str())
+            .field("token", &"<redacted>")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ApiSource {
+    /// `api` is the node's API base URL (e.g. `http://127.0.0.1:7860`), `token` the operator
+    /// token, `timeout` the limit for each whole request, connecting included.
+    pub fn new(api: &Url, token: &str, timeout: Duration) -> Result<ApiSource, FetchError> {
+        let url = cluster_url(api)?;
+        let mut auth =
+            HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| FetchError::BadToken)?;
+        auth.set_sensitive(true);
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .build()
+            .map_err(|e| FetchError::Client(innermost(&e)))?;
+        Ok(ApiSource {
+            base: api.clone(),
+            url,
+            auth,
+            timeout,
+            client,
+        })
+    }
+
+    /// The cluster view's URL.
+    pub fn url(&self) -> &Url {
+        &self.url
+    }
+}
+
+/// One cluster view as fetched: parsed, and the JSON text exactly as the source gave it (what
+/// `kiln status --json` prints, so fields this version does not know survive).
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub view: ClusterView,
+    pub json: String,
+}
+
+/// Why no cluster view could be fetched. Each message is one line naming the source.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("{0} is not a usable API URL: {1}")]
+    BadUrl(String, String),
+    #[error("the operator token cannot be sent in an HTTP header (it holds a control character)")]
+    BadToken,
+    #[error("cannot set up the HTTP client: {0}")]
+    Client(String),
+    #[error("cannot reach {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("the node refused the operator token (401)")]
+    Unauthorized,
+    #[error("{url} answered {status}{detail}")]
+    Status {
+        url: String,
+        status: StatusCode,
+        detail: String,
+    },
+    #[error("{url} answered with more than {limit} bytes; that is not a cluster view")]
+    TooLarge { url: String, limit: usize },
+    #[error("{url} did not answer with a cluster view: {reason}")]
+    NotAClusterView { url: String, reason: String },
+}
+
+/// The URL of the cluster view under an API base URL (a base with a path keeps it).
+pub fn cluster_url(api: &Url) -> Result<Url, FetchError> {
+    if !matches!(api.scheme(), "http" | "https") || api.host_str().is_none() {
+        return Err(FetchError::BadUrl(
+            api.to_string(),
+            "give an http:// or https:// URL with a host, e.g. http://127.0.0.1:7860".into(),
+        ));
+    }
+    let mut base = api.clone();
+    base.set_query(None);
+    base.set_fragment(None);
+    if !base.path().ends_with('/') {
+        let path = format!("{}/", base.path());
+        base.set_path(&path);
+    }
+    base.join("v1/cluster")
+        .map_err(|e| FetchError::BadUrl(api.to_string(), e.to_string()))
+}
+
+/// Fetches one cluster view from `source`.
+pub async fn fetch(source: &StatusSource) -> Result<Snapshot, FetchError> {
+    match source {
+        StatusSource::Api(api) => fetch_api(api).await,
+    }
+}
+
+async fn fetch_api(api: &ApiSource) -> Result<Snapshot, FetchError> {
+    let url = &api.url;
+    let unreachable = |e: reqwest::Error| FetchError::Unreachable {
+        url: url.to_string(),
+        reason: if e.is_timeout() {
+            format!(
+                "no answer within {}",
+                humantime::format_duration(api.timeout)
+            )
+        } else {
+            innermost(&e)
+        },
+    };
+    let mut response = api
+        .client
+        .get(url.clone())
+        .header(AUTHORIZATION, api.auth.clone())
+        .send()
+        .await
+        .map_err(unreachable)?;
+    let status = response.status();
+    if status == StatusCode::UNAUTHORIZED {
+        return Err(FetchError::Unauthorized);
+    }
+    let too_large = || FetchError::TooLarge {
+        url: url.to_string(),
+        limit: MAX_BODY_BYTES,
+    };
+    if response
+        .content_length()
+        .is_some_and(|n| n > MAX_BODY_BYTES as u64)
+    {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(unreachable)? {
+        if body.len() + chunk.len() > MAX_BODY_BYTES {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    if !status.is_success() {
+        return Err(FetchError::Status {
+            url: url.to_string(),
+            status,
+            detail: match error_detail(&body) {
+                detail if detail.is_empty() && status == StatusCode::NOT_FOUND => {
+                    " (is this a kilnd API? --api names a node, e.g. http://127.0.0.1:7860)".into()
+                }
+                detail => detail,
+            },
+        });
+    }
+    let json = String::from_utf8(body).map_err(|_| FetchError::NotAClusterView {
+        url: url.to_string(),
+        reason: "the body is not UTF-8".into(),
+    })?;
+    let view =
+        serde_json::from_str::<ClusterView>(&json).map_err(|e| FetchError::NotAClusterView {
+            url: url.to_string(),
+            reason: e.to_string(),
+        })?;
+    Ok(Snapshot { view, json })
+}
+
+/// The most specific cause of a request error (e.g. `Connection refused (os error 111)`).
+fn innermost(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = error;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    one_line(&cause.to_string())
+}
+
+/// `: <message>` from an API error body (`{"error": {"message": …}}`), or nothing.
+fn error_detail(body: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(one_line))
+        .map(|m| format!(": {m}"))
+        .unwrap_or_default()
+}
+
+fn one_line(text: &str) -> String {
+    clean(text.trim()).chars().take(300).collect()
+}
+
+/// Short tier letters for the QUEUE column, highest priority first.
+fn tier_letter(tier: Tier) -> char {
+    match tier {
+        Tier::Enterprise => 'e',
+        Tier::Pro => 'p',
+        Tier::Premium => 'm',
+        Tier::Free => 'f',
+    }
+}
+
+/// A wait in seconds as people read it: `45s`, `3m10s`, `2h5m`, `3d4h`.
+pub fn humanise_wait(seconds: u64) -> String {
+    let (d, h, m, s) = (
+        seconds / 86_400,
+        seconds / 3_600 % 24,
+        seconds / 60 % 60,
+        seconds % 60,
+    );
+    if d > 0 {
+        format!("{d}d{h}h")
+    } else if h > 0 {
+        format!("{h}h{m}m")
+    } else if m > 0 {
+        format!("{m}m{s}s")
+    } else {
+        format!("{s}s")
+    }
+}
+
+const ABSENT: &str = "-";
+
+fn gib(mib: u64) -> String {
+    // One decimal; MiB → GiB.
+    format!("{:.1}", mib as f64 / 1024.0)
+}
+
+/// Mean utilization over the GPUs that report it.
+fn gpu_cell(gpus: &[GpuStatus]) -> String {
+    let utils: Vec<u64> = gpus
+        .iter()
+        .filter_map(|g| g.util_pct.map(u64::from))
+        .collect();
+    if utils.is_empty() {
+        return ABSENT.into();
+    }
+    let mean = utils.iter().sum::<u64>() as f64 / utils.len() as f64;
+    format!("{}%", mean.round() as u64)
+}
+
+/// Used/total VRAM summed over the GPUs, in GiB.
+fn vram_cell(gpus: &[GpuStatus]) -> String {
+    let sum = |f: fn(&GpuStatus) -> Option<u64>| {
+        let values: Vec<u64> = gpus.iter().filter_map(f).collect();
+        (!values.is_empty()).then(|| values.iter().sum::<u64>())
+    };
+    let used = sum(|g| g.mem_used_mib);
+    let total = sum(|g| g.mem_total_mib);
+    match (used, total) {
+        (None, None) => ABSENT.into(),
+        (used, total) => format!(
+            "{}/{}G",
+            used.map_or_else(|| ABSENT.to_string(), gib),
+            total.map_or_else(|| ABSENT.to_string(), gib)
+        ),
+    }
+}
+
+/// The hottest GPU.
+fn temp_cell(gpus: &[GpuStatus]) -> String {
+    gpus.iter()
+        .filter_map(|g| g.temperature_c)
+        .max()
+        .map_or_else(|| ABSENT.into(), |t| format!("{t}C"))
+}
+
+fn queue_cell(member: &ClusterMember) -> String {
+    let queue = &member.status.queue;
+    if queue.is_empty() {
+        return ABSENT.into();
+    }
+    Tier::BY_PRIORITY
+        .iter()
+        .filter_map(|tier| {
+            queue
+                .get(tier)
+                .map(|q| format!("{}{}", tier_letter(*tier), q.queued))
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn oldest_cell(member: &ClusterMember) -> String {
+    member
+        .status
+        .queue
+        .values()
+        .filter_map(|q| q.oldest_wait_s)
+        .max()
+        .map_or_else(|| ABSENT.into(), humanise_wait)
+}
+
+fn price_cell(price: Option<f64>) -> String {
+    match price {
+        Some(p) if p.is_finite() => format!("{p:.3}"),
+        _ => ABSENT.into(),
+    }
+}
+
+const COLUMNS: [(&str, Align); 12] = [
+    ("NODE", Align::Left),
+    ("ROLE", Align::Left),
+    ("PROVIDER", Align::Left),
+    ("STATE", Align::Left),
+    ("GPU", Align::Right),
+    ("VRAM", Align::Right),
+    ("TEMP", Align::Right),
+    ("QUEUE", Align::Left),
+    ("OLDEST", Align::Right),
+    ("RUN", Align::Right),
+    ("$/H", Align::Right),
+    ("VERSION", Align::Left),
+];
+
+fn member_row(member: &ClusterMember) -> Vec<String> {
+    let s = &member.status;
+    let state = if member.live {
+        s.state.as_str().to_string()
+    } else {
+        "dead".to_string()
+    };
+    vec![
+        clean(&s.name),
+        s.role.as_str().to_string(),
+        s.provider.as_deref().map_or_else(|| ABSENT.into(), clean),
+        state,
+        gpu_cell(&s.gpus),
+        vram_cell(&s.gpus),
+        temp_cell(&s.gpus),
+        queue_cell(member),
+        oldest_cell(member),
+        s.running.to_string(),
+        price_cell(s.price_per_hour),
+        if s.version.is_empty() {
+            ABSENT.into()
+        } else {
+            clean(&s.version)
+        },
+    ]
+}
+
+/// The cluster view as an aligned table with one row per member (in the order the view gives:
+/// live first, then dead ones, shown with state `dead`) and a footer line:
+/// `N live, M dead · cluster X · seen by Y at T · $P/h live`.
+///
+/// GPU is the mean utilization, VRAM the used/total GiB summed, TEMP the hottest card, over a
+/// member's GPUs. QUEUE lists waiting jobs per tier, highest first (`e` enterprise, `p` pro,
+/// `m` premium, `f` free); OLDEST is the longest wait over all tiers. Absent values are `-`.
+pub fn render_table(view: &ClusterView) -> String {
+    let rows: Vec<Vec<String>> = view.members.iter().map(member_row).collect();
+    let mut out = text::table(&COLUMNS, &rows);
+    out.push_str(&footer(view));
+    out.push('\n');
+    out
+}
+
+fn footer(view: &ClusterView) -> String {
+    let live = view.members.iter().filter(|m| m.live).count();
+    let dead = view.members.len() - live;
+    let cost: f64 = view
+        .members
+        .iter()
+        .filter(|m| m.live)
+        .filter_map(|m| m.status.price_per_hour)
+        .filter(|p| p.is_finite())
+        // Folded from +0.0: an empty f64 sum is -0.0, which would print as "$-0.000".
+        .fold(0.0, |total, p| total + p);
+    format!(
+        "{live} live, {dead} dead · cluster {} · seen by {} at {} · ${cost:.3}/h live",
+        clean(&view.cluster_id),
+        clean(&view.observed_by),
+        short_time(&clean(&view.observed_at)),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use kiln_daemon::protocol::cluster::{MemberState, MemberStatus, Role, TierQueue};
+
+    use super::*;
+
+    fn member(name: &str, state: MemberState, live: bool) -> ClusterMember {
+        ClusterMember {
+            status: MemberStatus {
+                name: name.into(),
+                role: Role::Node,
+                state,
+                api_url: Some(format!("http://{name}:7860")),
+                version: "0.1.0".into(),
+                provider: None,
+                instance_id: None,
+                price_per_hour: None,
+                gpu_note: None,
+                gpus: Vec::new(),
+                queue: BTreeMap::new(),
+                running: 0,
+            },
+            generation: 1,
+            gossip_addr: format!("quic://{name}:41012"),
+            live,
+        }
+    }
+
+    fn card(util: u32, used: u64, total: u64, temp: u32) -> GpuStatus {
+        GpuStatus {
+            index: 0,
+            name: Some("NVIDIA GeForce RTX 4090".into()),
+            util_pct: Some(util),
+            mem_used_mib: Some(used),
+            mem_total_mib: Some(total),
+            temperature_c: Some(temp),
+            ..GpuStatus::default()
+        }
+    }
+
+    fn sample() -> ClusterView {
+        let mut busy = member("gpu-1", MemberState::Busy, true);
+        busy.status.provider = Some("vast".into());
+        busy.status.price_per_hour = Some(0.42);
+        busy.status.gpus = vec![card(85, 20_608, 24_564, 64)];
+        busy.status.queue = BTreeMap::from([
+            (
+                Tier::Free,
+                TierQueue {
+                    queued: 12,
+                    oldest_wait_s: Some(190),
+                },
+            ),
+            (
+                Tier::Premium,
+                TierQueue {
+                    queued: 5,
+                    oldest_wait_s: Some(45),
+                },
+            ),
+            (
+                Tier::Pro,
+                TierQueue {
+                    queued: 2,
+                    oldest_wait_s: Some(8),
+                },
+            ),
+            (
+                Tier::Enterprise,
+                TierQueue {
+                    queued: 0,
+                    oldest_wait_s: None,
+                },
+            ),
+        ]);
+        busy.status.running = 1;
+
+        let mut warming = member("gpu-2", MemberState::Warming, true);
+        warming.status.provider = Some("runpod".into());
+        warming.status.price_per_hour = Some(0.69);
+        warming.status.gpus = vec![GpuStatus {
+            index: 0,
+            mem_total_mib: Some(24_564),
+            ..GpuStatus::default()
+        }];
+        warming.status.queue = BTreeMap::from([(
+            Tier::Pro,
+            TierQueue {
+                queued: 1,
+                oldest_wait_s: Some(3),
+            },
+        )]);
+
+        let mut coordinator = member("coord", MemberState::Ready, true);
+        coordinator.status.role = Role::Coordinator;
+        coordinator.status.gpu_note = Some("no GPU".into());
+        coordinator.status.version = "0.1.1-dev".into();
+
+        let mut dead = member("gpu-0", MemberState::Ready, false);
+        dead.status.provider = Some("vast".into());
+        dead.status.price_per_hour = Some(0.35);
+        dead.status.gpus = vec![card(0, 1_024, 24_564, 40)];
+
+        ClusterView {
+            cluster_id: "prod".into(),
+            observed_by: "gpu-1".into(),
+            observed_at: "2026-11-28T07:00:00Z".into(),
+            members: vec![coordinator, busy, warming, dead],
+        }
+    }
+
+    #[test]
+    fn table_matches_the_golden_output() {
+        let expected = "\
+NODE   ROLE         PROVIDER  STATE    GPU        VRAM  TEMP  QUEUE         OLDEST  RUN    $/H  VERSION
+coord  coordinator  -         ready      -           -     -  -                  -    0      -  0.1.1-dev
+gpu-1  node         vast      busy     85%  20.1/24.0G   64C  e0 p2 m5 f12   3m10s    1  0.420  0.1.0
+gpu-2  node         runpod    warming    -     -/24.0G     -  p1                3s    0  0.690  0.1.0
+gpu-0  node         vast      dead      0%   1.0/24.0G   40C  -                  -    0  0.350  0.1.0
+3 live, 1 dead · cluster prod · seen by gpu-1 at 2026-11-28T07:00:00Z · $1.110/h live
+";
+        assert_eq!(render_table(&sample()), expected);
+    }
+
+    #[test]
+    fn empty_cluster_has_a_header_and_a_footer() {
+        let view = ClusterView {
+            cluster_id: "dev".into(),
+            observed_by: "n".into(),
+            observed_at: "2026-11-28T07:00:00Z".into(),
+            members: Vec::new(),
+        };
+        assert_eq!(
+            render_table(&view),
+            "NODE  ROLE  PROVIDER  STATE  GPU  VRAM  TEMP  QUEUE  OLDEST  RUN  $/H  VERSION\n\
+             0 live, 0 dead · cluster dev · seen by n at 2026-11-28T07:00:00Z · $0.000/h live\n"
+        );
+    }
+
+    #[test]
+    fn several_gpus_are_summarised() {
+        let mut m = member("big", MemberState::Busy, true);
+        m.status.gpus = vec![card(90, 2_048, 24_576, 70), card(50, 1_024, 24_576, 60)];
+        let row = member_row(&m);
+        assert_eq!(row[4], "70%");
+        assert_eq!(row[5], "3.0/48.0G");
+        assert_eq!(row[6], "70C");
+    }
+
+    #[test]
+    fn control_characters_from_the_network_are_not_drawn() {
+        let mut m = member("evil\u{1b}[2J", MemberState::Ready, true);
+        m.status.version = "1\n2".into();
+        let row = member_row(&m);
+        assert_eq!(row[0], "evil?[2J");
+        assert_eq!(row[11], "1?2");
+    }
+
+    #[test]
+    fn waits_are_humanised() {
+        assert_eq!(humanise_wait(0), "0s");
+        assert_eq!(humanise_wait(45), "45s");
+        assert_eq!(humanise_wait(190), "3m10s");
+        assert_eq!(humanise_wait(3_600), "1h0m");
+        assert_eq!(humanise_wait(7_500), "2h5m");
+        assert_eq!(humanise_wait(3 * 86_400 + 4 * 3_600 + 59), "3d4h");
+    }
+
+    #[test]
+    fn cluster_url_keeps_a_base_path() -> anyhow::Result<()> {
+        let url =
+            |s: &str| -> anyhow::Result<String> { Ok(cluster_url(&Url::parse(s)?)?.to_string()) };
+        assert_eq!(
+            url("http://127.0.0.1:7860")?,
+            "http://127.0.0.1:7860/v1/cluster"
+        );
+        assert_eq!(
+            url("https://k.example/kiln?x=1")?,
+            "https://k.example/kiln/v1/cluster"
+        );
+        assert!(cluster_url(&Url::parse("ftp://x")?).is_err());
+        Ok(())
+    }
+}
