@@ -72,6 +72,47 @@ fn auto_without_a_driver_publishes_none_with_the_reason() {
     assert_eq!(monitor.subscribe().borrow().source, "none");
 }
 
+/// Collects what the `tracing` subscriber writes.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn auto_without_a_driver_warns_once() {
+    if host_has_nvml() {
+        return;
+    }
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        let monitor = GpuMonitor::start(&config(GpuSource::Auto), no_load()).expect("starts");
+        let rx = monitor.subscribe();
+        // No thread polls a driverless monitor: nothing more is published or logged.
+        assert!(!rx.has_changed().expect("open while the monitor lives"));
+        assert_eq!(monitor.latest().source, "none");
+    });
+    let log = String::from_utf8(captured.0.lock().expect("lock").clone()).expect("utf-8");
+    let warnings: Vec<&str> = log.lines().filter(|line| line.contains("WARN")).collect();
+    assert_eq!(warnings.len(), 1, "{log}");
+    assert!(warnings[0].contains("no NVIDIA driver"), "{log}");
+}
+
 #[test]
 fn forced_nvml_without_a_driver_fails_clearly() {
     let result = GpuMonitor::start(&config(GpuSource::Nvml), no_load());
@@ -117,6 +158,7 @@ fn a_configured_library_that_is_not_nvml_fails_clearly() {
                 )),
                 "{source:?}: {error}"
             );
+            assert!(error.starts_with("gpu.nvml_library: "), "{error}");
             assert!(error.contains(reason), "{source:?}: {error}");
             assert_eq!(error.lines().count(), 1, "{error}");
         }

@@ -204,20 +204,23 @@ const SOURCE_NONE_NOTE: &str = "GPU readings are off (gpu.source = \"none\")";
 /// The longest step the sim takes at once, so a suspended host does not jump in one poll.
 const MAX_SIM_STEP: Duration = Duration::from_secs(10);
 
-/// What the polling thread reads.
+/// What the polling thread reads. Both boxed: NVML's table of function pointers is about 12 KB
+/// and the sim's RNG about 300 bytes.
 enum Poller {
-    Nvml(NvmlReader),
-    Sim {
-        gpu: SimGpu,
-        // The polling thread runs on wall-clock time (it sleeps in `recv_timeout`), so the sim
-        // steps by real elapsed time; tokio's paused clock does not apply to it.
-        last: std::time::Instant,
-    },
+    Nvml(Box<NvmlReader>),
+    Sim(Box<SimPoller>),
+}
+
+struct SimPoller {
+    gpu: SimGpu,
+    // The polling thread runs on wall-clock time (it sleeps in `recv_timeout`), so the sim steps
+    // by real elapsed time; tokio's paused clock does not apply to it.
+    last: std::time::Instant,
 }
 
 impl Poller {
     fn sim(config: &GpuConfig) -> Poller {
-        Poller::Sim {
+        Poller::Sim(Box::new(SimPoller {
             gpu: SimGpu::new(
                 &config.sim_name,
                 &sim::host_name(),
@@ -225,17 +228,18 @@ impl Poller {
                 std::process::id(),
             ),
             last: std::time::Instant::now(),
-        }
+        }))
     }
 
     fn poll(&mut self, load: SimLoad) -> GpuSnapshot {
         match self {
             Poller::Nvml(reader) => nvml_snapshot(reader),
-            Poller::Sim { gpu, last } => {
+            Poller::Sim(sim) => {
                 let now = std::time::Instant::now();
-                gpu.step(load, now.duration_since(*last).min(MAX_SIM_STEP));
-                *last = now;
-                sim_snapshot(gpu)
+                sim.gpu
+                    .step(load, now.duration_since(sim.last).min(MAX_SIM_STEP));
+                sim.last = now;
+                sim_snapshot(&sim.gpu)
             }
         }
     }
@@ -285,29 +289,29 @@ impl GpuMonitor {
     pub fn start(config: &GpuConfig, load: watch::Receiver<SimLoad>) -> anyhow::Result<GpuMonitor> {
         config.validate().map_err(anyhow::Error::msg)?;
         let library = config.nvml_library.as_deref();
-        let poller = match config.source {
+        let opened = match config.source {
             GpuSource::None => {
                 return Ok(Self::without_thread(GpuSnapshot::none(SOURCE_NONE_NOTE)));
             }
-            GpuSource::Sim => Poller::sim(config),
-            GpuSource::Nvml => Poller::Nvml(
-                NvmlReader::open(library)
-                    .map_err(|error| anyhow::anyhow!("gpu.source = \"nvml\": {error}"))?,
-            ),
-            GpuSource::Auto => match NvmlReader::open(library) {
-                Ok(reader) => Poller::Nvml(reader),
-                Err(error @ NvmlOpenError::BadLibrary { .. }) if library.is_some() => {
-                    anyhow::bail!("gpu.nvml_library: {error}")
-                }
-                Err(error) => {
-                    let note = error.to_string();
-                    tracing::warn!(
-                        %note,
-                        "no GPU readings: running without GPU metrics (gpu.source = \"auto\")"
-                    );
-                    return Ok(Self::without_thread(GpuSnapshot::none(note)));
-                }
-            },
+            GpuSource::Sim => {
+                return Self::with_thread(Poller::sim(config), config.poll_interval(), load);
+            }
+            GpuSource::Auto | GpuSource::Nvml => NvmlReader::open(library),
+        };
+        let poller = match (opened, config.source) {
+            (Ok(reader), _) => Poller::Nvml(Box::new(reader)),
+            (Err(error @ NvmlOpenError::BadLibrary { .. }), _) if library.is_some() => {
+                anyhow::bail!("gpu.nvml_library: {error}")
+            }
+            (Err(error), GpuSource::Nvml) => anyhow::bail!("gpu.source = \"nvml\": {error}"),
+            (Err(error), _) => {
+                let note = error.to_string();
+                tracing::warn!(
+                    %note,
+                    "no GPU readings: running without GPU metrics (gpu.source = \"auto\")"
+                );
+                return Ok(Self::without_thread(GpuSnapshot::none(note)));
+            }
         };
         Self::with_thread(poller, config.poll_interval(), load)
     }
