@@ -310,3 +310,28 @@ fn kilnd_gpu_sim_prints_one_simulated_card() {
         serde_json::from_slice(&kilnd(&["gpu", "--sim"]).stdout).expect("JSON again");
     assert_eq!(again["gpus"][0]["uuid"], card["uuid"]);
 }
+
+#[tokio::test]
+async fn drop_stops_the_thread_without_waiting_for_the_next_poll() {
+    let config = GpuConfig {
+        poll_interval_ms: 60_000,
+        ..config(GpuSource::Sim)
+    };
+    let monitor = GpuMonitor::start(&config, no_load()).expect("the sim starts");
+    let mut rx = monitor.subscribe();
+    assert_eq!(
+        monitor.latest().gpus.len(),
+        1,
+        "the first reading is taken at start"
+    );
+    let dropping = tokio::task::spawn_blocking(move || drop(monitor));
+    // Far less than the 60 s poll interval: the drop wakes the thread at once.
+    tokio::time::timeout(Duration::from_secs(10), dropping)
+        .await
+        .expect("drop returned before the poll interval")
+        .expect("drop did not panic");
+    assert!(
+        rx.changed().await.is_err(),
+        "the channel is closed after drop"
+    );
+}

@@ -144,7 +144,7 @@ impl std::fmt::Debug for NvmlReader {
 #[derive(Debug)]
 pub struct NvmlPoll {
     pub gpus: Vec<GpuReading>,
-    /// Set when the devices could not even be counted.
+    /// Why `gpus` is empty: the devices could not be counted, or there are none.
     pub note: Option<String>,
 }
 
@@ -190,7 +190,9 @@ impl NvmlReader {
             tracing::info!("NVML counts the GPUs again");
         }
         let gpus = (0..count).map(|index| self.read_device(index)).collect();
-        NvmlPoll { gpus, note: None }
+        // A driver with no visible card (a container started without its GPUs, say).
+        let note = (count == 0).then(|| "NVML sees no GPU".to_string());
+        NvmlPoll { gpus, note }
     }
 
     fn read_device(&mut self, index: u32) -> GpuReading {
