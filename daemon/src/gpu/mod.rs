@@ -201,9 +201,6 @@ pub struct SimLoad {
 /// The note of a monitor configured off.
 const SOURCE_NONE_NOTE: &str = "GPU readings are off (gpu.source = \"none\")";
 
-/// The longest step the sim takes at once, so a suspended host does not jump in one poll.
-const MAX_SIM_STEP: Duration = Duration::from_secs(10);
-
 /// What the polling thread reads. Both boxed: NVML's table of function pointers is about 12 KB
 /// and the sim's RNG about 300 bytes.
 enum Poller {
@@ -236,8 +233,8 @@ impl Poller {
             Poller::Nvml(reader) => nvml_snapshot(reader),
             Poller::Sim(sim) => {
                 let now = std::time::Instant::now();
-                sim.gpu
-                    .step(load, now.duration_since(sim.last).min(MAX_SIM_STEP));
+                // Any step length is fine: after a long one the lags have simply settled.
+                sim.gpu.step(load, now.duration_since(sim.last));
                 sim.last = now;
                 sim_snapshot(&sim.gpu)
             }
