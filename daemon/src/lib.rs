@@ -16,6 +16,7 @@
 pub mod api;
 pub mod comfy;
 pub mod config;
+pub mod gpu;
 pub mod metrics;
 pub mod node;
 pub mod pki;

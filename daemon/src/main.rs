@@ -57,12 +57,15 @@ enum Command {
         /// The config file to check.
         file: PathBuf,
     },
+    /// Read the GPUs once through NVML and print the reading as JSON (`--sim`: a simulated card).
+    Gpu(kiln_daemon::gpu::GpuArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::ComfySim(args)) => kiln_daemon::comfy::sim::main(*args),
+        Some(Command::Gpu(args)) => kiln_daemon::gpu::command(args),
         Some(Command::CheckConfig { file }) => {
             let checked = kiln_daemon::config::Config::load(&file)
                 .map_err(anyhow::Error::from)
