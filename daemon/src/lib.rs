@@ -17,6 +17,7 @@ pub mod api;
 pub mod comfy;
 pub mod config;
 pub mod metrics;
+pub mod net;
 pub mod node;
 pub mod pki;
 pub mod protocol;
