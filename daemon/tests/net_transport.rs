@@ -123,10 +123,10 @@ async fn send_until_received(
     loop {
         anyhow::ensure!(Instant::now() < deadline, "{to} never received {payload:?}");
         from.try_send(to, Channel::Peer, Bytes::from_static(payload))?;
-        if let Ok(Some(inbound)) = timeout(Duration::from_millis(100), rx.recv()).await {
-            if &inbound.payload[..] == payload {
-                return Ok(inbound);
-            }
+        if let Ok(Some(inbound)) = timeout(Duration::from_millis(100), rx.recv()).await
+            && &inbound.payload[..] == payload
+        {
+            return Ok(inbound);
         }
     }
 }

@@ -241,12 +241,10 @@ impl NetConfig {
                 self.idle_timeout
             );
         }
-        if let Some(advertise) = self.advertise {
-            if advertise.addr.port() == 0 || advertise.addr.ip().is_unspecified() {
-                anyhow::bail!(
-                    "advertise = {advertise} cannot be dialled: give a specific IP and port"
-                );
-            }
+        if let Some(advertise) = self.advertise
+            && (advertise.addr.port() == 0 || advertise.addr.ip().is_unspecified())
+        {
+            anyhow::bail!("advertise = {advertise} cannot be dialled: give a specific IP and port");
         }
         Ok(())
     }
