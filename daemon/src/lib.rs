@@ -18,6 +18,7 @@ pub mod comfy;
 pub mod config;
 pub mod gpu;
 pub mod metrics;
+pub mod net;
 pub mod node;
 pub mod pki;
 pub mod protocol;
