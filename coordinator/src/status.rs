@@ -27,12 +27,15 @@ pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 pub enum StatusSource {
     /// `GET {api}/v1/cluster` on any node's HTTP API with the operator token.
     Api(ApiSource),
+    /// Joined the gossip as a member holding a certificate from the cluster CA.
+    Member(MemberSource),
 }
 
 impl fmt::Display for StatusSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             StatusSource::Api(api) => write!(f, "{}", api.base),
+            StatusSource::Member(member) => write!(f, "{}", member.seeds.join(",")),
         }
     }
 }
@@ -142,6 +145,157 @@ pub fn cluster_url(api: &Url) -> Result<Url, FetchError> {
 pub async fn fetch(source: &StatusSource) -> Result<Snapshot, FetchError> {
     match source {
         StatusSource::Api(api) => fetch_api(api).await,
+        StatusSource::Member(member) => member.fetch().await,
+    }
+}
+
+/// A member of the cluster's gossip with no GPU (role coordinator), joined for as long as the
+/// command runs. It sees what every member sees, without any node's API or operator token.
+#[derive(Clone)]
+pub struct MemberSource {
+    cluster: std::sync::Arc<kiln_daemon::cluster::Cluster>,
+    seeds: Vec<String>,
+    timeout: Duration,
+    settled: std::sync::Arc<tokio::sync::OnceCell<()>>,
+}
+
+impl fmt::Debug for MemberSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemberSource")
+            .field("name", &self.cluster.name())
+            .field("seeds", &self.seeds)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The local address that routes to `seed` (no packet is sent: a connected UDP socket only
+/// asks the kernel for a route).
+fn local_ip_towards(seed: std::net::SocketAddr) -> Option<std::net::IpAddr> {
+    let bind: std::net::SocketAddr = if seed.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = std::net::UdpSocket::bind(bind).ok()?;
+    socket.connect(seed).ok()?;
+    socket.local_addr().ok().map(|a| a.ip())
+}
+
+impl MemberSource {
+    /// Joins the cluster with the certificate in `certs_dir` (from `kiln certs issue`),
+    /// contacting `seeds` (`quic://host:port`, `tcp://host:port` or `host:port`). Listens on the
+    /// local address that routes to the first seed, on a free port, with the seeds' transports.
+    pub async fn join(
+        certs_dir: &std::path::Path,
+        seeds: &[String],
+        timeout: Duration,
+    ) -> anyhow::Result<MemberSource> {
+        use kiln_daemon::cluster::{Cluster, ClusterSettings, parse_seed};
+        use kiln_daemon::config::{ClusterSection, TransportKind};
+        use kiln_daemon::net::Scheme;
+        use kiln_daemon::protocol::cluster::{MemberState, MemberStatus, Role};
+
+        if seeds.is_empty() {
+            anyhow::bail!("--certs needs at least one --seed (any member's gossip address)");
+        }
+        let mut transports = Vec::new();
+        let mut first = None;
+        for seed in seeds {
+            let (scheme, host_port) = parse_seed(seed)?;
+            let kind = match scheme {
+                Scheme::Tcp => TransportKind::Tcp,
+                _ => TransportKind::Quic,
+            };
+            if !transports.contains(&kind) {
+                transports.push(kind);
+            }
+            if first.is_none() {
+                first = tokio::net::lookup_host(host_port.as_str())
+                    .await
+                    .map_err(|e| anyhow::anyhow!("seed {seed}: {e}"))?
+                    .next();
+            }
+        }
+        let first = first.ok_or_else(|| anyhow::anyhow!("no seed resolves to an address"))?;
+        let ip = local_ip_towards(first)
+            .ok_or_else(|| anyhow::anyhow!("no local address routes to {first}"))?;
+        let section = ClusterSection {
+            certs_dir: Some(certs_dir.to_path_buf()),
+            listen: std::net::SocketAddr::new(ip, 0),
+            transports,
+            seeds: seeds.to_vec(),
+            ..ClusterSection::default()
+        };
+        let settings = ClusterSettings::from_config(&section, |name| std::env::var(name).ok())?
+            .ok_or_else(|| anyhow::anyhow!("no certificates given"))?;
+        let status = MemberStatus {
+            name: String::new(),
+            role: Role::Coordinator,
+            state: MemberState::Ready,
+            api_url: None,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            provider: None,
+            instance_id: None,
+            price_per_hour: None,
+            gpu_note: None,
+            gpus: Vec::new(),
+            queue: Default::default(),
+            running: 0,
+        };
+        let cluster = std::sync::Arc::new(Cluster::start(settings, status).await?);
+        cluster.spawn_view_task(true);
+        Ok(MemberSource {
+            cluster,
+            seeds: seeds.to_vec(),
+            timeout,
+            settled: Default::default(),
+        })
+    }
+
+    /// The first time: waits until another member is seen and the view has stopped changing
+    /// for a moment (bounded by the timeout). Then the current view, without this observer.
+    async fn fetch(&self) -> Result<Snapshot, FetchError> {
+        let unreachable = |reason: String| FetchError::Unreachable {
+            url: self.seeds.join(","),
+            reason,
+        };
+        self.settled
+            .get_or_try_init(|| async {
+                let deadline = tokio::time::Instant::now() + self.timeout;
+                let mut joined = self.cluster.joined();
+                let mut changes = self.cluster.subscribe();
+                tokio::time::timeout_at(deadline, joined.wait_for(|j| *j))
+                    .await
+                    .map_err(|_| {
+                        unreachable(format!(
+                            "no member answered within {} (is the seed right, and is this \
+                             certificate from the cluster's CA?)",
+                            humantime::format_duration(self.timeout)
+                        ))
+                    })?
+                    .map_err(|_| unreachable("the gossip stopped".into()))?;
+                // Settled: no change for a few gossip rounds, or the deadline.
+                let quiet = Duration::from_millis(1500);
+                while let Ok(Ok(_)) = tokio::time::timeout_at(
+                    deadline.min(tokio::time::Instant::now() + quiet),
+                    changes.recv(),
+                )
+                .await
+                {}
+                Ok::<(), FetchError>(())
+            })
+            .await?;
+        let mut view = self.cluster.view();
+        view.members
+            .retain(|member| member.status.name != self.cluster.name());
+        let json = serde_json::to_string_pretty(&view)
+            .map_err(|e| unreachable(format!("cannot encode the view: {e}")))?;
+        Ok(Snapshot { view, json })
+    }
+
+    /// Leaves the gossip.
+    pub async fn leave(&self) {
+        self.cluster.shutdown().await;
     }
 }
 

@@ -28,6 +28,8 @@ pub struct Config {
     pub tiers: TierTable,
     #[serde(default)]
     pub cluster: ClusterSection,
+    #[serde(default)]
+    pub gpu: crate::gpu::GpuConfig,
 }
 
 /// `[node]`: who this node is and where it keeps its data.
@@ -489,6 +491,10 @@ impl Config {
             ));
         }
         self.cluster.validate()?;
+        self.gpu.validate().map_err(|message| {
+            let key = message.split(':').next().unwrap_or("gpu").to_string();
+            ConfigError::Invalid { key, message }
+        })?;
         self.tiers.validate().map_err(|message| {
             let key = message.split(' ').next().unwrap_or("tiers").to_string();
             ConfigError::Invalid { key, message }
@@ -608,6 +614,8 @@ command = ["python", "main.py", "--port", "8188"]
             ),
             ("[cluster]\napi_url = \"ftp://x\"\n", "cluster.api_url"),
             ("[cluster]\ntransports = [\"udp\"]\n", "udp"),
+            ("[gpu]\npoll_interval_ms = 5\n", "gpu.poll_interval_ms"),
+            ("[gpu]\nsource = \"cuda\"\n", "cuda"),
         ] {
             let err = Config::parse(&format!("{MINIMAL}\n{extra}")).expect_err(extra);
             assert!(err.to_string().contains(key), "{err} should name {key}");

@@ -14,6 +14,7 @@
 //! - [`node`]: wires the parts together; [`node::run`] is the entry point tests call in-process.
 
 pub mod api;
+pub mod cluster;
 pub mod comfy;
 pub mod config;
 pub mod gpu;

@@ -64,6 +64,33 @@ pub struct Metrics {
     pub comfy_restarts: Counter,
     pub comfy_ready: Gauge,
     pub http_requests: Family<HttpLabels, Counter>,
+    pub gossip: GossipMetrics,
+}
+
+/// The cluster transport's counters, copied from the endpoint's statistics at each scrape.
+#[derive(Debug, Default, Clone)]
+pub struct GossipMetrics {
+    pub members: Family<MemberLabels, Gauge>,
+    pub handshakes_rejected: Counter,
+    pub frames_sent: Counter,
+    pub frames_received: Counter,
+    pub bytes_sent: Counter,
+    pub bytes_received: Counter,
+    pub frames_dropped: Counter,
+    pub connections: Gauge,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MemberLabels {
+    pub live: String,
+}
+
+/// Raises a counter to `value` (counters only go up; a lower value is ignored).
+pub fn raise_to(counter: &Counter, value: u64) {
+    let current = counter.get();
+    if value > current {
+        counter.inc_by(value - current);
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -139,6 +166,47 @@ impl Metrics {
             "HTTP requests by route and status",
             http_requests.clone(),
         );
+        let gossip = GossipMetrics::default();
+        registry.register(
+            "gossip_members",
+            "Cluster members this node knows, live or dead",
+            gossip.members.clone(),
+        );
+        registry.register(
+            "gossip_handshakes_rejected",
+            "Incoming cluster connections refused in the TLS handshake (no or foreign certificate, wrong protocol)",
+            gossip.handshakes_rejected.clone(),
+        );
+        registry.register(
+            "gossip_frames_sent",
+            "Cluster messages sent",
+            gossip.frames_sent.clone(),
+        );
+        registry.register(
+            "gossip_frames_received",
+            "Cluster messages received",
+            gossip.frames_received.clone(),
+        );
+        registry.register(
+            "gossip_bytes_sent",
+            "Cluster message bytes sent",
+            gossip.bytes_sent.clone(),
+        );
+        registry.register(
+            "gossip_bytes_received",
+            "Cluster message bytes received",
+            gossip.bytes_received.clone(),
+        );
+        registry.register(
+            "gossip_frames_dropped",
+            "Cluster messages lost: full queues, oversize, undecodable, failed dials or sends",
+            gossip.frames_dropped.clone(),
+        );
+        registry.register(
+            "gossip_connections",
+            "Open cluster connections",
+            gossip.connections.clone(),
+        );
         Arc::new(Metrics {
             registry,
             queue_depth,
@@ -150,6 +218,7 @@ impl Metrics {
             comfy_restarts,
             comfy_ready,
             http_requests,
+            gossip,
         })
     }
 

@@ -24,12 +24,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::{self, AppState};
+use crate::cluster::status::{GpuPart, StatusIdentity, StatusSink, StatusSources};
+use crate::cluster::{Cluster, ClusterSettings, StatusCell};
 use crate::comfy::ComfyControl;
 use crate::comfy::client::{ComfyClient, ComfyError};
 use crate::comfy::executor::{self, RunEvent, RunOptions, RunOutcome};
 use crate::comfy::supervisor::{Supervisor, SupervisorConfig, SupervisorState};
 use crate::comfy::types::ObjectInfo;
 use crate::config::{ApiSection, ClusterSection, ComfySection, Config, JobsSection, NodeSection};
+use crate::gpu::{GpuConfig, GpuMonitor, GpuSource, SimLoad};
 use crate::metrics::Metrics;
 use crate::protocol::{JobError, JobStatus, Progress, Tier};
 use crate::queue::{Job, JobStore, NewOutput, Outcome, StoreOptions};
@@ -196,6 +199,8 @@ pub struct NodeParts {
     pub keys: KeyRing,
     pub operator_token: Option<String>,
     pub supervisor: SupervisorConfig,
+    /// Cluster membership, when `[cluster]` names certificates.
+    pub cluster: Option<ClusterSettings>,
 }
 
 impl NodeParts {
@@ -206,11 +211,14 @@ impl NodeParts {
         let keys =
             KeyRing::load(&config.api.keys_file).with_context(|| "api.keys_file".to_string())?;
         let supervisor = supervisor_config(&config)?;
+        let cluster =
+            ClusterSettings::from_config(&config.cluster, |name| std::env::var(name).ok())?;
         Ok(NodeParts {
             config,
             keys,
             operator_token,
             supervisor,
+            cluster,
         })
     }
 }
@@ -239,6 +247,7 @@ pub async fn run(
         keys,
         operator_token,
         supervisor,
+        cluster: cluster_settings,
     } = parts;
     let config = Arc::new(config);
     let data_dir = config.node.data_dir.clone();
@@ -266,9 +275,22 @@ pub async fn run(
         stop.child_token(),
     );
 
+    // In a cluster the certificate's name is the node's name.
+    let node_name = match &cluster_settings {
+        Some(settings) => {
+            let cert_name = settings.identity.name().to_string();
+            if let Some(configured) = &config.node.name
+                && configured != &cert_name
+            {
+                tracing::warn!(%configured, certificate = %cert_name,
+                    "node.name differs from the certificate's name; the cluster knows this node by the certificate's");
+            }
+            cert_name
+        }
+        None => config.node.name.clone().unwrap_or_else(hostname),
+    };
     let supervisor =
         Supervisor::spawn(supervisor).context("cannot start the ComfyUI supervisor")?;
-    let node_name = config.node.name.clone().unwrap_or_else(hostname);
     let client = Arc::new(
         ComfyClient::new(
             config.comfy.url.clone(),
@@ -308,6 +330,115 @@ pub async fn run(
         stop: runner_stop.clone(),
     }));
 
+    // Membership: join the cluster (or stand alone) and keep publishing this node's status.
+    let api_port = listener
+        .local_addr()
+        .map(|a| a.port())
+        .unwrap_or(config.api.listen.port());
+    let generation = unix_ms().max(0) as u64;
+    let draining = CancellationToken::new();
+    // GPU readings (NVML on its own thread, or the simulated card following our load).
+    let (load_tx, load_rx) = watch::channel(SimLoad::default());
+    let gpu_config = config.gpu.clone();
+    let monitor = tokio::task::spawn_blocking(move || GpuMonitor::start(&gpu_config, load_rx))
+        .await
+        .context("the GPU monitor's start panicked")??;
+    let (gpu_tx, gpu_rx) = watch::channel(GpuPart::from_snapshot(&monitor.latest()));
+    {
+        let mut readings = monitor.subscribe();
+        let stop = stop.child_token();
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    changed = readings.changed() => if changed.is_err() { break },
+                }
+                let part = GpuPart::from_snapshot(&readings.borrow_and_update());
+                gpu_tx.send_if_modified(|current| {
+                    let changed = *current != part;
+                    *current = part;
+                    changed
+                });
+            }
+        });
+    }
+    let mut identity = StatusIdentity {
+        name: node_name.clone(),
+        api_url: config.cluster.api_url.clone(),
+        provider: config.cluster.provider.clone(),
+        instance_id: config.cluster.instance_id.clone(),
+        price_per_hour: config.cluster.price_per_hour,
+    };
+    let (membership, sink, cluster) = match cluster_settings {
+        Some(settings) => {
+            let has_seeds = !settings.seeds.is_empty();
+            let initial = crate::cluster::status::node_status(
+                &identity,
+                &supervisor.subscribe_state().borrow(),
+                &store.summary(),
+                &GpuPart::default(),
+                false,
+                unix_ms(),
+            );
+            let cluster = Arc::new(
+                Cluster::start(settings, initial)
+                    .await
+                    .context("cannot join the cluster")?,
+            );
+            cluster.spawn_view_task(has_seeds);
+            if identity.api_url.is_none() {
+                let advertised = cluster.endpoint().advertise().addr.ip();
+                let ip = if config.api.listen.ip().is_unspecified() {
+                    advertised
+                } else {
+                    config.api.listen.ip()
+                };
+                identity.api_url = Some(format!("http://{}", SocketAddr::new(ip, api_port)));
+            }
+            tracing::info!(
+                name = %cluster.name(),
+                cluster = %cluster.cluster_id(),
+                gossip = %cluster.endpoint().advertise(),
+                "joined the cluster's gossip"
+            );
+            (
+                api::Membership::Member(cluster.clone()),
+                StatusSink::Cluster(cluster.clone()),
+                Some(cluster),
+            )
+        }
+        None => {
+            if identity.api_url.is_none()
+                && let Ok(local) = listener.local_addr()
+            {
+                identity.api_url = Some(format!("http://{local}"));
+            }
+            let cell = Arc::new(StatusCell::default());
+            (
+                api::Membership::Standalone {
+                    status: cell.clone(),
+                    generation,
+                },
+                StatusSink::Alone(cell),
+                None,
+            )
+        }
+    };
+    let publisher_stop = CancellationToken::new();
+    let publisher = tokio::spawn(crate::cluster::status::publish_loop(
+        StatusSources {
+            identity,
+            supervisor: supervisor.subscribe_state(),
+            store: store.clone(),
+            gpu: gpu_rx,
+            draining: draining.clone(),
+            busy: load_tx,
+        },
+        sink,
+        Duration::from_secs(1),
+        publisher_stop.clone(),
+    ));
+
     let state = AppState {
         store: store.clone(),
         keys,
@@ -317,6 +448,7 @@ pub async fn run(
         object_info: info_rx,
         readiness: ready_rx,
         live: live.clone(),
+        membership,
     };
     let app = api::router(state);
     let local = listener.local_addr().ok();
@@ -333,6 +465,7 @@ pub async fn run(
 
     shutdown.await;
     tracing::info!("shutting down");
+    draining.cancel();
     stop.cancel();
     runner_stop.cancel();
     match tokio::time::timeout(config.jobs.drain_timeout() + Duration::from_secs(5), runner).await {
@@ -343,6 +476,13 @@ pub async fn run(
     if let Err(error) = supervisor.shutdown().await {
         tracing::warn!(%error, "stopping ComfyUI");
     }
+    publisher_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(2), publisher).await;
+    if let Some(cluster) = cluster {
+        // One more round so peers see `draining` before this member goes quiet.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        cluster.shutdown().await;
+    }
     http_stop.cancel();
     match tokio::time::timeout(Duration::from_secs(5), http).await {
         Ok(Ok(Ok(()))) => {}
@@ -352,6 +492,7 @@ pub async fn run(
     }
     tasks.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
+    drop(monitor);
     if let Err(error) = store.close().await {
         tracing::warn!(%error, "closing the job store");
     }
@@ -847,6 +988,10 @@ pub async fn run_dev(
         },
         jobs: JobsSection::default(),
         tiers: TierTable::default(),
+        gpu: GpuConfig {
+            source: GpuSource::Sim,
+            ..GpuConfig::default()
+        },
         cluster: ClusterSection {
             certs_dir: Some(dev_certs),
             listen: SocketAddr::new(listen.ip(), 0),
@@ -868,12 +1013,14 @@ pub async fn run_dev(
     println!("try: curl -s http://{addr}/readyz");
 
     let supervisor = supervisor_config(&config)?;
+    let cluster = ClusterSettings::from_config(&config.cluster, |name| std::env::var(name).ok())?;
     run(
         NodeParts {
             config,
             keys: KeyRing::fixed(keys.entries()),
             operator_token: Some(operator_token),
             supervisor,
+            cluster,
         },
         listener,
         shutdown,

@@ -11,7 +11,7 @@
 //!
 //! Revocation is by certificate revocation list: `kiln certs revoke` rewrites the CA folder's
 //! `crl.pem`, which operators copy next to the members' certificates (`crl.pem` in the certs
-//! folder); kilnd checks it at every handshake once loaded.
+//! folder); kilnd reads it at start and checks it at every handshake.
 //!
 //! On-disk layout. A CA folder holds `ca.pem`, `ca.key` (0600), `crl.pem` and `issued.json` (the
 //! ledger of issued serials, which revocation needs). A member's certs folder holds `cert.pem`,

@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use url::Url;
 
-use crate::status::{self, ApiSource, Snapshot, StatusSource};
+use crate::status::{self, ApiSource, MemberSource, Snapshot, StatusSource};
 
 /// The environment variable holding the operator token when no `--token-file` is given.
 pub const TOKEN_ENV: &str = "KILN_OPERATOR_TOKEN";
@@ -34,6 +34,14 @@ pub struct StatusArgs {
     /// KILN_OPERATOR_TOKEN).
     #[arg(long, env = "KILN_OPERATOR_TOKEN_FILE", value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// Join the gossip as a member with this certificate folder (from `kiln certs issue`)
+    /// instead of asking a node's API; needs --seed.
+    #[arg(long, env = "KILN_CERTS_DIR", value_name = "DIR")]
+    pub certs: Option<PathBuf>,
+    /// With --certs: a member's gossip address, `quic://host:port`, `tcp://host:port` or
+    /// `host:port` (repeatable).
+    #[arg(long = "seed", value_name = "ADDR", requires = "certs")]
+    pub seeds: Vec<String>,
     /// Print the cluster view JSON exactly as the node sent it.
     #[arg(long, conflicts_with = "watch")]
     pub json: bool,
@@ -97,23 +105,36 @@ pub fn operator_token(
 }
 
 pub fn run(args: StatusArgs, out: &mut dyn Write) -> anyhow::Result<()> {
-    let env_token = match std::env::var(TOKEN_ENV) {
-        Ok(token) => Some(token),
-        Err(std::env::VarError::NotPresent) => None,
-        Err(std::env::VarError::NotUnicode(_)) => bail!("{TOKEN_ENV} is not valid UTF-8"),
-    };
-    let token = operator_token(args.token_file.as_deref(), env_token)?;
-    let source = StatusSource::Api(ApiSource::new(&args.api, &token, args.timeout)?);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
-        if args.watch {
+        let source = match &args.certs {
+            Some(certs) => {
+                StatusSource::Member(MemberSource::join(certs, &args.seeds, args.timeout).await?)
+            }
+            None => {
+                let env_token = match std::env::var(TOKEN_ENV) {
+                    Ok(token) => Some(token),
+                    Err(std::env::VarError::NotPresent) => None,
+                    Err(std::env::VarError::NotUnicode(_)) => {
+                        bail!("{TOKEN_ENV} is not valid UTF-8")
+                    }
+                };
+                let token = operator_token(args.token_file.as_deref(), env_token)?;
+                StatusSource::Api(ApiSource::new(&args.api, &token, args.timeout)?)
+            }
+        };
+        let result = if args.watch {
             watch(&source, args.interval, args.iterations, out).await
         } else {
             once(&source, args.json, out).await
+        };
+        if let StatusSource::Member(member) = &source {
+            member.leave().await;
         }
+        result
     })
 }
 
@@ -148,8 +169,12 @@ async fn watch(
         };
         let mut frame = String::from(CLEAR_SCREEN);
         frame.push_str(&format!(
-            "Every {}: kiln status --api {source}    (Ctrl-C to stop)\n\n",
-            humantime::format_duration(interval)
+            "Every {}: kiln status {} {source}    (Ctrl-C to stop)\n\n",
+            humantime::format_duration(interval),
+            match source {
+                StatusSource::Api(_) => "--api",
+                StatusSource::Member(_) => "--seed",
+            }
         ));
         match fetched {
             Ok(snapshot) => {

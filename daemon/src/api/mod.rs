@@ -5,6 +5,7 @@
 //! shape, workflow, quota, admission) runs before the store is touched, so nothing refused is
 //! ever stored. Handlers never talk to ComfyUI directly; running jobs are the runner's business.
 
+mod cluster;
 mod error;
 mod jobs;
 mod openapi;
@@ -20,6 +21,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::sync::watch;
 
+pub use cluster::Membership;
 pub use error::ApiError;
 
 use crate::comfy::types::ObjectInfo;
@@ -44,6 +46,8 @@ pub struct AppState {
     pub object_info: watch::Receiver<Option<Arc<ObjectInfo>>>,
     pub readiness: watch::Receiver<Readiness>,
     pub live: Arc<Live>,
+    /// The cluster this node belongs to, or itself alone.
+    pub membership: Membership,
 }
 
 /// The router of a node's API. Tests call it without a server.
@@ -53,6 +57,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}", get(jobs::get_job).delete(jobs::cancel))
         .route("/v1/jobs/{id}/events", get(jobs::events))
         .route("/v1/jobs/{id}/outputs/{index}", get(jobs::output))
+        .route("/v1/cluster", get(cluster::view))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -102,7 +107,12 @@ pub(crate) async fn healthz() -> impl IntoResponse {
     responses((status = 200, description = "ready"),
               (status = 503, description = "unavailable, with the reason", body = crate::protocol::ErrorBody)))]
 pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
-    let readiness = state.readiness.borrow().clone();
+    let mut readiness = state.readiness.borrow().clone();
+    if readiness == Readiness::Ready
+        && let Some(reason) = state.membership.not_joined()
+    {
+        readiness = Readiness::NotReady(reason.to_string());
+    }
     match readiness {
         Readiness::Ready => axum::Json(serde_json::json!({"status": "ready"})).into_response(),
         Readiness::NotReady(reason) => ApiError::new(ErrorCode::Unavailable, reason)
@@ -117,6 +127,9 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
     state
         .live
         .refresh_queue_metrics(&state.store, &state.metrics);
+    if let Membership::Member(cluster) = &state.membership {
+        cluster.record_metrics(&state.metrics.gossip);
+    }
     (
         StatusCode::OK,
         [(

@@ -17,6 +17,7 @@ use crate::protocol;
         super::jobs::cancel,
         super::jobs::events,
         super::jobs::output,
+        super::cluster::view,
         super::healthz,
         super::readyz,
         super::metrics,
@@ -34,6 +35,13 @@ use crate::protocol;
         protocol::ErrorBody,
         protocol::ErrorDetail,
         protocol::ErrorCode,
+        protocol::cluster::ClusterView,
+        protocol::cluster::ClusterMember,
+        protocol::cluster::MemberStatus,
+        protocol::cluster::GpuStatus,
+        protocol::cluster::TierQueue,
+        protocol::cluster::Role,
+        protocol::cluster::MemberState,
     )),
     modifiers(&BearerAuth),
 )]
@@ -46,6 +54,10 @@ impl Modify for BearerAuth {
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "api_key",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        components.add_security_scheme(
+            "operator_token",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
     }

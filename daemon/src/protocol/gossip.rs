@@ -62,6 +62,28 @@ pub const REQUIRED_KEYS: [&str; 3] = [KEY_ROLE, KEY_STATE, KEY_VERSION];
 /// encoding no longer has (e.g. a GPU field that became unsupported).
 pub const OWNED_PREFIXES: [&str; 2] = [PREFIX_QUEUE, PREFIX_GPU];
 
+/// Whether `key` belongs to the status encoding (so a publisher may delete it when a new
+/// encoding no longer has it). Keys outside these belong to other protocols.
+pub fn is_status_key(key: &str) -> bool {
+    const TOP: [&str; 11] = [
+        KEY_ROLE,
+        KEY_STATE,
+        KEY_VERSION,
+        KEY_ADDR,
+        KEY_API,
+        KEY_PROVIDER,
+        KEY_INSTANCE,
+        KEY_PRICE,
+        KEY_RUNNING,
+        KEY_GPU_NOTE,
+        KEY_GPU_COUNT,
+    ];
+    TOP.contains(&key)
+        || key.starts_with(PREFIX_QUEUE)
+        || key.starts_with(PREFIX_GPU)
+        || key.starts_with(PREFIX_NET)
+}
+
 /// A member's status, with its gossip address and alternative addresses, as key-value pairs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Published {
@@ -112,7 +134,7 @@ pub fn quantise_wait_s(seconds: u64) -> u64 {
 
 /// A price in USD per hour to tenths of a cent.
 pub fn price_to_mills(usd_per_hour: f64) -> Option<u64> {
-    if usd_per_hour.is_finite() && usd_per_hour >= 0.0 && usd_per_hour < 1e9 {
+    if (0.0..1e9).contains(&usd_per_hour) {
         Some((usd_per_hour * 1000.0).round() as u64)
     } else {
         None

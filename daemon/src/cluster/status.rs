@@ -1,0 +1,263 @@
+//! What this node tells the cluster about itself, and the task that keeps telling it.
+//!
+//! [`member_state`] and [`queue_of`] are pure: they turn the supervisor's state, the runner's
+//! activity and the store's queue summary into the published [`MemberStatus`]. The publisher
+//! task re-reads them every second (and at once when ComfyUI's state changes) and hands the
+//! result to the cluster (or, for a node alone, to the API's status cell). Values are
+//! quantised here, so unchanged readings publish nothing new.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{Cluster, StatusCell};
+use crate::comfy::supervisor::SupervisorState;
+use crate::protocol::cluster::{GpuStatus, MemberState, MemberStatus, Role, TierQueue};
+use crate::protocol::gossip::{quantise_gpu, quantise_wait_s};
+use crate::queue::{JobStore, QueueSummary};
+
+/// The member state a node shows, from ComfyUI's supervisor and the runner.
+pub fn member_state(supervisor: &SupervisorState, running: u64, draining: bool) -> MemberState {
+    if draining {
+        return MemberState::Draining;
+    }
+    match supervisor {
+        SupervisorState::Starting { .. } => MemberState::Starting,
+        SupervisorState::WarmingUp { .. } => MemberState::Warming,
+        SupervisorState::Ready { .. } if running > 0 => MemberState::Busy,
+        SupervisorState::Ready { .. } => MemberState::Ready,
+        SupervisorState::Stopping => MemberState::Draining,
+        _ => MemberState::Unhealthy,
+    }
+}
+
+/// Waiting jobs per tier, with the oldest wait quantised; tiers with none are absent.
+pub fn queue_of(summary: &QueueSummary, now_ms: i64) -> BTreeMap<crate::protocol::Tier, TierQueue> {
+    summary
+        .tiers
+        .iter()
+        .filter(|t| t.queued > 0)
+        .map(|t| {
+            let oldest = t
+                .oldest_created_at_ms
+                .map(|created| quantise_wait_s(((now_ms - created).max(0) / 1000) as u64));
+            (
+                t.tier,
+                TierQueue {
+                    queued: t.queued,
+                    oldest_wait_s: oldest,
+                },
+            )
+        })
+        .collect()
+}
+
+/// The fixed parts of a node's status (set at start).
+#[derive(Debug, Clone)]
+pub struct StatusIdentity {
+    pub name: String,
+    pub api_url: Option<String>,
+    pub provider: Option<String>,
+    pub instance_id: Option<String>,
+    pub price_per_hour: Option<f64>,
+}
+
+/// GPU readings as the status carries them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GpuPart {
+    pub gpus: Vec<GpuStatus>,
+    pub note: Option<String>,
+}
+
+impl GpuPart {
+    /// The readings of a GPU snapshot as the status carries them (quantised later, when the
+    /// status is built).
+    pub fn from_snapshot(snapshot: &crate::gpu::GpuSnapshot) -> GpuPart {
+        const MIB: u64 = 1024 * 1024;
+        let mw_to_w = |mw: u32| mw.saturating_add(500) / 1000;
+        GpuPart {
+            gpus: snapshot
+                .gpus
+                .iter()
+                .map(|g| GpuStatus {
+                    index: g.index,
+                    name: g.name.clone(),
+                    uuid: g.uuid.clone(),
+                    util_pct: g.util_gpu_pct,
+                    mem_util_pct: g.util_mem_pct,
+                    mem_used_mib: g.mem_used_bytes.map(|b| b / MIB),
+                    mem_total_mib: g.mem_total_bytes.map(|b| b / MIB),
+                    temperature_c: g.temperature_c,
+                    power_w: g.power_mw.map(mw_to_w),
+                    power_limit_w: g.power_limit_mw.map(mw_to_w),
+                    processes: g
+                        .processes
+                        .as_ref()
+                        .map(|p| u32::try_from(p.len()).unwrap_or(u32::MAX)),
+                })
+                .collect(),
+            note: snapshot.note.clone(),
+        }
+    }
+}
+
+/// Builds the node's status from its parts.
+pub fn node_status(
+    identity: &StatusIdentity,
+    supervisor: &SupervisorState,
+    summary: &QueueSummary,
+    gpu: &GpuPart,
+    draining: bool,
+    now_ms: i64,
+) -> MemberStatus {
+    MemberStatus {
+        name: identity.name.clone(),
+        role: Role::Node,
+        state: member_state(supervisor, summary.running, draining),
+        api_url: identity.api_url.clone(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        provider: identity.provider.clone(),
+        instance_id: identity.instance_id.clone(),
+        price_per_hour: identity.price_per_hour,
+        gpu_note: gpu.note.clone(),
+        gpus: gpu.gpus.iter().map(quantise_gpu).collect(),
+        queue: queue_of(summary, now_ms),
+        running: u32::try_from(summary.running).unwrap_or(u32::MAX),
+    }
+}
+
+/// Where a status goes.
+#[derive(Clone, Debug)]
+pub enum StatusSink {
+    Cluster(Arc<Cluster>),
+    Alone(Arc<StatusCell>),
+}
+
+/// The sources the publisher reads.
+pub struct StatusSources {
+    pub identity: StatusIdentity,
+    pub supervisor: watch::Receiver<SupervisorState>,
+    pub store: JobStore,
+    pub gpu: watch::Receiver<GpuPart>,
+    /// Set when the node starts shutting down.
+    pub draining: CancellationToken,
+    /// Told whether a job runs (the simulated GPU follows it).
+    pub busy: watch::Sender<crate::gpu::SimLoad>,
+}
+
+impl StatusSources {
+    fn build(&self) -> MemberStatus {
+        let supervisor = self.supervisor.borrow().clone();
+        let summary = self.store.summary();
+        let gpu = self.gpu.borrow().clone();
+        self.busy.send_if_modified(|load| {
+            let busy = summary.running > 0;
+            let changed = load.busy != busy;
+            load.busy = busy;
+            changed
+        });
+        node_status(
+            &self.identity,
+            &supervisor,
+            &summary,
+            &gpu,
+            self.draining.is_cancelled(),
+            crate::node::unix_ms(),
+        )
+    }
+}
+
+/// Publishes the node's status every `interval` and whenever ComfyUI's state changes, until
+/// `stop`; the last status published says `draining`.
+pub async fn publish_loop(
+    mut sources: StatusSources,
+    sink: StatusSink,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let status = sources.build();
+        publish(&sink, status).await;
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = sources.draining.cancelled(), if !sources.draining.is_cancelled() => {}
+            changed = sources.supervisor.changed() => if changed.is_err() { break },
+            _ = sources.gpu.changed() => {}
+            _ = tick.tick() => {}
+        }
+    }
+    let mut status = sources.build();
+    status.state = MemberState::Draining;
+    publish(&sink, status).await;
+}
+
+async fn publish(sink: &StatusSink, status: MemberStatus) {
+    match sink {
+        StatusSink::Cluster(cluster) => cluster.publish(status).await,
+        StatusSink::Alone(cell) => cell.set(status),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Tier;
+    use crate::queue::TierCount;
+
+    #[test]
+    fn state_follows_supervisor_and_runner() {
+        let ready = SupervisorState::Ready { generation: 1 };
+        assert_eq!(member_state(&ready, 0, false), MemberState::Ready);
+        assert_eq!(member_state(&ready, 1, false), MemberState::Busy);
+        assert_eq!(member_state(&ready, 0, true), MemberState::Draining);
+        assert_eq!(
+            member_state(&SupervisorState::Starting { generation: 0 }, 0, false),
+            MemberState::Starting
+        );
+        assert_eq!(
+            member_state(&SupervisorState::WarmingUp { generation: 1 }, 0, false),
+            MemberState::Warming
+        );
+        let crashed = SupervisorState::Restarting {
+            attempt: 1,
+            backoff: Duration::from_secs(1),
+            reason: "exit 1".into(),
+        };
+        assert_eq!(member_state(&crashed, 0, false), MemberState::Unhealthy);
+    }
+
+    #[test]
+    fn queue_summary_becomes_quantised_tiers() {
+        let summary = QueueSummary {
+            tiers: vec![
+                TierCount {
+                    tier: Tier::Pro,
+                    queued: 2,
+                    accounts: 1,
+                    oldest_created_at_ms: Some(1_000),
+                },
+                TierCount {
+                    tier: Tier::Free,
+                    queued: 0,
+                    accounts: 0,
+                    oldest_created_at_ms: None,
+                },
+            ],
+            running: 1,
+        };
+        let queue = queue_of(&summary, 1_000 + 47_900);
+        assert_eq!(queue.len(), 1);
+        assert_eq!(
+            queue.get(&Tier::Pro),
+            Some(&TierQueue {
+                queued: 2,
+                oldest_wait_s: Some(45)
+            })
+        );
+    }
+}
