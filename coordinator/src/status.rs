@@ -168,6 +168,27 @@ impl fmt::Debug for MemberSource {
     }
 }
 
+/// What an observer (`kiln status` joined as a member) publishes: a coordinator with no GPU.
+fn observer_status(
+    state: kiln_daemon::protocol::cluster::MemberState,
+) -> kiln_daemon::protocol::cluster::MemberStatus {
+    use kiln_daemon::protocol::cluster::{MemberStatus, Role};
+    MemberStatus {
+        name: String::new(),
+        role: Role::Coordinator,
+        state,
+        api_url: None,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        provider: None,
+        instance_id: None,
+        price_per_hour: None,
+        gpu_note: None,
+        gpus: Vec::new(),
+        queue: Default::default(),
+        running: 0,
+    }
+}
+
 /// The local address that routes to `seed` (no packet is sent: a connected UDP socket only
 /// asks the kernel for a route).
 fn local_ip_towards(seed: std::net::SocketAddr) -> Option<std::net::IpAddr> {
@@ -193,7 +214,7 @@ impl MemberSource {
         use kiln_daemon::cluster::{Cluster, ClusterSettings, parse_seed};
         use kiln_daemon::config::{ClusterSection, TransportKind};
         use kiln_daemon::net::Scheme;
-        use kiln_daemon::protocol::cluster::{MemberState, MemberStatus, Role};
+        use kiln_daemon::protocol::cluster::MemberState;
 
         if seeds.is_empty() {
             anyhow::bail!("--certs needs at least one --seed (any member's gossip address)");
@@ -228,21 +249,9 @@ impl MemberSource {
         };
         let settings = ClusterSettings::from_config(&section, |name| std::env::var(name).ok())?
             .ok_or_else(|| anyhow::anyhow!("no certificates given"))?;
-        let status = MemberStatus {
-            name: String::new(),
-            role: Role::Coordinator,
-            state: MemberState::Ready,
-            api_url: None,
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            provider: None,
-            instance_id: None,
-            price_per_hour: None,
-            gpu_note: None,
-            gpus: Vec::new(),
-            queue: Default::default(),
-            running: 0,
-        };
-        let cluster = std::sync::Arc::new(Cluster::start(settings, status).await?);
+        let cluster = std::sync::Arc::new(
+            Cluster::start(settings, observer_status(MemberState::Ready)).await?,
+        );
         cluster.spawn_view_task(true);
         Ok(MemberSource {
             cluster,
@@ -262,18 +271,22 @@ impl MemberSource {
         self.settled
             .get_or_try_init(|| async {
                 let deadline = tokio::time::Instant::now() + self.timeout;
-                let mut joined = self.cluster.joined();
+                let mut view = self.cluster.watch();
                 let mut changes = self.cluster.subscribe();
-                tokio::time::timeout_at(deadline, joined.wait_for(|j| *j))
-                    .await
-                    .map_err(|_| {
-                        unreachable(format!(
-                            "no member answered within {} (is the seed right, and is this \
+                let me = self.cluster.name().to_string();
+                tokio::time::timeout_at(
+                    deadline,
+                    view.wait_for(|s| s.live().any(|m| m.status.name != me)),
+                )
+                .await
+                .map_err(|_| {
+                    unreachable(format!(
+                        "no member answered within {} (is the seed right, and is this \
                              certificate from the cluster's CA?)",
-                            humantime::format_duration(self.timeout)
-                        ))
-                    })?
-                    .map_err(|_| unreachable("the gossip stopped".into()))?;
+                        humantime::format_duration(self.timeout)
+                    ))
+                })?
+                .map_err(|_| unreachable("the gossip stopped".into()))?;
                 // Settled: no change for a few gossip rounds, or the deadline.
                 let quiet = Duration::from_millis(1500);
                 while let Ok(Ok(_)) = tokio::time::timeout_at(
@@ -293,8 +306,15 @@ impl MemberSource {
         Ok(Snapshot { view, json })
     }
 
-    /// Leaves the gossip.
+    /// Leaves the gossip: says `draining` for a moment first, so the nodes drop this observer
+    /// from their view at once instead of listing it until their failure detectors time out.
     pub async fn leave(&self) {
+        self.cluster
+            .publish(observer_status(
+                kiln_daemon::protocol::cluster::MemberState::Draining,
+            ))
+            .await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
         self.cluster.shutdown().await;
     }
 }

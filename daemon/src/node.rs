@@ -955,6 +955,9 @@ pub async fn run_dev(
         format!("cannot listen on {listen} (use --listen to pick another address)")
     })?;
     let comfy_port = free_port().context("cannot find a free port for the simulator")?;
+    let gossip = std::net::UdpSocket::bind(SocketAddr::new(listen.ip(), 0))
+        .and_then(|socket| socket.local_addr())
+        .context("cannot find a free UDP port for gossip")?;
     let exe = std::env::current_exe().context("cannot find the kilnd executable")?;
     let mut command = vec![
         exe.to_string_lossy().into_owned(),
@@ -994,7 +997,7 @@ pub async fn run_dev(
         },
         cluster: ClusterSection {
             certs_dir: Some(dev_certs),
-            listen: SocketAddr::new(listen.ip(), 0),
+            listen: gossip,
             ..ClusterSection::default()
         },
     };
@@ -1010,6 +1013,11 @@ pub async fn run_dev(
         println!("  {:<11} {key}", account.tier.as_str());
     }
     println!("operator token: {operator_token}");
+    println!(
+        "cluster: a one-member cluster gossiping on quic://{gossip}; to watch it as a member:\n  \
+         kiln certs issue --ca {ca} operator && kiln status --certs operator --seed quic://{gossip}",
+        ca = certs_root.join("ca").display()
+    );
     println!("try: curl -s http://{addr}/readyz");
 
     let supervisor = supervisor_config(&config)?;

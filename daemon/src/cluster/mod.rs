@@ -32,7 +32,7 @@ use crate::config::{ClusterSection, TransportKind, expand_env};
 use crate::net::gossip::GossipTransport;
 use crate::net::{Endpoint, NetConfig, PeerAddr, Scheme};
 use crate::pki::Identity;
-use crate::protocol::cluster::{ClusterMember, ClusterView, MemberStatus};
+use crate::protocol::cluster::{ClusterMember, ClusterView, MemberState, MemberStatus};
 use crate::protocol::gossip::{self, Published, REQUIRED_KEYS};
 
 /// Everything needed to join a cluster, resolved from the config and the environment.
@@ -162,6 +162,7 @@ pub struct Cluster {
     joined: watch::Sender<bool>,
     schemes: Vec<Scheme>,
     alternates: BTreeMap<String, String>,
+    gossip_interval: Duration,
     stop: CancellationToken,
     tasks: TaskTracker,
 }
@@ -283,6 +284,7 @@ impl Cluster {
             joined,
             schemes,
             alternates,
+            gossip_interval: settings.gossip_interval,
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
         };
@@ -292,9 +294,15 @@ impl Cluster {
 
     /// Starts the task that keeps the view up to date. Separate from `start` so that the
     /// caller holds the `Arc` the task needs.
+    ///
+    /// The member counts as joined once it sees another live member, or, when no seed answers
+    /// within a grace of ten gossip rounds (at least 5 s), alone: the first member of a cluster
+    /// lists the others as seeds too, and a node whose peers are all gone must still serve.
     pub fn spawn_view_task(self: &Arc<Self>, has_seeds: bool) {
         let cluster = self.clone();
         let stop = self.stop.clone();
+        let alone_after =
+            tokio::time::Instant::now() + (self.gossip_interval * 10).max(Duration::from_secs(5));
         self.tasks.spawn(async move {
             let mut watcher = cluster.chitchat.lock().await.live_nodes_watcher();
             let mut routes = HashMap::new();
@@ -312,7 +320,11 @@ impl Cluster {
                     .borrow()
                     .live()
                     .any(|m| m.status.name != cluster.name);
-                if !has_seeds || others {
+                let alone = tokio::time::Instant::now() >= alone_after;
+                if !has_seeds || others || alone {
+                    if has_seeds && !others && !*cluster.joined.borrow() {
+                        tracing::warn!("no other cluster member answered; serving alone for now");
+                    }
                     cluster.joined.send_if_modified(|joined| {
                         let changed = !*joined;
                         *joined = true;
@@ -358,8 +370,10 @@ impl Cluster {
                 // version: not part of the view.
                 Err(_) => continue,
             };
-            // A coordinator or operator that left holds no jobs: nothing to show once it is dead.
-            if !is_live && published.status.role == crate::protocol::cluster::Role::Coordinator {
+            // A coordinator or operator that is leaving or gone holds no jobs: nothing to show.
+            if published.status.role == crate::protocol::cluster::Role::Coordinator
+                && (!is_live || published.status.state == MemberState::Draining)
+            {
                 continue;
             }
             self.route(&id, &published, routes);
@@ -523,7 +537,8 @@ impl Cluster {
         self.changes.subscribe()
     }
 
-    /// True once this member has seen another live member (or has no seeds to wait for).
+    /// True once this member has seen another live member, has no seeds to wait for, or has
+    /// waited out the grace for seeds to answer.
     pub fn joined(&self) -> watch::Receiver<bool> {
         self.joined.subscribe()
     }
