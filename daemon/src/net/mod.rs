@@ -59,8 +59,11 @@ pub const ALPN: &[u8] = b"kiln/1";
 const INBOUND_QUEUE_LEN: usize = 1024;
 /// How long a destination is not dialled again after a failed dial or send.
 const FAILURE_BACKOFF: Duration = Duration::from_millis(500);
-/// How long `close` waits for tasks and QUIC connections to wind down.
+/// How long `close` waits for its tasks to end.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// How long `close` waits for closed QUIC connections to drain (3 PTOs; a connection that never
+/// measured its RTT, such as a dial to a dead peer, uses the 333 ms initial RTT: about 3 s).
+const QUIC_DRAIN_GRACE: Duration = Duration::from_secs(4);
 
 /// The protocols multiplexed on one endpoint.
 #[repr(u8)]
@@ -601,6 +604,8 @@ impl Endpoint {
     }
 
     /// Closes listeners and connections; once it returns, the ports are free to bind again.
+    /// With QUIC this waits for closed connections to drain: usually milliseconds, up to about
+    /// 3 s after a recent dial to a peer that never answered.
     pub async fn close(&self) {
         self.inner.close().await;
     }
@@ -729,7 +734,11 @@ impl Inner {
                 }
                 backoff_until = None;
             }
-            if let Err(error) = self.deliver(to, frame).await {
+            let delivered = tokio::select! {
+                () = self.cancel.cancelled() => return,
+                delivered = self.deliver(to, frame) => delivered,
+            };
+            if let Err(error) = delivered {
                 bump(&self.counters.send_failures, 1);
                 tracing::debug!(%to, error = format!("{error:#}"), "frame not delivered");
                 backoff_until = Some(Instant::now() + FAILURE_BACKOFF);
@@ -1092,7 +1101,7 @@ impl Inner {
         if let Some(dialer) = dialer {
             let endpoint = dialer.endpoint.clone();
             drop(dialer);
-            let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
+            let _ = tokio::time::timeout(QUIC_DRAIN_GRACE, endpoint.wait_idle()).await;
             drop(endpoint);
             if let Some(addr) = self.local_quic {
                 wait_udp_released(addr).await;
