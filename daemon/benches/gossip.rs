@@ -44,30 +44,38 @@ struct Node {
     handle: ChitchatHandle,
 }
 
-/// Waits on every node in `nodes` (in parallel) until `predicate` holds in its live view;
-/// returns each node's wait from `start`.
-async fn wait_each<F>(
-    nodes: &[Node],
-    start: Instant,
+/// Starts a watcher on every node in `nodes` (before the event being timed), each finishing
+/// when `predicate` holds in that node's live view; `collect` then returns each node's wait
+/// from `start`, sorted.
+async fn watch_each<'a, F>(
+    nodes: impl IntoIterator<Item = &'a Node>,
     limit: Duration,
     predicate: F,
-) -> anyhow::Result<Vec<Duration>>
+) -> Vec<tokio::task::JoinHandle<Result<Instant, tokio::time::error::Elapsed>>>
 where
     F: Fn(&LiveNodes) -> bool + Clone + Send + Sync + 'static,
 {
-    let mut tasks = Vec::with_capacity(nodes.len());
+    let mut tasks = Vec::new();
     for node in nodes {
         let mut watcher = node.handle.with_chitchat(|c| c.live_nodes_watcher()).await;
         let predicate = predicate.clone();
         tasks.push(tokio::spawn(async move {
             timeout(limit, watcher.wait_for(|live| predicate(live)))
                 .await
-                .map(|_| start.elapsed())
+                .map(|_| Instant::now())
         }));
     }
+    tasks
+}
+
+async fn collect(
+    tasks: Vec<tokio::task::JoinHandle<Result<Instant, tokio::time::error::Elapsed>>>,
+    start: Instant,
+) -> anyhow::Result<Vec<Duration>> {
     let mut waits = Vec::with_capacity(tasks.len());
     for task in tasks {
-        waits.push(task.await?.context("a node did not get there in time")?);
+        let at = task.await?.context("a node did not get there in time")?;
+        waits.push(at.saturating_duration_since(start));
     }
     waits.sort();
     Ok(waits)
@@ -128,10 +136,8 @@ async fn run() -> anyhow::Result<()> {
     }
     println!("started {n} nodes in {:?}", started.elapsed());
 
-    let converged = wait_each(&nodes, started, Duration::from_secs(60), move |live| {
-        live.len() == n
-    })
-    .await?;
+    let watchers = watch_each(&nodes, Duration::from_secs(60), move |live| live.len() == n).await;
+    let converged = collect(watchers, started).await?;
     println!(
         "membership converged (all see all): {:?} after the first node started",
         converged.last().copied().unwrap_or_default()
@@ -161,39 +167,24 @@ async fn run() -> anyhow::Result<()> {
         let origin = (s as usize * 7) % n;
         let origin_name = format!("node-{origin}");
         let value = format!("{}", s + 1);
+        let (origin_name2, value2) = (origin_name.clone(), value.clone());
+        let others = nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != origin)
+            .map(|(_, node)| node);
+        let watchers = watch_each(others, Duration::from_secs(20), move |live| {
+            live.iter().any(|(id, state)| {
+                *id.node_id == *origin_name2 && state.get("gpu.0.util") == Some(value2.as_str())
+            })
+        })
+        .await;
         let start = Instant::now();
         nodes[origin]
             .handle
             .with_chitchat(|c| c.self_node_state().set("gpu.0.util", &value))
             .await;
-        let others: Vec<&Node> = nodes
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != origin)
-            .map(|(_, node)| node)
-            .collect();
-        let mut waits = Vec::new();
-        let mut tasks = Vec::new();
-        for node in others {
-            let mut watcher = node.handle.with_chitchat(|c| c.live_nodes_watcher()).await;
-            let (origin_name, value) = (origin_name.clone(), value.clone());
-            tasks.push(tokio::spawn(async move {
-                timeout(
-                    Duration::from_secs(20),
-                    watcher.wait_for(|live| {
-                        live.iter().any(|(id, state)| {
-                            *id.node_id == *origin_name
-                                && state.get("gpu.0.util") == Some(value.as_str())
-                        })
-                    }),
-                )
-                .await
-                .map(|_| start.elapsed())
-            }));
-        }
-        for task in tasks {
-            waits.push(task.await?.context("a key change did not propagate")?);
-        }
+        let waits = collect(watchers, start).await?;
         propagation.extend(waits);
     }
     propagation.sort();
@@ -208,13 +199,16 @@ async fn run() -> anyhow::Result<()> {
     // Crash detection: stop the last node, then time until every other node drops it.
     let victim = nodes.pop().context("nodes")?;
     let victim_name = victim.handle.chitchat_id().node_id.to_string();
-    let start = Instant::now();
-    victim.handle.shutdown().await?;
-    victim.endpoint.close().await;
-    let detection = wait_each(&nodes, start, Duration::from_secs(30), move |live| {
+    let watchers = watch_each(&nodes, Duration::from_secs(30), move |live| {
         !live.keys().any(|id| *id.node_id == *victim_name)
     })
-    .await?;
+    .await;
+    let start = Instant::now();
+    victim.handle.shutdown().await?;
+    // Closing waits for QUIC connections to drain; the observers are timed meanwhile.
+    let closing = tokio::spawn(async move { victim.endpoint.close().await });
+    let detection = collect(watchers, start).await?;
+    closing.await?;
     println!(
         "crashed node marked dead: first {:?}, p50 {:?}, all {:?}",
         detection.first().copied().unwrap_or_default(),
@@ -236,10 +230,11 @@ async fn run() -> anyhow::Result<()> {
         totals.2,
         totals.2 as f64 / nodes.len() as f64
     );
-    for node in nodes {
-        node.handle.shutdown().await?;
+    let stops = nodes.into_iter().map(|node| async move {
+        let _ = node.handle.shutdown().await;
         node.endpoint.close().await;
-    }
+    });
+    futures::future::join_all(stops).await;
     Ok(())
 }
 
