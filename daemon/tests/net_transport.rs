@@ -315,6 +315,32 @@ async fn close_releases_port(scheme: Scheme) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn idle_expiry(scheme: Scheme) -> anyhow::Result<()> {
+    let net = Net::new(scheme);
+    let config = NetConfig {
+        keep_alive: Duration::from_millis(200),
+        idle_timeout: Duration::from_millis(800),
+        ..net.config()
+    };
+    let a = net.node_full("a", config.clone(), None).await;
+    let b = net.node_full("b", config, None).await;
+    let mut b_rx = peer_rx(&b);
+    a.try_send(addr(&b), Channel::Peer, Bytes::from_static(b"once"))?;
+    recv(&mut b_rx).await?;
+    assert_eq!(a.stats().connections_open, 1);
+    wait_until("both sides close the idle connection", || {
+        a.stats().connections_open == 0 && b.stats().connections_open == 0
+    })
+    .await?;
+    // And a new frame dials again.
+    a.try_send(addr(&b), Channel::Peer, Bytes::from_static(b"again"))?;
+    assert_eq!(&recv(&mut b_rx).await?.payload[..], b"again");
+    assert_eq!(a.stats().connections_dialled, 2);
+    a.close().await;
+    b.close().await;
+    Ok(())
+}
+
 macro_rules! conformance {
     ($module:ident, $scheme:expr) => {
         mod $module {
@@ -353,6 +379,11 @@ macro_rules! conformance {
             #[tokio::test]
             async fn close_releases_the_port() -> anyhow::Result<()> {
                 close_releases_port($scheme).await
+            }
+
+            #[tokio::test]
+            async fn idle_connections_expire() -> anyhow::Result<()> {
+                idle_expiry($scheme).await
             }
         }
     };
