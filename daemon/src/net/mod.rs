@@ -21,6 +21,19 @@
 //! sends (with a timeout). A full queue drops the frame and counts it; gossip tolerates loss.
 //! Callers that need delivery must acknowledge at their own protocol level.
 //!
+//! Guarantees and limits:
+//!
+//! - Delivery is best effort and frames carry no ordering guarantee (QUIC streams are read
+//!   concurrently). Callers that need delivery or order must acknowledge or sequence at their
+//!   own protocol level.
+//! - mTLS authenticates *membership*; the advertised address in a frame header is taken on the
+//!   member's word (any member could claim another's address). Members are trusted; anything
+//!   that must be attributed to a member uses [`Inbound::peer_name`] (its certificate name).
+//! - Without an explicit [`Endpoint::set_route`], a member whose frames advertise another scheme
+//!   (a TCP-only host) is dialled back with that scheme at its advertised address.
+//! - `close` on QUIC waits for closed connections to drain so the port is free afterwards; that
+//!   is usually milliseconds, up to about 3 s after a dial to a peer that never answered.
+//!
 //! This module must never block a caller on the network, never panic on network input, and
 //! never hold a lock across an `.await`.
 
