@@ -69,7 +69,7 @@ pub use mem::MemNetwork;
 pub const ALPN: &[u8] = b"kiln/1";
 
 /// Inbound frames waiting per channel for the application; beyond that they are dropped.
-const INBOUND_QUEUE_LEN: usize = 1024;
+const INBOUND_QUEUE_LEN: usize = 256;
 /// How long a destination is not dialled again after a failed dial or send.
 const FAILURE_BACKOFF: Duration = Duration::from_millis(500);
 /// How long `close` waits for its tasks to end.
