@@ -78,6 +78,14 @@ impl Node {
     }
 }
 
+/// Stops nodes concurrently (closing a QUIC endpoint can wait for connections to drain).
+async fn stop_all(nodes: Vec<Node>) -> anyhow::Result<()> {
+    for result in futures::future::join_all(nodes.into_iter().map(Node::stop)).await {
+        result?;
+    }
+    Ok(())
+}
+
 fn live_names(live: &LiveNodes) -> BTreeSet<String> {
     live.keys().map(|id| id.node_id.to_string()).collect()
 }
@@ -228,9 +236,7 @@ async fn lifecycle(kind: Kind) -> anyhow::Result<()> {
         })
         .await?;
     }
-    for node in nodes {
-        node.stop().await?;
-    }
+    stop_all(nodes).await?;
     Ok(())
 }
 
@@ -254,7 +260,7 @@ async fn mem_cluster_converges_shares_keys_detects_death_and_rejoins() -> anyhow
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quic_node_from_another_ca_never_joins() -> anyhow::Result<()> {
     let cluster = Cluster::new(Kind::Quic)?;
-    let nodes = cluster.start(3).await?;
+    let mut nodes = cluster.start(3).await?;
     wait_all_live(&nodes, &all_names(3)).await?;
     let other_ca = Ca::generate("test", 2)?;
     let rogue_endpoint = Endpoint::bind(
@@ -303,10 +309,8 @@ async fn quic_node_from_another_ca_never_joins() -> anyhow::Result<()> {
         })
         .await;
     assert_eq!(rogue_view, vec!["rogue".to_string()]);
-    rogue.stop().await?;
-    for node in nodes {
-        node.stop().await?;
-    }
+    nodes.push(rogue);
+    stop_all(nodes).await?;
     Ok(())
 }
 
@@ -332,9 +336,7 @@ async fn mem_partition_splits_and_heals() -> anyhow::Result<()> {
     }
     cluster.mem.heal_all();
     wait_all_live(&nodes, &all_names(5)).await?;
-    for node in nodes {
-        node.stop().await?;
-    }
+    stop_all(nodes).await?;
     Ok(())
 }
 
@@ -399,8 +401,6 @@ async fn mixed_quic_and_tcp_fleet_converges() -> anyhow::Result<()> {
         })
         .await?;
     }
-    for node in nodes {
-        node.stop().await?;
-    }
+    stop_all(nodes).await?;
     Ok(())
 }

@@ -315,6 +315,32 @@ async fn close_releases_port(scheme: Scheme) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn idle_expiry(scheme: Scheme) -> anyhow::Result<()> {
+    let net = Net::new(scheme);
+    let config = NetConfig {
+        keep_alive: Duration::from_millis(200),
+        idle_timeout: Duration::from_millis(800),
+        ..net.config()
+    };
+    let a = net.node_full("a", config.clone(), None).await;
+    let b = net.node_full("b", config, None).await;
+    let mut b_rx = peer_rx(&b);
+    a.try_send(addr(&b), Channel::Peer, Bytes::from_static(b"once"))?;
+    recv(&mut b_rx).await?;
+    assert_eq!(a.stats().connections_open, 1);
+    wait_until("both sides close the idle connection", || {
+        a.stats().connections_open == 0 && b.stats().connections_open == 0
+    })
+    .await?;
+    // And a new frame dials again.
+    a.try_send(addr(&b), Channel::Peer, Bytes::from_static(b"again"))?;
+    assert_eq!(&recv(&mut b_rx).await?.payload[..], b"again");
+    assert_eq!(a.stats().connections_dialled, 2);
+    a.close().await;
+    b.close().await;
+    Ok(())
+}
+
 macro_rules! conformance {
     ($module:ident, $scheme:expr) => {
         mod $module {
@@ -353,6 +379,11 @@ macro_rules! conformance {
             #[tokio::test]
             async fn close_releases_the_port() -> anyhow::Result<()> {
                 close_releases_port($scheme).await
+            }
+
+            #[tokio::test]
+            async fn idle_connections_expire() -> anyhow::Result<()> {
+                idle_expiry($scheme).await
             }
         }
     };
@@ -740,5 +771,40 @@ async fn binding_refuses_bad_settings_with_a_clear_error() -> anyhow::Result<()>
         .unwrap_or_default();
     assert!(err.contains("already bound"), "{err}");
     first.close().await;
+    Ok(())
+}
+
+/// After a failed dial, frames for that destination are dropped (and counted) for 500 ms
+/// instead of queueing behind redials; then the destination is dialled again. Paused time, on
+/// the in-memory network.
+#[tokio::test(start_paused = true)]
+async fn a_failed_dial_backs_off_for_500_ms() -> anyhow::Result<()> {
+    let net = Net::new(Scheme::Mem);
+    let a = net.node("a").await;
+    let x: SocketAddr = "10.0.0.99:1".parse()?;
+    a.try_send(x, Channel::Peer, Bytes::from_static(b"1"))?;
+    wait_until("the failed dial is counted", || {
+        a.stats().send_failures == 1
+    })
+    .await?;
+    let failed_at = Instant::now();
+    let b = net.node_full("b", net.config(), Some(x)).await;
+    let mut b_rx = peer_rx(&b);
+    a.try_send(x, Channel::Peer, Bytes::from_static(b"2"))?;
+    wait_until("the frame in the backoff is dropped", || {
+        a.stats().send_failures == 2
+    })
+    .await?;
+    assert!(failed_at.elapsed() < Duration::from_millis(500));
+    assert!(
+        b_rx.try_recv().is_err(),
+        "nothing was delivered during the backoff"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.try_send(x, Channel::Peer, Bytes::from_static(b"3"))?;
+    assert_eq!(&recv(&mut b_rx).await?.payload[..], b"3");
+    assert_eq!(a.stats().send_failures, 2);
+    a.close().await;
+    b.close().await;
     Ok(())
 }

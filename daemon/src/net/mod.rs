@@ -21,6 +21,19 @@
 //! sends (with a timeout). A full queue drops the frame and counts it; gossip tolerates loss.
 //! Callers that need delivery must acknowledge at their own protocol level.
 //!
+//! Guarantees and limits:
+//!
+//! - Delivery is best effort and frames carry no ordering guarantee (QUIC streams are read
+//!   concurrently). Callers that need delivery or order must acknowledge or sequence at their
+//!   own protocol level.
+//! - mTLS authenticates *membership*; the advertised address in a frame header is taken on the
+//!   member's word (any member could claim another's address). Members are trusted; anything
+//!   that must be attributed to a member uses [`Inbound::peer_name`] (its certificate name).
+//! - Without an explicit [`Endpoint::set_route`], a member whose frames advertise another scheme
+//!   (a TCP-only host) is dialled back with that scheme at its advertised address.
+//! - `close` on QUIC waits for closed connections to drain so the port is free afterwards; that
+//!   is usually milliseconds, up to about 3 s after a dial to a peer that never answered.
+//!
 //! This module must never block a caller on the network, never panic on network input, and
 //! never hold a lock across an `.await`.
 
@@ -56,11 +69,14 @@ pub use mem::MemNetwork;
 pub const ALPN: &[u8] = b"kiln/1";
 
 /// Inbound frames waiting per channel for the application; beyond that they are dropped.
-const INBOUND_QUEUE_LEN: usize = 1024;
+const INBOUND_QUEUE_LEN: usize = 256;
 /// How long a destination is not dialled again after a failed dial or send.
 const FAILURE_BACKOFF: Duration = Duration::from_millis(500);
-/// How long `close` waits for tasks and QUIC connections to wind down.
+/// How long `close` waits for its tasks to end.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// How long `close` waits for closed QUIC connections to drain (3 PTOs; a connection that never
+/// measured its RTT, such as a dial to a dead peer, uses the 333 ms initial RTT: about 3 s).
+const QUIC_DRAIN_GRACE: Duration = Duration::from_secs(4);
 
 /// The protocols multiplexed on one endpoint.
 #[repr(u8)]
@@ -601,6 +617,8 @@ impl Endpoint {
     }
 
     /// Closes listeners and connections; once it returns, the ports are free to bind again.
+    /// With QUIC this waits for closed connections to drain: usually milliseconds, up to about
+    /// 3 s after a recent dial to a peer that never answered.
     pub async fn close(&self) {
         self.inner.close().await;
     }
@@ -729,7 +747,11 @@ impl Inner {
                 }
                 backoff_until = None;
             }
-            if let Err(error) = self.deliver(to, frame).await {
+            let delivered = tokio::select! {
+                () = self.cancel.cancelled() => return,
+                delivered = self.deliver(to, frame) => delivered,
+            };
+            if let Err(error) = delivered {
                 bump(&self.counters.send_failures, 1);
                 tracing::debug!(%to, error = format!("{error:#}"), "frame not delivered");
                 backoff_until = Some(Instant::now() + FAILURE_BACKOFF);
@@ -1092,7 +1114,7 @@ impl Inner {
         if let Some(dialer) = dialer {
             let endpoint = dialer.endpoint.clone();
             drop(dialer);
-            let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
+            let _ = tokio::time::timeout(QUIC_DRAIN_GRACE, endpoint.wait_idle()).await;
             drop(endpoint);
             if let Some(addr) = self.local_quic {
                 wait_udp_released(addr).await;

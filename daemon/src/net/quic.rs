@@ -11,6 +11,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
 use quinn::crypto::rustls::{HandshakeData, QuicClientConfig, QuicServerConfig};
 use rustls::pki_types::CertificateDer;
 
@@ -109,7 +111,7 @@ fn established(conn: quinn::Connection, max_wire: usize) -> anyhow::Result<NewCo
             conn: conn.clone(),
             peer_name: name,
         }),
-        reader: Box::new(QuicReader { conn, max_wire }),
+        reader: Box::new(QuicReader::new(conn, max_wire)),
     })
 }
 
@@ -179,31 +181,60 @@ impl Drop for ResetUnfinished {
     }
 }
 
+/// Reads the streams of one connection concurrently, so one slow stream does not hold up the
+/// others (QUIC's stream limit of 256 bounds how many are in flight). Frames therefore carry no
+/// ordering guarantee.
 struct QuicReader {
     conn: quinn::Connection,
     max_wire: usize,
+    pending: FuturesUnordered<BoxFuture<'static, Read>>,
+}
+
+impl QuicReader {
+    fn new(conn: quinn::Connection, max_wire: usize) -> QuicReader {
+        QuicReader {
+            conn,
+            max_wire,
+            pending: FuturesUnordered::new(),
+        }
+    }
+}
+
+async fn read_stream(
+    conn: quinn::Connection,
+    mut stream: quinn::RecvStream,
+    max_wire: usize,
+) -> Read {
+    match stream.read_to_end(max_wire).await {
+        Ok(bytes) => Read::Frame(Bytes::from(bytes)),
+        Err(quinn::ReadToEndError::TooLong) => {
+            // Tell the sender to stop rather than buffering the rest.
+            let _ = stream.stop(CLOSE_PROTOCOL.into());
+            Read::Dropped(format!("stream longer than {max_wire} bytes"))
+        }
+        Err(e) => {
+            if conn.close_reason().is_some() {
+                Read::Closed(None)
+            } else {
+                Read::Dropped(format!("stream read failed: {e}"))
+            }
+        }
+    }
 }
 
 #[async_trait]
 impl ConnReader for QuicReader {
     async fn next_frame(&mut self) -> Read {
-        let mut stream = match self.conn.accept_uni().await {
-            Ok(stream) => stream,
-            Err(_) => return Read::Closed(None),
-        };
-        match stream.read_to_end(self.max_wire).await {
-            Ok(bytes) => Read::Frame(Bytes::from(bytes)),
-            Err(quinn::ReadToEndError::TooLong) => {
-                // Tell the sender to stop rather than buffering the rest.
-                let _ = stream.stop(CLOSE_PROTOCOL.into());
-                Read::Dropped(format!("stream longer than {} bytes", self.max_wire))
-            }
-            Err(e) => {
-                if self.conn.close_reason().is_some() {
-                    Read::Closed(None)
-                } else {
-                    Read::Dropped(format!("stream read failed: {e}"))
-                }
+        loop {
+            tokio::select! {
+                Some(read) = self.pending.next(), if !self.pending.is_empty() => return read,
+                accepted = self.conn.accept_uni() => match accepted {
+                    Ok(stream) => {
+                        let read = read_stream(self.conn.clone(), stream, self.max_wire);
+                        self.pending.push(Box::pin(read));
+                    }
+                    Err(_) => return Read::Closed(None),
+                },
             }
         }
     }
