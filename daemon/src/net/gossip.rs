@@ -7,6 +7,13 @@
 //! (chitchat drops it on every tick) and skips, logs and counts undecodable messages instead of
 //! failing, since a `recv` error stops gossip for good.
 //!
+//! Each gossip payload starts with one byte naming its encoding: [`RAW`] (chitchat's bytes as
+//! they are) or [`ZSTD`] (zstd-compressed, for messages over [`COMPRESS_FROM`] bytes). chitchat
+//! 0.11 sends every digest uncompressed, and a digest lists every member, so at 100 members a
+//! SYN is several KB of highly repetitive bytes; compressing here cuts the steady-state traffic
+//! by about the factor that chitchat 0.13's compressed digests would. Decompression is bounded
+//! by [`MAX_DECOMPRESSED`], so a hostile frame cannot balloon.
+//!
 //! This module must never copy or patch chitchat's code: it uses the crate's public API only.
 
 use std::net::SocketAddr;
@@ -20,6 +27,47 @@ use chitchat::{ChitchatMessage, Deserializable, Serializable};
 use tokio::sync::{Mutex, mpsc};
 
 use super::{Channel, Endpoint, Inbound, SendError};
+
+/// Payload encoding byte: chitchat's message as it is.
+pub const RAW: u8 = 0;
+/// Payload encoding byte: chitchat's message compressed with zstd.
+pub const ZSTD: u8 = 1;
+/// Messages at least this long are compressed.
+pub const COMPRESS_FROM: usize = 256;
+/// The largest decompressed message accepted (chitchat keeps messages under 65,507 bytes).
+pub const MAX_DECOMPRESSED: usize = 128 * 1024;
+/// zstd's fastest level: gossip is frequent and small, and level 1 already removes the
+/// repetition that makes digests big.
+const ZSTD_LEVEL: i32 = 1;
+
+/// Encodes a chitchat message as a gossip payload.
+pub fn encode_payload(message: &[u8]) -> Vec<u8> {
+    if message.len() >= COMPRESS_FROM
+        && let Ok(compressed) = zstd::bulk::compress(message, ZSTD_LEVEL)
+        && compressed.len() < message.len()
+    {
+        let mut out = Vec::with_capacity(compressed.len() + 1);
+        out.push(ZSTD);
+        out.extend_from_slice(&compressed);
+        return out;
+    }
+    let mut out = Vec::with_capacity(message.len() + 1);
+    out.push(RAW);
+    out.extend_from_slice(message);
+    out
+}
+
+/// Decodes a gossip payload back into chitchat's message bytes.
+pub fn decode_payload(payload: &[u8]) -> anyhow::Result<std::borrow::Cow<'_, [u8]>> {
+    match payload.split_first() {
+        Some((&RAW, rest)) => Ok(std::borrow::Cow::Borrowed(rest)),
+        Some((&ZSTD, rest)) => zstd::bulk::decompress(rest, MAX_DECOMPRESSED)
+            .map(std::borrow::Cow::Owned)
+            .map_err(|e| anyhow::anyhow!("bad zstd gossip payload: {e}")),
+        Some((other, _)) => anyhow::bail!("unknown gossip payload encoding {other}"),
+        None => anyhow::bail!("empty gossip payload"),
+    }
+}
 
 /// chitchat over a Kiln [`Endpoint`].
 pub struct GossipTransport {
@@ -75,7 +123,7 @@ struct GossipSocket {
 #[async_trait]
 impl Socket for GossipSocket {
     async fn send(&mut self, to: SocketAddr, msg: ChitchatMessage) -> anyhow::Result<()> {
-        let payload = Bytes::from(msg.serialize_to_vec());
+        let payload = Bytes::from(encode_payload(&msg.serialize_to_vec()));
         match self.endpoint.try_send(to, Channel::Gossip, payload) {
             Ok(()) => Ok(()),
             Err(error @ SendError::TooLarge { .. }) => {
@@ -96,8 +144,11 @@ impl Socket for GossipSocket {
             };
             let inbound =
                 inbound.ok_or_else(|| anyhow::anyhow!("the network endpoint is closed"))?;
-            let mut buf: &[u8] = &inbound.payload;
-            match ChitchatMessage::deserialize(&mut buf) {
+            let decoded = decode_payload(&inbound.payload).and_then(|bytes| {
+                let mut buf: &[u8] = &bytes;
+                ChitchatMessage::deserialize(&mut buf)
+            });
+            match decoded {
                 Ok(message) => return Ok((inbound.from, message)),
                 Err(error) => {
                     self.garbage.fetch_add(1, Ordering::Relaxed);
@@ -110,5 +161,40 @@ impl Socket for GossipSocket {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn payloads_round_trip(message in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let payload = encode_payload(&message);
+            let decoded = decode_payload(&payload).expect("decodes");
+            prop_assert_eq!(decoded.as_ref(), &message[..]);
+        }
+
+        #[test]
+        fn garbage_never_panics(payload in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_payload(&payload);
+        }
+    }
+
+    #[test]
+    fn repetitive_messages_shrink_and_bombs_are_refused() {
+        let digest = b"gpu-17\x00\x00\x01\x8b\x7f127.0.0.1:7946".repeat(100);
+        let payload = encode_payload(&digest);
+        assert_eq!(payload[0], ZSTD);
+        assert!(payload.len() * 4 < digest.len(), "{} bytes", payload.len());
+        let bomb = zstd::bulk::compress(&vec![0u8; MAX_DECOMPRESSED + 1], 1).expect("compress");
+        let mut framed = vec![ZSTD];
+        framed.extend_from_slice(&bomb);
+        assert!(decode_payload(&framed).is_err());
+        assert!(decode_payload(&[9, 1, 2]).is_err());
+        assert!(decode_payload(&[]).is_err());
     }
 }
