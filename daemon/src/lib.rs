@@ -10,6 +10,10 @@
 //! - [`queue`]: the durable job store (SQLite in WAL mode behind one writer thread) and the
 //!   scheduler that picks the next job (tier, then account fairness, then age).
 //! - [`tiers`]: tiers, accounts and API keys (a keys file holding only hashes).
+//! - [`pki`]: the cluster CA, member certificates and the TLS configs built from them.
+//! - [`net`]: the cluster transport (QUIC, TLS over TCP, in-memory), with chitchat over it.
+//! - [`cluster`]: membership: gossip of each member's status and the cluster view.
+//! - [`gpu`]: GPU readings from NVML or a simulated card.
 //! - [`api`]: the axum HTTP API of a node.
 //! - [`node`]: wires the parts together; [`node::run`] is the entry point tests call in-process.
 
