@@ -338,6 +338,18 @@ impl ClusterSection {
                 "must be a number of USD between 0 and 1000",
             ));
         }
+        if self.certs_dir.is_some() && self.advertise.is_none() && self.listen.ip().is_unspecified()
+        {
+            return Err(invalid(
+                "cluster.advertise",
+                format!(
+                    "is required when cluster.listen is {} (other members cannot dial an \
+                     unspecified address), e.g. \"quic://203.0.113.7:{}\"",
+                    self.listen,
+                    self.listen.port()
+                ),
+            ));
+        }
         if self.advertise_tcp.is_some() && !self.transports.contains(&TransportKind::Tcp) {
             return Err(invalid(
                 "cluster.advertise_tcp",
@@ -594,7 +606,7 @@ command = ["python", "main.py", "--port", "8188"]
     #[test]
     fn cluster_section_is_checked() {
         let ok = Config::parse(&format!(
-            "{MINIMAL}\n[cluster]\ncerts_dir = \"/etc/kiln/certs\"\ntransports = [\"quic\", \"tcp\"]\nseeds = [\"tcp://10.0.0.2:7946\"]\n"
+            "{MINIMAL}\n[cluster]\ncerts_dir = \"/etc/kiln/certs\"\nadvertise = \"quic://203.0.113.7:7946\"\ntransports = [\"quic\", \"tcp\"]\nseeds = [\"tcp://10.0.0.2:7946\"]\n"
         ))
         .expect("valid cluster section");
         assert_eq!(ok.cluster.transports.len(), 2);
@@ -613,6 +625,10 @@ command = ["python", "main.py", "--port", "8188"]
                 "cluster.advertise_tcp",
             ),
             ("[cluster]\napi_url = \"ftp://x\"\n", "cluster.api_url"),
+            (
+                "[cluster]\ncerts_dir = \"/c\"\nlisten = \"0.0.0.0:7946\"\n",
+                "cluster.advertise",
+            ),
             ("[cluster]\ntransports = [\"udp\"]\n", "udp"),
             ("[gpu]\npoll_interval_ms = 5\n", "gpu.poll_interval_ms"),
             ("[gpu]\nsource = \"cuda\"\n", "cuda"),
