@@ -563,3 +563,64 @@ async fn quic_echo_errors_and_timeouts_with_real_certificates() {
     a.rpc.endpoint().close().await;
     b.rpc.endpoint().close().await;
 }
+
+#[tokio::test]
+async fn mem_an_abandoned_request_leaves_nothing_pending() {
+    let mem = Mem::new();
+    let a = mem.node("a", RpcConfig::default()).await;
+    let b = mem.node("b", RpcConfig::default()).await;
+    // The caller gives up (drops the future) long before the request's own deadline.
+    let abandoned = timeout(
+        Duration::from_millis(100),
+        a.rpc.request(b.addr, Msg::Block, Duration::from_secs(30)),
+    )
+    .await;
+    assert!(abandoned.is_err(), "the request was still waiting");
+    assert_eq!(a.rpc.stats().in_flight, 0);
+    // The answer that comes later is for an id nobody waits for: dropped and counted.
+    wait_stats(&b.rpc, "the handler to run", |s| s.handlers_running == 1).await;
+    b.probe.release.add_permits(1);
+    wait_stats(&a.rpc, "the late answer to be dropped", |s| {
+        s.unknown_responses == 1
+    })
+    .await;
+    assert_eq!(a.rpc.stats().in_flight, 0);
+}
+
+#[tokio::test]
+async fn mem_closing_the_endpoint_fails_pending_requests() {
+    let mem = Mem::new();
+    let a = mem.node("a", RpcConfig::default()).await;
+    let b = mem.node("b", RpcConfig::default()).await;
+    let rpc = a.rpc.clone();
+    let to = b.addr;
+    let pending =
+        tokio::spawn(async move { rpc.request(to, Msg::Block, Duration::from_secs(30)).await });
+    wait_stats(&b.rpc, "the handler to run", |s| s.handlers_running == 1).await;
+    a.rpc.endpoint().close().await;
+    let got = timeout(Duration::from_secs(1), pending)
+        .await
+        .expect("answered promptly")
+        .expect("the task ends");
+    assert_eq!(got, Err(RpcError::Closed));
+    assert_eq!(a.rpc.stats().in_flight, 0);
+    assert_eq!(
+        a.rpc.request(b.addr, echo("x"), WAIT).await,
+        Err(RpcError::Closed)
+    );
+}
+
+#[tokio::test]
+async fn mem_starting_twice_on_one_endpoint_is_refused() {
+    let mem = Mem::new();
+    let endpoint = mem.endpoint("a").await;
+    let first = start(endpoint.clone(), RpcConfig::default());
+    let second = PeerRpc::<Msg, Msg>::start(
+        endpoint,
+        TestHandler {
+            probe: first.probe.clone(),
+        },
+        RpcConfig::default(),
+    );
+    assert!(matches!(second, Err(RpcError::ReceiverTaken)), "{second:?}");
+}

@@ -187,8 +187,35 @@ struct Inner<Req, Resp> {
     counters: Counters,
     cancel: CancellationToken,
     tracker: TaskTracker,
-    /// When undecodable frames from a peer were last logged.
-    bad_frame_logged: Mutex<HashMap<Arc<str>, Instant>>,
+    bad_frame_log: Mutex<LogLimiter>,
+}
+
+/// Lets one log line per peer through per period; remembers only peers logged within it.
+#[derive(Debug)]
+struct LogLimiter {
+    period: Duration,
+    logged: HashMap<Arc<str>, Instant>,
+}
+
+impl LogLimiter {
+    fn new(period: Duration) -> LogLimiter {
+        LogLimiter {
+            period,
+            logged: HashMap::new(),
+        }
+    }
+
+    /// Whether a line about `peer` may be logged at `now` (and if so, notes it).
+    fn allow(&mut self, peer: &Arc<str>, now: Instant) -> bool {
+        let period = self.period;
+        self.logged
+            .retain(|_, at| now.saturating_duration_since(*at) < period);
+        if self.logged.contains_key(peer) {
+            return false;
+        }
+        self.logged.insert(peer.clone(), now);
+        true
+    }
 }
 
 /// Cancels the layer when the last [`PeerRpc`] clone is dropped.
@@ -263,7 +290,7 @@ where
             counters: Counters::default(),
             cancel: cancel.clone(),
             tracker: TaskTracker::new(),
-            bad_frame_logged: Mutex::new(HashMap::new()),
+            bad_frame_log: Mutex::new(LogLimiter::new(BAD_FRAME_LOG_PERIOD)),
         });
         inner.tracker.spawn(inner.clone().receive_loop(receiver));
         Ok(PeerRpc {
@@ -537,17 +564,7 @@ where
     /// Counts an undecodable frame and logs it at most once per peer per minute.
     fn bad_frame(&self, inbound: &Inbound, reason: &str) {
         bump(&self.counters.bad_frames);
-        let now = Instant::now();
-        let log = {
-            let mut logged = lock(&self.bad_frame_logged);
-            logged.retain(|_, at| now.duration_since(*at) < BAD_FRAME_LOG_PERIOD);
-            if logged.contains_key(&inbound.peer_name) {
-                false
-            } else {
-                logged.insert(inbound.peer_name.clone(), now);
-                true
-            }
-        };
+        let log = lock(&self.bad_frame_log).allow(&inbound.peer_name, Instant::now());
         if log {
             tracing::warn!(
                 peer = %inbound.peer_name,
@@ -567,6 +584,22 @@ mod tests {
     fn request_ids_are_unique() {
         let ids: std::collections::HashSet<u64> = (0..1000).map(|_| next_request_id()).collect();
         assert_eq!(ids.len(), 1000);
+    }
+
+    #[test]
+    fn bad_frames_are_logged_once_per_peer_per_period() {
+        let mut limiter = LogLimiter::new(Duration::from_secs(60));
+        let a: Arc<str> = "a".into();
+        let b: Arc<str> = "b".into();
+        let t0 = Instant::now();
+        assert!(limiter.allow(&a, t0));
+        assert!(!limiter.allow(&a, t0 + Duration::from_secs(1)));
+        assert!(limiter.allow(&b, t0 + Duration::from_secs(1)));
+        assert!(!limiter.allow(&a, t0 + Duration::from_secs(59)));
+        assert!(limiter.allow(&a, t0 + Duration::from_secs(60)));
+        // Only peers logged within the period are remembered.
+        assert!(limiter.allow(&a, t0 + Duration::from_secs(200)));
+        assert_eq!(limiter.logged.len(), 1);
     }
 
     #[test]
