@@ -309,8 +309,9 @@ fn decoder(bytes: &[u8]) -> rmp_serde::Deserializer<rmp_serde::decode::ReadRefRe
 
 /// Decodes a frame. A frame over `max_frame_bytes` is refused unread.
 ///
-/// Allocation is bounded by the frame: strings and byte strings are length-checked against the
-/// bytes present, and sequence preallocation is capped by serde's cautious size hints.
+/// Allocation is bounded by the frame: the header is read in a pass that skips the body
+/// without allocating (and fails on any length the frame does not hold), so the typed pass
+/// only ever sees lengths backed by bytes present.
 pub fn decode<Req: DeserializeOwned, Resp: DeserializeOwned>(
     bytes: &[u8],
     max_frame_bytes: usize,
