@@ -558,6 +558,22 @@ async fn quic_echo_errors_and_timeouts_with_real_certificates() {
     for (i, answer) in answers.into_iter().enumerate() {
         assert_eq!(answer, Ok(Msg::Echo(i.to_string())));
     }
+    // Garbage on the peer channel is counted and does not disturb the next request.
+    for len in [0usize, 3, 500] {
+        let garbage: Vec<u8> = (0..len).map(|_| rand::random()).collect();
+        a.rpc
+            .endpoint()
+            .try_send(b.addr, Channel::Peer, Bytes::from(garbage))
+            .expect("queued");
+    }
+    wait_stats(&b.rpc, "the garbage to be counted", |s| s.bad_frames >= 3).await;
+    assert_eq!(
+        a.rpc.request(b.addr, echo("still fine"), WAIT).await,
+        Ok(echo("still fine"))
+    );
+    let huge = Msg::Echo("x".repeat(NetConfig::default().max_frame_bytes + 1));
+    let got = a.rpc.request(b.addr, huge, WAIT).await;
+    assert!(matches!(got, Err(RpcError::TooLarge { .. })), "{got:?}");
     a.rpc.shutdown().await;
     b.rpc.shutdown().await;
     a.rpc.endpoint().close().await;

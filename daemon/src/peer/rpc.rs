@@ -99,7 +99,9 @@ pub enum RpcError {
     #[error("the peer answered {0}")]
     Remote(PeerError),
     /// The request is over `max_frame_bytes`; nothing was sent.
-    #[error("request of more than {max} bytes refused: {len} bytes")]
+    #[error(
+        "request over max_frame_bytes = {max} (at least {len} bytes) refused; nothing was sent"
+    )]
     TooLarge { len: usize, max: usize },
     /// The request could not be encoded; nothing was sent.
     #[error("the request cannot be encoded: {0}")]
