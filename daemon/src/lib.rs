@@ -25,6 +25,7 @@ pub mod gpu;
 pub mod metrics;
 pub mod net;
 pub mod node;
+pub mod peer;
 pub mod pki;
 pub mod protocol;
 pub mod queue;
