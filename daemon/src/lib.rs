@@ -13,6 +13,7 @@
 //! - [`pki`]: the cluster CA, member certificates and the TLS configs built from them.
 //! - [`net`]: the cluster transport (QUIC, TLS over TCP, in-memory), with chitchat over it.
 //! - [`cluster`]: membership: gossip of each member's status and the cluster view.
+//! - [`peer`]: node-to-node requests and answers over the transport, and job placement.
 //! - [`gpu`]: GPU readings from NVML or a simulated card.
 //! - [`api`]: the axum HTTP API of a node.
 //! - [`node`]: wires the parts together; [`node::run`] is the entry point tests call in-process.
