@@ -8,6 +8,10 @@
 //! The peers are members of the node's own dev cluster (certificates from `<data>/certs/ca`),
 //! run in this process on 127.0.0.1.
 
+mod common;
+
+use common::{TICKS_PER_SECOND, proc_sample};
+
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -34,31 +38,6 @@ impl Drop for Dev {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// (VmRSS in KiB, utime + stime in clock ticks) of a process.
-fn proc_sample(pid: u32) -> anyhow::Result<(u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no VmRSS for {pid}"))?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .ok_or_else(|| anyhow::anyhow!("bad stat"))?;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let utime: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
-    let stime: u64 = fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    Ok((rss, utime + stime))
-}
-
-fn ticks_per_second() -> u64 {
-    // USER_HZ (the unit of /proc/<pid>/stat's times) is 100 on every Linux Kiln runs on.
-    100
 }
 
 async fn view(client: &reqwest::Client, url: &str, token: &str) -> anyhow::Result<ClusterView> {
@@ -96,7 +75,7 @@ async fn idle_cost(pid: u32, window: Duration) -> anyhow::Result<(f64, f64)> {
         rss = rss.max(proc_sample(pid)?.0);
     }
     let (_, cpu1) = proc_sample(pid)?;
-    let cpu = (cpu1 - cpu0) as f64 / ticks_per_second() as f64 / start.elapsed().as_secs_f64();
+    let cpu = (cpu1 - cpu0) as f64 / TICKS_PER_SECOND / start.elapsed().as_secs_f64();
     Ok((rss as f64 / 1024.0, cpu * 100.0))
 }
 

@@ -9,6 +9,10 @@
 //! (default 10), `GOSSIP_BENCH_SAMPLES` (key changes timed, default 10). The whole run is
 //! bounded by 110 s.
 
+mod common;
+
+use common::{env_or, percentile};
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -23,21 +27,6 @@ use kiln_daemon::pki::{Ca, identity_from_ca};
 use tokio::time::{Instant, timeout};
 
 type LiveNodes = BTreeMap<ChitchatId, NodeState>;
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
 
 struct Node {
     endpoint: Endpoint,

@@ -7,6 +7,10 @@
 //!
 //! Everything runs on 127.0.0.1 with real processes: `kilnd --dev` and its `comfy-sim`.
 
+mod common;
+
+use common::{TICKS_PER_SECOND, proc_sample};
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -144,7 +148,7 @@ async fn run() -> anyhow::Result<()> {
     let window = Duration::from_secs(10);
     tokio::time::sleep(window).await;
     let (rss_kb2, cpu1) = proc_sample(pid)?;
-    let ticks = procfs_ticks_per_second();
+    let ticks = TICKS_PER_SECOND;
     let cpu_share = (cpu1 - cpu0) as f64 / ticks / window.as_secs_f64() * 100.0;
     println!(
         "idle kilnd: RSS {:.1} MB (after {} jobs), CPU {:.2} % of a core over {} s",
@@ -174,26 +178,4 @@ fn received_latencies(
         out.push(t1 - t0);
     }
     Ok(out)
-}
-
-/// (VmRSS in KiB, utime + stime in clock ticks) of a process.
-fn proc_sample(pid: u32) -> anyhow::Result<(u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after = stat.rsplit_once(')').map(|(_, s)| s).unwrap_or("");
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let utime: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
-    let stime: u64 = fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    Ok((rss, utime + stime))
-}
-
-fn procfs_ticks_per_second() -> f64 {
-    // USER_HZ is 100 on every Linux architecture Kiln runs on.
-    100.0
 }

@@ -5,27 +5,16 @@
 //! build's dependencies). Environment: `QUEUE_BENCH_SUBMITTERS` (default 64),
 //! `QUEUE_BENCH_SECS` (default 5).
 
+mod common;
+
+use common::{env_or, percentile};
+
 use std::time::Duration;
 
 use kiln_daemon::protocol::Tier;
 use kiln_daemon::queue::{JobStore, NewJob, Outcome, StoreOptions};
 use serde_json::json;
 use tokio::time::Instant;
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
 
 fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
