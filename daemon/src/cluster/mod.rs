@@ -590,7 +590,7 @@ pub fn standalone_view(status: &MemberStatus, generation: u64) -> ClusterView {
     view_of("standalone", &status.name, &snapshot)
 }
 
-/// A shared, lock-free-to-read holder of the member's latest status, for the API when the node
+/// A shared holder of the member's latest status (behind a short-held mutex), for the API when the node
 /// is not clustered.
 #[derive(Debug, Default)]
 pub struct StatusCell(Mutex<Option<MemberStatus>>);
