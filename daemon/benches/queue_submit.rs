@@ -62,6 +62,7 @@ async fn bench() -> anyhow::Result<()> {
                     idempotency_key: Some(format!("k{s}-{i}")),
                     body_hash: format!("{s:08x}{i:016x}"),
                     max_attempts: 3,
+                    replica: None,
                 };
                 let t0 = Instant::now();
                 store.submit(job, None).await?;

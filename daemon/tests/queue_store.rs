@@ -24,6 +24,7 @@ fn new_job(id: &str, account: &str, tier: Tier) -> NewJob {
         idempotency_key: None,
         body_hash: format!("hash-{id}"),
         max_attempts: 3,
+        replica: None,
     }
 }
 

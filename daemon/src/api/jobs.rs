@@ -142,6 +142,7 @@ pub(super) async fn submit(
         idempotency_key,
         body_hash,
         max_attempts: state.config.jobs.max_attempts,
+        replica: None,
     };
     let quota = Quota {
         per_day: policy.daily_quota,

@@ -1,7 +1,8 @@
 //! The durable job store of a node and the scheduler that picks the next job.
 //!
 //! - [`store`]: [`JobStore`], the async handle: submit, get, list, cancel, next job, finish,
-//!   positions, usage and change notifications.
+//!   positions, usage and change notifications, and the cluster operations (leases, replicas,
+//!   adoption, hand-over).
 //! - [`writer`]: the one thread that owns the write connection and commits requests in groups
 //!   (one fsync per group, not per job).
 //! - [`schema`]: the SQLite schema and its ordered migrations (`PRAGMA user_version`).
@@ -12,6 +13,18 @@
 //! `kill -9` and a power loss. Output files are written and fsync'd before the commit that marks
 //! a job succeeded. This module must never hand out a job state it has not committed, and never
 //! hold a lock across an `.await`.
+//!
+//! # Owners, replicas and leases
+//!
+//! Every row has a [`JobRole`]. An *owner* row is this node's own job: its authoritative state,
+//! queued by this node's scheduler and counted in its usage. A *replica* row is a copy of another
+//! member's job ([`JobStore::put_replica`]), kept so this node can take the job over
+//! ([`JobStore::adopt`]) when that member dies; replica rows never enter the scheduler, never
+//! count usage and are never broadcast as changes. A running owner row may be run by another
+//! member, its *lease holder*, under a lease identified by (job id, attempt). The store does not
+//! time leases; the node does, and ends an expired one with
+//! [`JobStore::finish_attempt`]`(.., Outcome::Requeue)`. Every cluster operation is safe to
+//! repeat, and the first final result of a job wins: later ones are dropped.
 
 pub mod scheduler;
 pub mod schema;
@@ -45,6 +58,45 @@ pub struct NewJob {
     pub body_hash: String,
     /// How many times the job may start before it fails with `max_attempts` (at least 1).
     pub max_attempts: u32,
+    /// The member chosen to hold the job's replica, if any.
+    pub replica: Option<String>,
+}
+
+/// Whether a stored row is this node's own job or a copy of another member's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobRole {
+    /// This node owns the job: its row is authoritative and its scheduler queues it.
+    Owner,
+    /// A copy of a job owned by another member, adopted if that member dies.
+    Replica,
+}
+
+impl JobRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobRole::Owner => "owner",
+            JobRole::Replica => "replica",
+        }
+    }
+}
+
+impl std::fmt::Display for JobRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for JobRole {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "owner" => Ok(JobRole::Owner),
+            "replica" => Ok(JobRole::Replica),
+            other => Err(format!("unknown job role {other:?}")),
+        }
+    }
 }
 
 /// A usage limit checked atomically with the submission.
@@ -85,6 +137,14 @@ pub struct Job {
     pub attempts: u32,
     pub max_attempts: u32,
     pub error: Option<JobError>,
+    /// Owner row (this node's job) or replica row (a copy of another member's job).
+    pub role: JobRole,
+    /// Replica rows: the member that owns the job.
+    pub owner: Option<String>,
+    /// Owner rows: the member holding the job's replica, if any.
+    pub replica: Option<String>,
+    /// Running rows: the member running the job under a lease (`None`: this node runs it).
+    pub lease_holder: Option<String>,
 }
 
 impl Job {
@@ -166,6 +226,36 @@ pub enum Outcome {
     },
 }
 
+/// What [`JobStore::finish_attempt`] did with a result.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Finished {
+    /// The result was applied; the job as it is now.
+    Applied(Job),
+    /// The job already had its final result; this one was dropped and nothing changed.
+    Dropped(Job),
+    /// A `Requeue` for an attempt that is not the running one; nothing changed.
+    Stale(Job),
+}
+
+impl Finished {
+    /// The job as stored after the call.
+    pub fn job(&self) -> &Job {
+        match self {
+            Finished::Applied(job) | Finished::Dropped(job) | Finished::Stale(job) => job,
+        }
+    }
+}
+
+/// A running owner job that another member runs, as found when the store opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub job_id: String,
+    /// The member running it.
+    pub holder: String,
+    /// The attempt it runs under (the job's `attempts` when it was taken).
+    pub attempt: u32,
+}
+
 /// What `cancel` did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CancelOutcome {
@@ -202,6 +292,8 @@ pub struct RecoveryReport {
     pub failed: Vec<String>,
     /// Jobs queued after recovery.
     pub queued: usize,
+    /// Running jobs that another member runs: they stay running; the node times their leases.
+    pub leased: Vec<Lease>,
 }
 
 /// One account's usage on one UTC day.
@@ -257,6 +349,8 @@ pub enum StoreError {
     },
     #[error("job {id} is {status}")]
     Conflict { id: String, status: JobStatus },
+    #[error("job {id} is not owned by this node (owner: {})", owner.as_deref().unwrap_or("unknown"))]
+    NotOwner { id: String, owner: Option<String> },
     #[error("invalid job: {0}")]
     Invalid(String),
     #[error("job store at {path} is unreadable: {detail}")]

@@ -96,6 +96,18 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (tier, account)
     );
     "#,
+    // 2: cluster roles. A row is either this node's own job (`owner`) or a copy kept for another
+    // member (`replica`, with that member in `owner`), adopted when that member dies. Owner rows
+    // name the member holding their replica; running rows name the member running them
+    // (`lease_holder`, NULL when this node runs it itself).
+    r#"
+    ALTER TABLE jobs ADD COLUMN role TEXT NOT NULL DEFAULT 'owner'
+        CHECK (role IN ('owner', 'replica'));
+    ALTER TABLE jobs ADD COLUMN owner TEXT;
+    ALTER TABLE jobs ADD COLUMN replica TEXT;
+    ALTER TABLE jobs ADD COLUMN lease_holder TEXT;
+    CREATE INDEX jobs_replica_owner ON jobs (owner) WHERE role = 'replica';
+    "#,
 ];
 
 /// The schema version this code writes.

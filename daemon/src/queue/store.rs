@@ -19,8 +19,8 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use super::scheduler::{QueuedJob, RingPos};
 use super::writer::{self, Clock, Encoded, FinishOp, MemState, Request, Shared, tier_from_rank};
 use super::{
-    CancelOutcome, Job, JobChange, JobEvent, NewJob, NewOutput, Outcome, Output, QueueSummary,
-    Quota, RecoveryReport, StoreError, Submitted, Usage, schema,
+    CancelOutcome, Finished, Job, JobChange, JobEvent, NewJob, NewOutput, Outcome, Output,
+    QueueSummary, Quota, RecoveryReport, StoreError, Submitted, Usage, schema,
 };
 use crate::protocol::{JobError, JobStatus, Tier};
 
@@ -33,6 +33,7 @@ pub const OUTPUTS_DIR: &str = "outputs";
 const MAX_ID_LEN: usize = 128;
 const MAX_ACCOUNT_LEN: usize = 256;
 const MAX_KEY_LEN: usize = 256;
+const MAX_MEMBER_LEN: usize = 256;
 
 /// Options of [`JobStore::open`].
 #[derive(Clone)]
@@ -270,17 +271,7 @@ impl JobStore {
     /// `refused` usage counter. The usage counter is counted in the same transaction.
     pub async fn submit(&self, job: NewJob, quota: Option<Quota>) -> Result<Submitted, StoreError> {
         validate(&job)?;
-        let encoded =
-            Encoded {
-                workflow: serde_json::to_string(&job.workflow)
-                    .map_err(|e| StoreError::Invalid(format!("workflow cannot be stored: {e}")))?,
-                metadata: match &job.metadata {
-                    Some(m) => Some(serde_json::to_string(m).map_err(|e| {
-                        StoreError::Invalid(format!("metadata cannot be stored: {e}"))
-                    })?),
-                    None => None,
-                },
-            };
+        let encoded = encode(&job.workflow, job.metadata.as_ref())?;
         self.request(|reply| Request::Submit {
             job: Box::new(job),
             encoded,
@@ -290,13 +281,26 @@ impl JobStore {
         .await
     }
 
-    /// Takes the next job in scheduling order: marks it running, counts the attempt, and
-    /// returns it; `None` when nothing is queued.
+    /// Takes the next job in scheduling order for this node to run: marks it running, counts
+    /// the attempt, and returns it; `None` when nothing is queued. Same as
+    /// `next_job_for(None)`.
     pub async fn next_job(&self) -> Result<Option<Job>, StoreError> {
+        self.next_job_for(None).await
+    }
+
+    /// Takes the next job in scheduling order like [`JobStore::next_job`], for `holder` to run
+    /// under a lease (`None`: this node runs it). The lease is (job id, the returned job's
+    /// `attempts`); the node times it and ends it with [`JobStore::finish_attempt`]. A holder
+    /// keeps the job running across a restart of this node (see [`RecoveryReport::leased`]).
+    pub async fn next_job_for(&self, holder: Option<&str>) -> Result<Option<Job>, StoreError> {
+        if let Some(holder) = holder {
+            validate_member(holder, "lease holder")?;
+        }
         if self.inner.shared.lock().scheduler.is_empty() {
             return Ok(None);
         }
-        self.request(|reply| Request::Next { reply }).await
+        let holder = holder.map(str::to_string);
+        self.request(|reply| Request::Next { holder, reply }).await
     }
 
     /// Waits until a job may be waiting (a submission or a requeue since the last call; returns
@@ -328,21 +332,19 @@ impl JobStore {
                     .get(id)
                     .await?
                     .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+                if job.role == super::JobRole::Replica {
+                    return Err(StoreError::NotOwner {
+                        id: id.to_string(),
+                        owner: job.owner,
+                    });
+                }
                 if job.status != JobStatus::Running {
                     return Err(StoreError::Conflict {
                         id: id.to_string(),
                         status: job.status,
                     });
                 }
-                let data_dir = self.inner.shared.data_dir.clone();
-                let job_id = id.to_string();
-                let written =
-                    tokio::task::spawn_blocking(move || write_outputs(&data_dir, &job_id, outputs))
-                        .await
-                        .map_err(|e| {
-                            StoreError::WriterGone(format!("writing outputs panicked: {e}"))
-                        })??;
-                FinishOp::Succeeded(written)
+                FinishOp::Succeeded(self.write_outputs(id, outputs, None).await?)
             }
             Outcome::Failed(error) => FinishOp::Failed(error),
             Outcome::Cancelled => FinishOp::Cancelled,
@@ -351,6 +353,254 @@ impl JobStore {
         let id = id.to_string();
         self.request(|reply| Request::Finish { id, op, reply })
             .await
+    }
+
+    /// Applies the result of attempt `attempt` of an owner job; safe to repeat, and the first
+    /// final result wins.
+    ///
+    /// - A job already succeeded, failed or cancelled: [`Finished::Dropped`], nothing written.
+    /// - The running attempt: exactly [`JobStore::finish`] → [`Finished::Applied`].
+    /// - Another attempt (the job is queued again, or runs under a later attempt): a final
+    ///   outcome becomes the job's final result ([`Finished::Applied`]; a queued job leaves the
+    ///   queue, a running one stops counting as running and its later result is dropped);
+    ///   `Requeue` changes nothing ([`Finished::Stale`]).
+    ///
+    /// Output files of a success are written and fsync'd before the commit, under names unique
+    /// to this call (so a result that loses a race never touches the winner's files), and
+    /// removed again when the result is not applied. A replica row is
+    /// [`StoreError::NotOwner`]; an unknown job [`StoreError::NotFound`].
+    pub async fn finish_attempt(
+        &self,
+        id: &str,
+        attempt: u32,
+        outcome: Outcome,
+    ) -> Result<Finished, StoreError> {
+        let op = match outcome {
+            Outcome::Succeeded { outputs } => {
+                let job = self
+                    .get(id)
+                    .await?
+                    .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+                if job.role == super::JobRole::Replica {
+                    return Err(StoreError::NotOwner {
+                        id: id.to_string(),
+                        owner: job.owner,
+                    });
+                }
+                if job.status.is_final() {
+                    tracing::info!(
+                        job = %id,
+                        attempt,
+                        status = %job.status,
+                        "job store: the job already has its final result; a later final result was dropped"
+                    );
+                    return Ok(Finished::Dropped(job));
+                }
+                let prefix = format!("a{attempt}.{:016x}", rand::random::<u64>());
+                FinishOp::Succeeded(self.write_outputs(id, outputs, Some(prefix)).await?)
+            }
+            Outcome::Failed(error) => FinishOp::Failed(error),
+            Outcome::Cancelled => FinishOp::Cancelled,
+            Outcome::Requeue { reason } => FinishOp::Requeue(reason),
+        };
+        let written = match &op {
+            FinishOp::Succeeded(outputs) => outputs.iter().map(|o| o.path.clone()).collect(),
+            _ => Vec::new(),
+        };
+        let id = id.to_string();
+        let result = self
+            .request(|reply| Request::FinishAttempt {
+                id,
+                attempt,
+                op,
+                reply,
+            })
+            .await;
+        let applied = match &result {
+            Ok(Finished::Applied(_)) => true,
+            // The writer may have committed before it went away: keep the files.
+            Err(StoreError::WriterGone(_)) => true,
+            _ => false,
+        };
+        if !applied {
+            self.remove_files(written).await;
+        }
+        result
+    }
+
+    /// Records which member holds the replica of an owner job (`None`: no replica). Replica
+    /// rows are [`StoreError::NotOwner`].
+    pub async fn set_replica(&self, id: &str, replica: Option<&str>) -> Result<Job, StoreError> {
+        if let Some(replica) = replica {
+            validate_member(replica, "replica")?;
+        }
+        let id = id.to_string();
+        let replica = replica.map(str::to_string);
+        self.request(|reply| Request::SetReplica { id, replica, reply })
+            .await
+    }
+
+    /// Stores (or updates) the replica row of a job owned by `owner`, from the owner's copy;
+    /// safe to repeat. The row keeps the copy's fields but its own `seq`; it never enters the
+    /// queue, never counts usage and is never broadcast. Updates are monotonic: a final row
+    /// never changes its status (first final wins) and an older copy (fewer attempts, or
+    /// running where the row is queued again under the same attempt) changes nothing. A
+    /// succeeded copy's `outputs` are written and fsync'd before the commit that records them.
+    /// The idempotency key is recorded unless the key is already taken. An owner row with that
+    /// id is [`StoreError::Conflict`] and nothing changes. Returns the stored replica row.
+    pub async fn put_replica(
+        &self,
+        copy: &Job,
+        owner: &str,
+        outputs: Vec<NewOutput>,
+    ) -> Result<Job, StoreError> {
+        validate_fields(
+            &copy.id,
+            &copy.account,
+            copy.idempotency_key.as_deref(),
+            copy.max_attempts,
+        )?;
+        validate_member(owner, "owner")?;
+        let encoded = encode(&copy.workflow, copy.metadata.as_ref())?;
+        let mut written = Vec::new();
+        if copy.status == JobStatus::Succeeded && !outputs.is_empty() {
+            // Write files only when the row can take them; the writer decides for good.
+            let wanted = match self.get(&copy.id).await? {
+                Some(stored) if stored.role == super::JobRole::Owner => {
+                    return Err(StoreError::Conflict {
+                        id: stored.id,
+                        status: stored.status,
+                    });
+                }
+                Some(stored) if stored.status == JobStatus::Succeeded => {
+                    self.outputs(&stored.id).await?.is_empty()
+                }
+                Some(stored) => !stored.status.is_final(),
+                None => true,
+            };
+            if wanted {
+                let prefix = format!("r{}.{:016x}", copy.attempts, rand::random::<u64>());
+                written = self.write_outputs(&copy.id, outputs, Some(prefix)).await?;
+            }
+        }
+        let paths: Vec<PathBuf> = written.iter().map(|o| o.path.clone()).collect();
+        let owner = owner.to_string();
+        let copy = Box::new(copy.clone());
+        let result = self
+            .request(|reply| Request::PutReplica {
+                copy,
+                encoded,
+                owner,
+                outputs: written,
+                reply,
+            })
+            .await;
+        let recorded = match &result {
+            Ok((_, recorded)) => *recorded,
+            Err(StoreError::WriterGone(_)) => true,
+            Err(_) => false,
+        };
+        if !recorded {
+            self.remove_files(paths).await;
+        }
+        result.map(|(job, _)| job)
+    }
+
+    /// Takes over the jobs of `owner` (a member that died): every replica row it owns becomes
+    /// an owner row of this node. Queued ones join the queue in created order, as new
+    /// submissions would; running ones stay running, and one the dead member ran itself gets
+    /// `owner` as its lease holder, so the node's lease timer expires and requeues it unless a
+    /// result arrives first. Returns the adopted jobs that are not final. Safe to repeat.
+    pub async fn adopt(&self, owner: &str) -> Result<Vec<Job>, StoreError> {
+        validate_member(owner, "owner")?;
+        let owner = owner.to_string();
+        self.request(|reply| Request::Adopt { owner, reply }).await
+    }
+
+    /// Gives a queued owner job to `new_owner` (a draining node handing its queue over): the
+    /// row becomes a replica of `new_owner`'s job and leaves the queue. A job that is not
+    /// queued is [`StoreError::Conflict`]; a replica row [`StoreError::NotOwner`], except one
+    /// already handed to `new_owner`, which is returned unchanged (a repeated call).
+    pub async fn hand_over(&self, id: &str, new_owner: &str) -> Result<Job, StoreError> {
+        validate_member(new_owner, "new owner")?;
+        let id = id.to_string();
+        let new_owner = new_owner.to_string();
+        self.request(|reply| Request::HandOver {
+            id,
+            new_owner,
+            reply,
+        })
+        .await
+    }
+
+    /// The replica rows this node keeps for `owner`, in submission order here.
+    pub async fn replicas_of(&self, owner: &str) -> Result<Vec<Job>, StoreError> {
+        let owner = owner.to_string();
+        self.read(move |conn, path| {
+            load_jobs(
+                conn,
+                path,
+                "role = 'replica' AND owner = ?1 ORDER BY seq",
+                [owner],
+            )
+        })
+        .await
+    }
+
+    /// This node's own jobs that are queued or running, in submission order.
+    pub async fn owned_active(&self) -> Result<Vec<Job>, StoreError> {
+        self.read(move |conn, path| {
+            load_jobs(
+                conn,
+                path,
+                "role = 'owner' AND status IN ('queued', 'running') ORDER BY seq",
+                [],
+            )
+        })
+        .await
+    }
+
+    /// Writes output files on a blocking thread (see [`write_outputs`]).
+    async fn write_outputs(
+        &self,
+        id: &str,
+        outputs: Vec<NewOutput>,
+        prefix: Option<String>,
+    ) -> Result<Vec<Output>, StoreError> {
+        let data_dir = self.inner.shared.data_dir.clone();
+        let job_id = id.to_string();
+        tokio::task::spawn_blocking(move || {
+            write_outputs(&data_dir, &job_id, outputs, prefix.as_deref())
+        })
+        .await
+        .map_err(|e| StoreError::WriterGone(format!("writing outputs panicked: {e}")))?
+    }
+
+    /// Removes output files that were written but not recorded. A file that cannot be removed
+    /// is only logged: it is unreferenced, and nothing serves it.
+    async fn remove_files(&self, paths: Vec<PathBuf>) {
+        if paths.is_empty() {
+            return;
+        }
+        let data_dir = self.inner.shared.data_dir.clone();
+        let removed = tokio::task::spawn_blocking(move || {
+            for rel in paths {
+                let path = data_dir.join(&rel);
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => tracing::warn!(
+                        path = %path.display(),
+                        error = %e,
+                        "job store: cannot remove an unrecorded output file"
+                    ),
+                }
+            }
+        })
+        .await;
+        if let Err(e) = removed {
+            tracing::warn!(error = %e, "job store: removing unrecorded output files panicked");
+        }
     }
 
     /// The job, if stored.
@@ -569,36 +819,80 @@ impl JobStore {
 }
 
 fn validate(job: &NewJob) -> Result<(), StoreError> {
-    let id_ok = !job.id.is_empty()
-        && job.id.len() <= MAX_ID_LEN
-        && job
-            .id
+    validate_fields(
+        &job.id,
+        &job.account,
+        job.idempotency_key.as_deref(),
+        job.max_attempts,
+    )?;
+    if let Some(replica) = &job.replica {
+        validate_member(replica, "replica")?;
+    }
+    Ok(())
+}
+
+fn validate_fields(
+    id: &str,
+    account: &str,
+    idempotency_key: Option<&str>,
+    max_attempts: u32,
+) -> Result<(), StoreError> {
+    let id_ok = !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     if !id_ok {
         return Err(StoreError::Invalid(format!(
-            "job id {:?} must be 1 to {MAX_ID_LEN} characters of A-Z, a-z, 0-9, '-' or '_'",
-            job.id
+            "job id {id:?} must be 1 to {MAX_ID_LEN} characters of A-Z, a-z, 0-9, '-' or '_'"
         )));
     }
-    if job.account.is_empty() || job.account.len() > MAX_ACCOUNT_LEN {
+    if account.is_empty() || account.len() > MAX_ACCOUNT_LEN {
         return Err(StoreError::Invalid(format!(
             "account must be 1 to {MAX_ACCOUNT_LEN} bytes"
         )));
     }
-    if let Some(key) = &job.idempotency_key
+    if let Some(key) = idempotency_key
         && (key.is_empty() || key.len() > MAX_KEY_LEN)
     {
         return Err(StoreError::Invalid(format!(
             "idempotency key must be 1 to {MAX_KEY_LEN} bytes"
         )));
     }
-    if job.max_attempts == 0 {
+    if max_attempts == 0 {
         return Err(StoreError::Invalid(
             "max_attempts must be at least 1".to_string(),
         ));
     }
     Ok(())
+}
+
+/// A cluster member's name as the store keeps it (owner, replica, lease holder).
+fn validate_member(name: &str, what: &str) -> Result<(), StoreError> {
+    if name.is_empty() || name.len() > MAX_MEMBER_LEN {
+        return Err(StoreError::Invalid(format!(
+            "{what} member name must be 1 to {MAX_MEMBER_LEN} bytes, got {} bytes",
+            name.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Encodes a job's JSON columns (off the writer thread).
+fn encode(
+    workflow: &serde_json::Value,
+    metadata: Option<&serde_json::Value>,
+) -> Result<Encoded, StoreError> {
+    Ok(Encoded {
+        workflow: serde_json::to_string(workflow)
+            .map_err(|e| StoreError::Invalid(format!("workflow cannot be stored: {e}")))?,
+        metadata: metadata
+            .map(|m| {
+                serde_json::to_string(m)
+                    .map_err(|e| StoreError::Invalid(format!("metadata cannot be stored: {e}")))
+            })
+            .transpose()?,
+    })
 }
 
 /// A filename safe as one path component: the last component of `name`, with anything but
@@ -628,12 +922,15 @@ fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(StoreError::io(format!("syncing {}", dir.display())))
 }
 
-/// Writes a job's outputs as `outputs/<job id>/<index>-<safe filename>`, each through a
-/// temporary file that is fsync'd and renamed, then fsyncs the folders.
+/// Writes a job's outputs as `outputs/<job id>/<index>-<safe filename>` (with a `prefix`:
+/// `outputs/<job id>/<prefix>-<index>-<safe filename>`, so that concurrent writers of one job
+/// never replace each other's files), each through a temporary file that is fsync'd and
+/// renamed, then fsyncs the folders.
 fn write_outputs(
     data_dir: &Path,
     job_id: &str,
     outputs: Vec<NewOutput>,
+    prefix: Option<&str>,
 ) -> Result<Vec<Output>, StoreError> {
     use std::io::Write;
     let rel_dir = Path::new(OUTPUTS_DIR).join(job_id);
@@ -643,7 +940,10 @@ fn write_outputs(
     for (i, out) in outputs.into_iter().enumerate() {
         let index =
             u32::try_from(i).map_err(|_| StoreError::Invalid("too many outputs".to_string()))?;
-        let name = format!("{index}-{}", safe_filename(&out.filename));
+        let name = match prefix {
+            Some(prefix) => format!("{prefix}-{index}-{}", safe_filename(&out.filename)),
+            None => format!("{index}-{}", safe_filename(&out.filename)),
+        };
         let tmp = dir.join(format!(".{name}.tmp"));
         let path = dir.join(&name);
         let mut file = std::fs::File::create(&tmp)
@@ -668,7 +968,11 @@ fn write_outputs(
 }
 
 const JOB_COLUMNS: &str = "id, seq, account, tier, status, workflow, webhook, metadata, \
-     idempotency_key, body_hash, created_at, started_at, finished_at, attempts, max_attempts, error";
+     idempotency_key, body_hash, created_at, started_at, finished_at, attempts, max_attempts, error, \
+     role, owner, replica, lease_holder";
+
+/// The cluster columns of a row: role, owner, replica, lease holder.
+type RawCluster = (String, Option<String>, Option<String>, Option<String>);
 
 type RawJob = (
     String,
@@ -687,6 +991,7 @@ type RawJob = (
     i64,
     i64,
     Option<String>,
+    RawCluster,
 );
 
 fn raw_job(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawJob> {
@@ -707,6 +1012,7 @@ fn raw_job(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawJob> {
         row.get(13)?,
         row.get(14)?,
         row.get(15)?,
+        (row.get(16)?, row.get(17)?, row.get(18)?, row.get(19)?),
     ))
 }
 
@@ -742,7 +1048,12 @@ fn job_from_raw(raw: RawJob, path: &Path) -> Result<Job, StoreError> {
         attempts,
         max_attempts,
         error,
+        (role, owner, replica, lease_holder),
     ) = raw;
+    let role = role.parse().map_err(|e| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        detail: format!("job {id}: {e}"),
+    })?;
     let workflow =
         serde_json::from_str(&workflow).map_err(|e| corrupt_json(path, &id, "workflow", e))?;
     let metadata = match metadata {
@@ -771,8 +1082,36 @@ fn job_from_raw(raw: RawJob, path: &Path) -> Result<Job, StoreError> {
         attempts: u32::try_from(attempts).unwrap_or(0),
         max_attempts: u32::try_from(max_attempts).unwrap_or(1),
         error,
+        role,
+        owner,
+        replica,
+        lease_holder,
         id,
     })
+}
+
+/// Reads the jobs matching `filter` (an SQL condition, with its ORDER BY).
+pub(crate) fn load_jobs(
+    conn: &Connection,
+    path: &Path,
+    filter: &str,
+    args: impl rusqlite::Params,
+) -> Result<Vec<Job>, StoreError> {
+    let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE {filter}");
+    let mut st = conn
+        .prepare_cached(&sql)
+        .map_err(StoreError::sqlite("reading jobs"))?;
+    let rows = st
+        .query_map(args, raw_job)
+        .map_err(StoreError::sqlite("reading jobs"))?;
+    let mut out = Vec::new();
+    for row in rows {
+        out.push(job_from_raw(
+            row.map_err(StoreError::sqlite("reading jobs"))?,
+            path,
+        )?);
+    }
+    Ok(out)
 }
 
 /// Reads one job by id.
@@ -789,10 +1128,13 @@ pub(crate) fn load_job(
     raw.map(|raw| job_from_raw(raw, path)).transpose()
 }
 
-/// Reads every queued job as the scheduler needs it.
+/// Reads every queued owner job as the scheduler needs it (replica rows are never scheduled).
 pub(crate) fn load_queued(conn: &Connection, path: &Path) -> Result<Vec<QueuedJob>, StoreError> {
     let mut st = conn
-        .prepare("SELECT id, tier, account, seq, created_at FROM jobs WHERE status = 'queued'")
+        .prepare(
+            "SELECT id, tier, account, seq, created_at FROM jobs
+             WHERE status = 'queued' AND role = 'owner'",
+        )
         .map_err(StoreError::sqlite("reading queued jobs"))?;
     let rows = st
         .query_map([], |row| {

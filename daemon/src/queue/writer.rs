@@ -21,10 +21,11 @@ use serde_json::json;
 use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 
 use super::scheduler::{QueuedJob, RingPos, Scheduler};
+use super::store::load_jobs;
 use super::store::{load_job, load_queued, load_ring};
 use super::{
-    CancelOutcome, Job, JobChange, NewJob, Output, Quota, QuotaPeriod, RecoveryReport, StoreError,
-    Submitted, utc_day, utc_month_bounds,
+    CancelOutcome, Finished, Job, JobChange, JobRole, Lease, NewJob, Output, Quota, QuotaPeriod,
+    RecoveryReport, StoreError, Submitted, utc_day, utc_month_bounds,
 };
 use crate::protocol::{JobError, JobStatus, Tier};
 
@@ -78,68 +79,124 @@ pub(crate) struct Encoded {
     pub metadata: Option<String>,
 }
 
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
 pub(crate) enum Request {
     Submit {
         job: Box<NewJob>,
         /// The workflow and metadata as JSON text, encoded by the caller (off this thread).
         encoded: Encoded,
         quota: Option<Quota>,
-        reply: oneshot::Sender<Result<Submitted, StoreError>>,
+        reply: Reply<Submitted>,
     },
     Next {
-        reply: oneshot::Sender<Result<Option<Job>, StoreError>>,
+        /// The member that will run the job (`None`: this node).
+        holder: Option<String>,
+        reply: Reply<Option<Job>>,
     },
     Cancel {
         id: String,
-        reply: oneshot::Sender<Result<CancelOutcome, StoreError>>,
+        reply: Reply<CancelOutcome>,
     },
     Finish {
         id: String,
         op: FinishOp,
-        reply: oneshot::Sender<Result<Job, StoreError>>,
+        reply: Reply<Job>,
+    },
+    FinishAttempt {
+        id: String,
+        attempt: u32,
+        op: FinishOp,
+        reply: Reply<Finished>,
+    },
+    SetReplica {
+        id: String,
+        replica: Option<String>,
+        reply: Reply<Job>,
+    },
+    PutReplica {
+        copy: Box<Job>,
+        encoded: Encoded,
+        owner: String,
+        /// Output files already written and fsync'd; recorded only if the copy is applied.
+        outputs: Vec<Output>,
+        /// The stored row, and whether `outputs` were recorded.
+        reply: Reply<(Job, bool)>,
+    },
+    Adopt {
+        owner: String,
+        reply: Reply<Vec<Job>>,
+    },
+    HandOver {
+        id: String,
+        new_owner: String,
+        reply: Reply<Job>,
     },
 }
 
-/// A reply waiting for the commit.
-enum Pending {
-    Submit(
-        oneshot::Sender<Result<Submitted, StoreError>>,
-        Result<Submitted, StoreError>,
-    ),
-    Next(
-        oneshot::Sender<Result<Option<Job>, StoreError>>,
-        Result<Option<Job>, StoreError>,
-    ),
-    Cancel(
-        oneshot::Sender<Result<CancelOutcome, StoreError>>,
-        Result<CancelOutcome, StoreError>,
-    ),
-    Finish(
-        oneshot::Sender<Result<Job, StoreError>>,
-        Result<Job, StoreError>,
-    ),
+impl Request {
+    /// Answers the request with an error without applying it.
+    fn reject(self, err: StoreError) {
+        // A caller that stopped waiting is not an error.
+        match self {
+            Request::Submit { reply, .. } => drop(reply.send(Err(err))),
+            Request::Next { reply, .. } => drop(reply.send(Err(err))),
+            Request::Cancel { reply, .. } => drop(reply.send(Err(err))),
+            Request::Finish { reply, .. } => drop(reply.send(Err(err))),
+            Request::FinishAttempt { reply, .. } => drop(reply.send(Err(err))),
+            Request::SetReplica { reply, .. } => drop(reply.send(Err(err))),
+            Request::PutReplica { reply, .. } => drop(reply.send(Err(err))),
+            Request::Adopt { reply, .. } => drop(reply.send(Err(err))),
+            Request::HandOver { reply, .. } => drop(reply.send(Err(err))),
+        }
+    }
 }
 
-impl Pending {
-    fn send(self) {
+/// A reply waiting for the commit.
+trait PendingReply: Send {
+    /// Sends the result (after the commit).
+    fn send(self: Box<Self>);
+    /// Sends a commit failure instead of the result.
+    fn fail(self: Box<Self>, message: &str);
+}
+
+struct Answer<T> {
+    reply: Reply<T>,
+    result: Result<T, StoreError>,
+}
+
+impl<T: Send> PendingReply for Answer<T> {
+    fn send(self: Box<Self>) {
         // A caller that stopped waiting is not an error: the work is committed either way.
-        match self {
-            Pending::Submit(tx, r) => drop(tx.send(r)),
-            Pending::Next(tx, r) => drop(tx.send(r)),
-            Pending::Cancel(tx, r) => drop(tx.send(r)),
-            Pending::Finish(tx, r) => drop(tx.send(r)),
-        }
+        let _ = self.reply.send(self.result);
     }
 
-    fn fail(self, message: &str) {
-        let err = || StoreError::CommitFailed(message.to_string());
-        match self {
-            Pending::Submit(tx, _) => drop(tx.send(Err(err()))),
-            Pending::Next(tx, _) => drop(tx.send(Err(err()))),
-            Pending::Cancel(tx, _) => drop(tx.send(Err(err()))),
-            Pending::Finish(tx, _) => drop(tx.send(Err(err()))),
-        }
+    fn fail(self: Box<Self>, message: &str) {
+        let _ = self
+            .reply
+            .send(Err(StoreError::CommitFailed(message.to_string())));
     }
+}
+
+type Pending = Box<dyn PendingReply>;
+
+/// A request's pending answer, and whether its savepoint is kept: a request that failed on the
+/// database is rolled back; one refused for a reason of its own (a conflict) wrote nothing.
+fn answer<T: Send + 'static>(reply: Reply<T>, result: Result<T, StoreError>) -> (Pending, bool) {
+    let ok = !matches!(
+        result,
+        Err(StoreError::Sqlite { .. }) | Err(StoreError::Corrupt { .. })
+    );
+    (Box::new(Answer { reply, result }), ok)
+}
+
+/// Like [`answer`], but any error rolls the request's savepoint back.
+fn answer_all_or_nothing<T: Send + 'static>(
+    reply: Reply<T>,
+    result: Result<T, StoreError>,
+) -> (Pending, bool) {
+    let ok = result.is_ok();
+    (Box::new(Answer { reply, result }), ok)
 }
 
 /// Effects to publish after the commit.
@@ -186,15 +243,16 @@ fn process(conn: &mut Connection, shared: &Shared, batch: impl Iterator<Item = R
             let message = format!("starting a transaction: {e}");
             tracing::error!(error = %e, "job store: cannot start a transaction");
             for req in batch {
-                fail_request(req, &message);
+                req.reject(StoreError::CommitFailed(message.clone()));
             }
             return;
         }
     };
     let mut tx = tx;
     for req in batch {
-        let p = apply_one(&mut tx, shared, req, now, &mut effects, &mut rebuild);
-        pending.push(p);
+        if let Some(p) = apply_one(&mut tx, shared, req, now, &mut effects, &mut rebuild) {
+            pending.push(p);
+        }
     }
     match tx.commit() {
         Ok(()) => {
@@ -233,16 +291,6 @@ fn process(conn: &mut Connection, shared: &Shared, batch: impl Iterator<Item = R
     }
 }
 
-fn fail_request(req: Request, message: &str) {
-    let err = || StoreError::CommitFailed(message.to_string());
-    match req {
-        Request::Submit { reply, .. } => drop(reply.send(Err(err()))),
-        Request::Next { reply } => drop(reply.send(Err(err()))),
-        Request::Cancel { reply, .. } => drop(reply.send(Err(err()))),
-        Request::Finish { reply, .. } => drop(reply.send(Err(err()))),
-    }
-}
-
 /// Applies one request inside its own savepoint.
 fn apply_one(
     tx: &mut Transaction<'_>,
@@ -251,72 +299,68 @@ fn apply_one(
     now: i64,
     effects: &mut Effects,
     rebuild: &mut bool,
-) -> Pending {
+) -> Option<Pending> {
     let sp = match tx.savepoint() {
         Ok(sp) => sp,
         Err(e) => {
-            let message = format!("starting a savepoint: {e}");
-            return match req {
-                Request::Submit { reply, .. } => {
-                    Pending::Submit(reply, Err(StoreError::CommitFailed(message)))
-                }
-                Request::Next { reply } => {
-                    Pending::Next(reply, Err(StoreError::CommitFailed(message)))
-                }
-                Request::Cancel { reply, .. } => {
-                    Pending::Cancel(reply, Err(StoreError::CommitFailed(message)))
-                }
-                Request::Finish { reply, .. } => {
-                    Pending::Finish(reply, Err(StoreError::CommitFailed(message)))
-                }
-            };
+            req.reject(StoreError::CommitFailed(format!(
+                "starting a savepoint: {e}"
+            )));
+            return None;
         }
     };
     let mut local = Effects::default();
     let mut touched_memory = false;
+    let touched = &mut touched_memory;
+    let fx = &mut local;
     let (pending, ok) = match req {
         Request::Submit {
             job,
             encoded,
             quota,
             reply,
-        } => {
-            let r = submit(
-                &sp,
-                shared,
-                (job, encoded),
-                quota,
-                now,
-                &mut local,
-                &mut touched_memory,
-            );
-            let ok = !matches!(
-                r,
-                Err(StoreError::Sqlite { .. }) | Err(StoreError::Corrupt { .. })
-            );
-            (Pending::Submit(reply, r), ok)
-        }
-        Request::Next { reply } => {
-            let r = next(&sp, shared, now, &mut local, &mut touched_memory);
-            let ok = r.is_ok();
-            (Pending::Next(reply, r), ok)
-        }
-        Request::Cancel { id, reply } => {
-            let r = cancel(&sp, shared, &id, now, &mut local, &mut touched_memory);
-            let ok = !matches!(
-                r,
-                Err(StoreError::Sqlite { .. }) | Err(StoreError::Corrupt { .. })
-            );
-            (Pending::Cancel(reply, r), ok)
-        }
+        } => answer(
+            reply,
+            submit(&sp, shared, (job, encoded), quota, now, fx, touched),
+        ),
+        Request::Next { holder, reply } => answer_all_or_nothing(
+            reply,
+            next(&sp, shared, holder.as_deref(), now, fx, touched),
+        ),
+        Request::Cancel { id, reply } => answer(reply, cancel(&sp, shared, &id, now, fx, touched)),
         Request::Finish { id, op, reply } => {
-            let r = finish(&sp, shared, &id, op, now, &mut local, &mut touched_memory);
-            let ok = !matches!(
-                r,
-                Err(StoreError::Sqlite { .. }) | Err(StoreError::Corrupt { .. })
-            );
-            (Pending::Finish(reply, r), ok)
+            answer(reply, finish(&sp, shared, &id, op, now, fx, touched))
         }
+        Request::FinishAttempt {
+            id,
+            attempt,
+            op,
+            reply,
+        } => answer_all_or_nothing(
+            reply,
+            finish_attempt(&sp, shared, (&id, attempt), op, now, fx, touched),
+        ),
+        Request::SetReplica { id, replica, reply } => {
+            answer_all_or_nothing(reply, set_replica(&sp, shared, &id, replica.as_deref()))
+        }
+        Request::PutReplica {
+            copy,
+            encoded,
+            owner,
+            outputs,
+            reply,
+        } => answer_all_or_nothing(
+            reply,
+            put_replica(&sp, shared, (&*copy, encoded), &owner, &outputs, now),
+        ),
+        Request::Adopt { owner, reply } => {
+            answer_all_or_nothing(reply, adopt(&sp, shared, &owner, now, fx, touched))
+        }
+        Request::HandOver {
+            id,
+            new_owner,
+            reply,
+        } => answer_all_or_nothing(reply, hand_over(&sp, shared, &id, &new_owner, now, touched)),
     };
     let released = if ok {
         sp.commit().map_err(|e| e.to_string())
@@ -337,7 +381,7 @@ fn apply_one(
             }
         }
     }
-    pending
+    Some(pending)
 }
 
 fn upsert_ring(tx: &Connection, ring: &RingPos) -> Result<(), StoreError> {
@@ -527,8 +571,8 @@ fn submit(
     let Encoded { workflow, metadata } = encoded;
     tx.prepare_cached(
         "INSERT INTO jobs (id, account, tier, status, workflow, webhook, metadata,
-             idempotency_key, body_hash, created_at, attempts, max_attempts)
-         VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7, ?8, ?9, 0, ?10)",
+             idempotency_key, body_hash, created_at, attempts, max_attempts, role, replica)
+         VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7, ?8, ?9, 0, ?10, 'owner', ?11)",
     )
     .and_then(|mut st| {
         st.execute(params![
@@ -541,7 +585,8 @@ fn submit(
             new.idempotency_key,
             new.body_hash,
             now,
-            new.max_attempts
+            new.max_attempts,
+            new.replica
         ])
     })
     .map_err(StoreError::sqlite("inserting the job"))?;
@@ -588,6 +633,7 @@ fn submit(
         idempotency_key,
         body_hash,
         max_attempts,
+        replica,
     } = *new;
     Ok(Submitted {
         job: Job {
@@ -607,6 +653,10 @@ fn submit(
             attempts: 0,
             max_attempts,
             error: None,
+            role: JobRole::Owner,
+            owner: None,
+            replica,
+            lease_holder: None,
         },
         created: true,
     })
@@ -615,6 +665,7 @@ fn submit(
 fn next(
     tx: &Connection,
     shared: &Shared,
+    holder: Option<&str>,
     now: i64,
     effects: &mut Effects,
     touched_memory: &mut bool,
@@ -636,14 +687,15 @@ fn next(
         let changed = tx
             .prepare_cached(
                 "UPDATE jobs SET status = 'running', attempts = attempts + 1, started_at = ?2,
-                     ring_pos = ?3
-                 WHERE id = ?1 AND status = 'queued'",
+                     ring_pos = ?3, lease_holder = ?4
+                 WHERE id = ?1 AND status = 'queued' AND role = 'owner'",
             )
             .and_then(|mut st| {
                 st.execute(params![
                     taken.job.id,
                     now,
-                    i64::try_from(taken.ring_pos).unwrap_or(i64::MAX)
+                    i64::try_from(taken.ring_pos).unwrap_or(i64::MAX),
+                    holder
                 ])
             })
             .map_err(StoreError::sqlite("starting the job"))?;
@@ -694,8 +746,7 @@ fn cancel(
     effects: &mut Effects,
     touched_memory: &mut bool,
 ) -> Result<CancelOutcome, StoreError> {
-    let job =
-        load_job(tx, &shared.db_path, id)?.ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+    let job = load_owned(tx, shared, id)?;
     match job.status {
         JobStatus::Queued => {
             tx.prepare_cached(
@@ -779,14 +830,27 @@ fn finish(
     effects: &mut Effects,
     touched_memory: &mut bool,
 ) -> Result<Job, StoreError> {
-    let job =
-        load_job(tx, &shared.db_path, id)?.ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+    let job = load_owned(tx, shared, id)?;
     if job.status != JobStatus::Running {
         return Err(StoreError::Conflict {
             id: id.to_string(),
             status: job.status,
         });
     }
+    finish_running(tx, shared, job, op, now, effects, touched_memory)
+}
+
+/// Ends the current attempt of a running owner job (see [`finish`]).
+fn finish_running(
+    tx: &Connection,
+    shared: &Shared,
+    job: Job,
+    op: FinishOp,
+    now: i64,
+    effects: &mut Effects,
+    touched_memory: &mut bool,
+) -> Result<Job, StoreError> {
+    let id = job.id.as_str();
     let ran_ms = now - job.started_at_ms.unwrap_or(now);
     let day = utc_day(now);
     let done = |status: JobStatus, error: Option<JobError>| Job {
@@ -797,25 +861,7 @@ fn finish(
     };
     let result = match op {
         FinishOp::Succeeded(outputs) => {
-            for o in &outputs {
-                tx.prepare_cached(
-                    "INSERT OR REPLACE INTO outputs
-                         (job_id, idx, filename, content_type, bytes, path, sha256)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                )
-                .and_then(|mut st| {
-                    st.execute(params![
-                        id,
-                        o.index,
-                        o.filename,
-                        o.content_type,
-                        i64::try_from(o.bytes).unwrap_or(i64::MAX),
-                        o.path.to_string_lossy(),
-                        o.sha256
-                    ])
-                })
-                .map_err(StoreError::sqlite("recording an output"))?;
-            }
+            record_outputs(tx, id, &outputs)?;
             set_final(tx, id, JobStatus::Succeeded, now, None)?;
             end_attempt(tx, &job, now, "succeeded")?;
             count_finished(tx, &job.account, day, true, outputs.len() as u64, ran_ms)?;
@@ -873,6 +919,47 @@ fn finish(
     Ok(result)
 }
 
+/// Records a succeeded job's output files (already written and fsync'd).
+fn record_outputs(tx: &Connection, id: &str, outputs: &[Output]) -> Result<(), StoreError> {
+    for o in outputs {
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO outputs
+                 (job_id, idx, filename, content_type, bytes, path, sha256)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )
+        .and_then(|mut st| {
+            st.execute(params![
+                id,
+                o.index,
+                o.filename,
+                o.content_type,
+                i64::try_from(o.bytes).unwrap_or(i64::MAX),
+                o.path.to_string_lossy(),
+                o.sha256
+            ])
+        })
+        .map_err(StoreError::sqlite("recording an output"))?;
+    }
+    Ok(())
+}
+
+fn not_owner(job: &Job) -> StoreError {
+    StoreError::NotOwner {
+        id: job.id.clone(),
+        owner: job.owner.clone(),
+    }
+}
+
+/// Loads an owner row: a missing job is `NotFound`, a replica row `NotOwner`.
+fn load_owned(tx: &Connection, shared: &Shared, id: &str) -> Result<Job, StoreError> {
+    let job =
+        load_job(tx, &shared.db_path, id)?.ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+    if job.role == JobRole::Replica {
+        return Err(not_owner(&job));
+    }
+    Ok(job)
+}
+
 /// Puts a running job back in the queue at its old place, or fails it with `max_attempts`.
 pub(crate) fn requeue_row(
     tx: &Connection,
@@ -900,9 +987,11 @@ pub(crate) fn requeue_row(
             ..job.clone()
         });
     }
-    tx.prepare_cached("UPDATE jobs SET status = 'queued', started_at = NULL WHERE id = ?1")
-        .and_then(|mut st| st.execute([&job.id]))
-        .map_err(StoreError::sqlite("requeueing the job"))?;
+    tx.prepare_cached(
+        "UPDATE jobs SET status = 'queued', started_at = NULL, lease_holder = NULL WHERE id = ?1",
+    )
+    .and_then(|mut st| st.execute([&job.id]))
+    .map_err(StoreError::sqlite("requeueing the job"))?;
     add_event(
         tx,
         &job.id,
@@ -931,7 +1020,428 @@ pub(crate) fn requeue_row(
     Ok(Job {
         status: JobStatus::Queued,
         started_at_ms: None,
+        lease_holder: None,
         ..job.clone()
+    })
+}
+
+/// Applies the result of attempt `attempt` of an owner job. The first final result wins: a
+/// job already final drops it. The running attempt ends as [`finish`] ends it. A final result
+/// of another attempt (a retry ran the job twice, or the lease of a runner that still finished
+/// had expired) becomes the job's final result; a `Requeue` of another attempt changes nothing.
+fn finish_attempt(
+    tx: &Connection,
+    shared: &Shared,
+    (id, attempt): (&str, u32),
+    op: FinishOp,
+    now: i64,
+    effects: &mut Effects,
+    touched_memory: &mut bool,
+) -> Result<Finished, StoreError> {
+    let job = load_owned(tx, shared, id)?;
+    if job.status.is_final() {
+        tracing::info!(
+            job = %id,
+            attempt,
+            status = %job.status,
+            "job store: the job already has its final result; a later final result was dropped"
+        );
+        return Ok(Finished::Dropped(job));
+    }
+    if job.status == JobStatus::Running && job.attempts == attempt {
+        return finish_running(tx, shared, job, op, now, effects, touched_memory)
+            .map(Finished::Applied);
+    }
+    let (status, error, outputs, detail) = match op {
+        FinishOp::Requeue(_) => return Ok(Finished::Stale(job)),
+        FinishOp::Succeeded(outputs) => {
+            let detail = format!("{} outputs", outputs.len());
+            (JobStatus::Succeeded, None, outputs, detail)
+        }
+        FinishOp::Failed(error) => {
+            let detail = format!("{}: {}", error.code, error.message);
+            (JobStatus::Failed, Some(error), Vec::new(), detail)
+        }
+        FinishOp::Cancelled => (
+            JobStatus::Cancelled,
+            None,
+            Vec::new(),
+            "cancelled".to_string(),
+        ),
+    };
+    let outcome = match &error {
+        Some(e) => format!("failed: {}", e.code),
+        None => status.as_str().to_string(),
+    };
+    // The attempt that produced this result: close its row if it is still open (its time is
+    // counted now) or correct the outcome of one closed when its lease expired.
+    let attempt_row: Option<(i64, Option<i64>)> = tx
+        .prepare_cached("SELECT started_at, ended_at FROM attempts WHERE job_id = ?1 AND n = ?2")
+        .and_then(|mut st| {
+            st.query_row(params![id, attempt], |row| Ok((row.get(0)?, row.get(1)?)))
+                .optional()
+        })
+        .map_err(StoreError::sqlite("reading the attempt"))?;
+    let ran_ms = match attempt_row {
+        Some((started, None)) => now - started,
+        _ => 0,
+    };
+    tx.prepare_cached(
+        "UPDATE attempts SET ended_at = COALESCE(ended_at, ?3), outcome = ?4
+         WHERE job_id = ?1 AND n = ?2",
+    )
+    .and_then(|mut st| st.execute(params![id, attempt, now, outcome]))
+    .map_err(StoreError::sqlite("closing the attempt"))?;
+    record_outputs(tx, id, &outputs)?;
+    set_final(tx, id, status, now, error.as_ref())?;
+    match job.status {
+        JobStatus::Running => {
+            // The attempt running now lost: its result, when it comes, is dropped.
+            tx.prepare_cached(
+                "UPDATE attempts SET ended_at = ?3, outcome = ?4
+                 WHERE job_id = ?1 AND n = ?2 AND ended_at IS NULL",
+            )
+            .and_then(|mut st| {
+                st.execute(params![
+                    id,
+                    job.attempts,
+                    now,
+                    format!("superseded: attempt {attempt} finished first")
+                ])
+            })
+            .map_err(StoreError::sqlite("closing the attempt"))?;
+            effects.running_remove.push(id.to_string());
+        }
+        _ => {
+            let mut state = shared.lock();
+            *touched_memory = true;
+            state.scheduler.remove(id);
+        }
+    }
+    count_finished(
+        tx,
+        &job.account,
+        utc_day(now),
+        status == JobStatus::Succeeded,
+        outputs.len() as u64,
+        ran_ms,
+    )?;
+    add_event(
+        tx,
+        id,
+        now,
+        status,
+        Some(&format!("attempt {attempt}: {detail}")),
+    )?;
+    let after = Job {
+        status,
+        finished_at_ms: Some(now),
+        error,
+        ..job
+    };
+    effects.changes.push(change(&after, status, now));
+    Ok(Finished::Applied(after))
+}
+
+/// Records which member holds an owner job's replica.
+fn set_replica(
+    tx: &Connection,
+    shared: &Shared,
+    id: &str,
+    replica: Option<&str>,
+) -> Result<Job, StoreError> {
+    let job = load_owned(tx, shared, id)?;
+    tx.prepare_cached("UPDATE jobs SET replica = ?2 WHERE id = ?1")
+        .and_then(|mut st| st.execute(params![id, replica]))
+        .map_err(StoreError::sqlite("recording the replica"))?;
+    Ok(Job {
+        replica: replica.map(str::to_string),
+        ..job
+    })
+}
+
+/// Whether `copy` is a later state of a job than the non-final `stored` one. Attempts only
+/// grow; with equal attempts a job is running before it is queued again (a requeue keeps the
+/// count), so only a running copy of a queued row is older.
+fn is_newer(copy: &Job, stored: &Job) -> bool {
+    if copy.status.is_final() {
+        return true;
+    }
+    match copy.attempts.cmp(&stored.attempts) {
+        std::cmp::Ordering::Greater => true,
+        std::cmp::Ordering::Less => false,
+        std::cmp::Ordering::Equal => {
+            !(stored.status == JobStatus::Queued && copy.status == JobStatus::Running)
+        }
+    }
+}
+
+fn encode_error(error: Option<&JobError>) -> Result<Option<String>, StoreError> {
+    error
+        .map(|e| {
+            serde_json::to_string(e)
+                .map_err(|e| StoreError::Invalid(format!("job error cannot be stored: {e}")))
+        })
+        .transpose()
+}
+
+fn count_outputs(tx: &Connection, id: &str) -> Result<i64, StoreError> {
+    tx.prepare_cached("SELECT COUNT(*) FROM outputs WHERE job_id = ?1")
+        .and_then(|mut st| st.query_row([id], |row| row.get(0)))
+        .map_err(StoreError::sqlite("counting outputs"))
+}
+
+/// Stores or updates the replica row of another member's job. Returns the stored row and
+/// whether `outputs` were recorded (the caller removes the files otherwise).
+fn put_replica(
+    tx: &Connection,
+    shared: &Shared,
+    (copy, encoded): (&Job, Encoded),
+    owner: &str,
+    outputs: &[Output],
+    now: i64,
+) -> Result<(Job, bool), StoreError> {
+    let id = copy.id.as_str();
+    let stored = load_job(tx, &shared.db_path, id)?;
+    let with_outputs = copy.status == JobStatus::Succeeded && !outputs.is_empty();
+    let mut recorded = false;
+    match &stored {
+        Some(s) if s.role == JobRole::Owner => {
+            return Err(StoreError::Conflict {
+                id: id.to_string(),
+                status: s.status,
+            });
+        }
+        None => {
+            let error = encode_error(copy.error.as_ref())?;
+            tx.prepare_cached(
+                "INSERT INTO jobs (id, account, tier, status, workflow, webhook, metadata,
+                     idempotency_key, body_hash, created_at, started_at, finished_at, attempts,
+                     max_attempts, error, role, owner, replica, lease_holder)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,
+                     'replica', ?16, NULL, ?17)",
+            )
+            .and_then(|mut st| {
+                st.execute(params![
+                    id,
+                    copy.account,
+                    copy.tier.rank(),
+                    copy.status.as_str(),
+                    encoded.workflow,
+                    copy.webhook,
+                    encoded.metadata,
+                    copy.idempotency_key,
+                    copy.body_hash,
+                    copy.created_at_ms,
+                    copy.started_at_ms,
+                    copy.finished_at_ms,
+                    copy.attempts,
+                    copy.max_attempts,
+                    error,
+                    owner,
+                    copy.lease_holder,
+                ])
+            })
+            .map_err(StoreError::sqlite("inserting the replica"))?;
+            add_event(
+                tx,
+                id,
+                now,
+                copy.status,
+                Some(&format!("replica of a job owned by {owner}")),
+            )?;
+            if with_outputs {
+                record_outputs(tx, id, outputs)?;
+                recorded = true;
+            }
+        }
+        Some(s) if s.status.is_final() => {
+            // First final result wins; only outputs the row lacks are filled in.
+            if with_outputs && s.status == JobStatus::Succeeded && count_outputs(tx, id)? == 0 {
+                record_outputs(tx, id, outputs)?;
+                recorded = true;
+            }
+        }
+        Some(s) => {
+            if is_newer(copy, s) {
+                let error = encode_error(copy.error.as_ref())?;
+                tx.prepare_cached(
+                    "UPDATE jobs SET status = ?2, started_at = ?3, finished_at = ?4,
+                         attempts = MAX(attempts, ?5), error = ?6, lease_holder = ?7, owner = ?8
+                     WHERE id = ?1",
+                )
+                .and_then(|mut st| {
+                    st.execute(params![
+                        id,
+                        copy.status.as_str(),
+                        copy.started_at_ms,
+                        copy.finished_at_ms,
+                        copy.attempts,
+                        error,
+                        copy.lease_holder,
+                        owner,
+                    ])
+                })
+                .map_err(StoreError::sqlite("updating the replica"))?;
+                if copy.status != s.status {
+                    add_event(
+                        tx,
+                        id,
+                        now,
+                        copy.status,
+                        Some(&format!("replicated from {owner}")),
+                    )?;
+                }
+                if with_outputs {
+                    record_outputs(tx, id, outputs)?;
+                    recorded = true;
+                }
+            }
+        }
+    }
+    if let Some(key) = &copy.idempotency_key {
+        tx.prepare_cached(
+            "INSERT INTO idempotency_keys (account, key, job_id, body_hash, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (account, key) DO NOTHING",
+        )
+        .and_then(|mut st| {
+            st.execute(params![
+                copy.account,
+                key,
+                id,
+                copy.body_hash,
+                copy.created_at_ms
+            ])
+        })
+        .map_err(StoreError::sqlite("saving the idempotency key"))?;
+    }
+    let job = load_job(tx, &shared.db_path, id)?.ok_or_else(|| StoreError::Corrupt {
+        path: shared.db_path.clone(),
+        detail: format!("replica {id} vanished while storing it"),
+    })?;
+    Ok((job, recorded))
+}
+
+/// Takes over the jobs of a dead member: its replica rows here become owner rows.
+fn adopt(
+    tx: &Connection,
+    shared: &Shared,
+    owner: &str,
+    now: i64,
+    effects: &mut Effects,
+    touched_memory: &mut bool,
+) -> Result<Vec<Job>, StoreError> {
+    let rows = load_jobs(
+        tx,
+        &shared.db_path,
+        "role = 'replica' AND owner = ?1 ORDER BY created_at, seq",
+        [owner],
+    )?;
+    let mut adopted = Vec::new();
+    for job in rows {
+        // A job the dead member ran itself gets a lease in its name: the node's lease timer
+        // expires it and requeues the job unless a result arrives first.
+        let lease_holder = match (job.status, &job.lease_holder) {
+            (JobStatus::Running, None) => Some(owner.to_string()),
+            (_, holder) => holder.clone(),
+        };
+        tx.prepare_cached(
+            "UPDATE jobs SET role = 'owner', owner = NULL, replica = NULL, lease_holder = ?2
+             WHERE id = ?1",
+        )
+        .and_then(|mut st| st.execute(params![job.id, lease_holder]))
+        .map_err(StoreError::sqlite("adopting the job"))?;
+        add_event(
+            tx,
+            &job.id,
+            now,
+            job.status,
+            Some(&format!("adopted from {owner}")),
+        )?;
+        let job = Job {
+            role: JobRole::Owner,
+            owner: None,
+            replica: None,
+            lease_holder,
+            ..job
+        };
+        match job.status {
+            JobStatus::Queued => {
+                let joined = {
+                    let mut state = shared.lock();
+                    *touched_memory = true;
+                    state.scheduler.push(QueuedJob {
+                        id: job.id.clone(),
+                        tier: job.tier,
+                        account: job.account.clone(),
+                        seq: job.seq,
+                        created_at_ms: job.created_at_ms,
+                    })
+                };
+                if let Some(ring) = joined {
+                    upsert_ring(tx, &ring)?;
+                }
+                effects.work = true;
+                adopted.push(job);
+            }
+            JobStatus::Running => {
+                effects.running_add.push(job.id.clone());
+                adopted.push(job);
+            }
+            _ => {}
+        }
+    }
+    Ok(adopted)
+}
+
+/// Gives a queued owner job to `new_owner`: the row becomes its replica and leaves the queue.
+fn hand_over(
+    tx: &Connection,
+    shared: &Shared,
+    id: &str,
+    new_owner: &str,
+    now: i64,
+    touched_memory: &mut bool,
+) -> Result<Job, StoreError> {
+    let job =
+        load_job(tx, &shared.db_path, id)?.ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+    if job.role == JobRole::Replica {
+        // Handed over already (a repeated call): nothing to do.
+        if job.owner.as_deref() == Some(new_owner) {
+            return Ok(job);
+        }
+        return Err(not_owner(&job));
+    }
+    if job.status != JobStatus::Queued {
+        return Err(StoreError::Conflict {
+            id: id.to_string(),
+            status: job.status,
+        });
+    }
+    tx.prepare_cached(
+        "UPDATE jobs SET role = 'replica', owner = ?2, replica = NULL, lease_holder = NULL
+         WHERE id = ?1",
+    )
+    .and_then(|mut st| st.execute(params![id, new_owner]))
+    .map_err(StoreError::sqlite("handing the job over"))?;
+    add_event(
+        tx,
+        id,
+        now,
+        JobStatus::Queued,
+        Some(&format!("handed over to {new_owner}")),
+    )?;
+    {
+        let mut state = shared.lock();
+        *touched_memory = true;
+        state.scheduler.remove(id);
+    }
+    Ok(Job {
+        role: JobRole::Replica,
+        owner: Some(new_owner.to_string()),
+        replica: None,
+        lease_holder: None,
+        ..job
     })
 }
 
@@ -972,8 +1482,13 @@ pub(crate) fn recover(
         upsert_ring(&tx, ring)?;
     }
     shared.lock().scheduler = scheduler;
+    // Jobs this node ran itself died with the process; jobs another member runs may still be
+    // running there, so they stay running and the node times their leases.
     let running: Vec<(String, Option<i64>)> = tx
-        .prepare("SELECT id, ring_pos FROM jobs WHERE status = 'running' ORDER BY seq")
+        .prepare(
+            "SELECT id, ring_pos FROM jobs
+             WHERE status = 'running' AND role = 'owner' AND lease_holder IS NULL ORDER BY seq",
+        )
         .and_then(|mut st| {
             st.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
                 .collect::<Result<Vec<_>, _>>()
@@ -1002,9 +1517,30 @@ pub(crate) fn recover(
             report.failed.push(id);
         }
     }
+    let leased: Vec<(String, String, i64)> = tx
+        .prepare(
+            "SELECT id, lease_holder, attempts FROM jobs
+             WHERE status = 'running' AND role = 'owner' AND lease_holder IS NOT NULL
+             ORDER BY seq",
+        )
+        .and_then(|mut st| {
+            st.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .map_err(StoreError::sqlite("reading leased jobs"))?;
     tx.commit()
         .map_err(StoreError::sqlite("committing recovery"))?;
-    report.queued = shared.lock().scheduler.len();
+    let mut state = shared.lock();
+    for (job_id, holder, attempt) in leased {
+        state.running.insert(job_id.clone());
+        report.leased.push(Lease {
+            job_id,
+            holder,
+            attempt: u32::try_from(attempt).unwrap_or(0),
+        });
+    }
+    report.queued = state.scheduler.len();
+    drop(state);
     Ok(report)
 }
 
