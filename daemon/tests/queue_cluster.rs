@@ -261,6 +261,56 @@ async fn first_final_result_wins() {
     assert!(matches!(err, StoreError::NotFound(_)), "{err}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_final_results_keep_only_the_winners_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path()).await;
+    submit(&store, new_job("j", "a", Tier::Free)).await;
+    store.next_job_for(Some("node-b")).await.expect("next");
+    let mut tasks = Vec::new();
+    for n in 0..8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let outputs = png(&format!("runner {n}"));
+            let r = store
+                .finish_attempt("j", 1, Outcome::Succeeded { outputs })
+                .await
+                .expect("finish");
+            (n, r)
+        }));
+    }
+    let mut applied = Vec::new();
+    for task in tasks {
+        let (n, r) = task.await.expect("task");
+        match r {
+            Finished::Applied(job) => {
+                assert_eq!(job.status, JobStatus::Succeeded);
+                applied.push(n);
+            }
+            Finished::Dropped(job) => assert_eq!(job.status, JobStatus::Succeeded),
+            Finished::Stale(job) => panic!("a success is never stale: {job:?}"),
+        }
+    }
+    assert_eq!(applied.len(), 1, "{applied:?}");
+    assert_eq!(
+        output_contents(&store, "j").await,
+        vec![format!("png bytes of runner {}", applied[0]).into_bytes()]
+    );
+    // Only the winner's file is left.
+    let outputs = store.outputs("j").await.expect("outputs");
+    let recorded: Vec<String> = outputs
+        .iter()
+        .map(|o| {
+            o.path
+                .file_name()
+                .expect("file name")
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    assert_eq!(files_of(dir.path(), "j"), recorded);
+}
+
 #[tokio::test]
 async fn stale_requeue_and_late_success_of_an_earlier_attempt() {
     let dir = tempfile::tempdir().expect("tempdir");

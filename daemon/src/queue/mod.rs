@@ -193,7 +193,9 @@ pub struct Output {
     pub filename: String,
     pub content_type: String,
     pub bytes: u64,
-    /// Relative to the data dir: `outputs/<job id>/<index>-<safe filename>`.
+    /// Relative to the data dir: `outputs/<job id>/<index>-<safe filename>`; results of
+    /// [`JobStore::finish_attempt`] and [`JobStore::put_replica`] carry a prefix unique to the
+    /// call: `outputs/<job id>/<prefix>-<index>-<safe filename>`.
     pub path: PathBuf,
     /// Hex SHA-256 of the content.
     pub sha256: String,
