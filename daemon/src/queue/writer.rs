@@ -21,8 +21,7 @@ use serde_json::json;
 use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 
 use super::scheduler::{QueuedJob, RingPos, Scheduler};
-use super::store::load_jobs;
-use super::store::{load_job, load_queued, load_ring};
+use super::store::{load_job, load_jobs, load_queued, load_ring};
 use super::{
     CancelOutcome, Finished, Job, JobChange, JobRole, Lease, NewJob, Output, Quota, QuotaPeriod,
     RecoveryReport, StoreError, Submitted, utc_day, utc_month_bounds,
