@@ -969,3 +969,35 @@ async fn a_store_from_before_roles_opens_and_works() {
         kiln_daemon::queue::schema::MIGRATIONS.len() as i64
     );
 }
+
+#[tokio::test]
+async fn a_job_leased_to_another_member_is_handed_over_with_its_lease() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path()).await;
+    submit(&store, new_job("l1", "alice", Tier::Pro)).await;
+    let leased = store
+        .next_job_for(Some("node-x"))
+        .await
+        .expect("lease")
+        .expect("job");
+    assert_eq!(leased.lease_holder.as_deref(), Some("node-x"));
+    assert_eq!(store.summary().running, 1);
+    let handed = store.hand_over("l1", "node-b").await.expect("hand over");
+    assert_eq!(handed.role, JobRole::Replica);
+    assert_eq!(handed.owner.as_deref(), Some("node-b"));
+    assert_eq!(handed.status, JobStatus::Running);
+    assert_eq!(
+        handed.lease_holder.as_deref(),
+        Some("node-x"),
+        "the runner keeps it"
+    );
+    assert_eq!(get(&store, "l1").await, handed);
+    assert_eq!(store.summary().running, 0);
+    assert!(store.owned_active().await.expect("owned").is_empty());
+    // Its result now belongs to the new owner.
+    let err = store
+        .finish_attempt("l1", 1, Outcome::Cancelled)
+        .await
+        .expect_err("not ours");
+    assert!(matches!(err, StoreError::NotOwner { .. }), "{err}");
+}

@@ -166,6 +166,7 @@ impl Job {
             progress: None,
             attempts: self.attempts,
             max_attempts: self.max_attempts,
+            replicas: 0,
             created_at: rfc3339_ms(self.created_at_ms),
             started_at: self.started_at_ms.map(rfc3339_ms),
             finished_at: self.finished_at_ms.map(rfc3339_ms),

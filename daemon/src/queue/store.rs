@@ -517,10 +517,12 @@ impl JobStore {
         self.request(|reply| Request::Adopt { owner, reply }).await
     }
 
-    /// Gives a queued owner job to `new_owner` (a draining node handing its queue over): the
-    /// row becomes a replica of `new_owner`'s job and leaves the queue. A job that is not
-    /// queued is [`StoreError::Conflict`]; a replica row [`StoreError::NotOwner`], except one
-    /// already handed to `new_owner`, which is returned unchanged (a repeated call).
+    /// Gives an owner job to `new_owner` (a draining node handing its queue over, or a node
+    /// back from the dead whose job its replica adopted): the row becomes a replica of
+    /// `new_owner`'s job. A queued job leaves the queue; a job running on another member (it
+    /// has a lease holder) keeps its lease, now held by `new_owner`. Any other job is
+    /// [`StoreError::Conflict`]; a replica row [`StoreError::NotOwner`], except one already
+    /// handed to `new_owner`, which is returned unchanged (a repeated call).
     pub async fn hand_over(&self, id: &str, new_owner: &str) -> Result<Job, StoreError> {
         validate_member(new_owner, "new owner")?;
         let id = id.to_string();

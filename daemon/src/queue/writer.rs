@@ -359,7 +359,10 @@ fn apply_one(
             id,
             new_owner,
             reply,
-        } => answer_all_or_nothing(reply, hand_over(&sp, shared, &id, &new_owner, now, touched)),
+        } => answer_all_or_nothing(
+            reply,
+            hand_over(&sp, shared, (&id, &new_owner), now, fx, touched),
+        ),
     };
     let released = if ok {
         sp.commit().map_err(|e| e.to_string())
@@ -1393,13 +1396,15 @@ fn adopt(
     Ok(adopted)
 }
 
-/// Gives a queued owner job to `new_owner`: the row becomes its replica and leaves the queue.
+/// Gives an owner job to `new_owner`: the row becomes its replica. A queued job leaves the
+/// queue; a job another member runs (it has a lease holder) keeps running there, its lease now
+/// held by the new owner.
 fn hand_over(
     tx: &Connection,
     shared: &Shared,
-    id: &str,
-    new_owner: &str,
+    (id, new_owner): (&str, &str),
     now: i64,
+    effects: &mut Effects,
     touched_memory: &mut bool,
 ) -> Result<Job, StoreError> {
     let job =
@@ -1411,26 +1416,26 @@ fn hand_over(
         }
         return Err(not_owner(&job));
     }
-    if job.status != JobStatus::Queued {
+    let leased_out = job.status == JobStatus::Running && job.lease_holder.is_some();
+    if job.status != JobStatus::Queued && !leased_out {
         return Err(StoreError::Conflict {
             id: id.to_string(),
             status: job.status,
         });
     }
-    tx.prepare_cached(
-        "UPDATE jobs SET role = 'replica', owner = ?2, replica = NULL, lease_holder = NULL
-         WHERE id = ?1",
-    )
-    .and_then(|mut st| st.execute(params![id, new_owner]))
-    .map_err(StoreError::sqlite("handing the job over"))?;
+    tx.prepare_cached("UPDATE jobs SET role = 'replica', owner = ?2, replica = NULL WHERE id = ?1")
+        .and_then(|mut st| st.execute(params![id, new_owner]))
+        .map_err(StoreError::sqlite("handing the job over"))?;
     add_event(
         tx,
         id,
         now,
-        JobStatus::Queued,
+        job.status,
         Some(&format!("handed over to {new_owner}")),
     )?;
-    {
+    if leased_out {
+        effects.running_remove.push(id.to_string());
+    } else {
         let mut state = shared.lock();
         *touched_memory = true;
         state.scheduler.remove(id);
@@ -1439,7 +1444,6 @@ fn hand_over(
         role: JobRole::Replica,
         owner: Some(new_owner.to_string()),
         replica: None,
-        lease_holder: None,
         ..job
     })
 }
