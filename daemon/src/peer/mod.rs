@@ -4,10 +4,12 @@
 //! - [`wire`]: the versioned, size-bounded MessagePack envelope (pure).
 //! - [`rpc`]: [`PeerRpc`], requests with deadlines and concurrent, bounded handlers.
 //! - [`placement`]: rendezvous hashing of accounts over live GPU members (pure).
+//! - [`messages`]: the job requests and answers members exchange (pure).
 //!
 //! The job messages (forwarding, replication, leases, results) are bodies carried by this layer;
-//! this module must never know their contents.
+//! the RPC layer must never know their contents; [`crate::jobs`] acts on them.
 
+pub mod messages;
 pub mod placement;
 pub mod rpc;
 pub mod wire;

@@ -1,0 +1,402 @@
+//! The job messages members send each other: the bodies the [`rpc`](super::rpc) layer carries.
+//! Pure data: no I/O, no tokio.
+//!
+//! Every request is safe to repeat, because the transport is best effort and a caller whose
+//! deadline passed cannot tell a lost request from a lost answer:
+//!
+//! - `Submit` carries the job id the receiving node chose, and the owner's store refuses a second
+//!   job with the same id (the forwarder asks with `Get` before it retries elsewhere).
+//! - `Replicate` is an upsert that never moves a job backwards.
+//! - `Lease` hands out a new attempt each time; a lease nobody renews expires.
+//! - `Renew`, `Progress` and `Finish` name the attempt; the first final result wins.
+//! - `PutOutput` chunks are keyed by (upload, index, offset).
+//!
+//! Workflows and metadata travel as JSON text, so what the owner stores is byte for byte what
+//! the API accepted. Fields are named on the wire (see [`super::wire`]); new optional fields
+//! get `#[serde(default)]` so older peers' messages still decode.
+
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::{ErrorCode, JobError, JobStatus, JobView, Progress, Tier};
+
+/// How much of an output one `PutOutput` or `ReadOutput` answer carries.
+pub const OUTPUT_CHUNK_BYTES: usize = 1024 * 1024;
+
+/// A request from one member to another about jobs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum JobRequest {
+    /// Store a new job as its owner and replicate it. Answer: `Submitted` or `Refused`.
+    Submit {
+        job: Box<WireNewJob>,
+        /// Jobs per day and per month the account may submit.
+        #[serde(default)]
+        quota_per_day: Option<u64>,
+        #[serde(default)]
+        quota_per_month: Option<u64>,
+    },
+    /// Keep (or bring up to date) a copy of a job the sender owns. The job's outputs, when it
+    /// succeeded, were sent first with `PutOutput` under `upload`. Answer: `Done`.
+    Replicate {
+        job: Box<WireJob>,
+        #[serde(default)]
+        upload: Option<String>,
+        #[serde(default)]
+        outputs: Vec<WireOutput>,
+    },
+    /// Lease the best queued job of the receiver for the sender to run. Answer: `Leased`.
+    Lease {
+        /// Only a job of this tier or a higher one.
+        #[serde(default)]
+        min_tier: Option<Tier>,
+    },
+    /// The sender still runs this attempt. Answer: `Renewed`.
+    Renew { job_id: String, attempt: u32 },
+    /// Progress of a leased attempt, for the owner's status and event streams. Answer: `Done`.
+    Progress {
+        job_id: String,
+        attempt: u32,
+        progress: Progress,
+    },
+    /// One piece of an output file, before the `Finish` or `Replicate` that names it.
+    /// Answer: `Done`.
+    PutOutput {
+        upload: String,
+        index: u32,
+        offset: u64,
+        total: u64,
+        #[serde(with = "serde_bytes_compat")]
+        data: Vec<u8>,
+    },
+    /// How a leased attempt ended. Answer: `Finished`.
+    Finish {
+        job_id: String,
+        attempt: u32,
+        result: WireResult,
+        /// Where a succeeded attempt's outputs were uploaded.
+        #[serde(default)]
+        upload: Option<String>,
+    },
+    /// The job as the API shows it, if the receiver owns it (or, with `any_role`, keeps a
+    /// copy). Answer: `Job`.
+    Get {
+        id: String,
+        account: String,
+        #[serde(default)]
+        any_role: bool,
+    },
+    /// The account's jobs the receiver owns, newest first. Answer: `Jobs`.
+    List {
+        account: String,
+        #[serde(default)]
+        status: Option<JobStatus>,
+        limit: u32,
+    },
+    /// Cancel a job the receiver owns. Answer: `Job` or `Refused`.
+    Cancel { id: String, account: String },
+    /// Interrupt this job if the receiver runs it (sent by its owner). Answer: `Done`.
+    Interrupt { job_id: String },
+    /// A piece of a stored output file. Answer: `OutputPiece`.
+    ReadOutput {
+        id: String,
+        account: String,
+        index: u32,
+        offset: u64,
+    },
+    /// The sender leaves the cluster: take over every job of the sender that the receiver
+    /// keeps a copy of. Answer: `Done`.
+    TakeOver,
+    /// Which of these jobs the receiver owns. Answer: `Owned`.
+    Whose { ids: Vec<String> },
+    /// The sender has queued work and the receiver looked idle: pull now. Answer: `Done`.
+    Nudge {
+        /// The best tier waiting at the sender.
+        #[serde(default)]
+        tier: Option<Tier>,
+    },
+}
+
+/// The answer to a [`JobRequest`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "answer", rename_all = "snake_case")]
+pub enum JobResponse {
+    Done,
+    Submitted {
+        /// The job as the API shows it, as JSON text.
+        view: String,
+        /// False when an earlier job with the same idempotency key was returned.
+        created: bool,
+    },
+    /// Refused with an API error, to be answered to the user as it is.
+    Refused(WireRefusal),
+    Leased {
+        #[serde(default)]
+        job: Option<Box<WireJob>>,
+        /// How long the lease lasts without a renewal.
+        #[serde(default)]
+        lease_ms: u64,
+    },
+    Renewed {
+        /// False: stop running it (cancelled, finished or given to another runner).
+        keep: bool,
+        /// True when the job was cancelled: interrupt ComfyUI.
+        #[serde(default)]
+        cancelled: bool,
+        /// The job has a new owner (the receiver handed it over): renew and report there.
+        #[serde(default)]
+        owner: Option<String>,
+    },
+    Owned {
+        ids: Vec<String>,
+    },
+    Finished {
+        /// False when the job already had its final result (this one was dropped) or the
+        /// attempt no longer held the job.
+        applied: bool,
+    },
+    Job {
+        /// The job as the API shows it, as JSON text; `None` when the receiver does not have it.
+        #[serde(default)]
+        view: Option<String>,
+    },
+    Jobs {
+        /// JobViews as JSON text, newest first.
+        views: Vec<String>,
+    },
+    OutputPiece {
+        #[serde(default)]
+        content_type: String,
+        #[serde(default)]
+        filename: String,
+        total: u64,
+        #[serde(with = "serde_bytes_compat")]
+        data: Vec<u8>,
+    },
+}
+
+/// An API error carried between members.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireRefusal {
+    pub code: ErrorCode,
+    pub message: String,
+    /// JSON text.
+    #[serde(default)]
+    pub details: Option<String>,
+    #[serde(default)]
+    pub retry_after: Option<u64>,
+}
+
+/// A submission as the API accepted it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireNewJob {
+    pub id: String,
+    pub account: String,
+    pub tier: Tier,
+    /// JSON text of the workflow.
+    pub workflow: String,
+    #[serde(default)]
+    pub webhook: Option<String>,
+    /// JSON text.
+    #[serde(default)]
+    pub metadata: Option<String>,
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    pub body_hash: String,
+    pub max_attempts: u32,
+}
+
+/// A stored job, as its owner sends it to a replica or a runner.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireJob {
+    pub id: String,
+    pub account: String,
+    pub tier: Tier,
+    pub status: JobStatus,
+    /// JSON text of the workflow.
+    pub workflow: String,
+    #[serde(default)]
+    pub webhook: Option<String>,
+    /// JSON text.
+    #[serde(default)]
+    pub metadata: Option<String>,
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    pub body_hash: String,
+    pub created_at_ms: i64,
+    #[serde(default)]
+    pub started_at_ms: Option<i64>,
+    #[serde(default)]
+    pub finished_at_ms: Option<i64>,
+    pub attempts: u32,
+    pub max_attempts: u32,
+    #[serde(default)]
+    pub error: Option<JobError>,
+    #[serde(default)]
+    pub lease_holder: Option<String>,
+    /// The member holding the replica: where a runner turns when the owner is gone.
+    #[serde(default)]
+    pub replica: Option<String>,
+}
+
+/// An output file named by a `Finish` or `Replicate`; its bytes came in `PutOutput` chunks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireOutput {
+    pub index: u32,
+    pub filename: String,
+    pub content_type: String,
+    pub bytes: u64,
+    /// Hex SHA-256 of the content.
+    pub sha256: String,
+}
+
+/// How a leased attempt ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum WireResult {
+    Succeeded {
+        outputs: Vec<WireOutput>,
+    },
+    Failed {
+        error: JobError,
+    },
+    Cancelled,
+    /// Run it again (ComfyUI lost it, the runner is stopping).
+    Requeue {
+        reason: String,
+    },
+}
+
+/// `Vec<u8>` as a MessagePack binary (not an array of integers: a 1 MiB chunk stays 1 MiB).
+mod serde_bytes_compat {
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(bytes)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Vec<u8>, A::Error> {
+                // Bounded by the frame the decoder was given.
+                let mut out = Vec::new();
+                while let Some(byte) = seq.next_element::<u8>()? {
+                    out.push(byte);
+                }
+                Ok(out)
+            }
+        }
+        deserializer.deserialize_byte_buf(Visitor)
+    }
+}
+
+/// Parses a JobView carried as JSON text.
+pub fn parse_view(text: &str) -> Result<JobView, String> {
+    serde_json::from_str(text).map_err(|e| format!("a peer sent a job that does not parse: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::peer::wire::{self, Envelope, Request};
+    use proptest::prelude::*;
+
+    fn roundtrip(req: JobRequest) {
+        let frame = wire::encode_request(
+            &Request {
+                id: 7,
+                deadline_ms: 1000,
+                body: req.clone(),
+            },
+            8 << 20,
+        )
+        .expect("encode");
+        match wire::decode::<JobRequest, JobResponse>(&frame, 8 << 20).expect("decode") {
+            Envelope::Request(r) => assert_eq!(r.body, req),
+            other => panic!("not a request: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn requests_roundtrip() {
+        roundtrip(JobRequest::Nudge {
+            tier: Some(Tier::Free),
+        });
+        roundtrip(JobRequest::Lease {
+            min_tier: Some(Tier::Pro),
+        });
+        roundtrip(JobRequest::PutOutput {
+            upload: "u1".into(),
+            index: 0,
+            offset: 0,
+            total: 3,
+            data: vec![1, 2, 3],
+        });
+        roundtrip(JobRequest::Finish {
+            job_id: "j".into(),
+            attempt: 2,
+            result: WireResult::Failed {
+                error: JobError {
+                    code: "execution_error".into(),
+                    message: "boom".into(),
+                    details: Some(serde_json::json!({"node_id": "3"})),
+                },
+            },
+            upload: None,
+        });
+    }
+
+    #[test]
+    fn chunks_are_binary_not_arrays() {
+        let data = vec![0xffu8; 4096];
+        let frame = wire::encode_request(
+            &Request {
+                id: 1,
+                deadline_ms: 1,
+                body: JobRequest::PutOutput {
+                    upload: "u".into(),
+                    index: 0,
+                    offset: 0,
+                    total: 4096,
+                    data,
+                },
+            },
+            1 << 20,
+        )
+        .expect("encode");
+        // An array of 0xff would take two bytes per element.
+        assert!(frame.len() < 4096 + 256, "frame is {} bytes", frame.len());
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = wire::decode::<JobRequest, JobResponse>(&bytes, 1 << 20);
+        }
+
+        #[test]
+        fn mutated_frames_never_panic(flip in 0usize..4096, value in any::<u8>()) {
+            let mut frame = wire::encode_request(
+                &Request { id: 3, deadline_ms: 10, body: JobRequest::Get {
+                    id: "job".into(), account: "acct".into(), any_role: true } },
+                1 << 20,
+            ).expect("encode");
+            let at = flip % frame.len();
+            frame[at] = value;
+            let _ = wire::decode::<JobRequest, JobResponse>(&frame, 1 << 20);
+        }
+    }
+}
