@@ -2,75 +2,12 @@
 //! over QUIC and TLS over TCP (a mixed fleet), the view through `kiln status` both as an API
 //! client with the operator token and as a gossip member with a certificate.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use kiln_e2e::{Node, NodeSpec, bin};
+use kiln_e2e::{Node, NodeSpec, bin, cluster_config, free_gossip_port, issue, kiln};
 use serde_json::Value;
-
-/// A port free for both UDP and TCP on 127.0.0.1 (gossip uses the same number for both).
-fn free_gossip_port() -> u16 {
-    for _ in 0..50 {
-        let Ok(udp) = std::net::UdpSocket::bind(("127.0.0.1", 0)) else {
-            continue;
-        };
-        let Ok(port) = udp.local_addr().map(|a| a.port()) else {
-            continue;
-        };
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no port free for both UDP and TCP");
-}
-
-fn kiln(args: &[&str]) -> std::process::Output {
-    Command::new(bin("kiln"))
-        .args(args)
-        .output()
-        .expect("kiln runs")
-}
-
-fn issue(ca: &Path, name: &str, out: &Path) -> PathBuf {
-    let dir = out.join(name);
-    let output = kiln(&[
-        "certs",
-        "issue",
-        "--ca",
-        &ca.to_string_lossy(),
-        name,
-        "--out",
-        &dir.to_string_lossy(),
-    ]);
-    assert!(
-        output.status.success(),
-        "kiln certs issue {name}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    dir
-}
-
-fn cluster_config(certs: &Path, port: u16, transports: &str, seeds: &[String]) -> String {
-    let seeds = seeds
-        .iter()
-        .map(|s| format!("{s:?}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    format!(
-        r#"[cluster]
-certs_dir = {certs:?}
-listen = "127.0.0.1:{port}"
-transports = {transports}
-seeds = [{seeds}]
-gossip_interval_ms = 200
-dead_grace_s = 600
-provider = "local"
-price_per_hour = 0.4
-"#,
-        certs = certs.to_string_lossy(),
-    )
-}
 
 /// Polls `kiln status --json` with `args` until `want` holds for the parsed view.
 async fn wait_view(args: Vec<String>, want: impl Fn(&Value) -> bool, what: &str) -> Value {

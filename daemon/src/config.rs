@@ -157,6 +157,10 @@ pub struct JobsSection {
     /// back to the queue.
     #[serde(default = "JobsSection::default_drain_timeout_s")]
     pub drain_timeout_s: u64,
+    /// In a cluster, how long a lease on a job run by another member lasts without a renewal
+    /// (the runner renews every third of it); then the job is queued again.
+    #[serde(default = "JobsSection::default_lease_s")]
+    pub lease_s: u64,
 }
 
 impl Default for JobsSection {
@@ -167,6 +171,7 @@ impl Default for JobsSection {
             interrupt_grace_s: Self::default_interrupt_grace_s(),
             assumed_duration_s: Self::default_assumed_duration_s(),
             drain_timeout_s: Self::default_drain_timeout_s(),
+            lease_s: Self::default_lease_s(),
         }
     }
 }
@@ -186,6 +191,13 @@ impl JobsSection {
     }
     fn default_drain_timeout_s() -> u64 {
         60
+    }
+    fn default_lease_s() -> u64 {
+        10
+    }
+
+    pub fn lease(&self) -> Duration {
+        Duration::from_secs(self.lease_s)
     }
 
     pub fn drain_timeout(&self) -> Duration {
@@ -493,6 +505,9 @@ impl Config {
         if self.jobs.max_attempts == 0 || self.jobs.max_attempts > 100 {
             return Err(invalid("jobs.max_attempts", "must be between 1 and 100"));
         }
+        if !(3..=3600).contains(&self.jobs.lease_s) {
+            return Err(invalid("jobs.lease_s", "must be between 3 and 3600"));
+        }
         if self.jobs.timeout_s == 0 {
             return Err(invalid("jobs.timeout_s", "must be at least 1"));
         }
@@ -587,6 +602,7 @@ command = ["python", "main.py", "--port", "8188"]
     fn invalid_values_name_the_key() {
         for (extra, key) in [
             ("[jobs]\nmax_attempts = 0\n", "jobs.max_attempts"),
+            ("[jobs]\nlease_s = 1\n", "jobs.lease_s"),
             ("[api]\nmax_body_bytes = 10\n", "api.max_body_bytes"),
             ("[api]\noperator_token = \"short\"\n", "api.operator_token"),
             (

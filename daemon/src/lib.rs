@@ -14,6 +14,8 @@
 //! - [`net`]: the cluster transport (QUIC, TLS over TCP, in-memory), with chitchat over it.
 //! - [`cluster`]: membership: gossip of each member's status and the cluster view.
 //! - [`peer`]: node-to-node requests and answers over the transport, and job placement.
+//! - [`jobs`]: jobs across the cluster: placement, forwarding, replicas, leases, and any node
+//!   answering for any job.
 //! - [`gpu`]: GPU readings from NVML or a simulated card.
 //! - [`api`]: the axum HTTP API of a node.
 //! - [`node`]: wires the parts together; [`node::run`] is the entry point tests call in-process.
@@ -23,6 +25,7 @@ pub mod cluster;
 pub mod comfy;
 pub mod config;
 pub mod gpu;
+pub mod jobs;
 pub mod metrics;
 pub mod net;
 pub mod node;

@@ -33,10 +33,14 @@ use crate::comfy::supervisor::{Supervisor, SupervisorConfig, SupervisorState};
 use crate::comfy::types::ObjectInfo;
 use crate::config::{ApiSection, ClusterSection, ComfySection, Config, JobsSection, NodeSection};
 use crate::gpu::{GpuConfig, GpuMonitor, GpuSource, SimLoad};
+use crate::jobs::{Jobs, JobsSettings, Work};
 use crate::metrics::Metrics;
 use crate::protocol::{JobError, JobStatus, Progress, Tier};
-use crate::queue::{Job, JobStore, NewOutput, Outcome, StoreOptions};
+use crate::queue::{JobStore, NewOutput, Outcome, StoreOptions};
 use crate::tiers::{Account, KeyRing, TierTable};
+
+/// Room in a peer message for everything but the workflow.
+const PEER_FRAME_MARGIN: usize = 256 * 1024;
 
 /// Milliseconds since the Unix epoch, now.
 pub fn unix_ms() -> i64 {
@@ -76,6 +80,8 @@ pub struct Live {
     pending_cancels: Mutex<HashSet<String>>,
     progress: Mutex<HashMap<String, Progress>>,
     events: broadcast::Sender<ProgressEvent>,
+    /// Whether the runner runs a job, for the published status.
+    busy: watch::Sender<bool>,
     /// Exponentially weighted mean of successful job durations, in milliseconds.
     mean_duration_ms: AtomicU64,
     /// Ends streams (SSE) when the node shuts down.
@@ -90,6 +96,7 @@ impl Live {
             pending_cancels: Mutex::new(HashSet::new()),
             progress: Mutex::new(HashMap::new()),
             events,
+            busy: watch::Sender::new(false),
             mean_duration_ms: AtomicU64::new(assumed_duration.as_millis().max(1) as u64),
             shutdown,
         })
@@ -125,10 +132,38 @@ impl Live {
             cancel: cancel.clone(),
             started: tokio::time::Instant::now(),
         });
+        self.busy.send_replace(true);
         cancel
     }
 
-    fn set_progress(&self, job_id: &str, progress: Progress) {
+    /// Follows whether the runner runs a job.
+    pub fn watch_busy(&self) -> watch::Receiver<bool> {
+        self.busy.subscribe()
+    }
+
+    /// Whether this node's runner is running a job now.
+    pub fn is_running(&self) -> bool {
+        lock(&self.running).is_some()
+    }
+
+    /// Interrupts `job_id` if this node's runner is running it; false otherwise.
+    pub fn cancel_if_running(&self, job_id: &str) -> bool {
+        match lock(&self.running).as_ref() {
+            Some(job) if job.id == job_id => {
+                job.cancel.cancel();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Forgets a job's progress (it ended elsewhere).
+    pub fn clear_progress(&self, job_id: &str) {
+        lock(&self.progress).remove(job_id);
+    }
+
+    /// Records a running job's progress and tells event streams.
+    pub fn set_progress(&self, job_id: &str, progress: Progress) {
         lock(&self.progress).insert(job_id.to_string(), progress.clone());
         let _ = self.events.send(ProgressEvent {
             job_id: job_id.to_string(),
@@ -138,6 +173,7 @@ impl Live {
 
     fn end(&self, job_id: &str, duration: Option<Duration>) {
         *lock(&self.running) = None;
+        self.busy.send_replace(false);
         lock(&self.progress).remove(job_id);
         lock(&self.pending_cancels).remove(job_id);
         if let Some(duration) = duration {
@@ -317,18 +353,6 @@ pub async fn run(
         metrics.clone(),
         stop.child_token(),
     ));
-    // The job runner.
-    let runner_stop = CancellationToken::new();
-    let runner = tokio::spawn(run_jobs(Runner {
-        store: store.clone(),
-        client: client.clone(),
-        control: Arc::new(supervisor.control()),
-        states: supervisor.subscribe_state(),
-        live: live.clone(),
-        metrics: metrics.clone(),
-        jobs: config.jobs.clone(),
-        stop: runner_stop.clone(),
-    }));
 
     // Membership: join the cluster (or stand alone) and keep publishing this node's status.
     let api_port = listener
@@ -370,7 +394,12 @@ pub async fn run(
         price_per_hour: config.cluster.price_per_hour,
     };
     let (membership, sink, cluster) = match cluster_settings {
-        Some(settings) => {
+        Some(mut settings) => {
+            // A forwarded submission carries the whole workflow in one peer message.
+            settings.net.max_frame_bytes = settings
+                .net
+                .max_frame_bytes
+                .max(config.api.max_body_bytes + PEER_FRAME_MARGIN);
             let has_seeds = !settings.seeds.is_empty();
             let initial = crate::cluster::status::node_status(
                 &identity,
@@ -424,6 +453,49 @@ pub async fn run(
             )
         }
     };
+    // Jobs across the cluster (or this node alone), and the runner that takes them.
+    let jobs = Jobs::start(
+        node_name.clone(),
+        store.clone(),
+        live.clone(),
+        metrics.clone(),
+        cluster.clone(),
+        JobsSettings {
+            lease: config.jobs.lease(),
+            cancel_wait: api::cancel_wait(&config),
+            max_frame_bytes: cluster
+                .as_ref()
+                .map(|c| c.endpoint().max_frame_bytes())
+                .unwrap_or(config.api.max_body_bytes + PEER_FRAME_MARGIN),
+        },
+    )?;
+    if let Some(cluster) = &cluster {
+        // Before this node runs or leases its queue: which of its jobs were adopted by their
+        // replicas while it was away?
+        let jobs = jobs.clone();
+        let mut joined = cluster.joined();
+        let stop = stop.child_token();
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                joined = joined.wait_for(|joined| *joined) => if joined.is_err() { return },
+            }
+            jobs.reconcile(Duration::from_secs(15)).await;
+        });
+    }
+    let runner_stop = CancellationToken::new();
+    let runner = tokio::spawn(run_jobs(Runner {
+        jobs: jobs.clone(),
+        store: store.clone(),
+        client: client.clone(),
+        control: Arc::new(supervisor.control()),
+        states: supervisor.subscribe_state(),
+        live: live.clone(),
+        metrics: metrics.clone(),
+        config: config.jobs.clone(),
+        stop: runner_stop.clone(),
+    }));
+
     let publisher_stop = CancellationToken::new();
     let publisher = tokio::spawn(crate::cluster::status::publish_loop(
         StatusSources {
@@ -433,12 +505,14 @@ pub async fn run(
             gpu: gpu_rx,
             draining: draining.clone(),
             busy: load_tx,
+            runner: live.clone(),
         },
         sink,
         Duration::from_secs(1),
         publisher_stop.clone(),
     ));
 
+    let drain_requested = CancellationToken::new();
     let state = AppState {
         store: store.clone(),
         keys,
@@ -449,6 +523,8 @@ pub async fn run(
         readiness: ready_rx,
         live: live.clone(),
         membership,
+        jobs: jobs.clone(),
+        drain: drain_requested.clone(),
     };
     let app = api::router(state);
     let local = listener.local_addr().ok();
@@ -463,9 +539,13 @@ pub async fn run(
         })
     };
 
-    shutdown.await;
-    tracing::info!("shutting down");
+    tokio::select! {
+        _ = shutdown => tracing::info!("shutting down"),
+        _ = drain_requested.cancelled() => tracing::info!("drain requested by the operator; shutting down"),
+    }
+    // Readiness off (gossip says `draining`), no new jobs taken as owner, no leases.
     draining.cancel();
+    jobs.start_draining();
     stop.cancel();
     runner_stop.cancel();
     match tokio::time::timeout(config.jobs.drain_timeout() + Duration::from_secs(5), runner).await {
@@ -473,11 +553,17 @@ pub async fn run(
         Ok(Err(error)) => tracing::error!(%error, "the job runner failed"),
         Err(_) => tracing::error!("the job runner did not stop in time"),
     }
+    // The queue goes to the members that own it next, acknowledged by each.
+    if cluster.is_some() {
+        let handed = jobs.drain().await;
+        tracing::info!(jobs = handed, "queued jobs handed over");
+    }
     if let Err(error) = supervisor.shutdown().await {
         tracing::warn!(%error, "stopping ComfyUI");
     }
     publisher_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(2), publisher).await;
+    jobs.shutdown().await;
     if let Some(cluster) = cluster {
         // One more round so peers see `draining` before this member goes quiet.
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -586,18 +672,19 @@ async fn follow_supervisor(
 }
 
 struct Runner {
+    jobs: Jobs,
     store: JobStore,
     client: Arc<ComfyClient>,
     control: Arc<dyn ComfyControl>,
     states: watch::Receiver<SupervisorState>,
     live: Arc<Live>,
     metrics: Arc<Metrics>,
-    jobs: JobsSection,
+    config: JobsSection,
     stop: CancellationToken,
 }
 
-/// Takes the best queued job whenever ComfyUI is ready and idle, and runs it. Exactly one
-/// prompt at a time goes to ComfyUI.
+/// Takes the best waiting job of the cluster (its own queue's or a peer's) whenever ComfyUI is
+/// ready and idle, and runs it. Exactly one prompt at a time goes to ComfyUI.
 async fn run_jobs(mut runner: Runner) {
     loop {
         // Wait until ComfyUI is ready.
@@ -613,12 +700,12 @@ async fn run_jobs(mut runner: Runner) {
                 changed = runner.states.changed() => if changed.is_err() { return },
             }
         }
-        let job = match runner.store.next_job().await {
-            Ok(Some(job)) => job,
+        let work = match runner.jobs.next_work().await {
+            Ok(Some(work)) => work,
             Ok(None) => {
                 tokio::select! {
                     _ = runner.stop.cancelled() => return,
-                    _ = runner.store.work_available() => {}
+                    _ = runner.jobs.wait_for_work() => {}
                 }
                 continue;
             }
@@ -631,11 +718,16 @@ async fn run_jobs(mut runner: Runner) {
                 continue;
             }
         };
-        run_one(&runner, job).await;
+        run_one(&runner, work).await;
     }
 }
 
-async fn run_one(runner: &Runner, job: Job) {
+async fn run_one(runner: &Runner, work: Work) {
+    let job = work.job().clone();
+    let remote = match &work {
+        Work::Remote(remote) => Some(remote.clone()),
+        Work::Local(_) => None,
+    };
     let started = tokio::time::Instant::now();
     if job.attempts == 1 {
         let waited = (unix_ms() - job.created_at_ms).max(0) as f64 / 1000.0;
@@ -651,7 +743,11 @@ async fn run_one(runner: &Runner, job: Job) {
     let relay = {
         let live = runner.live.clone();
         let job_id = job.id.clone();
+        let jobs = runner.jobs.clone();
+        let remote = remote.clone();
         tokio::spawn(async move {
+            // A leased job's progress goes to its owner too, at most a few times a second.
+            let mut last_sent: Option<tokio::time::Instant> = None;
             while let Some(event) = events_rx.recv().await {
                 if let RunEvent::Progress { node, value, max } = event {
                     let progress = Progress {
@@ -659,16 +755,33 @@ async fn run_one(runner: &Runner, job: Job) {
                         value: value.max(0.0).round() as u64,
                         max: max.max(0.0).round() as u64,
                     };
+                    if let Some(remote) = &remote {
+                        let due =
+                            last_sent.is_none_or(|at| at.elapsed() >= Duration::from_millis(250));
+                        if due || progress.value >= progress.max {
+                            jobs.send_progress(remote, progress.clone());
+                            last_sent = Some(tokio::time::Instant::now());
+                        }
+                    }
                     live.set_progress(&job_id, progress);
                 }
             }
         })
     };
+    // A leased job's lease is renewed while it runs; the owner may take it back.
+    let renewed = CancellationToken::new();
+    let renewal = remote.as_ref().map(|remote| {
+        let jobs = runner.jobs.clone();
+        let remote = remote.clone();
+        let done = renewed.clone();
+        let interrupt = cancel.clone();
+        tokio::spawn(async move { jobs.renew_until(&remote, done, interrupt).await })
+    });
     let prompt_id = uuid::Uuid::new_v4().to_string();
     let extra_data = json!({"kiln_job_id": job.id, "kiln_attempt": job.attempts});
     let options = RunOptions {
-        timeout: runner.jobs.timeout(),
-        interrupt_grace: runner.jobs.interrupt_grace(),
+        timeout: runner.config.timeout(),
+        interrupt_grace: runner.config.interrupt_grace(),
         ..RunOptions::default()
     };
     // On shutdown the running job gets the drain deadline to finish, then it is interrupted
@@ -693,7 +806,7 @@ async fn run_one(runner: &Runner, job: Job) {
                 shutting_down = true;
                 let interrupt = shutdown_interrupt.clone();
                 let cancel = cancel.clone();
-                let drain = runner.jobs.drain_timeout();
+                let drain = runner.config.drain_timeout();
                 tokio::spawn(async move {
                     tokio::time::sleep(drain).await;
                     interrupt.cancel();
@@ -729,7 +842,7 @@ async fn run_one(runner: &Runner, job: Job) {
                 code: "timeout".to_string(),
                 message: format!(
                     "the job ran longer than {} s and was stopped",
-                    runner.jobs.timeout_s
+                    runner.config.timeout_s
                 ),
                 details: None,
             }),
@@ -751,20 +864,38 @@ async fn run_one(runner: &Runner, job: Job) {
             ),
         },
     };
-    match runner.store.finish(&job.id, store_outcome).await {
-        Ok(finished) => {
-            tracing::info!(job = %job.id, status = %finished.status, secs = elapsed.as_secs_f64(), "job ended");
-            if finished.status.is_final() {
-                runner.metrics.finished(job.tier, finished.status);
+    renewed.cancel();
+    if let Some(renewal) = renewal {
+        let _ = renewal.await;
+    }
+    match &remote {
+        None => match runner.store.finish(&job.id, store_outcome).await {
+            Ok(finished) => {
+                runner.jobs.replicate(&finished).await;
+                tracing::info!(job = %job.id, status = %finished.status, secs = elapsed.as_secs_f64(), "job ended");
+                if finished.status.is_final() {
+                    runner.metrics.finished(job.tier, finished.status);
+                }
+                if finished.status == JobStatus::Succeeded {
+                    runner
+                        .metrics
+                        .job_duration_seconds
+                        .observe(elapsed.as_secs_f64());
+                }
             }
-            if finished.status == JobStatus::Succeeded {
+            Err(error) => tracing::error!(job = %job.id, %error, "cannot record the job's end"),
+        },
+        Some(remote) => {
+            let succeeded = matches!(store_outcome, Outcome::Succeeded { .. });
+            let applied = runner.jobs.report(remote, store_outcome).await;
+            tracing::info!(job = %job.id, owner = %remote.owner(), applied, secs = elapsed.as_secs_f64(), "leased job ended");
+            if succeeded && applied {
                 runner
                     .metrics
                     .job_duration_seconds
                     .observe(elapsed.as_secs_f64());
             }
         }
-        Err(error) => tracing::error!(job = %job.id, %error, "cannot record the job's end"),
     }
     runner.live.end(&job.id, duration);
 }

@@ -75,6 +75,32 @@ pub struct NodeSpec {
     pub jobs: String,
     /// Accounts to create keys for: (account, tier).
     pub accounts: Vec<(String, String)>,
+    /// A keys file (and its keys by account) to use instead of making one: the members of a
+    /// cluster share their accounts.
+    pub shared_keys: Option<SharedKeys>,
+}
+
+/// A keys file written once and used by several nodes.
+#[derive(Debug, Clone)]
+pub struct SharedKeys {
+    pub file: PathBuf,
+    pub keys: std::collections::HashMap<String, String>,
+}
+
+impl SharedKeys {
+    /// Writes a keys file in `dir` with a key for each (account, tier).
+    pub fn create(dir: &Path, accounts: &[(String, String)]) -> anyhow::Result<SharedKeys> {
+        let file = dir.join("keys.toml");
+        let mut keys = std::collections::HashMap::new();
+        for (account, tier) in accounts {
+            let tier = tier.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+            keys.insert(
+                account.clone(),
+                kiln_daemon::tiers::add_key(&file, account, tier)?,
+            );
+        }
+        Ok(SharedKeys { file, keys })
+    }
 }
 
 impl Default for NodeSpec {
@@ -90,6 +116,7 @@ impl Default for NodeSpec {
                 ("pat".into(), "premium".into()),
                 ("erin".into(), "enterprise".into()),
             ],
+            shared_keys: None,
         }
     }
 }
@@ -120,13 +147,13 @@ impl Node {
         let dir = tempfile::Builder::new().prefix("kiln-e2e-").tempdir()?;
         let api_port = free_port();
         let comfy_port = free_port();
-        let keys_file = dir.path().join("keys.toml");
-        let mut keys = std::collections::HashMap::new();
-        for (account, tier) in &spec.accounts {
-            let tier = tier.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
-            let key = kiln_daemon::tiers::add_key(&keys_file, account, tier)?;
-            keys.insert(account.clone(), key);
-        }
+        let SharedKeys {
+            file: keys_file,
+            keys,
+        } = match &spec.shared_keys {
+            Some(shared) => shared.clone(),
+            None => SharedKeys::create(dir.path(), &spec.accounts)?,
+        };
         let operator_token = "operator-token-for-tests-0123456789".to_string();
         let mut command = vec![
             bin("kilnd").to_string_lossy().into_owned(),
@@ -280,6 +307,25 @@ drain_timeout_s = 5
         }
     }
 
+    /// Waits (blocking) for kilnd to exit by itself; kills it after `timeout`. Returns its exit
+    /// status, or `None` when it had to be killed.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+                let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGTERM to kilnd and wait for it to exit; returns its exit status.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         let mut child = self.child.take()?;
@@ -296,6 +342,22 @@ drain_timeout_s = 5
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Whether this process was started and not killed or stopped.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// `GET /v1/cluster` with the operator token.
+    pub async fn cluster_view(&self) -> anyhow::Result<Value> {
+        let response = reqwest::Client::new()
+            .get(format!("{}/v1/cluster", self.url))
+            .bearer_auth(&self.operator_token)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await?;
+        Ok(response.json().await?)
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -389,5 +451,183 @@ impl Api {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+/// A port free for both UDP and TCP on 127.0.0.1 (gossip uses the same number for both).
+pub fn free_gossip_port() -> u16 {
+    for _ in 0..50 {
+        let Ok(udp) = std::net::UdpSocket::bind(("127.0.0.1", 0)) else {
+            continue;
+        };
+        let Ok(port) = udp.local_addr().map(|a| a.port()) else {
+            continue;
+        };
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no port free for both UDP and TCP");
+}
+
+/// Runs `kiln` with `args` and waits for it.
+pub fn kiln(args: &[&str]) -> std::process::Output {
+    Command::new(bin("kiln"))
+        .args(args)
+        .output()
+        .expect("kiln runs")
+}
+
+/// `kiln certs init` of a CA for cluster `cluster` in `dir`.
+pub fn init_ca(dir: &Path, cluster: &str) {
+    let init = kiln(&[
+        "certs",
+        "init",
+        &dir.to_string_lossy(),
+        "--cluster",
+        cluster,
+    ]);
+    assert!(
+        init.status.success(),
+        "kiln certs init: {}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+}
+
+/// `kiln certs issue` of a member certificate named `name` into `out/name`.
+pub fn issue(ca: &Path, name: &str, out: &Path) -> PathBuf {
+    let dir = out.join(name);
+    let output = kiln(&[
+        "certs",
+        "issue",
+        "--ca",
+        &ca.to_string_lossy(),
+        name,
+        "--out",
+        &dir.to_string_lossy(),
+    ]);
+    assert!(
+        output.status.success(),
+        "kiln certs issue {name}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    dir
+}
+
+/// The `[cluster]` section of a test member.
+pub fn cluster_config(certs: &Path, port: u16, transports: &str, seeds: &[String]) -> String {
+    let seeds = seeds
+        .iter()
+        .map(|s| format!("{s:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        r#"[cluster]
+certs_dir = {certs:?}
+listen = "127.0.0.1:{port}"
+transports = {transports}
+seeds = [{seeds}]
+gossip_interval_ms = 200
+dead_grace_s = 600
+provider = "local"
+price_per_hour = 0.4
+"#,
+        certs = certs.to_string_lossy(),
+    )
+}
+
+/// Several kilnd processes forming one cluster over QUIC on loopback, sharing their accounts.
+pub struct TestCluster {
+    pub nodes: Vec<Node>,
+    pub names: Vec<String>,
+    pub keys: SharedKeys,
+    pub pki: tempfile::TempDir,
+}
+
+impl TestCluster {
+    /// Starts `n` members named `gpu-0`… (the first is everyone's seed) and waits until each
+    /// is ready and sees all of them ready. `spec` gives each node's settings (its cluster
+    /// section is added).
+    pub async fn start(n: usize, spec: impl Fn(usize) -> NodeSpec) -> anyhow::Result<TestCluster> {
+        let pki = tempfile::Builder::new().prefix("kiln-e2e-pki-").tempdir()?;
+        let ca = pki.path().join("ca");
+        init_ca(&ca, "e2e");
+        let keys = SharedKeys::create(pki.path(), &NodeSpec::default().accounts)?;
+        let names: Vec<String> = (0..n).map(|i| format!("gpu-{i}")).collect();
+        let ports: Vec<u16> = (0..n).map(|_| free_gossip_port()).collect();
+        let seed = format!("quic://127.0.0.1:{}", ports[0]);
+        let mut nodes = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let certs = issue(&ca, name, pki.path());
+            let seeds = if i == 0 {
+                Vec::new()
+            } else {
+                vec![seed.clone()]
+            };
+            let mut node_spec = spec(i);
+            node_spec.extra_config.push_str(&cluster_config(
+                &certs,
+                ports[i],
+                r#"["quic"]"#,
+                &seeds,
+            ));
+            node_spec.shared_keys = Some(keys.clone());
+            nodes.push(Node::launch(node_spec)?);
+        }
+        let cluster = TestCluster {
+            nodes,
+            names,
+            keys,
+            pki,
+        };
+        for node in &cluster.nodes {
+            node.wait_ready(Duration::from_secs(60)).await?;
+        }
+        cluster.wait_all_ready(Duration::from_secs(45)).await?;
+        Ok(cluster)
+    }
+
+    /// Waits until every live node's view shows every member live and ready or busy.
+    pub async fn wait_all_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let live: Vec<&Node> = self.nodes.iter().filter(|n| n.is_running()).collect();
+        loop {
+            let mut all = true;
+            for node in &live {
+                let view = node.cluster_view().await.unwrap_or(Value::Null);
+                let ready = view["members"]
+                    .as_array()
+                    .map(|members| {
+                        members
+                            .iter()
+                            .filter(|m| m["live"] == Value::Bool(true))
+                            .filter(|m| matches!(m["state"].as_str(), Some("ready" | "busy")))
+                            .count()
+                    })
+                    .unwrap_or(0);
+                all &= ready == live.len();
+            }
+            if all {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the cluster did not become ready within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// An API client of `account` on node `i`.
+    pub fn api(&self, i: usize, account: &str) -> Api {
+        Api::new(&self.nodes[i], account)
+    }
+
+    /// Which node owns `account`'s new jobs while all members are ready.
+    pub fn owner_of(&self, account: &str) -> usize {
+        let ranked = kiln_daemon::peer::placement::rank(account, &self.names);
+        self.names
+            .iter()
+            .position(|n| n == ranked[0])
+            .expect("owner is a member")
     }
 }

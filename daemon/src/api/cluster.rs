@@ -1,4 +1,4 @@
-//! Operator routes about the cluster: `GET /v1/cluster`.
+//! Operator routes about the cluster: `GET /v1/cluster` and `POST /v1/admin/drain`.
 
 use std::sync::Arc;
 
@@ -75,4 +75,28 @@ pub(crate) async fn view(State(state): State<AppState>, headers: HeaderMap) -> R
         },
     };
     axum::Json(view).into_response()
+}
+
+/// `POST /v1/admin/drain`: the node stops taking work, finishes (or hands back) the job it
+/// runs, hands its queue to the members that own it next, then leaves the cluster and exits.
+/// Operator token required.
+#[utoipa::path(post, path = "/v1/admin/drain", tag = "operator",
+    security(("operator_token" = [])),
+    responses((status = 202, description = "draining: the node hands its queue on, then leaves"),
+              (status = 401, description = "missing or wrong operator token", body = crate::protocol::ErrorBody)))]
+pub(crate) async fn drain(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(error) = authenticate_operator(&state, &headers) {
+        return error.into_response();
+    }
+    let already = state.drain.is_cancelled();
+    state.drain.cancel();
+    tracing::info!(already, "drain requested through the API");
+    (
+        axum::http::StatusCode::ACCEPTED,
+        axum::Json(serde_json::json!({
+            "status": "draining",
+            "node": state.jobs.name(),
+        })),
+    )
+        .into_response()
 }

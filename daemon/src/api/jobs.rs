@@ -14,11 +14,11 @@ use sha2::{Digest, Sha256};
 use tokio::sync::broadcast::error::RecvError;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{ApiError, AppState, authenticate, cancel_wait};
+use super::{ApiError, AppState, authenticate};
 use crate::comfy::workflow::{WorkflowError, validate};
 use crate::metrics::Metrics;
 use crate::protocol::{ErrorCode, JobList, JobStatus, JobView, StatusEvent, SubmitRequest, sse};
-use crate::queue::{CancelOutcome, Job, NewJob, Quota, StoreError};
+use crate::queue::{Job, JobRole, NewJob, Quota};
 use crate::tiers::Account;
 
 /// Longest accepted `Idempotency-Key`.
@@ -148,60 +148,13 @@ pub(super) async fn submit(
         per_day: policy.daily_quota,
         per_month: None,
     };
-    let submitted = match state.store.submit(new, Some(quota)).await {
-        Ok(submitted) => submitted,
-        Err(StoreError::QuotaExceeded {
-            period,
-            limit,
-            used,
-            resets_at_ms,
-        }) => {
-            state
-                .metrics
-                .jobs_refused
-                .get_or_create(&Metrics::tier(account.tier))
-                .inc();
-            let now = crate::node::unix_ms();
-            let retry = ((resets_at_ms - now).max(1000) / 1000) as u64;
-            return Err(ApiError::new(
-                ErrorCode::QuotaExceeded,
-                format!(
-                    "the {} tier allows {limit} jobs per {}; {used} used",
-                    account.tier,
-                    period.as_str()
-                ),
-            )
-            .details(
-                json!({"limit": limit, "used": used, "period": period.as_str(),
-                "resets_at": crate::protocol::rfc3339_ms(resets_at_ms)}),
-            )
-            .retry_after(retry));
-        }
-        Err(StoreError::IdempotencyConflict { key, job_id }) => {
-            return Err(ApiError::new(
-                ErrorCode::Conflict,
-                format!("the Idempotency-Key {key:?} was already used with a different body"),
-            )
-            .details(json!({"job_id": job_id})));
-        }
-        Err(StoreError::Invalid(message)) => {
-            return Err(ApiError::new(ErrorCode::InvalidRequest, message));
-        }
-        Err(error) => return Err(ApiError::internal(error)),
-    };
-    if submitted.created {
-        state
-            .metrics
-            .jobs_submitted
-            .get_or_create(&Metrics::tier(account.tier))
-            .inc();
-    }
-    let view = view_of(&state, &submitted.job).await?;
+    let (view, created) = state.jobs.submit(new, quota).await?;
+    let location = format!("/v1/jobs/{}", view.id);
     let mut response = (StatusCode::ACCEPTED, axum::Json(view)).into_response();
-    if let Ok(location) = HeaderValue::from_str(&format!("/v1/jobs/{}", submitted.job.id)) {
+    if let Ok(location) = HeaderValue::from_str(&location) {
         response.headers_mut().insert(header::LOCATION, location);
     }
-    if !submitted.created {
+    if !created {
         response
             .headers_mut()
             .insert("idempotent-replayed", HeaderValue::from_static("true"));
@@ -289,35 +242,15 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     Ok(Some(key.to_string()))
 }
 
-/// The job as its owner may see it, with live position, wait and progress.
+/// The job as this node's store and live state show it.
 pub(crate) async fn view_of(state: &AppState, job: &Job) -> Result<JobView, ApiError> {
-    let outputs = if job.status == JobStatus::Succeeded {
-        state
-            .store
-            .outputs(&job.id)
-            .await
-            .map_err(ApiError::internal)?
-    } else {
-        Vec::new()
-    };
-    let (position, wait) = if job.status == JobStatus::Queued {
-        let position = state.store.position(&job.id);
-        let wait = position.map(|p| state.live.wait_for_position(p));
-        (position, wait)
-    } else {
-        (None, None)
-    };
-    let mut view = job.view(&outputs, position, wait);
-    if job.status == JobStatus::Running {
-        view.progress = state.live.progress(&job.id);
-    }
-    Ok(view)
+    state.jobs.view(job).await.map_err(ApiError::internal)
 }
 
-/// Loads a job that belongs to `account`; another account's job is "not found".
+/// Loads a job this node owns that belongs to `account`; anything else is "not found".
 async fn owned_job(state: &AppState, account: &Account, id: &str) -> Result<Job, ApiError> {
     match state.store.get(id).await.map_err(ApiError::internal)? {
-        Some(job) if job.account == account.id => Ok(job),
+        Some(job) if job.account == account.id && job.role == JobRole::Owner => Ok(job),
         _ => Err(ApiError::not_found(format!(
             "no job {id:?} for this account"
         ))),
@@ -370,15 +303,7 @@ pub(super) async fn list(
             }
         },
     };
-    let jobs = state
-        .store
-        .list(&account.id, status, limit as usize)
-        .await
-        .map_err(ApiError::internal)?;
-    let mut views = Vec::with_capacity(jobs.len());
-    for job in &jobs {
-        views.push(view_of(&state, job).await?);
-    }
+    let views = state.jobs.list(&account.id, status, limit).await?;
     Ok(axum::Json(JobList { jobs: views }))
 }
 
@@ -394,8 +319,7 @@ pub(super) async fn get_job(
     Path(id): Path<String>,
 ) -> Result<axum::Json<JobView>, ApiError> {
     let account = authenticate(&state, &headers)?;
-    let job = owned_job(&state, &account, &id).await?;
-    Ok(axum::Json(view_of(&state, &job).await?))
+    Ok(axum::Json(state.jobs.get(&account.id, &id).await?))
 }
 
 /// `DELETE /v1/jobs/{id}`: a queued job is cancelled at once; a running one is interrupted in
@@ -412,40 +336,7 @@ pub(super) async fn cancel(
     Path(id): Path<String>,
 ) -> Result<axum::Json<JobView>, ApiError> {
     let account = authenticate(&state, &headers)?;
-    owned_job(&state, &account, &id).await?;
-    let mut changes = state.store.subscribe();
-    match state.store.cancel(&id).await {
-        Ok(CancelOutcome::Cancelled(job)) => {
-            state.metrics.finished(job.tier, JobStatus::Cancelled);
-            Ok(axum::Json(view_of(&state, &job).await?))
-        }
-        Ok(CancelOutcome::Running(_)) => {
-            state.live.request_cancel(&id);
-            let deadline = tokio::time::Instant::now() + cancel_wait(&state.config);
-            loop {
-                let job = owned_job(&state, &account, &id).await?;
-                if job.status.is_final() {
-                    return Ok(axum::Json(view_of(&state, &job).await?));
-                }
-                match tokio::time::timeout_at(deadline, changes.recv()).await {
-                    Err(_) => return Ok(axum::Json(view_of(&state, &job).await?)),
-                    Ok(Ok(_)) | Ok(Err(RecvError::Lagged(_))) => continue,
-                    Ok(Err(RecvError::Closed)) => {
-                        return Ok(axum::Json(view_of(&state, &job).await?));
-                    }
-                }
-            }
-        }
-        Err(StoreError::Conflict { id, status }) => Err(ApiError::new(
-            ErrorCode::Conflict,
-            format!("job {id} is already {status}; only queued or running jobs can be cancelled"),
-        )
-        .details(json!({"status": status}))),
-        Err(StoreError::NotFound(_)) => Err(ApiError::not_found(format!(
-            "no job {id:?} for this account"
-        ))),
-        Err(error) => Err(ApiError::internal(error)),
-    }
+    Ok(axum::Json(state.jobs.cancel(&account.id, &id).await?))
 }
 
 /// `GET /v1/jobs/{id}/events`: `status` (with position while queued), `progress`, then `done`
@@ -464,7 +355,11 @@ pub(super) async fn events(
     // Subscribe before reading the job so that no change falls between the two.
     let mut changes = state.store.subscribe();
     let mut progress = state.live.subscribe();
-    let job = owned_job(&state, &account, &id).await?;
+    let job = match owned_job(&state, &account, &id).await {
+        Ok(job) => job,
+        // Another member owns it: relay what the owner shows.
+        Err(_) => return relay_events(state, account, id).await,
+    };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
     tokio::spawn(async move {
         let mut last_status: Option<StatusEvent> = None;
@@ -537,6 +432,67 @@ pub(super) async fn events(
         .into_response())
 }
 
+/// How often a relayed event stream asks the owner for the job.
+const RELAY_EVERY: Duration = Duration::from_millis(250);
+
+/// The event stream of a job another member owns: the owner's view, polled, as the same
+/// `status`, `progress` and `done` events the owner would send.
+async fn relay_events(state: AppState, account: Account, id: String) -> Result<Response, ApiError> {
+    let first = state.jobs.get(&account.id, &id).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
+    tokio::spawn(async move {
+        let mut view = first;
+        let mut last_status: Option<StatusEvent> = None;
+        let mut last_progress = None;
+        loop {
+            if view.status.is_final() {
+                let _ = tx.send(Ok(json_event(sse::DONE, &view))).await;
+                return;
+            }
+            let status = StatusEvent {
+                status: view.status,
+                position: view.position,
+                estimated_wait_s: view.estimated_wait_s.map(|w| w.round()),
+            };
+            if last_status.as_ref() != Some(&status) {
+                if tx.send(Ok(json_event(sse::STATUS, &status))).await.is_err() {
+                    return;
+                }
+                last_status = Some(status);
+            }
+            if view.status == JobStatus::Running
+                && view.progress.is_some()
+                && view.progress != last_progress
+            {
+                if let Some(progress) = &view.progress
+                    && tx
+                        .send(Ok(json_event(sse::PROGRESS, progress)))
+                        .await
+                        .is_err()
+                {
+                    return;
+                }
+                last_progress = view.progress.clone();
+            }
+            tokio::select! {
+                _ = tx.closed() => return,
+                _ = state.live.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(RELAY_EVERY) => {}
+            }
+            match state.jobs.get(&account.id, &id).await {
+                Ok(next) => view = next,
+                Err(error) => {
+                    tracing::debug!(job = %id, %error, "relaying events: the owner did not answer");
+                }
+            }
+        }
+    });
+    let stream = ReceiverStream::new(rx);
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
+}
+
 fn json_event<T: serde::Serialize>(name: &str, data: &T) -> Event {
     Event::default()
         .event(name)
@@ -556,28 +512,15 @@ pub(super) async fn output(
     Path((id, index)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let account = authenticate(&state, &headers)?;
-    let job = owned_job(&state, &account, &id).await?;
     let index: u32 = index
         .parse()
         .map_err(|_| ApiError::not_found(format!("no output {index:?} for job {id}")))?;
-    let outputs = state
-        .store
-        .outputs(&job.id)
-        .await
-        .map_err(ApiError::internal)?;
-    let output = outputs
-        .iter()
-        .find(|o| o.index == index)
-        .ok_or_else(|| ApiError::not_found(format!("job {id} has no output {index}")))?;
-    let path = state.store.data_dir().join(&output.path);
-    let bytes = tokio::fs::read(&path).await.map_err(|e| {
-        ApiError::internal(format!("output file {} of job {id}: {e}", path.display()))
-    })?;
+    let output = state.jobs.output(&account.id, &id, index).await?;
     let disposition = format!(
         "inline; filename=\"{}\"",
         output.filename.replace(['"', '\\', '\r', '\n'], "_")
     );
-    let mut response = Response::new(Body::from(bytes));
+    let mut response = Response::new(Body::from(output.bytes));
     let headers = response.headers_mut();
     if let Ok(value) = HeaderValue::from_str(&output.content_type) {
         headers.insert(header::CONTENT_TYPE, value);
@@ -585,7 +528,9 @@ pub(super) async fn output(
     if let Ok(value) = HeaderValue::from_str(&disposition) {
         headers.insert(header::CONTENT_DISPOSITION, value);
     }
-    if let Ok(value) = HeaderValue::from_str(&format!("\"{}\"", output.sha256)) {
+    if let Some(sha256) = &output.sha256
+        && let Ok(value) = HeaderValue::from_str(&format!("\"{sha256}\""))
+    {
         headers.insert(header::ETAG, value);
     }
     Ok(response)

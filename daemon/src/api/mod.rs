@@ -48,6 +48,10 @@ pub struct AppState {
     pub live: Arc<Live>,
     /// The cluster this node belongs to, or itself alone.
     pub membership: Membership,
+    /// Jobs across the cluster: where new ones go, and answers about any job.
+    pub jobs: crate::jobs::Jobs,
+    /// Cancelled by `POST /v1/admin/drain`: the node drains and leaves, as on SIGTERM.
+    pub drain: tokio_util::sync::CancellationToken,
 }
 
 /// The router of a node's API. Tests call it without a server.
@@ -58,6 +62,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}/events", get(jobs::events))
         .route("/v1/jobs/{id}/outputs/{index}", get(jobs::output))
         .route("/v1/cluster", get(cluster::view))
+        .route("/v1/admin/drain", axum::routing::post(cluster::drain))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

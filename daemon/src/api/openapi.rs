@@ -18,6 +18,7 @@ use crate::protocol;
         super::jobs::events,
         super::jobs::output,
         super::cluster::view,
+        super::cluster::drain,
         super::healthz,
         super::readyz,
         super::metrics,

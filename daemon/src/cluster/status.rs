@@ -146,12 +146,16 @@ pub struct StatusSources {
     pub draining: CancellationToken,
     /// Told whether a job runs (the simulated GPU follows it).
     pub busy: watch::Sender<crate::gpu::SimLoad>,
+    /// This node's runner: whether it runs a job (its own or one leased from a peer).
+    pub runner: Arc<crate::node::Live>,
 }
 
 impl StatusSources {
     fn build(&self) -> MemberStatus {
         let supervisor = self.supervisor.borrow().clone();
-        let summary = self.store.summary();
+        let mut summary = self.store.summary();
+        // The jobs this node owns may run elsewhere; what it runs itself is the runner's.
+        summary.running = u64::from(self.runner.is_running());
         let gpu = self.gpu.borrow().clone();
         self.busy.send_if_modified(|load| {
             let busy = summary.running > 0;
@@ -180,6 +184,7 @@ pub async fn publish_loop(
 ) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut busy = sources.runner.watch_busy();
     loop {
         let status = sources.build();
         publish(&sink, status).await;
@@ -188,6 +193,7 @@ pub async fn publish_loop(
             _ = sources.draining.cancelled(), if !sources.draining.is_cancelled() => {}
             changed = sources.supervisor.changed() => if changed.is_err() { break },
             _ = sources.gpu.changed() => {}
+            changed = busy.changed() => if changed.is_err() { break },
             _ = tick.tick() => {}
         }
     }

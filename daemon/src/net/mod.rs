@@ -590,6 +590,11 @@ impl Endpoint {
             .insert(canonical(advertised), (dial, true));
     }
 
+    /// The largest payload a frame may carry.
+    pub fn max_frame_bytes(&self) -> usize {
+        self.inner.config.max_frame_bytes
+    }
+
     pub fn stats(&self) -> NetStats {
         let c = &self.inner.counters;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);

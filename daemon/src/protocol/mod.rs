@@ -297,6 +297,10 @@ pub struct JobView {
     pub progress: Option<Progress>,
     pub attempts: u32,
     pub max_attempts: u32,
+    /// Copies of the job on other members besides its owner (0 when it is stored on one node
+    /// only, e.g. in a cluster of one).
+    #[serde(default)]
+    pub replicas: u32,
     /// RFC 3339 timestamps.
     pub created_at: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]

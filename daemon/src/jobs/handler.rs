@@ -1,0 +1,295 @@
+//! Answers other members' job requests (see [`crate::peer::messages`]).
+//!
+//! Every answer is safe to give twice: the caller may have missed the first. Nothing a peer
+//! sends is trusted beyond its certificate: names, sizes and JSON are checked, and a bad
+//! request gets `bad_request` with the reason, never a panic.
+
+use std::sync::{Arc, Weak};
+
+use async_trait::async_trait;
+
+use super::{
+    Inner, job_from_wire, new_job_from_wire, outcome_of, transfer, wire_job, wire_refusal,
+};
+use crate::api::ApiError;
+use crate::peer::messages::{JobRequest, JobResponse};
+use crate::peer::{Caller, Handler, PeerError, PeerErrorKind};
+use crate::protocol::{ErrorCode, JobStatus};
+use crate::queue::{JobRole, Outcome, Quota, StoreError};
+
+/// The peer job protocol's handler. Holds the job layer weakly: a request that arrives while
+/// the node stops is answered `internal`.
+pub(crate) struct JobHandler {
+    inner: Weak<Inner>,
+}
+
+impl JobHandler {
+    pub(crate) fn new(inner: Weak<Inner>) -> JobHandler {
+        JobHandler { inner }
+    }
+}
+
+fn bad(message: impl Into<String>) -> PeerError {
+    PeerError::new(PeerErrorKind::BadRequest, message)
+}
+
+fn internal(error: impl std::fmt::Display) -> PeerError {
+    PeerError::new(PeerErrorKind::Internal, error.to_string())
+}
+
+#[async_trait]
+impl Handler<JobRequest, JobResponse> for JobHandler {
+    async fn handle(&self, from: &Caller, req: JobRequest) -> Result<JobResponse, PeerError> {
+        let Some(inner) = self.inner.upgrade() else {
+            return Err(internal("the node is stopping"));
+        };
+        handle(&inner, from, req).await
+    }
+}
+
+async fn handle(
+    inner: &Arc<Inner>,
+    from: &Caller,
+    req: JobRequest,
+) -> Result<JobResponse, PeerError> {
+    let peer = from.peer_name.as_ref();
+    match req {
+        JobRequest::Submit {
+            job,
+            quota_per_day,
+            quota_per_month,
+        } => {
+            let new = new_job_from_wire(*job).map_err(bad)?;
+            if inner.draining.is_cancelled() {
+                let refusal = ApiError::new(
+                    ErrorCode::Unavailable,
+                    "this member is draining and takes no new jobs",
+                )
+                .retry_after(1);
+                return Ok(JobResponse::Refused(wire_refusal(&refusal)));
+            }
+            let ranked = inner.ranked(&new.account);
+            let quota = Quota {
+                per_day: quota_per_day,
+                per_month: quota_per_month,
+            };
+            match inner.submit_as_owner(new, quota, &ranked).await {
+                Ok((view, created)) => Ok(JobResponse::Submitted {
+                    view: serde_json::to_string(&view).map_err(internal)?,
+                    created,
+                }),
+                Err(error) => Ok(JobResponse::Refused(wire_refusal(&error))),
+            }
+        }
+        JobRequest::Replicate {
+            job,
+            upload,
+            outputs,
+        } => {
+            let job = job_from_wire(*job, Some(peer)).map_err(bad)?;
+            let files = match upload {
+                Some(upload) if !outputs.is_empty() => {
+                    inner.uploads.take(&upload, &outputs).map_err(bad)?
+                }
+                _ => Vec::new(),
+            };
+            match inner.store.put_replica(&job, peer, files.clone()).await {
+                Ok(_) => Ok(JobResponse::Done),
+                Err(StoreError::Conflict { .. }) if job.status.is_final() => {
+                    // This node took the job over from the sender, whose runner has since
+                    // finished it: that is the job's final result (unless one came first).
+                    let outcome = match job.status {
+                        JobStatus::Succeeded => Outcome::Succeeded { outputs: files },
+                        JobStatus::Failed => {
+                            Outcome::Failed(job.error.clone().unwrap_or_else(|| {
+                                crate::protocol::JobError {
+                                    code: "failed".to_string(),
+                                    message: "the job failed on its previous owner".to_string(),
+                                    details: None,
+                                }
+                            }))
+                        }
+                        _ => Outcome::Cancelled,
+                    };
+                    let applied = inner
+                        .finish(peer, &job.id, job.attempts, outcome)
+                        .await
+                        .map_err(internal)?;
+                    tracing::info!(job = %job.id, from = %peer, applied,
+                        "a member that handed this job over reported its final result");
+                    Ok(JobResponse::Done)
+                }
+                Err(StoreError::Conflict { .. }) => {
+                    tracing::debug!(job = %job.id, owner = %peer,
+                        "a member sent a copy of a job this node owns; kept ours");
+                    Ok(JobResponse::Done)
+                }
+                Err(StoreError::Invalid(message)) => Err(bad(message)),
+                Err(error) => Err(internal(error)),
+            }
+        }
+        JobRequest::Lease { min_tier } => {
+            let job = inner.lease_to(peer, min_tier).await.map_err(internal)?;
+            let job = match job {
+                Some(job) => Some(Box::new(wire_job(&job).map_err(internal)?)),
+                None => None,
+            };
+            Ok(JobResponse::Leased {
+                job,
+                lease_ms: u64::try_from(inner.settings.lease.as_millis()).unwrap_or(u64::MAX),
+            })
+        }
+        JobRequest::Renew { job_id, attempt } => {
+            let (keep, cancelled, owner) = inner.renew(peer, &job_id, attempt).await;
+            Ok(JobResponse::Renewed {
+                keep,
+                cancelled,
+                owner,
+            })
+        }
+        JobRequest::Progress {
+            job_id,
+            attempt,
+            progress,
+        } => {
+            let holds = super::lock(&inner.leases)
+                .get(&job_id)
+                .is_some_and(|e| e.holder == peer && e.attempt == attempt);
+            if holds {
+                inner.live.set_progress(&job_id, progress);
+            }
+            Ok(JobResponse::Done)
+        }
+        JobRequest::PutOutput {
+            upload,
+            index,
+            offset,
+            total,
+            data,
+        } => {
+            inner
+                .uploads
+                .put(peer, &upload, index, offset, total, &data)
+                .map_err(bad)?;
+            Ok(JobResponse::Done)
+        }
+        JobRequest::Finish {
+            job_id,
+            attempt,
+            result,
+            upload,
+        } => {
+            let files = match (&result, upload) {
+                (crate::peer::messages::WireResult::Succeeded { outputs }, Some(upload))
+                    if !outputs.is_empty() =>
+                {
+                    inner.uploads.take(&upload, outputs).map_err(bad)?
+                }
+                (crate::peer::messages::WireResult::Succeeded { outputs }, None)
+                    if !outputs.is_empty() =>
+                {
+                    return Err(bad("a result with outputs names no upload"));
+                }
+                _ => Vec::new(),
+            };
+            match inner
+                .finish(peer, &job_id, attempt, outcome_of(result, files))
+                .await
+            {
+                Ok(applied) => Ok(JobResponse::Finished { applied }),
+                Err(StoreError::NotFound(_)) | Err(StoreError::NotOwner { .. }) => Err(
+                    PeerError::new(PeerErrorKind::NotFound, format!("no owned job {job_id}")),
+                ),
+                Err(StoreError::Invalid(message)) => Err(bad(message)),
+                Err(error) => Err(internal(error)),
+            }
+        }
+        JobRequest::Get {
+            id,
+            account,
+            any_role,
+        } => {
+            let job = inner.store.get(&id).await.map_err(internal)?;
+            let job =
+                job.filter(|j| j.account == account && (any_role || j.role == JobRole::Owner));
+            let view = match job {
+                Some(job) => Some(
+                    serde_json::to_string(&inner.view(&job).await.map_err(internal)?)
+                        .map_err(internal)?,
+                ),
+                None => None,
+            };
+            Ok(JobResponse::Job { view })
+        }
+        JobRequest::List {
+            account,
+            status,
+            limit,
+        } => {
+            let limit = limit.clamp(1, 500) as usize;
+            let jobs = inner
+                .store
+                .list(&account, status, limit)
+                .await
+                .map_err(internal)?;
+            let mut views = Vec::new();
+            for job in jobs.iter().filter(|j| j.role == JobRole::Owner) {
+                let view = inner.view(job).await.map_err(internal)?;
+                views.push(serde_json::to_string(&view).map_err(internal)?);
+            }
+            Ok(JobResponse::Jobs { views })
+        }
+        JobRequest::Cancel { id, account } => {
+            let owned = matches!(inner.store.get(&id).await.map_err(internal)?,
+                Some(job) if job.role == JobRole::Owner && job.account == account);
+            if !owned {
+                let refusal = ApiError::not_found(format!("no job {id:?} for this account"));
+                return Ok(JobResponse::Refused(wire_refusal(&refusal)));
+            }
+            match inner.cancel_owned(&account, &id).await {
+                Ok(view) => Ok(JobResponse::Job {
+                    view: Some(serde_json::to_string(&view).map_err(internal)?),
+                }),
+                Err(error) => Ok(JobResponse::Refused(wire_refusal(&error))),
+            }
+        }
+        JobRequest::Interrupt { job_id } => {
+            if !inner.live.cancel_if_running(&job_id) {
+                tracing::debug!(job = %job_id, owner = %peer, "asked to interrupt a job that does not run here");
+            }
+            Ok(JobResponse::Done)
+        }
+        JobRequest::ReadOutput {
+            id,
+            account,
+            index,
+            offset,
+        } => transfer::read_piece(inner, &id, &account, index, offset)
+            .await
+            .map_err(|e| PeerError::new(PeerErrorKind::NotFound, e)),
+        JobRequest::TakeOver => {
+            let adopted = inner.adopt_from(peer).await.map_err(internal)?;
+            tracing::info!(from = %peer, jobs = adopted, "took over the jobs of a leaving member");
+            Ok(JobResponse::Done)
+        }
+        JobRequest::Whose { ids } => {
+            if ids.len() > 10_000 {
+                return Err(bad("at most 10000 ids per question"));
+            }
+            let mut owned = Vec::new();
+            for id in ids {
+                if matches!(inner.store.get(&id).await.map_err(internal)?,
+                    Some(job) if job.role == JobRole::Owner)
+                {
+                    owned.push(id);
+                }
+            }
+            Ok(JobResponse::Owned { ids: owned })
+        }
+        JobRequest::Nudge { tier } => {
+            super::lock(&inner.hints).insert(peer.to_string(), (tier, tokio::time::Instant::now()));
+            inner.pull.notify_one();
+            Ok(JobResponse::Done)
+        }
+    }
+}

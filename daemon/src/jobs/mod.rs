@@ -1,0 +1,1725 @@
+//! Jobs across the cluster: where a new job is stored, who runs it, and how any node answers
+//! for any job.
+//!
+//! - **Placement.** An account's new jobs belong to the first live, ready GPU member in
+//!   rendezvous order of the account ([`crate::peer::placement`]); the next one holds the
+//!   replica. The node that took the HTTP request forwards the submission to the owner. The
+//!   owner stores the job, then copies it to the replica, and only then is the 202 answered; a
+//!   replica that cannot be reached is replaced by the next member in order, and with nobody
+//!   else live the job is accepted alone (`replicas: 0`).
+//! - **Leases.** An idle node takes the best waiting job of the whole cluster, its own queue or a
+//!   peer's (as gossip shows their queue heads), by asking the owner for a lease. The runner
+//!   renews it while the job runs and reports progress and the result (with the output files)
+//!   to the owner. A lease not renewed in time expires and the job is queued again; the first
+//!   final result wins. An owner whose own runner is busy nudges idle peers so that a new job
+//!   starts at once rather than a gossip round later.
+//! - **Any node answers.** Status, list, cancel, events and outputs of a job another member
+//!   owns are fetched from (or sent to) that member.
+//! - **Replicas follow.** Every change of an owned job that matters to an adopter (a lease, a
+//!   requeue, a final result with its outputs, a cancel) is copied to its replica before the
+//!   change is acted on; the local runner's start is not (if the owner dies mid-job, its runner
+//!   died too, and the job may run again).
+//!
+//! Standalone (no cluster), everything is local. This module must never hold a lock across an
+//! `.await`, never answer a 202 before the owner (and the replica, when there is one) stored
+//! the job, and never let a stale attempt undo a final result.
+
+mod handler;
+mod transfer;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::sync::Notify;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::ApiError;
+use crate::cluster::Cluster;
+use crate::metrics::Metrics;
+use crate::net::PeerAddr;
+use crate::node::Live;
+use crate::peer::messages::{
+    JobRequest, JobResponse, WireJob, WireNewJob, WireOutput, WireRefusal, WireResult, parse_view,
+};
+use crate::peer::{PeerRpc, RpcConfig, RpcError, placement};
+use crate::protocol::cluster::{MemberState, Role};
+use crate::protocol::{ErrorCode, JobStatus, JobView, Progress, Tier};
+use crate::queue::{
+    CancelOutcome, Finished, Job, JobRole, JobStore, NewJob, NewOutput, Outcome, Quota, StoreError,
+};
+
+pub use transfer::OutputFile;
+
+/// How long a forwarded submission may take at the owner (it stores and replicates).
+const SUBMIT_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a replica may take to store a copy.
+const REPLICATE_DEADLINE: Duration = Duration::from_secs(3);
+/// How long a nudge makes its sender worth asking for a lease.
+const HINT_FOR: Duration = Duration::from_secs(3);
+/// How long a lease waits for the replica to learn of it before it is answered anyway.
+const LEASE_COPY_WITHIN: Duration = Duration::from_secs(1);
+/// How long a runner waits for a lease (the owner copies it to its replica first).
+const LEASE_DEADLINE: Duration = Duration::from_secs(5);
+/// Reads, leases, renewals and small messages.
+const SHORT_DEADLINE: Duration = Duration::from_secs(2);
+/// Uploads not finished within this are dropped.
+const UPLOAD_IDLE: Duration = Duration::from_secs(300);
+
+/// Settings of the cluster job layer.
+#[derive(Debug, Clone)]
+pub struct JobsSettings {
+    /// How long a lease lasts without a renewal; runners renew every third of it.
+    pub lease: Duration,
+    /// How long a cancel waits for a running job's interrupt to land.
+    pub cancel_wait: Duration,
+    /// The largest peer message (keep it equal to the endpoint's `max_frame_bytes`).
+    pub max_frame_bytes: usize,
+}
+
+/// A job this node's runner took: its own, or leased from its owner.
+#[derive(Debug, Clone)]
+pub enum Work {
+    Local(Job),
+    Remote(RemoteJob),
+}
+
+impl Work {
+    pub fn job(&self) -> &Job {
+        match self {
+            Work::Local(job) => job,
+            Work::Remote(remote) => &remote.job,
+        }
+    }
+}
+
+/// A job leased from another member.
+#[derive(Debug, Clone)]
+pub struct RemoteJob {
+    /// The job as leased; `replica` names where its owner keeps the copy.
+    pub job: Job,
+    pub attempt: u32,
+    /// Who owns the job now: the member it was leased from, until that member hands it over
+    /// (it drains) or dies (its replica adopts the job).
+    owner: Arc<Mutex<String>>,
+}
+
+impl RemoteJob {
+    /// The member the lease is renewed with and the result reported to.
+    pub fn owner(&self) -> String {
+        lock(&self.owner).clone()
+    }
+
+    fn set_owner(&self, name: &str) {
+        let mut owner = lock(&self.owner);
+        if *owner != name {
+            tracing::info!(job = %self.job.id, from = %owner, to = %name, "the leased job has a new owner");
+            *owner = name.to_string();
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct LeaseEntry {
+    holder: String,
+    attempt: u32,
+    expires: Instant,
+}
+
+/// The cluster job layer of a node. Cheap to clone.
+#[derive(Clone)]
+pub struct Jobs {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Jobs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Jobs")
+            .field("name", &self.inner.name)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) struct Inner {
+    name: String,
+    store: JobStore,
+    live: Arc<Live>,
+    metrics: Arc<Metrics>,
+    cluster: Option<Arc<Cluster>>,
+    rpc: OnceLock<PeerRpc<JobRequest, JobResponse>>,
+    settings: JobsSettings,
+    leases: Mutex<HashMap<String, LeaseEntry>>,
+    /// Jobs cancelled while a peer runs them: their next renewal is refused.
+    cancelled: Mutex<HashSet<String>>,
+    uploads: transfer::Uploads,
+    /// Wakes the runner to look for work (a nudge from a peer, a lease that expired).
+    pull: Notify,
+    /// Peers that nudged this node recently, with their best waiting tier: worth asking for a
+    /// lease before gossip shows their queue.
+    hints: Mutex<HashMap<String, (Option<Tier>, Instant)>>,
+    /// Set while the node drains: no leases handed out, no submissions taken as owner.
+    draining: CancellationToken,
+    /// Set once this node knows which of its stored jobs are still its own (see
+    /// [`Jobs::reconcile`]); until then it neither runs nor leases its queue.
+    reconciled: CancellationToken,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Jobs {
+    /// Starts the job layer: in a cluster, answers peers on the endpoint's peer channel, times
+    /// leases (those the store recovered included) and keeps replicas up to date.
+    pub fn start(
+        name: String,
+        store: JobStore,
+        live: Arc<Live>,
+        metrics: Arc<Metrics>,
+        cluster: Option<Arc<Cluster>>,
+        settings: JobsSettings,
+    ) -> anyhow::Result<Jobs> {
+        let now = Instant::now();
+        let leases = store
+            .recovery()
+            .leased
+            .iter()
+            .map(|lease| {
+                (
+                    lease.job_id.clone(),
+                    LeaseEntry {
+                        holder: lease.holder.clone(),
+                        attempt: lease.attempt,
+                        expires: now + settings.lease,
+                    },
+                )
+            })
+            .collect();
+        let inner = Arc::new(Inner {
+            name,
+            store,
+            live,
+            metrics,
+            cluster: cluster.clone(),
+            rpc: OnceLock::new(),
+            settings,
+            leases: Mutex::new(leases),
+            cancelled: Mutex::new(HashSet::new()),
+            uploads: transfer::Uploads::default(),
+            pull: Notify::new(),
+            hints: Mutex::new(HashMap::new()),
+            draining: CancellationToken::new(),
+            reconciled: CancellationToken::new(),
+            stop: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        });
+        if let Some(cluster) = &cluster {
+            let rpc = PeerRpc::start(
+                cluster.endpoint().clone(),
+                handler::JobHandler::new(Arc::downgrade(&inner)),
+                RpcConfig {
+                    max_concurrent_handlers: 256,
+                    max_frame_bytes: inner.settings.max_frame_bytes,
+                },
+            )
+            .map_err(|e| anyhow::anyhow!("cannot start the peer job protocol: {e}"))?;
+            let _ = inner.rpc.set(rpc);
+            inner.tasks.spawn(expire_leases(inner.clone()));
+            inner.tasks.spawn(follow_members(inner.clone()));
+        } else {
+            inner.reconciled.cancel();
+        }
+        Ok(Jobs { inner })
+    }
+
+    /// This member's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The node's store.
+    pub fn store(&self) -> &JobStore {
+        &self.inner.store
+    }
+
+    /// Stops handing out leases and taking submissions as owner.
+    pub fn start_draining(&self) {
+        self.inner.draining.cancel();
+    }
+
+    /// Stops the background tasks and the peer protocol.
+    pub async fn shutdown(&self) {
+        self.inner.stop.cancel();
+        if let Some(rpc) = self.inner.rpc.get() {
+            rpc.shutdown().await;
+        }
+        self.inner.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.inner.tasks.wait()).await;
+    }
+
+    /// Stores a new job where it belongs (here, or forwarded to its owner) and answers its view
+    /// and whether it was created (false: an idempotent replay).
+    pub async fn submit(&self, new: NewJob, quota: Quota) -> Result<(JobView, bool), ApiError> {
+        let inner = &self.inner;
+        let ranked = inner.ranked(&new.account);
+        if inner.cluster.is_none() || ranked.is_empty() {
+            return inner.submit_as_owner(new, quota, &ranked).await;
+        }
+        let wire = wire_new_job(&new)?;
+        let mut last_error = None;
+        for name in &ranked {
+            if name == &inner.name {
+                if inner.draining.is_cancelled() {
+                    continue;
+                }
+                return inner.submit_as_owner(new, quota, &ranked).await;
+            }
+            let Some(addr) = inner.addr_of(name) else {
+                continue;
+            };
+            let request = JobRequest::Submit {
+                job: Box::new(wire.clone()),
+                quota_per_day: quota.per_day,
+                quota_per_month: quota.per_month,
+            };
+            match inner.request(addr, request, SUBMIT_DEADLINE).await {
+                Ok(JobResponse::Submitted { view, created }) => {
+                    return Ok((parse_view(&view).map_err(ApiError::internal)?, created));
+                }
+                Ok(JobResponse::Refused(refusal)) => return Err(refusal_error(refusal)),
+                Ok(other) => {
+                    last_error = Some(format!("{name} answered {other:?}"));
+                }
+                Err(error) => {
+                    tracing::warn!(owner = %name, %error, job = %new.id, "forwarding a submission failed; trying the next member");
+                    // The owner may have stored it and only the answer was lost.
+                    if let Ok(Some(view)) = inner.get_from(name, &new.id, &new.account).await {
+                        return Ok((view, true));
+                    }
+                    last_error = Some(format!("{name}: {error}"));
+                }
+            }
+        }
+        Err(ApiError::new(
+            ErrorCode::Unavailable,
+            format!(
+                "no member could store the job ({})",
+                last_error.unwrap_or_else(|| "no ready member".to_string())
+            ),
+        )
+        .retry_after(5))
+    }
+
+    /// The job as the API shows it, from whichever member owns it.
+    pub async fn get(&self, account: &str, id: &str) -> Result<JobView, ApiError> {
+        let inner = &self.inner;
+        let local = inner.store.get(id).await.map_err(ApiError::internal)?;
+        let local = local.filter(|job| job.account == account);
+        if let Some(job) = &local
+            && job.role == JobRole::Owner
+        {
+            return inner.view(job).await.map_err(ApiError::internal);
+        }
+        for name in inner.owner_candidates(account, local.as_ref()) {
+            match inner.get_from(&name, id, account).await {
+                Ok(Some(view)) => return Ok(view),
+                Ok(None) => {}
+                Err(error) => tracing::debug!(member = %name, %error, "asking for a job"),
+            }
+        }
+        // Nobody that owns it answered: the copy kept here is the best there is.
+        match local {
+            Some(job) => inner.view(&job).await.map_err(ApiError::internal),
+            None => Err(not_found(id)),
+        }
+    }
+
+    /// The account's jobs across the cluster, newest first.
+    pub async fn list(
+        &self,
+        account: &str,
+        status: Option<JobStatus>,
+        limit: u32,
+    ) -> Result<Vec<JobView>, ApiError> {
+        let inner = &self.inner;
+        let local = inner
+            .store
+            .list(account, status, limit as usize)
+            .await
+            .map_err(ApiError::internal)?;
+        let mut owned: HashMap<String, JobView> = HashMap::new();
+        let mut copies: HashMap<String, JobView> = HashMap::new();
+        for job in &local {
+            let view = inner.view(job).await.map_err(ApiError::internal)?;
+            match job.role {
+                JobRole::Owner => owned.insert(job.id.clone(), view),
+                JobRole::Replica => copies.insert(job.id.clone(), view),
+            };
+        }
+        let peers: Vec<(String, SocketAddr)> = inner
+            .live_peers()
+            .into_iter()
+            .filter_map(|name| inner.addr_of(&name).map(|addr| (name, addr)))
+            .collect();
+        let asks = peers.iter().map(|(name, addr)| {
+            let request = JobRequest::List {
+                account: account.to_string(),
+                status,
+                limit,
+            };
+            async move { (name, inner.request(*addr, request, SHORT_DEADLINE).await) }
+        });
+        for (name, answer) in futures::future::join_all(asks).await {
+            match answer {
+                Ok(JobResponse::Jobs { views }) => {
+                    for text in views {
+                        match parse_view(&text) {
+                            Ok(view) => {
+                                owned.insert(view.id.clone(), view);
+                            }
+                            Err(error) => tracing::warn!(member = %name, %error),
+                        }
+                    }
+                }
+                Ok(other) => {
+                    tracing::warn!(member = %name, answer = ?other, "unexpected answer to a list")
+                }
+                Err(error) => tracing::debug!(member = %name, %error, "listing jobs"),
+            }
+        }
+        for (id, view) in copies {
+            owned.entry(id).or_insert(view);
+        }
+        let mut views: Vec<JobView> = owned.into_values().collect();
+        views.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
+        views.truncate(limit as usize);
+        Ok(views)
+    }
+
+    /// Cancels a job wherever it is owned: a queued one at once, a running one by interrupting
+    /// its runner (waiting boundedly for that to land).
+    pub async fn cancel(&self, account: &str, id: &str) -> Result<JobView, ApiError> {
+        let inner = &self.inner;
+        let local = inner.store.get(id).await.map_err(ApiError::internal)?;
+        let local = local.filter(|job| job.account == account);
+        if let Some(job) = &local
+            && job.role == JobRole::Owner
+        {
+            return inner.cancel_owned(account, id).await;
+        }
+        for name in inner.owner_candidates(account, local.as_ref()) {
+            let Some(addr) = inner.addr_of(&name) else {
+                continue;
+            };
+            let request = JobRequest::Cancel {
+                id: id.to_string(),
+                account: account.to_string(),
+            };
+            let deadline = inner.settings.cancel_wait + SHORT_DEADLINE;
+            match inner.request(addr, request, deadline).await {
+                Ok(JobResponse::Job { view: Some(view) }) => {
+                    return parse_view(&view).map_err(ApiError::internal);
+                }
+                Ok(JobResponse::Refused(refusal)) if refusal.code != ErrorCode::NotFound => {
+                    return Err(refusal_error(refusal));
+                }
+                Ok(_) => {}
+                Err(error) => tracing::debug!(member = %name, %error, "cancelling a job"),
+            }
+        }
+        match local {
+            Some(_) => Err(ApiError::new(
+                ErrorCode::Unavailable,
+                format!("the member that owns job {id} cannot be reached; try again shortly"),
+            )
+            .retry_after(5)),
+            None => Err(not_found(id)),
+        }
+    }
+
+    /// An output file of a job, from wherever it is stored.
+    pub async fn output(
+        &self,
+        account: &str,
+        id: &str,
+        index: u32,
+    ) -> Result<OutputFile, ApiError> {
+        let inner = &self.inner;
+        let local = inner.store.get(id).await.map_err(ApiError::internal)?;
+        let local = local.filter(|job| job.account == account);
+        if let Some(job) = &local
+            && job.status == JobStatus::Succeeded
+            && let Some(file) = transfer::read_local(&inner.store, job, index).await?
+        {
+            return Ok(file);
+        }
+        if let Some(job) = &local
+            && job.role == JobRole::Owner
+        {
+            return Err(ApiError::not_found(format!(
+                "job {id} has no output {index}"
+            )));
+        }
+        for name in inner.owner_candidates(account, local.as_ref()) {
+            let Some(addr) = inner.addr_of(&name) else {
+                continue;
+            };
+            match transfer::fetch_output(inner, addr, id, account, index).await {
+                Ok(Some(file)) => return Ok(file),
+                Ok(None) => {}
+                Err(error) => tracing::debug!(member = %name, %error, "fetching an output"),
+            }
+        }
+        Err(ApiError::not_found(format!(
+            "job {id} has no output {index}"
+        )))
+    }
+
+    /// Whether this node owns the job (its events stream from here).
+    pub async fn owns(&self, id: &str) -> bool {
+        matches!(self.inner.store.get(id).await, Ok(Some(job)) if job.role == JobRole::Owner)
+    }
+
+    /// The job as the API shows it, from this node's store.
+    pub async fn view(&self, job: &Job) -> Result<JobView, StoreError> {
+        self.inner.view(job).await
+    }
+
+    /// The best job for this node's idle runner: its own queue's head or a peer's, whichever
+    /// comes first in the cluster's order (tier, then age), leased from the peer when it is
+    /// theirs. `None` when nothing waits anywhere (or nobody would lease).
+    pub async fn next_work(&self) -> Result<Option<Work>, StoreError> {
+        let inner = &self.inner;
+        if !inner.reconciled.is_cancelled() {
+            return Ok(None);
+        }
+        let sources = inner.pull_order();
+        for source in sources {
+            match source {
+                None => {
+                    if let Some(job) = inner.store.next_job().await? {
+                        return Ok(Some(Work::Local(job)));
+                    }
+                }
+                Some(name) => match inner.lease_from(&name).await {
+                    Some(remote) => return Ok(Some(Work::Remote(remote))),
+                    None => {
+                        lock(&inner.hints).remove(&name);
+                    }
+                },
+            }
+        }
+        Ok(None)
+    }
+
+    /// Waits until work may be waiting: a submission here, a nudge from a peer, or a gossip
+    /// round in which a peer shows queued jobs.
+    pub async fn wait_for_work(&self) {
+        let inner = &self.inner;
+        if !inner.reconciled.is_cancelled() {
+            inner.reconciled.cancelled().await;
+            return;
+        }
+        tokio::select! {
+            _ = inner.store.work_available() => {}
+            _ = inner.pull.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+
+    /// Whether any live peer shows queued jobs in gossip.
+    pub fn peers_have_work(&self) -> bool {
+        self.inner.pull_order().iter().any(Option::is_some)
+    }
+
+    /// Keeps a leased job's lease alive until `done`; cancels `interrupt` when the owner says to
+    /// stop (the job was cancelled, finished elsewhere or given to another runner). Follows the
+    /// job to a new owner when the old one hands it over or dies.
+    pub async fn renew_until(
+        &self,
+        remote: &RemoteJob,
+        done: CancellationToken,
+        interrupt: CancellationToken,
+    ) {
+        let inner = &self.inner;
+        let every = (inner.settings.lease / 3).max(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = done.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let Some((owner, addr)) = inner.owner_of(remote) else {
+                tracing::warn!(job = %remote.job.id, "neither the owner nor the replica of a leased job is known");
+                continue;
+            };
+            let request = JobRequest::Renew {
+                job_id: remote.job.id.clone(),
+                attempt: remote.attempt,
+            };
+            match inner.request(addr, request, SHORT_DEADLINE).await {
+                Ok(JobResponse::Renewed {
+                    keep: true,
+                    owner: moved,
+                    ..
+                }) => {
+                    if let Some(moved) = moved {
+                        remote.set_owner(&moved);
+                    }
+                }
+                Ok(JobResponse::Renewed {
+                    keep: false,
+                    cancelled,
+                    ..
+                }) => {
+                    tracing::info!(job = %remote.job.id, %owner, cancelled,
+                        "the owner took the job back; interrupting it");
+                    interrupt.cancel();
+                    return;
+                }
+                Ok(other) => {
+                    tracing::warn!(job = %remote.job.id, answer = ?other, "unexpected answer to a renewal")
+                }
+                Err(error) => {
+                    tracing::warn!(job = %remote.job.id, %owner, %error, "cannot renew a lease")
+                }
+            }
+        }
+    }
+
+    /// Sends a leased job's progress to its owner (best effort).
+    pub fn send_progress(&self, remote: &RemoteJob, progress: Progress) {
+        let inner = self.inner.clone();
+        let Some((_, addr)) = inner.owner_of(remote) else {
+            return;
+        };
+        let remote = (addr, remote.job.id.clone(), remote.attempt);
+        tokio::spawn(async move {
+            let request = JobRequest::Progress {
+                job_id: remote.1,
+                attempt: remote.2,
+                progress,
+            };
+            let _ = inner.request(remote.0, request, SHORT_DEADLINE).await;
+        });
+    }
+
+    /// Reports how a leased attempt ended to its owner (outputs first), retrying for a while.
+    /// Returns whether the owner applied it (false: it already had a final result, or the
+    /// attempt had lost the job).
+    pub async fn report(&self, remote: &RemoteJob, outcome: Outcome) -> bool {
+        transfer::report(&self.inner, remote, outcome).await
+    }
+}
+
+impl Jobs {
+    /// Finds out which of the jobs this node stores as its own were adopted by their replica
+    /// while it was away (it was marked dead), and hands those over, so that nothing runs
+    /// twice. Until it returns (or `timeout` passes), this node neither runs nor leases its
+    /// queue. Call it once the node has joined the cluster.
+    pub async fn reconcile(&self, timeout: Duration) {
+        let inner = &self.inner;
+        if inner.reconciled.is_cancelled() {
+            return;
+        }
+        let deadline = Instant::now() + timeout;
+        match tokio::time::timeout_at(deadline, inner.reconcile_with_replicas()).await {
+            Ok(Ok(handed)) if handed > 0 => {
+                tracing::warn!(
+                    jobs = handed,
+                    "jobs adopted by their replicas while this node was away were handed over"
+                );
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                tracing::error!(%error, "cannot read this node's jobs to reconcile them")
+            }
+            Err(_) => {
+                tracing::warn!("reconciling jobs with their replicas took too long; going on")
+            }
+        }
+        inner.reconciled.cancel();
+    }
+
+    /// Copies an owned job's new state (with its outputs once it succeeded) to its replica,
+    /// and waits for that: a copy that lags could make an adopting replica run a finished job
+    /// again. Call it after every change of a job this node owns.
+    pub async fn replicate(&self, job: &Job) {
+        self.inner.sync_replica(job).await;
+    }
+
+    /// Hands every job this node owns and does not run itself (queued, or run by a peer) to
+    /// the member that should own it next (its replica, else the next in rendezvous order),
+    /// which takes it over. Call it after the runner stopped. Returns how many jobs went.
+    pub async fn drain(&self) -> usize {
+        self.inner.hand_over_all().await
+    }
+}
+
+impl Inner {
+    fn rpc(&self) -> Option<&PeerRpc<JobRequest, JobResponse>> {
+        self.rpc.get()
+    }
+
+    async fn request(
+        &self,
+        to: SocketAddr,
+        request: JobRequest,
+        deadline: Duration,
+    ) -> Result<JobResponse, RpcError> {
+        match self.rpc() {
+            Some(rpc) => rpc.request(to, request, deadline).await,
+            None => Err(RpcError::Closed),
+        }
+    }
+
+    fn snapshot(&self) -> Option<Arc<crate::cluster::Snapshot>> {
+        self.cluster.as_ref().map(|c| c.snapshot())
+    }
+
+    /// The live GPU members that take new jobs, in rendezvous order of the account.
+    fn ranked(&self, account: &str) -> Vec<String> {
+        let Some(snapshot) = self.snapshot() else {
+            return Vec::new();
+        };
+        let eligible: Vec<String> = snapshot
+            .live()
+            .filter(|m| m.status.role == Role::Node)
+            .filter(|m| matches!(m.status.state, MemberState::Ready | MemberState::Busy))
+            .map(|m| m.status.name.clone())
+            .collect();
+        placement::rank(account, &eligible)
+            .into_iter()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Live node members other than this one.
+    fn live_peers(&self) -> Vec<String> {
+        let Some(snapshot) = self.snapshot() else {
+            return Vec::new();
+        };
+        snapshot
+            .live()
+            .filter(|m| m.status.role == Role::Node && m.status.name != self.name)
+            .map(|m| m.status.name.clone())
+            .collect()
+    }
+
+    /// Members to ask about a job of `account`: the owner named by a local copy first, then
+    /// every live node in rendezvous order of the account.
+    fn owner_candidates(&self, account: &str, local: Option<&Job>) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(owner) = local.and_then(|job| job.owner.clone())
+            && owner != self.name
+        {
+            out.push(owner);
+        }
+        let peers = self.live_peers();
+        for name in placement::rank(account, &peers) {
+            if !out.iter().any(|n| n == name) {
+                out.push(name.to_string());
+            }
+        }
+        out
+    }
+
+    /// Where a leased job's renewals and result go: its owner while that member is live, else
+    /// the member holding its replica (which adopts it).
+    fn owner_of(&self, remote: &RemoteJob) -> Option<(String, SocketAddr)> {
+        let owner = remote.owner();
+        if !self.serving(&owner)
+            && let Some(replica) = remote.job.replica.as_deref()
+            && replica != owner
+            && self.serving(replica)
+        {
+            remote.set_owner(replica);
+            return self
+                .addr_of(replica)
+                .map(|addr| (replica.to_string(), addr));
+        }
+        self.addr_of(&owner).map(|addr| (owner, addr))
+    }
+
+    /// Whether `name` is live and not leaving (a draining member hands its jobs on).
+    fn serving(&self, name: &str) -> bool {
+        self.snapshot()
+            .and_then(|s| {
+                s.members
+                    .get(name)
+                    .map(|m| m.live && m.status.state != MemberState::Draining)
+            })
+            .unwrap_or(false)
+    }
+
+    fn addr_of(&self, name: &str) -> Option<SocketAddr> {
+        let snapshot = self.snapshot()?;
+        let member = snapshot.members.get(name)?;
+        member
+            .gossip_addr
+            .parse::<PeerAddr>()
+            .ok()
+            .map(|addr| addr.addr)
+    }
+
+    async fn get_from(
+        &self,
+        name: &str,
+        id: &str,
+        account: &str,
+    ) -> Result<Option<JobView>, String> {
+        let addr = self
+            .addr_of(name)
+            .ok_or_else(|| format!("{name} has no known address"))?;
+        let request = JobRequest::Get {
+            id: id.to_string(),
+            account: account.to_string(),
+            any_role: false,
+        };
+        match self.request(addr, request, SHORT_DEADLINE).await {
+            Ok(JobResponse::Job { view: Some(view) }) => parse_view(&view).map(Some),
+            Ok(JobResponse::Job { view: None }) => Ok(None),
+            Ok(other) => Err(format!("unexpected answer {other:?}")),
+            Err(error) => Err(error.to_string()),
+        }
+    }
+
+    /// The job as the API shows it, from this node's store and live state.
+    async fn view(&self, job: &Job) -> Result<JobView, StoreError> {
+        let outputs = if job.status == JobStatus::Succeeded {
+            self.store.outputs(&job.id).await?
+        } else {
+            Vec::new()
+        };
+        let (position, wait) = if job.status == JobStatus::Queued && job.role == JobRole::Owner {
+            let position = self.store.position(&job.id);
+            (position, position.map(|p| self.live.wait_for_position(p)))
+        } else {
+            (None, None)
+        };
+        let mut view = job.view(&outputs, position, wait);
+        view.replicas = match job.role {
+            JobRole::Owner => u32::from(job.replica.is_some()),
+            // The owner holds the other copy.
+            JobRole::Replica => 1,
+        };
+        if job.status == JobStatus::Running {
+            view.progress = self.live.progress(&job.id);
+        }
+        Ok(view)
+    }
+
+    /// Stores a job as its owner, then copies it to a replica (the first of `ranked` after
+    /// this node that answers).
+    async fn submit_as_owner(
+        &self,
+        mut new: NewJob,
+        quota: Quota,
+        ranked: &[String],
+    ) -> Result<(JobView, bool), ApiError> {
+        let tier = new.tier;
+        let candidates: Vec<&String> = ranked.iter().filter(|n| **n != self.name).collect();
+        new.replica = candidates.first().map(|n| n.to_string());
+        let submitted = match self.store.submit(new, Some(quota)).await {
+            Ok(submitted) => submitted,
+            Err(error) => {
+                if matches!(error, StoreError::QuotaExceeded { .. }) {
+                    self.metrics
+                        .jobs_refused
+                        .get_or_create(&Metrics::tier(tier))
+                        .inc();
+                }
+                return Err(store_refusal(error, tier));
+            }
+        };
+        let mut job = submitted.job;
+        if submitted.created {
+            self.metrics
+                .jobs_submitted
+                .get_or_create(&Metrics::tier(tier))
+                .inc();
+            let mut chosen = None;
+            for name in &candidates {
+                if self
+                    .replicate_to(name, &job, None, Vec::new())
+                    .await
+                    .is_ok()
+                {
+                    chosen = Some(name.to_string());
+                    break;
+                }
+            }
+            if chosen != job.replica {
+                if chosen.is_none() && !candidates.is_empty() {
+                    tracing::warn!(job = %job.id, "no replica could be reached; the job is stored here alone");
+                }
+                job = self
+                    .store
+                    .set_replica(&job.id, chosen.as_deref())
+                    .await
+                    .map_err(ApiError::internal)?;
+            }
+            self.nudge_if_busy();
+        }
+        let view = self.view(&job).await.map_err(ApiError::internal)?;
+        Ok((view, submitted.created))
+    }
+
+    /// When this node's runner is busy, tells idle peers that work waits here.
+    fn nudge_if_busy(&self) {
+        if !self.live.is_running() {
+            return;
+        }
+        let Some(snapshot) = self.snapshot() else {
+            return;
+        };
+        let queued = self
+            .store
+            .summary()
+            .tiers
+            .iter()
+            .map(|t| t.queued)
+            .sum::<u64>();
+        let idle: Vec<SocketAddr> = snapshot
+            .live()
+            .filter(|m| m.status.role == Role::Node && m.status.name != self.name)
+            .filter(|m| m.status.state == MemberState::Ready)
+            .filter_map(|m| m.gossip_addr.parse::<PeerAddr>().ok().map(|a| a.addr))
+            .take(usize::try_from(queued).unwrap_or(usize::MAX).max(1))
+            .collect();
+        let Some(rpc) = self.rpc().cloned() else {
+            return;
+        };
+        let tier = self
+            .store
+            .summary()
+            .tiers
+            .iter()
+            .find(|t| t.queued > 0)
+            .map(|t| t.tier);
+        for addr in idle {
+            let rpc = rpc.clone();
+            tokio::spawn(async move {
+                let _ = rpc
+                    .request(addr, JobRequest::Nudge { tier }, SHORT_DEADLINE)
+                    .await;
+            });
+        }
+    }
+
+    /// Copies a job (and its outputs) to `name`.
+    async fn replicate_to(
+        &self,
+        name: &str,
+        job: &Job,
+        upload: Option<String>,
+        outputs: Vec<WireOutput>,
+    ) -> Result<(), String> {
+        let addr = self
+            .addr_of(name)
+            .ok_or_else(|| format!("{name} has no known address"))?;
+        let request = JobRequest::Replicate {
+            job: Box::new(wire_job(job).map_err(|e| e.to_string())?),
+            upload,
+            outputs,
+        };
+        match self.request(addr, request, REPLICATE_DEADLINE).await {
+            Ok(JobResponse::Done) => Ok(()),
+            Ok(other) => Err(format!("{name} answered {other:?}")),
+            Err(error) => Err(format!("{name}: {error}")),
+        }
+    }
+
+    /// Cancels a job this node owns.
+    async fn cancel_owned(&self, account: &str, id: &str) -> Result<JobView, ApiError> {
+        let mut changes = self.store.subscribe();
+        match self.store.cancel(id).await {
+            Ok(CancelOutcome::Cancelled(job)) => {
+                self.metrics.finished(job.tier, JobStatus::Cancelled);
+                self.sync_replica(&job).await;
+                self.view(&job).await.map_err(ApiError::internal)
+            }
+            Ok(CancelOutcome::Running(job)) => {
+                match job.lease_holder.as_deref() {
+                    Some(holder) if holder != self.name => {
+                        lock(&self.cancelled).insert(id.to_string());
+                        if let Some(addr) = self.addr_of(holder) {
+                            let request = JobRequest::Interrupt {
+                                job_id: id.to_string(),
+                            };
+                            if let Err(error) = self.request(addr, request, SHORT_DEADLINE).await {
+                                tracing::warn!(job = %id, runner = %holder, %error,
+                                    "cannot reach the runner; it stops at its next renewal");
+                            }
+                        }
+                    }
+                    _ => self.live.request_cancel(id),
+                }
+                let deadline = Instant::now() + self.settings.cancel_wait;
+                loop {
+                    let job = match self.store.get(id).await.map_err(ApiError::internal)? {
+                        Some(job) if job.account == account => job,
+                        _ => return Err(not_found(id)),
+                    };
+                    if job.status.is_final() {
+                        return self.view(&job).await.map_err(ApiError::internal);
+                    }
+                    match tokio::time::timeout_at(deadline, changes.recv()).await {
+                        Ok(Ok(_)) | Ok(Err(RecvError::Lagged(_))) => continue,
+                        Err(_) | Ok(Err(RecvError::Closed)) => {
+                            return self.view(&job).await.map_err(ApiError::internal);
+                        }
+                    }
+                }
+            }
+            Err(StoreError::Conflict { id, status }) => Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!(
+                    "job {id} is already {status}; only queued or running jobs can be cancelled"
+                ),
+            )
+            .details(json!({"status": status}))),
+            Err(StoreError::NotFound(_)) | Err(StoreError::NotOwner { .. }) => Err(not_found(id)),
+            Err(error) => Err(ApiError::internal(error)),
+        }
+    }
+
+    /// Where this idle node should look for its next job, best first: `None` is its own queue,
+    /// `Some(name)` a peer whose gossip shows queued jobs. Strict tiers, then the oldest wait;
+    /// its own queue first on a tie.
+    fn pull_order(&self) -> Vec<Option<String>> {
+        let mut sources: Vec<(u8, u64, Option<String>)> = Vec::new();
+        let summary = self.store.summary();
+        let now = crate::node::unix_ms();
+        if let Some(best) = summary.tiers.iter().find(|t| t.queued > 0) {
+            let wait = best
+                .oldest_created_at_ms
+                .map(|c| ((now - c).max(0) / 1000) as u64)
+                .unwrap_or(0);
+            sources.push((best.tier.rank(), wait, None));
+        }
+        {
+            let mut hints = lock(&self.hints);
+            hints.retain(|name, (_, at)| at.elapsed() < HINT_FOR && self.serving(name));
+            for (name, (tier, _)) in hints.iter() {
+                let rank = tier.map(|t| t.rank()).unwrap_or(0);
+                sources.push((rank, 0, Some(name.clone())));
+            }
+        }
+        if let Some(snapshot) = self.snapshot() {
+            for member in snapshot.live() {
+                if member.status.role != Role::Node
+                    || member.status.name == self.name
+                    || member.status.state == MemberState::Draining
+                {
+                    continue;
+                }
+                if let Some((tier, queue)) = member
+                    .status
+                    .queue
+                    .iter()
+                    .filter(|(_, q)| q.queued > 0)
+                    .max_by_key(|(tier, _)| tier.rank())
+                {
+                    sources.push((
+                        tier.rank(),
+                        queue.oldest_wait_s.unwrap_or(0),
+                        Some(member.status.name.clone()),
+                    ));
+                }
+            }
+        }
+        sources.sort_by(|a, b| {
+            b.0.cmp(&a.0)
+                .then(b.1.cmp(&a.1))
+                .then(a.2.is_some().cmp(&b.2.is_some()))
+        });
+        let mut seen = HashSet::new();
+        sources
+            .into_iter()
+            .map(|(_, _, source)| source)
+            .filter(|source| seen.insert(source.clone()))
+            .collect()
+    }
+
+    /// Asks `name` for a lease on its best queued job.
+    async fn lease_from(&self, name: &str) -> Option<RemoteJob> {
+        let addr = self.addr_of(name)?;
+        match self
+            .request(addr, JobRequest::Lease { min_tier: None }, LEASE_DEADLINE)
+            .await
+        {
+            Ok(JobResponse::Leased {
+                job: Some(wire), ..
+            }) => {
+                let attempt = wire.attempts;
+                match job_from_wire(*wire, Some(name)) {
+                    Ok(job) => Some(RemoteJob {
+                        job,
+                        attempt,
+                        owner: Arc::new(Mutex::new(name.to_string())),
+                    }),
+                    Err(error) => {
+                        tracing::error!(owner = %name, %error, "a leased job does not parse; its lease will expire");
+                        None
+                    }
+                }
+            }
+            Ok(JobResponse::Leased { job: None, .. }) => None,
+            Ok(other) => {
+                tracing::warn!(owner = %name, answer = ?other, "unexpected answer to a lease");
+                None
+            }
+            Err(error) => {
+                tracing::debug!(owner = %name, %error, "asking for a lease");
+                None
+            }
+        }
+    }
+
+    /// Takes over every job this node keeps a copy of for `owner` (it died or leaves): queued
+    /// ones join this node's queue, running ones keep their lease (timed from now), and each
+    /// gets a new replica. Returns how many unfinished jobs were adopted.
+    async fn adopt_from(&self, owner: &str) -> Result<usize, StoreError> {
+        let adopted = self.store.adopt(owner).await?;
+        let now = Instant::now();
+        for job in &adopted {
+            if job.status == JobStatus::Running
+                && let Some(holder) = &job.lease_holder
+            {
+                lock(&self.leases).insert(
+                    job.id.clone(),
+                    LeaseEntry {
+                        holder: holder.clone(),
+                        attempt: job.attempts,
+                        expires: now + self.settings.lease,
+                    },
+                );
+            }
+        }
+        if !adopted.is_empty() {
+            tracing::warn!(from = %owner, jobs = adopted.len(), "adopted the jobs of a member that is gone");
+            self.pull.notify_one();
+        }
+        for job in &adopted {
+            // Its replica was the member that is gone (or this node): find a new one.
+            self.sync_replica(&Job {
+                replica: None,
+                ..job.clone()
+            })
+            .await;
+        }
+        Ok(adopted.len())
+    }
+
+    /// See [`Jobs::replicate`]. A replica that is gone or leaving is replaced by the next
+    /// member in the account's order that takes the copy.
+    async fn sync_replica(&self, job: &Job) {
+        if job.role != JobRole::Owner {
+            return;
+        }
+        let current = job.replica.as_deref();
+        if let Some(replica) = current
+            && self.serving(replica)
+        {
+            match transfer::replicate_with_outputs(self, replica, job).await {
+                Ok(()) => return,
+                Err(error) => {
+                    tracing::warn!(job = %job.id, %replica, %error, "cannot bring the replica up to date");
+                    return;
+                }
+            }
+        }
+        // No replica yet (alone when it was stored), or it is gone: find another.
+        let candidates: Vec<String> = self
+            .ranked(&job.account)
+            .into_iter()
+            .filter(|n| *n != self.name && Some(n.as_str()) != current)
+            .collect();
+        let mut chosen = None;
+        for name in candidates {
+            if transfer::replicate_with_outputs(self, &name, job)
+                .await
+                .is_ok()
+            {
+                chosen = Some(name);
+                break;
+            }
+        }
+        if chosen.as_deref() != current {
+            if let Some(new) = &chosen {
+                tracing::info!(job = %job.id, replica = %new, previous = ?current, "the job has a new replica");
+            }
+            if let Err(error) = self.store.set_replica(&job.id, chosen.as_deref()).await {
+                tracing::warn!(job = %job.id, %error, "cannot record the job's new replica");
+            }
+        }
+    }
+
+    /// See [`Jobs::reconcile`]. Returns how many jobs were handed over.
+    async fn reconcile_with_replicas(&self) -> Result<usize, StoreError> {
+        let owned = self.store.owned_active().await?;
+        let mut by_replica: HashMap<String, Vec<String>> = HashMap::new();
+        for job in owned {
+            if let Some(replica) = job.replica {
+                by_replica.entry(replica).or_default().push(job.id);
+            }
+        }
+        let mut handed = 0;
+        for (replica, ids) in by_replica {
+            let Some(addr) = self.addr_of_when_known(&replica).await else {
+                tracing::warn!(%replica, "the replica of some jobs is not in the cluster view; keeping them");
+                continue;
+            };
+            let mut answer = None;
+            for _ in 0..3 {
+                match self
+                    .request(addr, JobRequest::Whose { ids: ids.clone() }, SHORT_DEADLINE)
+                    .await
+                {
+                    Ok(JobResponse::Owned { ids }) => {
+                        answer = Some(ids);
+                        break;
+                    }
+                    Ok(other) => {
+                        tracing::warn!(%replica, answer = ?other, "unexpected answer to whose")
+                    }
+                    Err(error) => {
+                        tracing::warn!(%replica, %error, "asking a replica which jobs it adopted")
+                    }
+                }
+            }
+            for id in answer.unwrap_or_default() {
+                match self.store.hand_over(&id, &replica).await {
+                    Ok(_) => handed += 1,
+                    Err(error) => {
+                        tracing::warn!(job = %id, %replica, %error, "cannot hand over an adopted job")
+                    }
+                }
+            }
+        }
+        Ok(handed)
+    }
+
+    /// A member's address, waiting a little for gossip to show it (at start).
+    async fn addr_of_when_known(&self, name: &str) -> Option<SocketAddr> {
+        for _ in 0..20 {
+            if let Some(addr) = self.addr_of(name)
+                && self
+                    .snapshot()
+                    .and_then(|s| s.members.get(name).map(|m| m.live))
+                    .unwrap_or(false)
+            {
+                return Some(addr);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        None
+    }
+
+    /// See [`Jobs::drain`].
+    async fn hand_over_all(&self) -> usize {
+        let owned = match self.store.owned_active().await {
+            Ok(owned) => owned,
+            Err(error) => {
+                tracing::error!(%error, "cannot read the jobs to hand over");
+                return 0;
+            }
+        };
+        let eligible = |name: &str| {
+            self.snapshot()
+                .and_then(|s| {
+                    s.members.get(name).map(|m| {
+                        m.live
+                            && m.status.role == Role::Node
+                            && matches!(m.status.state, MemberState::Ready | MemberState::Busy)
+                    })
+                })
+                .unwrap_or(false)
+        };
+        let mut by_target: HashMap<String, Vec<Job>> = HashMap::new();
+        for job in owned {
+            // The local runner has stopped; a running job with no holder is not running.
+            if job.status == JobStatus::Running && job.lease_holder.is_none() {
+                continue;
+            }
+            let target = match job.replica.as_deref() {
+                Some(replica) if eligible(replica) => Some(replica.to_string()),
+                _ => self
+                    .ranked(&job.account)
+                    .into_iter()
+                    .find(|n| *n != self.name),
+            };
+            match target {
+                Some(target) => by_target.entry(target).or_default().push(job),
+                None => {
+                    tracing::warn!(job = %job.id, "no member can take the job over; it stays here")
+                }
+            }
+        }
+        let mut handed = 0;
+        for (target, jobs) in by_target {
+            // Bring the copies up to date first, so the new owner takes over the latest state.
+            let mut copied = Vec::new();
+            for job in jobs {
+                match transfer::replicate_with_outputs(self, &target, &job).await {
+                    Ok(()) => copied.push(job),
+                    Err(error) => {
+                        tracing::warn!(job = %job.id, %target, %error, "cannot copy a job to its new owner")
+                    }
+                }
+            }
+            if copied.is_empty() {
+                continue;
+            }
+            let Some(addr) = self.addr_of(&target) else {
+                continue;
+            };
+            match self
+                .request(addr, JobRequest::TakeOver, self.settings.lease)
+                .await
+            {
+                Ok(JobResponse::Done) => {}
+                Ok(other) => {
+                    tracing::warn!(%target, answer = ?other, "unexpected answer to a take-over");
+                    continue;
+                }
+                Err(error) => {
+                    tracing::warn!(%target, %error, "a member did not take over jobs");
+                    continue;
+                }
+            }
+            for job in copied {
+                lock(&self.leases).remove(&job.id);
+                match self.store.hand_over(&job.id, &target).await {
+                    Ok(_) => handed += 1,
+                    Err(error) => {
+                        tracing::warn!(job = %job.id, %target, %error, "cannot mark a job handed over")
+                    }
+                }
+            }
+            tracing::info!(%target, "jobs handed over");
+        }
+        handed
+    }
+
+    /// Leases this node's best queued job to `holder`.
+    async fn lease_to(
+        &self,
+        holder: &str,
+        min_tier: Option<Tier>,
+    ) -> Result<Option<Job>, StoreError> {
+        if self.draining.is_cancelled() || !self.reconciled.is_cancelled() {
+            return Ok(None);
+        }
+        if let Some(min) = min_tier {
+            let best = self
+                .store
+                .summary()
+                .tiers
+                .iter()
+                .find(|t| t.queued > 0)
+                .map(|t| t.tier);
+            if best.is_none_or(|tier| tier.rank() < min.rank()) {
+                return Ok(None);
+            }
+        }
+        let Some(job) = self.store.next_job_for(Some(holder)).await? else {
+            return Ok(None);
+        };
+        lock(&self.leases).insert(
+            job.id.clone(),
+            LeaseEntry {
+                holder: holder.to_string(),
+                attempt: job.attempts,
+                expires: Instant::now() + self.settings.lease,
+            },
+        );
+        tracing::info!(job = %job.id, runner = %holder, attempt = job.attempts, "job leased");
+        // The replica learns who runs it before it starts: if this node dies, the adopter
+        // keeps the lease instead of running the job a second time.
+        if tokio::time::timeout(LEASE_COPY_WITHIN, self.sync_replica(&job))
+            .await
+            .is_err()
+        {
+            tracing::warn!(job = %job.id, "the replica did not learn of the lease in time");
+        }
+        Ok(Some(job))
+    }
+
+    /// A runner renews its lease: (keep running, cancelled, new owner). Also rebuilds a lease
+    /// this node forgot (it restarted), and points the runner at the member the job was
+    /// handed to.
+    async fn renew(
+        &self,
+        holder: &str,
+        job_id: &str,
+        attempt: u32,
+    ) -> (bool, bool, Option<String>) {
+        if lock(&self.cancelled).contains(job_id) {
+            return (false, true, None);
+        }
+        {
+            let mut leases = lock(&self.leases);
+            if let Some(entry) = leases.get_mut(job_id)
+                && entry.holder == holder
+                && entry.attempt == attempt
+            {
+                entry.expires = Instant::now() + self.settings.lease;
+                return (true, false, None);
+            }
+        }
+        match self.store.get(job_id).await {
+            Ok(Some(job))
+                if job.role == JobRole::Owner
+                    && job.status == JobStatus::Running
+                    && job.attempts == attempt
+                    && job.lease_holder.as_deref() == Some(holder) =>
+            {
+                lock(&self.leases).insert(
+                    job_id.to_string(),
+                    LeaseEntry {
+                        holder: holder.to_string(),
+                        attempt,
+                        expires: Instant::now() + self.settings.lease,
+                    },
+                );
+                (true, false, None)
+            }
+            // Handed over while it ran: the new owner holds the lease now.
+            Ok(Some(job))
+                if job.role == JobRole::Replica
+                    && job.status == JobStatus::Running
+                    && job.attempts == attempt
+                    && job.owner.as_deref().is_some_and(|o| o != self.name) =>
+            {
+                (true, false, job.owner.clone())
+            }
+            Ok(Some(job)) => (false, job.status == JobStatus::Cancelled, None),
+            _ => (false, false, None),
+        }
+    }
+
+    /// Applies a leased attempt's end.
+    async fn finish(
+        &self,
+        holder: &str,
+        job_id: &str,
+        attempt: u32,
+        outcome: Outcome,
+    ) -> Result<bool, StoreError> {
+        let finished = self.store.finish_attempt(job_id, attempt, outcome).await?;
+        {
+            let mut leases = lock(&self.leases);
+            if leases
+                .get(job_id)
+                .is_some_and(|e| e.attempt == attempt && e.holder == holder)
+            {
+                leases.remove(job_id);
+            }
+        }
+        let (applied, job) = match finished {
+            Finished::Applied(job) => (true, job),
+            Finished::Dropped(job) => {
+                tracing::info!(job = %job_id, runner = %holder, attempt, "a later final result was dropped");
+                (false, job)
+            }
+            Finished::Stale(job) => (false, job),
+        };
+        if job.status.is_final() {
+            lock(&self.leases).remove(job_id);
+            lock(&self.cancelled).remove(job_id);
+            self.live.clear_progress(job_id);
+            if applied {
+                self.metrics.finished(job.tier, job.status);
+            }
+        }
+        if applied {
+            self.sync_replica(&job).await;
+        }
+        Ok(applied)
+    }
+}
+
+/// Requeues jobs whose lease ran out (the runner died or lost touch), and drops stale uploads.
+async fn expire_leases(inner: Arc<Inner>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = inner.stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = Instant::now();
+        let expired: Vec<(String, LeaseEntry)> = {
+            let mut leases = lock(&inner.leases);
+            let ids: Vec<String> = leases
+                .iter()
+                .filter(|(_, e)| e.expires <= now)
+                .map(|(id, _)| id.clone())
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| leases.remove(&id).map(|e| (id, e)))
+                .collect()
+        };
+        for (id, entry) in expired {
+            let reason = format!("the lease of {} ran out", entry.holder);
+            match inner
+                .store
+                .finish_attempt(&id, entry.attempt, Outcome::Requeue { reason })
+                .await
+            {
+                Ok(Finished::Applied(job)) => {
+                    tracing::warn!(job = %id, runner = %entry.holder, attempt = entry.attempt, status = %job.status,
+                        "a lease expired; the job is queued again");
+                    inner.live.clear_progress(&id);
+                    if job.status.is_final() {
+                        inner.metrics.finished(job.tier, job.status);
+                    }
+                    inner.sync_replica(&job).await;
+                    inner.pull.notify_one();
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::error!(job = %id, %error, "cannot requeue a job whose lease expired")
+                }
+            }
+        }
+        inner.uploads.drop_idle(UPLOAD_IDLE);
+    }
+}
+
+/// Adopts the jobs of members the failure detector marks dead, when this node keeps their
+/// copies. Rescans every second: a copy in flight when the owner died may land late.
+async fn follow_members(inner: Arc<Inner>) {
+    // Members (by name and incarnation) whose copies of this node's jobs were moved.
+    let mut rehomed: HashSet<(String, u64)> = HashSet::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = inner.stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Some(snapshot) = inner.snapshot() else {
+            return;
+        };
+        let dead: Vec<String> = snapshot
+            .members
+            .values()
+            .filter(|m| !m.live && m.status.role == Role::Node && m.status.name != inner.name)
+            .map(|m| m.status.name.clone())
+            .collect();
+        let gone: Vec<(String, u64)> = snapshot
+            .members
+            .values()
+            .filter(|m| m.status.role == Role::Node && m.status.name != inner.name)
+            .filter(|m| !m.live || m.status.state == MemberState::Draining)
+            .map(|m| (m.status.name.clone(), m.generation))
+            .collect();
+        for key in gone {
+            if rehomed.contains(&key) {
+                continue;
+            }
+            match inner.store.owned_active().await {
+                Ok(owned) => {
+                    for job in owned
+                        .iter()
+                        .filter(|j| j.replica.as_deref() == Some(key.0.as_str()))
+                    {
+                        inner.sync_replica(job).await;
+                    }
+                    rehomed.insert(key);
+                }
+                Err(error) => {
+                    tracing::error!(%error, "cannot read this node's jobs to move their copies")
+                }
+            }
+        }
+        for name in dead {
+            match inner.store.replicas_of(&name).await {
+                Ok(copies) if copies.is_empty() => {}
+                Ok(_) => {
+                    if let Err(error) = inner.adopt_from(&name).await {
+                        tracing::error!(member = %name, %error, "cannot adopt the jobs of a dead member");
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(member = %name, %error, "cannot read the copies kept for a dead member")
+                }
+            }
+        }
+    }
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::not_found(format!("no job {id:?} for this account"))
+}
+
+fn refusal_error(refusal: WireRefusal) -> ApiError {
+    let mut error = ApiError::new(refusal.code, refusal.message);
+    if let Some(details) = refusal
+        .details
+        .and_then(|text| serde_json::from_str(&text).ok())
+    {
+        error = error.details(details);
+    }
+    if let Some(seconds) = refusal.retry_after {
+        error = error.retry_after(seconds);
+    }
+    error
+}
+
+pub(crate) fn wire_refusal(error: &ApiError) -> WireRefusal {
+    WireRefusal {
+        code: error.code,
+        message: error.message.clone(),
+        details: error.details.as_ref().map(|d| d.to_string()),
+        retry_after: error.retry_after,
+    }
+}
+
+/// The API error of a store refusal of a submission.
+fn store_refusal(error: StoreError, tier: Tier) -> ApiError {
+    match error {
+        StoreError::QuotaExceeded {
+            period,
+            limit,
+            used,
+            resets_at_ms,
+        } => {
+            let now = crate::node::unix_ms();
+            let retry = ((resets_at_ms - now).max(1000) / 1000) as u64;
+            ApiError::new(
+                ErrorCode::QuotaExceeded,
+                format!(
+                    "the {tier} tier allows {limit} jobs per {}; {used} used",
+                    period.as_str()
+                ),
+            )
+            .details(
+                json!({"limit": limit, "used": used, "period": period.as_str(),
+                "resets_at": crate::protocol::rfc3339_ms(resets_at_ms)}),
+            )
+            .retry_after(retry)
+        }
+        StoreError::IdempotencyConflict { key, job_id } => ApiError::new(
+            ErrorCode::Conflict,
+            format!("the Idempotency-Key {key:?} was already used with a different body"),
+        )
+        .details(json!({"job_id": job_id})),
+        StoreError::Invalid(message) => ApiError::new(ErrorCode::InvalidRequest, message),
+        error => ApiError::internal(error),
+    }
+}
+
+fn wire_new_job(new: &NewJob) -> Result<WireNewJob, ApiError> {
+    Ok(WireNewJob {
+        id: new.id.clone(),
+        account: new.account.clone(),
+        tier: new.tier,
+        workflow: serde_json::to_string(&new.workflow).map_err(ApiError::internal)?,
+        webhook: new.webhook.clone(),
+        metadata: match &new.metadata {
+            Some(m) => Some(serde_json::to_string(m).map_err(ApiError::internal)?),
+            None => None,
+        },
+        idempotency_key: new.idempotency_key.clone(),
+        body_hash: new.body_hash.clone(),
+        max_attempts: new.max_attempts,
+    })
+}
+
+fn new_job_from_wire(wire: WireNewJob) -> Result<NewJob, String> {
+    Ok(NewJob {
+        workflow: serde_json::from_str(&wire.workflow)
+            .map_err(|e| format!("workflow is not JSON: {e}"))?,
+        metadata: match wire.metadata {
+            Some(text) => Some(
+                serde_json::from_str(&text).map_err(|e| format!("metadata is not JSON: {e}"))?,
+            ),
+            None => None,
+        },
+        id: wire.id,
+        account: wire.account,
+        tier: wire.tier,
+        webhook: wire.webhook,
+        idempotency_key: wire.idempotency_key,
+        body_hash: wire.body_hash,
+        max_attempts: wire.max_attempts.max(1),
+        replica: None,
+    })
+}
+
+fn wire_job(job: &Job) -> Result<WireJob, serde_json::Error> {
+    Ok(WireJob {
+        id: job.id.clone(),
+        account: job.account.clone(),
+        tier: job.tier,
+        status: job.status,
+        workflow: serde_json::to_string(&job.workflow)?,
+        webhook: job.webhook.clone(),
+        metadata: match &job.metadata {
+            Some(m) => Some(serde_json::to_string(m)?),
+            None => None,
+        },
+        idempotency_key: job.idempotency_key.clone(),
+        body_hash: job.body_hash.clone(),
+        created_at_ms: job.created_at_ms,
+        started_at_ms: job.started_at_ms,
+        finished_at_ms: job.finished_at_ms,
+        attempts: job.attempts,
+        max_attempts: job.max_attempts,
+        error: job.error.clone(),
+        lease_holder: job.lease_holder.clone(),
+        replica: job.replica.clone(),
+    })
+}
+
+/// A job sent by `owner` (a copy to keep, or a job leased to run).
+fn job_from_wire(wire: WireJob, owner: Option<&str>) -> Result<Job, String> {
+    Ok(Job {
+        workflow: serde_json::from_str(&wire.workflow)
+            .map_err(|e| format!("workflow is not JSON: {e}"))?,
+        metadata: match wire.metadata {
+            Some(text) => Some(
+                serde_json::from_str(&text).map_err(|e| format!("metadata is not JSON: {e}"))?,
+            ),
+            None => None,
+        },
+        id: wire.id,
+        seq: 0,
+        account: wire.account,
+        tier: wire.tier,
+        status: wire.status,
+        webhook: wire.webhook,
+        idempotency_key: wire.idempotency_key,
+        body_hash: wire.body_hash,
+        created_at_ms: wire.created_at_ms,
+        started_at_ms: wire.started_at_ms,
+        finished_at_ms: wire.finished_at_ms,
+        attempts: wire.attempts,
+        max_attempts: wire.max_attempts.max(1),
+        error: wire.error,
+        role: JobRole::Replica,
+        owner: owner.map(str::to_string),
+        replica: wire.replica,
+        lease_holder: wire.lease_holder,
+    })
+}
+
+/// The store outcome of a reported result; outputs come from an upload.
+fn outcome_of(result: WireResult, outputs: Vec<NewOutput>) -> Outcome {
+    match result {
+        WireResult::Succeeded { .. } => Outcome::Succeeded { outputs },
+        WireResult::Failed { error } => Outcome::Failed(error),
+        WireResult::Cancelled => Outcome::Cancelled,
+        WireResult::Requeue { reason } => Outcome::Requeue { reason },
+    }
+}

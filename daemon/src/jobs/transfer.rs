@@ -1,0 +1,445 @@
+//! Output files between members: a runner's results to the owner, the owner's to its replica,
+//! and any member's reads of a stored file, in chunks that fit a peer message.
+//!
+//! Uploads are assembled in memory, bounded per upload and in total, checked against the
+//! length and SHA-256 the final message names, and dropped when idle. Chunks are sent one at a
+//! time and must arrive in order; a repeated chunk (its answer was lost) is accepted again.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::time::Instant;
+
+use super::{Inner, RemoteJob, lock};
+use crate::api::ApiError;
+use crate::peer::messages::{JobRequest, JobResponse, OUTPUT_CHUNK_BYTES, WireOutput, WireResult};
+use crate::peer::{PeerErrorKind, RpcError};
+use crate::queue::{Job, NewOutput, Outcome, Output};
+
+/// The most one upload (all outputs of one job) may hold.
+const MAX_UPLOAD_BYTES: u64 = 512 * 1024 * 1024;
+/// The most all uploads together may hold.
+const MAX_UPLOADS_BYTES: u64 = 2 * 1024 * 1024 * 1024;
+/// How long a result report keeps trying to reach the owner.
+const REPORT_FOR: Duration = Duration::from_secs(60);
+const CHUNK_DEADLINE: Duration = Duration::from_secs(10);
+/// A result message: the owner stores it and copies it to the replica before it answers.
+const FINISH_DEADLINE: Duration = Duration::from_secs(5);
+
+/// An output file as the API serves it.
+#[derive(Debug, Clone)]
+pub struct OutputFile {
+    pub filename: String,
+    pub content_type: String,
+    pub sha256: Option<String>,
+    pub bytes: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct Upload {
+    from: String,
+    files: HashMap<u32, Vec<u8>>,
+    bytes: u64,
+    touched: Instant,
+}
+
+/// Uploads in progress, by upload id.
+#[derive(Debug, Default)]
+pub(crate) struct Uploads {
+    map: Mutex<HashMap<String, Upload>>,
+}
+
+impl Uploads {
+    /// Adds a chunk. `offset` must be where the file ends now (or a chunk already received).
+    pub(crate) fn put(
+        &self,
+        from: &str,
+        upload: &str,
+        index: u32,
+        offset: u64,
+        total: u64,
+        data: &[u8],
+    ) -> Result<(), String> {
+        if upload.is_empty() || upload.len() > 128 {
+            return Err("an upload id must be 1 to 128 characters".to_string());
+        }
+        if total > MAX_UPLOAD_BYTES {
+            return Err(format!(
+                "an output of {total} bytes is over the limit of {MAX_UPLOAD_BYTES}"
+            ));
+        }
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|end| *end <= total)
+            .ok_or_else(|| format!("chunk at {offset} (+{}) runs past {total}", data.len()))?;
+        let mut map = lock(&self.map);
+        let held: u64 = map.values().map(|u| u.bytes).sum();
+        let entry = map.entry(upload.to_string()).or_insert_with(|| Upload {
+            from: from.to_string(),
+            files: HashMap::new(),
+            bytes: 0,
+            touched: Instant::now(),
+        });
+        if entry.from != from {
+            return Err(format!("upload {upload} belongs to another member"));
+        }
+        entry.touched = Instant::now();
+        let file = entry.files.entry(index).or_default();
+        let have = file.len() as u64;
+        if end <= have {
+            // A repeat of a chunk whose answer was lost.
+            return Ok(());
+        }
+        if offset != have {
+            return Err(format!(
+                "chunk of output {index} starts at {offset}, but {have} bytes are here"
+            ));
+        }
+        if entry.bytes + data.len() as u64 > MAX_UPLOAD_BYTES
+            || held + data.len() as u64 > MAX_UPLOADS_BYTES
+        {
+            return Err("uploads are over their memory limit; try again later".to_string());
+        }
+        file.extend_from_slice(data);
+        entry.bytes += data.len() as u64;
+        Ok(())
+    }
+
+    /// Takes a finished upload, checking each named output's length and hash.
+    pub(crate) fn take(
+        &self,
+        upload: &str,
+        outputs: &[WireOutput],
+    ) -> Result<Vec<NewOutput>, String> {
+        let mut map = lock(&self.map);
+        let entry = map
+            .get(upload)
+            .ok_or_else(|| format!("no upload {upload} (it expired or was never sent)"))?;
+        for output in outputs {
+            let data = entry
+                .files
+                .get(&output.index)
+                .ok_or_else(|| format!("upload {upload} has no output {}", output.index))?;
+            if data.len() as u64 != output.bytes {
+                return Err(format!(
+                    "output {} has {} bytes, {} expected",
+                    output.index,
+                    data.len(),
+                    output.bytes
+                ));
+            }
+            let sha = hex::encode(Sha256::digest(data));
+            if sha != output.sha256 {
+                return Err(format!(
+                    "output {} does not match its SHA-256",
+                    output.index
+                ));
+            }
+        }
+        let mut entry = map
+            .remove(upload)
+            .ok_or_else(|| format!("no upload {upload}"))?;
+        let mut files = Vec::with_capacity(outputs.len());
+        for output in outputs {
+            let bytes = entry.files.remove(&output.index).unwrap_or_default();
+            files.push(NewOutput {
+                filename: output.filename.clone(),
+                content_type: output.content_type.clone(),
+                bytes,
+            });
+        }
+        Ok(files)
+    }
+
+    /// Drops uploads untouched for `idle`.
+    pub(crate) fn drop_idle(&self, idle: Duration) {
+        let now = Instant::now();
+        lock(&self.map).retain(|id, upload| {
+            let keep = now.duration_since(upload.touched) < idle;
+            if !keep {
+                tracing::warn!(upload = %id, from = %upload.from, "an unfinished upload expired");
+            }
+            keep
+        });
+    }
+}
+
+/// Sends `files` to `addr` as upload `upload`, one chunk at a time; returns what names them.
+async fn upload(
+    inner: &Inner,
+    addr: SocketAddr,
+    upload: &str,
+    files: &[(u32, String, String, Vec<u8>)],
+) -> Result<Vec<WireOutput>, String> {
+    let mut named = Vec::with_capacity(files.len());
+    for (index, filename, content_type, bytes) in files {
+        let total = bytes.len() as u64;
+        let mut offset = 0usize;
+        loop {
+            let end = (offset + OUTPUT_CHUNK_BYTES).min(bytes.len());
+            let request = JobRequest::PutOutput {
+                upload: upload.to_string(),
+                index: *index,
+                offset: offset as u64,
+                total,
+                data: bytes[offset..end].to_vec(),
+            };
+            match inner.request(addr, request, CHUNK_DEADLINE).await {
+                Ok(JobResponse::Done) => {}
+                Ok(other) => return Err(format!("unexpected answer {other:?}")),
+                Err(error) => return Err(error.to_string()),
+            }
+            offset = end;
+            if offset >= bytes.len() {
+                break;
+            }
+        }
+        named.push(WireOutput {
+            index: *index,
+            filename: filename.clone(),
+            content_type: content_type.clone(),
+            bytes: total,
+            sha256: hex::encode(Sha256::digest(bytes)),
+        });
+    }
+    Ok(named)
+}
+
+/// Reports a leased attempt's end to its owner: outputs first, then the result; retried (the
+/// same upload id, the same result) until the owner answers or [`REPORT_FOR`] passes.
+pub(crate) async fn report(inner: &Inner, remote: &RemoteJob, outcome: Outcome) -> bool {
+    let upload_id = format!("{}-{}-{}", remote.job.id, remote.attempt, inner.name);
+    let (files, result) = match outcome {
+        Outcome::Succeeded { outputs } => {
+            let files: Vec<(u32, String, String, Vec<u8>)> = outputs
+                .into_iter()
+                .enumerate()
+                .map(|(i, o)| (i as u32, o.filename, o.content_type, o.bytes))
+                .collect();
+            (files, None)
+        }
+        Outcome::Failed(error) => (Vec::new(), Some(WireResult::Failed { error })),
+        Outcome::Cancelled => (Vec::new(), Some(WireResult::Cancelled)),
+        Outcome::Requeue { reason } => (Vec::new(), Some(WireResult::Requeue { reason })),
+    };
+    let give_up = Instant::now() + REPORT_FOR;
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let target = inner.owner_of(remote);
+        let attempt = async {
+            let (owner, addr) = target.ok_or_else(|| {
+                "neither the owner nor the replica of the job is known".to_string()
+            })?;
+            let (result, upload) = match &result {
+                Some(result) => (result.clone(), None),
+                None => {
+                    let outputs = upload(inner, addr, &upload_id, &files).await?;
+                    let upload = (!outputs.is_empty()).then(|| upload_id.clone());
+                    (WireResult::Succeeded { outputs }, upload)
+                }
+            };
+            let request = JobRequest::Finish {
+                job_id: remote.job.id.clone(),
+                attempt: remote.attempt,
+                result,
+                upload,
+            };
+            match inner.request(addr, request, FINISH_DEADLINE).await {
+                Ok(JobResponse::Finished { applied }) => Ok(applied),
+                Ok(other) => Err(format!("unexpected answer {other:?}")),
+                Err(RpcError::Remote(error)) if error.kind == PeerErrorKind::NotFound => {
+                    // The member no longer owns it (it handed the job over): its replica does.
+                    if let Some(replica) = remote.job.replica.as_deref()
+                        && replica != owner
+                    {
+                        remote.set_owner(replica);
+                    }
+                    Err(format!("{owner} no longer owns the job: {error}"))
+                }
+                Err(error) => Err(error.to_string()),
+            }
+        };
+        match attempt.await {
+            Ok(applied) => return applied,
+            Err(error) => {
+                if Instant::now() + backoff >= give_up {
+                    tracing::error!(job = %remote.job.id, owner = %remote.owner(), %error,
+                        "cannot report the job's result to its owner; its lease will expire and it runs again");
+                    return false;
+                }
+                tracing::warn!(job = %remote.job.id, owner = %remote.owner(), %error, "reporting a result; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Sends an owned job's current state (and, once it succeeded, its outputs) to its replica.
+pub(crate) async fn replicate_with_outputs(
+    inner: &Inner,
+    replica: &str,
+    job: &Job,
+) -> Result<(), String> {
+    let mut upload_id = None;
+    let mut named = Vec::new();
+    if job.status == crate::protocol::JobStatus::Succeeded {
+        let stored = inner
+            .store
+            .outputs(&job.id)
+            .await
+            .map_err(|e| e.to_string())?;
+        if !stored.is_empty() {
+            let addr = inner
+                .addr_of(replica)
+                .ok_or_else(|| format!("{replica} has no known address"))?;
+            let mut files = Vec::with_capacity(stored.len());
+            for output in &stored {
+                let bytes = tokio::fs::read(inner.store.output_path(output))
+                    .await
+                    .map_err(|e| format!("reading output {}: {e}", output.index))?;
+                files.push((
+                    output.index,
+                    output.filename.clone(),
+                    output.content_type.clone(),
+                    bytes,
+                ));
+            }
+            let id = format!("{}-replica-{}", job.id, uuid::Uuid::new_v4().simple());
+            named = upload(inner, addr, &id, &files).await?;
+            upload_id = Some(id);
+        }
+    }
+    inner.replicate_to(replica, job, upload_id, named).await
+}
+
+/// An output stored here, if this node has the file.
+pub(crate) async fn read_local(
+    store: &crate::queue::JobStore,
+    job: &Job,
+    index: u32,
+) -> Result<Option<OutputFile>, ApiError> {
+    let outputs = store.outputs(&job.id).await.map_err(ApiError::internal)?;
+    let Some(output) = outputs.into_iter().find(|o| o.index == index) else {
+        return Ok(None);
+    };
+    let bytes = read_file(store, &output).await?;
+    Ok(Some(OutputFile {
+        filename: output.filename,
+        content_type: output.content_type,
+        sha256: Some(output.sha256),
+        bytes,
+    }))
+}
+
+async fn read_file(store: &crate::queue::JobStore, output: &Output) -> Result<Vec<u8>, ApiError> {
+    let path = store.output_path(output);
+    tokio::fs::read(&path)
+        .await
+        .map_err(|e| ApiError::internal(format!("output file {}: {e}", path.display())))
+}
+
+/// Answers a peer's read of a stored output, one chunk from `offset`.
+pub(crate) async fn read_piece(
+    inner: &Inner,
+    id: &str,
+    account: &str,
+    index: u32,
+    offset: u64,
+) -> Result<JobResponse, String> {
+    let job = inner
+        .store
+        .get(id)
+        .await
+        .map_err(|e| e.to_string())?
+        .filter(|job| job.account == account)
+        .ok_or_else(|| format!("no job {id}"))?;
+    let outputs = inner
+        .store
+        .outputs(&job.id)
+        .await
+        .map_err(|e| e.to_string())?;
+    let output = outputs
+        .into_iter()
+        .find(|o| o.index == index)
+        .ok_or_else(|| format!("job {id} has no output {index} here"))?;
+    let path = inner.store.output_path(&output);
+    let data = read_range(&path, offset, OUTPUT_CHUNK_BYTES)
+        .await
+        .map_err(|e| format!("output file {}: {e}", path.display()))?;
+    Ok(JobResponse::OutputPiece {
+        content_type: output.content_type,
+        filename: output.filename,
+        total: output.bytes,
+        data,
+    })
+}
+
+/// Up to `max` bytes of a file from `offset`.
+async fn read_range(path: &std::path::Path, offset: u64, max: usize) -> std::io::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let mut file = tokio::fs::File::open(path).await?;
+    file.seek(std::io::SeekFrom::Start(offset)).await?;
+    let mut data = Vec::with_capacity(max.min(64 * 1024));
+    file.take(max as u64).read_to_end(&mut data).await?;
+    Ok(data)
+}
+
+/// Reads a whole output from the member at `addr`, chunk by chunk.
+pub(crate) async fn fetch_output(
+    inner: &Inner,
+    addr: SocketAddr,
+    id: &str,
+    account: &str,
+    index: u32,
+) -> Result<Option<OutputFile>, String> {
+    let mut bytes = Vec::new();
+    let mut meta = None;
+    // Bounded: every round adds a non-empty chunk or ends.
+    for _ in 0..(MAX_UPLOAD_BYTES / OUTPUT_CHUNK_BYTES as u64 + 2) {
+        let request = JobRequest::ReadOutput {
+            id: id.to_string(),
+            account: account.to_string(),
+            index,
+            offset: bytes.len() as u64,
+        };
+        match inner.request(addr, request, CHUNK_DEADLINE).await {
+            Ok(JobResponse::OutputPiece {
+                content_type,
+                filename,
+                total,
+                data,
+            }) => {
+                if total > MAX_UPLOAD_BYTES {
+                    return Err(format!("an output of {total} bytes is over the limit"));
+                }
+                let empty = data.is_empty();
+                bytes.extend_from_slice(&data);
+                meta = Some((filename, content_type));
+                if bytes.len() as u64 >= total {
+                    break;
+                }
+                if empty {
+                    return Err("the member sent an empty piece before the end".to_string());
+                }
+            }
+            Ok(other) => return Err(format!("unexpected answer {other:?}")),
+            Err(RpcError::Remote(error)) if error.kind == PeerErrorKind::NotFound => {
+                return Ok(None);
+            }
+            Err(error) => return Err(error.to_string()),
+        }
+    }
+    let Some((filename, content_type)) = meta else {
+        return Ok(None);
+    };
+    Ok(Some(OutputFile {
+        filename,
+        content_type,
+        sha256: None,
+        bytes,
+    }))
+}

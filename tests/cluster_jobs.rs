@@ -1,0 +1,493 @@
+//! Jobs across a cluster of real kilnd processes over QUIC on loopback: a submission on any node
+//! goes to the account's owner and a replica before its 202, idle nodes pull work from busy
+//! ones, any node answers for any job (status, list, events, outputs, cancel), and a runner
+//! that dies loses its lease so the job runs again elsewhere with one final result.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use kiln_e2e::{NodeSpec, TestCluster, sdxl_workflow, simple_workflow};
+use serde_json::Value;
+
+const ACCOUNTS: [&str; 4] = ["alice", "bob", "pat", "erin"];
+
+fn spec(step_ms: u64) -> impl Fn(usize) -> NodeSpec {
+    move |_| NodeSpec {
+        sim_args: vec!["--step-time-ms".into(), step_ms.to_string()],
+        jobs: "lease_s = 3\nmax_attempts = 3".into(),
+        ..NodeSpec::default()
+    }
+}
+
+/// Job ids each simulator executed to the end, with how it ended.
+fn executed(cluster: &TestCluster) -> Vec<(usize, String, String)> {
+    let mut out = Vec::new();
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        for record in node.executed() {
+            if let Some(id) = record["extra_data"]["kiln_job_id"].as_str() {
+                let status = record["status"].as_str().unwrap_or("").to_string();
+                out.push((i, id.to_string(), status));
+            }
+        }
+    }
+    out
+}
+
+fn logs(cluster: &TestCluster) -> String {
+    cluster
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| format!("--- gpu-{i} ---\n{}", n.log()))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test]
+async fn jobs_submitted_anywhere_run_once_and_any_node_answers() {
+    let cluster = TestCluster::start(3, spec(20))
+        .await
+        .expect("cluster starts");
+    // 36 jobs, round robin over nodes and accounts; SDXL jobs take ~10 steps × 20 ms.
+    let mut submitted: Vec<(String, String, usize)> = Vec::new();
+    for i in 0..36usize {
+        let node = i % 3;
+        let account = ACCOUNTS[i % ACCOUNTS.len()];
+        let api = cluster.api(node, account);
+        let (status, body) = api
+            .submit(&sdxl_workflow(10, i as u64))
+            .await
+            .expect("submit");
+        assert_eq!(
+            status,
+            202,
+            "submit {i} on gpu-{node}: {body}\n{}",
+            logs(&cluster)
+        );
+        assert_eq!(
+            body["replicas"], 1,
+            "three live members: one replica\n{body}"
+        );
+        submitted.push((
+            body["id"].as_str().expect("id").to_string(),
+            account.to_string(),
+            node,
+        ));
+    }
+    // Every job succeeds; ask a node other than the one it was submitted to.
+    for (id, account, node) in &submitted {
+        let api = cluster.api((node + 1) % 3, account);
+        let job = api
+            .wait_final(id, Duration::from_secs(90))
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", logs(&cluster)));
+        assert_eq!(job["status"], "succeeded", "{job}");
+        assert_eq!(job["attempts"], 1, "{job}");
+        assert_eq!(job["outputs"].as_array().map(Vec::len), Some(1), "{job}");
+    }
+    // Each ran exactly once, and the work was spread over more than one GPU.
+    let runs = executed(&cluster);
+    let mut count: HashMap<&str, usize> = HashMap::new();
+    for (_, id, status) in &runs {
+        assert_eq!(status, "success", "{runs:?}");
+        *count.entry(id.as_str()).or_default() += 1;
+    }
+    for (id, _, _) in &submitted {
+        assert_eq!(count.get(id.as_str()), Some(&1), "job {id} runs: {runs:?}");
+    }
+    let runners: HashSet<usize> = runs.iter().map(|(node, _, _)| *node).collect();
+    assert!(runners.len() >= 2, "work stayed on one node: {runs:?}");
+    println!(
+        "36 jobs: ran once each; per node: {:?}",
+        (0..3)
+            .map(|n| runs.iter().filter(|(i, _, _)| *i == n).count())
+            .collect::<Vec<_>>()
+    );
+
+    // Outputs are served by every node, identical.
+    let (id, account, _) = &submitted[0];
+    let mut bodies = Vec::new();
+    for node in 0..3 {
+        let api = cluster.api(node, account);
+        let response = api
+            .http
+            .get(format!("{}/v1/jobs/{id}/outputs/0", api.url))
+            .bearer_auth(&api.key)
+            .send()
+            .await
+            .expect("output");
+        assert_eq!(response.status(), 200, "output on gpu-{node}");
+        let bytes = response.bytes().await.expect("bytes");
+        assert!(bytes.starts_with(b"\x89PNG"), "a PNG from gpu-{node}");
+        bodies.push(bytes);
+    }
+    assert!(
+        bodies.windows(2).all(|w| w[0] == w[1]),
+        "the same file everywhere"
+    );
+
+    // Any node lists all of an account's jobs; another account sees none of them.
+    for node in 0..3 {
+        let api = cluster.api(node, "alice");
+        let (status, list) = api.get("/v1/jobs?limit=100").await.expect("list");
+        assert_eq!(status, 200);
+        let ids: HashSet<&str> = list["jobs"]
+            .as_array()
+            .expect("jobs")
+            .iter()
+            .filter_map(|j| j["id"].as_str())
+            .collect();
+        let want: HashSet<&str> = submitted
+            .iter()
+            .filter(|(_, a, _)| a == "alice")
+            .map(|(id, _, _)| id.as_str())
+            .collect();
+        assert_eq!(ids, want, "alice's jobs listed on gpu-{node}");
+        let bob = cluster.api(node, "bob");
+        let (status, _) = bob
+            .get(&format!("/v1/jobs/{}", submitted[0].0))
+            .await
+            .expect("get");
+        assert_eq!(status, 404, "another account's job is not found");
+    }
+}
+
+#[tokio::test]
+async fn an_idle_node_pulls_a_busy_owners_job_and_a_dead_runner_loses_its_lease() {
+    // Slow jobs: 30 steps × 100 ms.
+    let mut cluster = TestCluster::start(2, spec(100))
+        .await
+        .expect("cluster starts");
+    let account = "alice";
+    let owner = cluster.owner_of(account);
+    let other = 1 - owner;
+    let api = cluster.api(owner, account);
+    let mut ids = Vec::new();
+    for seed in 0..2 {
+        let (status, body) = api.submit(&sdxl_workflow(30, seed)).await.expect("submit");
+        assert_eq!(status, 202, "{body}");
+        ids.push(body["id"].as_str().expect("id").to_string());
+    }
+    // The owner runs one; the other node pulls the second at once.
+    for id in &ids {
+        api.wait_status(id, Duration::from_secs(10), |s| s == "running")
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", logs(&cluster)));
+    }
+    // Events of a job the asking node does not own are relayed.
+    let events = cluster.api(other, account);
+    let response = events
+        .http
+        .get(format!("{}/v1/jobs/{}/events", events.url, ids[0]))
+        .bearer_auth(&events.key)
+        .send()
+        .await
+        .expect("events");
+    assert_eq!(response.status(), 200);
+    assert!(
+        response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"))
+    );
+    drop(response);
+
+    // Kill the node that does not own the jobs: whichever job it ran loses its lease, is
+    // queued again and finishes on the owner, once.
+    cluster.nodes[other].kill9();
+    let api = cluster.api(owner, account);
+    for id in &ids {
+        let job = api
+            .wait_final(id, Duration::from_secs(60))
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", logs(&cluster)));
+        assert_eq!(job["status"], "succeeded", "{job}");
+    }
+    let runs = executed(&cluster);
+    let on_owner: Vec<&String> = runs
+        .iter()
+        .filter(|(node, _, status)| *node == owner && status == "success")
+        .map(|(_, id, _)| id)
+        .collect();
+    assert_eq!(on_owner.len(), 2, "both finished on the owner: {runs:?}");
+    let retried: Vec<Value> = {
+        let mut out = Vec::new();
+        for id in &ids {
+            out.push(api.job(id).await.expect("job"));
+        }
+        out
+    };
+    assert!(
+        retried.iter().any(|j| j["attempts"] == 2),
+        "the job of the dead runner ran a second attempt: {retried:?}\n{}",
+        logs(&cluster)
+    );
+}
+
+#[tokio::test]
+async fn a_job_running_on_a_peer_is_cancelled_through_any_node() {
+    let cluster = TestCluster::start(2, spec(100))
+        .await
+        .expect("cluster starts");
+    let account = "bob";
+    let owner = cluster.owner_of(account);
+    let other = 1 - owner;
+    // Submitted through the node that does not own the account: forwarded to the owner.
+    let api = cluster.api(other, account);
+    let mut ids = Vec::new();
+    for seed in 0..3 {
+        let (status, body) = api.submit(&sdxl_workflow(40, seed)).await.expect("submit");
+        assert_eq!(status, 202, "{body}");
+        ids.push(body["id"].as_str().expect("id").to_string());
+    }
+    // Two run (one per node), one waits.
+    let mut running = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while running.len() < 2 {
+        running.clear();
+        for id in &ids {
+            if api.job(id).await.expect("job")["status"] == "running" {
+                running.push(id.clone());
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "two jobs never ran at once\n{}",
+            logs(&cluster)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let queued = ids
+        .iter()
+        .find(|id| !running.contains(id))
+        .expect("one queued")
+        .clone();
+    // Cancel everything through the non-owner: the queued job at once, the running ones by
+    // interrupting whichever node runs them.
+    for id in std::iter::once(&queued).chain(running.iter()) {
+        let response = api
+            .http
+            .delete(format!("{}/v1/jobs/{id}", api.url))
+            .bearer_auth(&api.key)
+            .send()
+            .await
+            .expect("cancel");
+        assert_eq!(response.status(), 200, "cancel {id}");
+    }
+    for id in &ids {
+        let job = api
+            .wait_final(id, Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", logs(&cluster)));
+        assert_eq!(job["status"], "cancelled", "{job}");
+    }
+    // A finished job cannot be cancelled again, from either node.
+    for node in [owner, other] {
+        let api = cluster.api(node, account);
+        let response = api
+            .http
+            .delete(format!("{}/v1/jobs/{}", api.url, ids[0]))
+            .bearer_auth(&api.key)
+            .send()
+            .await
+            .expect("cancel");
+        assert_eq!(response.status(), 409);
+    }
+    // Neither simulator finished a cancelled job successfully.
+    let runs = executed(&cluster);
+    assert!(
+        runs.iter().all(|(_, _, status)| status != "success"),
+        "{runs:?}"
+    );
+    // The nodes go on: a new job succeeds.
+    let (status, body) = api.submit(&simple_workflow("after")).await.expect("submit");
+    assert_eq!(status, 202, "{body}");
+    let job = api
+        .wait_final(body["id"].as_str().expect("id"), Duration::from_secs(30))
+        .await
+        .expect("final");
+    assert_eq!(job["status"], "succeeded");
+}
+
+/// Counts successful executions per job id over every simulator's record.
+fn successes(cluster: &TestCluster) -> HashMap<String, usize> {
+    let mut count = HashMap::new();
+    for (_, id, status) in executed(cluster) {
+        if status == "success" {
+            *count.entry(id).or_default() += 1;
+        }
+    }
+    count
+}
+
+/// Submits `n` jobs round robin over the running nodes and accounts; returns (id, account).
+async fn submit_many(cluster: &TestCluster, n: usize, steps: u32) -> Vec<(String, String)> {
+    let running: Vec<usize> = (0..cluster.nodes.len())
+        .filter(|i| cluster.nodes[*i].is_running())
+        .collect();
+    let mut out = Vec::new();
+    for i in 0..n {
+        let node = running[i % running.len()];
+        let account = ACCOUNTS[i % ACCOUNTS.len()];
+        let (status, body) = cluster
+            .api(node, account)
+            .submit(&sdxl_workflow(steps, i as u64))
+            .await
+            .expect("submit");
+        assert_eq!(status, 202, "{body}\n{}", logs(cluster));
+        out.push((
+            body["id"].as_str().expect("id").to_string(),
+            account.to_string(),
+        ));
+    }
+    out
+}
+
+/// Waits until every job is final, asking the running nodes in turn; returns the final views.
+async fn wait_all_final(cluster: &TestCluster, jobs: &[(String, String)]) -> Vec<Value> {
+    let running: Vec<usize> = (0..cluster.nodes.len())
+        .filter(|i| cluster.nodes[*i].is_running())
+        .collect();
+    let mut out = Vec::new();
+    for (k, (id, account)) in jobs.iter().enumerate() {
+        let api = cluster.api(running[k % running.len()], account);
+        let job = api
+            .wait_final(id, Duration::from_secs(120))
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", logs(cluster)));
+        out.push(job);
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_drained_node_hands_its_queue_on_and_nothing_runs_twice() {
+    let cluster = TestCluster::start(3, spec(30))
+        .await
+        .expect("cluster starts");
+    let jobs = submit_many(&cluster, 30, 10).await;
+    // Drain the node that owns the most of them, while most still wait.
+    let drained = cluster.owner_of(ACCOUNTS[0]);
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/admin/drain", cluster.nodes[drained].url))
+        .bearer_auth(&cluster.nodes[drained].operator_token)
+        .send()
+        .await
+        .expect("drain");
+    assert_eq!(response.status(), 202);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["status"], "draining");
+    // A wrong token drains nothing.
+    let other = (drained + 1) % 3;
+    let refused = reqwest::Client::new()
+        .post(format!("{}/v1/admin/drain", cluster.nodes[other].url))
+        .bearer_auth("not-the-operator-token")
+        .send()
+        .await
+        .expect("drain");
+    assert_eq!(refused.status(), 401);
+
+    let mut cluster = cluster;
+    // The node exits by itself once it has handed its queue on and left.
+    let status = cluster.nodes[drained].wait_exit(Duration::from_secs(40));
+    let log = cluster.nodes[drained].log();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the drained node exits cleanly: {status:?}\n{log}"
+    );
+    assert!(log.contains("queued jobs handed over"), "{log}");
+
+    let finals = wait_all_final(&cluster, &jobs).await;
+    for job in &finals {
+        assert_eq!(job["status"], "succeeded", "{job}\n{}", logs(&cluster));
+    }
+    let ran = successes(&cluster);
+    for (id, _) in &jobs {
+        assert_eq!(
+            ran.get(id),
+            Some(&1),
+            "job {id} ran {:?} times",
+            ran.get(id)
+        );
+    }
+    println!(
+        "drain: 30 jobs, each succeeded once; executed per node {:?}",
+        (0..3)
+            .map(|n| executed(&cluster)
+                .iter()
+                .filter(|(i, _, _)| *i == n)
+                .count())
+            .collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test]
+async fn a_dead_owners_jobs_are_adopted_and_not_run_again_when_it_returns() {
+    let mut cluster = TestCluster::start(3, spec(40))
+        .await
+        .expect("cluster starts");
+    let owner = cluster.owner_of("alice");
+    let others: Vec<usize> = (0..3).filter(|i| *i != owner).collect();
+    // Twenty slow jobs of one account, all owned by `owner`, submitted through the others.
+    let mut jobs = Vec::new();
+    for i in 0..20 {
+        let api = cluster.api(others[i % 2], "alice");
+        let (status, body) = api
+            .submit(&sdxl_workflow(15, i as u64))
+            .await
+            .expect("submit");
+        assert_eq!(status, 202, "{body}");
+        assert_eq!(body["replicas"], 1, "{body}");
+        jobs.push((
+            body["id"].as_str().expect("id").to_string(),
+            "alice".to_string(),
+        ));
+    }
+    cluster.nodes[owner].kill9();
+    let finals = wait_all_final(&cluster, &jobs).await;
+    for job in &finals {
+        assert_eq!(job["status"], "succeeded", "{job}\n{}", logs(&cluster));
+    }
+    let ran = successes(&cluster);
+    for (id, _) in &jobs {
+        assert_eq!(
+            ran.get(id),
+            Some(&1),
+            "job {id} succeeded {:?} times",
+            ran.get(id)
+        );
+    }
+    // The old owner comes back with its old data: it hands the adopted jobs over instead of
+    // running them again.
+    let before: usize = ran.values().sum();
+    cluster.nodes[owner]
+        .restart()
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs(&cluster)));
+    cluster
+        .wait_all_ready(Duration::from_secs(45))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs(&cluster)));
+    // A new job through the returning node runs, and nothing old runs again.
+    let api = cluster.api(owner, "alice");
+    let (status, body) = api.submit(&simple_workflow("back")).await.expect("submit");
+    assert_eq!(status, 202, "{body}");
+    let fresh = body["id"].as_str().expect("id").to_string();
+    let job = api
+        .wait_final(&fresh, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs(&cluster)));
+    assert_eq!(job["status"], "succeeded");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = successes(&cluster);
+    assert_eq!(
+        after.values().sum::<usize>(),
+        before + 1,
+        "only the new job ran: {after:?}"
+    );
+    for (id, _) in &jobs {
+        let view = api.job(id).await.expect("job");
+        assert_eq!(view["status"], "succeeded", "{view}");
+    }
+}
