@@ -491,3 +491,54 @@ async fn a_dead_owners_jobs_are_adopted_and_not_run_again_when_it_returns() {
         assert_eq!(view["status"], "succeeded", "{view}");
     }
 }
+
+#[tokio::test]
+async fn a_pro_job_starts_before_free_jobs_queued_anywhere() {
+    // Free jobs of 2 s (20 steps × 100 ms); no quota or wait limit on the free tier here.
+    let cluster = TestCluster::start(3, |_| NodeSpec {
+        sim_args: vec!["--step-time-ms".into(), "100".into()],
+        jobs: "lease_s = 5".into(),
+        extra_config: "[tiers.free]\nwait_target_s = 300\n\n".into(),
+        ..NodeSpec::default()
+    })
+    .await
+    .expect("cluster starts");
+    let mut free = Vec::new();
+    for i in 0..50u64 {
+        let api = cluster.api((i % 3) as usize, "fred");
+        let (status, body) = api.submit(&sdxl_workflow(20, i)).await.expect("submit");
+        assert_eq!(status, 202, "{body}");
+        free.push(body["id"].as_str().expect("id").to_string());
+    }
+    // Every node is busy with a free job; the rest wait (all at fred's owner).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pro_api = cluster.api(2, "alice");
+    let (status, body) = pro_api.submit(&sdxl_workflow(5, 99)).await.expect("submit");
+    assert_eq!(status, 202, "{body}");
+    let pro = body["id"].as_str().expect("id").to_string();
+    let pro_created = body["created_at"].as_str().expect("created_at").to_string();
+    let pro_job = pro_api
+        .wait_final(&pro, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs(&cluster)));
+    assert_eq!(pro_job["status"], "succeeded");
+    let pro_started = pro_job["started_at"].as_str().expect("started").to_string();
+    // No free job that was still waiting when the pro job arrived started before it.
+    let fred = cluster.api(0, "fred");
+    let mut overtook = Vec::new();
+    for id in &free {
+        let job = fred.job(id).await.expect("job");
+        if let Some(started) = job["started_at"].as_str()
+            && started > pro_created.as_str()
+            && started < pro_started.as_str()
+        {
+            overtook.push(job.clone());
+        }
+    }
+    assert!(
+        overtook.is_empty(),
+        "free jobs started after the pro job arrived ({pro_created}) and before it started \
+         ({pro_started}): {overtook:?}\n{}",
+        logs(&cluster)
+    );
+}

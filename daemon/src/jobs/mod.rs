@@ -60,6 +60,8 @@ pub use transfer::OutputFile;
 const SUBMIT_DEADLINE: Duration = Duration::from_secs(5);
 /// How long a replica may take to store a copy.
 const REPLICATE_DEADLINE: Duration = Duration::from_secs(3);
+/// How often a busy peer is nudged about one tier at most.
+const NUDGE_EVERY: Duration = Duration::from_millis(500);
 /// How long a nudge makes its sender worth asking for a lease.
 const HINT_FOR: Duration = Duration::from_secs(3);
 /// How long a lease waits for the replica to learn of it before it is answered anyway.
@@ -162,6 +164,8 @@ pub(crate) struct Inner {
     /// Peers that nudged this node recently, with their best waiting tier: worth asking for a
     /// lease before gossip shows their queue.
     hints: Mutex<HashMap<String, (Option<Tier>, Instant)>>,
+    /// Busy peers nudged about a paid tier recently, and when.
+    nudged: Mutex<HashMap<(String, Tier), Instant>>,
     /// Set while the node drains: no leases handed out, no submissions taken as owner.
     draining: CancellationToken,
     /// Set once this node knows which of its stored jobs are still its own (see
@@ -215,6 +219,7 @@ impl Jobs {
             uploads: transfer::Uploads::default(),
             pull: Notify::new(),
             hints: Mutex::new(HashMap::new()),
+            nudged: Mutex::new(HashMap::new()),
             draining: CancellationToken::new(),
             reconciled: CancellationToken::new(),
             stop: CancellationToken::new(),
@@ -865,49 +870,69 @@ impl Inner {
                     .await
                     .map_err(ApiError::internal)?;
             }
-            self.nudge_if_busy();
+            self.nudge_peers(tier);
         }
         let view = self.view(&job).await.map_err(ApiError::internal)?;
         Ok((view, submitted.created))
     }
 
-    /// When this node's runner is busy, tells idle peers that work waits here.
-    fn nudge_if_busy(&self) {
+    /// When this node's runner is busy, tells peers that work waits here: idle ones, so they
+    /// pull it now rather than a gossip round later, and, for a paid tier, busy ones too, so
+    /// that whoever finishes first takes it before any lower tier job (each peer at most every
+    /// [`NUDGE_EVERY`] per tier).
+    fn nudge_peers(&self, new_tier: Tier) {
         if !self.live.is_running() {
             return;
         }
         let Some(snapshot) = self.snapshot() else {
             return;
         };
-        let queued = self
-            .store
-            .summary()
-            .tiers
-            .iter()
-            .map(|t| t.queued)
-            .sum::<u64>();
-        let idle: Vec<SocketAddr> = snapshot
-            .live()
-            .filter(|m| m.status.role == Role::Node && m.status.name != self.name)
-            .filter(|m| m.status.state == MemberState::Ready)
-            .filter_map(|m| m.gossip_addr.parse::<PeerAddr>().ok().map(|a| a.addr))
-            .take(usize::try_from(queued).unwrap_or(usize::MAX).max(1))
-            .collect();
         let Some(rpc) = self.rpc().cloned() else {
             return;
         };
-        let tier = self
-            .store
-            .summary()
-            .tiers
-            .iter()
-            .find(|t| t.queued > 0)
-            .map(|t| t.tier);
-        for addr in idle {
+        let summary = self.store.summary();
+        let queued = summary.tiers.iter().map(|t| t.queued).sum::<u64>();
+        let best = summary.tiers.iter().find(|t| t.queued > 0).map(|t| t.tier);
+        let peers = snapshot.live().filter(|m| {
+            m.status.role == Role::Node
+                && m.status.name != self.name
+                && matches!(m.status.state, MemberState::Ready | MemberState::Busy)
+        });
+        let mut idle = 0u64;
+        let now = Instant::now();
+        let mut targets = Vec::new();
+        {
+            let mut nudged = lock(&self.nudged);
+            nudged.retain(|_, at| now.duration_since(*at) < NUDGE_EVERY);
+            for member in peers {
+                let is_idle = member.status.state == MemberState::Ready;
+                let wanted = if is_idle {
+                    idle < queued.max(1)
+                } else {
+                    new_tier != Tier::Free
+                };
+                if !wanted {
+                    continue;
+                }
+                if !is_idle {
+                    let key = (member.status.name.clone(), new_tier);
+                    if nudged.contains_key(&key) {
+                        continue;
+                    }
+                    nudged.insert(key, now);
+                } else {
+                    idle += 1;
+                }
+                if let Ok(addr) = member.gossip_addr.parse::<PeerAddr>() {
+                    targets.push(addr.addr);
+                }
+            }
+        }
+        for addr in targets {
             let rpc = rpc.clone();
             tokio::spawn(async move {
                 let _ = rpc
-                    .request(addr, JobRequest::Nudge { tier }, SHORT_DEADLINE)
+                    .request(addr, JobRequest::Nudge { tier: best }, SHORT_DEADLINE)
                     .await;
             });
         }
