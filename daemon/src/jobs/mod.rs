@@ -275,6 +275,13 @@ impl Jobs {
         let inner = &self.inner;
         let ranked = inner.ranked(&new.account);
         if inner.cluster.is_none() || ranked.is_empty() {
+            if inner.draining.is_cancelled() {
+                return Err(ApiError::new(
+                    ErrorCode::Unavailable,
+                    "this node is draining and no other member takes jobs",
+                )
+                .retry_after(5));
+            }
             return inner.submit_as_owner(new, quota, &ranked).await;
         }
         let wire = wire_new_job(&new)?;
