@@ -39,6 +39,9 @@ use crate::protocol::{JobError, JobStatus, Progress, Tier};
 use crate::queue::{JobStore, NewOutput, Outcome, StoreOptions};
 use crate::tiers::{Account, KeyRing, TierTable};
 
+/// Frames queued per peer before new ones are dropped.
+const PEER_QUEUE_LEN: usize = 1024;
+
 /// Room in a peer message for everything but the workflow.
 const PEER_FRAME_MARGIN: usize = 256 * 1024;
 
@@ -400,6 +403,10 @@ pub async fn run(
                 .net
                 .max_frame_bytes
                 .max(config.api.max_body_bytes + PEER_FRAME_MARGIN);
+            // Every submission, lease and result is a peer request now, not only gossip: a
+            // burst of concurrent submissions must not overflow a peer's send queue (a dropped
+            // frame costs its request a whole deadline).
+            settings.net.peer_queue_len = settings.net.peer_queue_len.max(PEER_QUEUE_LEN);
             let has_seeds = !settings.seeds.is_empty();
             let initial = crate::cluster::status::node_status(
                 &identity,

@@ -53,13 +53,35 @@ async fn handle(
     req: JobRequest,
 ) -> Result<JobResponse, PeerError> {
     let peer = from.peer_name.as_ref();
+    // Until it knows which of its jobs were adopted while it was away, a node that just
+    // started neither applies results nor renews leases: the job may be another's now.
+    if !inner.reconciled.is_cancelled()
+        && matches!(req, JobRequest::Finish { .. } | JobRequest::Renew { .. })
+    {
+        return Err(PeerError::new(
+            PeerErrorKind::Overloaded,
+            "this member is starting; try again shortly",
+        ));
+    }
     match req {
         JobRequest::Submit {
             job,
+            sent_at_ms,
             quota_per_day,
             quota_per_month,
         } => {
             let new = new_job_from_wire(*job).map_err(bad)?;
+            // The sender gave up on it and may have stored it with another member. A second
+            // of slack for clocks that differ.
+            let age_ms = crate::node::unix_ms() - sent_at_ms;
+            let limit_ms = i64::try_from(super::SUBMIT_DEADLINE.as_millis()).unwrap_or(i64::MAX);
+            if sent_at_ms > 0 && age_ms > limit_ms + 1000 {
+                tracing::warn!(job = %new.id, from = %peer, age_ms, "refused a forwarded submission that arrived too late");
+                return Err(PeerError::new(
+                    PeerErrorKind::DeadlineExceeded,
+                    format!("the submission arrived {age_ms} ms after it was sent"),
+                ));
+            }
             if inner.draining.is_cancelled() {
                 let refusal = ApiError::new(
                     ErrorCode::Unavailable,
@@ -285,6 +307,23 @@ async fn handle(
                 }
             }
             Ok(JobResponse::Owned { ids: owned })
+        }
+        JobRequest::Refresh { ids } => {
+            if ids.len() > 10_000 {
+                return Err(bad("at most 10000 ids per question"));
+            }
+            let mut stale = Vec::new();
+            for id in ids {
+                match inner.store.get(&id).await.map_err(internal)? {
+                    Some(job)
+                        if job.role == JobRole::Owner && job.replica.as_deref() == Some(peer) =>
+                    {
+                        inner.sync_replica(&job).await;
+                    }
+                    _ => stale.push(id),
+                }
+            }
+            Ok(JobResponse::Refreshed { stale })
         }
         JobRequest::Nudge { tier } => {
             super::lock(&inner.hints).insert(peer.to_string(), (tier, tokio::time::Instant::now()));

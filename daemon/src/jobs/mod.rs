@@ -57,13 +57,15 @@ use crate::queue::{
 pub use transfer::OutputFile;
 
 /// How long a forwarded submission may take at the owner (it stores and replicates).
-const SUBMIT_DEADLINE: Duration = Duration::from_secs(5);
+pub(crate) const SUBMIT_DEADLINE: Duration = Duration::from_secs(5);
 /// How long a replica may take to store a copy.
 const REPLICATE_DEADLINE: Duration = Duration::from_secs(3);
 /// How often a busy peer is nudged about one tier at most.
 const NUDGE_EVERY: Duration = Duration::from_millis(500);
 /// How long a nudge makes its sender worth asking for a lease.
 const HINT_FOR: Duration = Duration::from_secs(3);
+/// Extra time an adopted lease gets before it expires.
+const ADOPTED_LEASE_GRACE: Duration = Duration::from_secs(10);
 /// How long a lease waits for the replica to learn of it before it is answered anyway.
 const LEASE_COPY_WITHIN: Duration = Duration::from_secs(1);
 /// How long a runner waits for a lease (the owner copies it to its replica first).
@@ -298,6 +300,7 @@ impl Jobs {
             };
             let request = JobRequest::Submit {
                 job: Box::new(wire.clone()),
+                sent_at_ms: crate::node::unix_ms(),
                 quota_per_day: quota.per_day,
                 quota_per_month: quota.per_month,
             };
@@ -346,11 +349,27 @@ impl Jobs {
                 Err(error) => tracing::debug!(member = %name, %error, "asking for a job"),
             }
         }
-        // Nobody that owns it answered: the copy kept here is the best there is.
-        match local {
-            Some(job) => inner.view(&job).await.map_err(ApiError::internal),
-            None => Err(not_found(id)),
+        // Nobody that owns it answered: the copy kept here is the best there is, else any
+        // member's (while a dead owner's jobs await adoption, only copies exist).
+        if let Some(job) = local {
+            return inner.view(&job).await.map_err(ApiError::internal);
         }
+        for name in inner.owner_candidates(account, None) {
+            let Some(addr) = inner.addr_of(&name) else {
+                continue;
+            };
+            let request = JobRequest::Get {
+                id: id.to_string(),
+                account: account.to_string(),
+                any_role: true,
+            };
+            if let Ok(JobResponse::Job { view: Some(view) }) =
+                inner.request(addr, request, SHORT_DEADLINE).await
+            {
+                return parse_view(&view).map_err(ApiError::internal);
+            }
+        }
+        Err(not_found(id))
     }
 
     /// The account's jobs across the cluster, newest first.
@@ -654,6 +673,19 @@ impl Jobs {
             }
             Err(_) => {
                 tracing::warn!("reconciling jobs with their replicas took too long; going on")
+            }
+        }
+        match tokio::time::timeout_at(deadline, inner.refresh_copies()).await {
+            Ok(Ok(dropped)) if dropped > 0 => {
+                tracing::warn!(
+                    copies = dropped,
+                    "copies whose owners moved them elsewhere while this node was away were forgotten"
+                );
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => tracing::error!(%error, "cannot read the copies this node keeps"),
+            Err(_) => {
+                tracing::warn!("refreshing the copies this node keeps took too long; going on")
             }
         }
         inner.reconciled.cancel();
@@ -1120,7 +1152,9 @@ impl Inner {
     /// gets a new replica. Returns how many unfinished jobs were adopted.
     async fn adopt_from(&self, owner: &str) -> Result<usize, StoreError> {
         let adopted = self.store.adopt(owner).await?;
-        let now = Instant::now();
+        // The runners of adopted jobs learn of the new owner only when they give up on the
+        // old one (a result report's deadline, their own failure detector): give them longer.
+        let now = Instant::now() + ADOPTED_LEASE_GRACE;
         for job in &adopted {
             if job.status == JobStatus::Running
                 && let Some(holder) = &job.lease_holder
@@ -1210,7 +1244,7 @@ impl Inner {
                 continue;
             };
             let mut answer = None;
-            for _ in 0..3 {
+            for _ in 0..5 {
                 match self
                     .request(addr, JobRequest::Whose { ids: ids.clone() }, SHORT_DEADLINE)
                     .await
@@ -1237,6 +1271,47 @@ impl Inner {
             }
         }
         Ok(handed)
+    }
+
+    /// Brings the unfinished copies this node keeps up to date with their owners (it may have
+    /// missed changes while it was away), and forgets those an owner disowned, so that a stale
+    /// copy is never adopted. Returns how many were forgotten.
+    async fn refresh_copies(&self) -> Result<usize, StoreError> {
+        let held = self.store.held_copies().await?;
+        let mut by_owner: HashMap<String, Vec<String>> = HashMap::new();
+        for job in held {
+            if let Some(owner) = job.owner {
+                by_owner.entry(owner).or_default().push(job.id);
+            }
+        }
+        let mut dropped = 0;
+        for (owner, ids) in by_owner {
+            // A dead owner's copies are adopted instead (see `follow_members`).
+            let Some(addr) = self.addr_of_when_known(&owner).await else {
+                continue;
+            };
+            for chunk in ids.chunks(1000) {
+                let request = JobRequest::Refresh {
+                    ids: chunk.to_vec(),
+                };
+                match self.request(addr, request, REPLICATE_DEADLINE * 4).await {
+                    Ok(JobResponse::Refreshed { stale }) => {
+                        for id in stale {
+                            if self.store.drop_copy(&id).await? {
+                                dropped += 1;
+                            }
+                        }
+                    }
+                    Ok(other) => {
+                        tracing::warn!(%owner, answer = ?other, "unexpected answer to a refresh")
+                    }
+                    Err(error) => {
+                        tracing::warn!(%owner, %error, "cannot refresh the copies kept for a member")
+                    }
+                }
+            }
+        }
+        Ok(dropped)
     }
 
     /// A member's address, waiting a little for gossip to show it (at start).

@@ -27,7 +27,7 @@ const MAX_UPLOADS_BYTES: u64 = 2 * 1024 * 1024 * 1024;
 const REPORT_FOR: Duration = Duration::from_secs(60);
 const CHUNK_DEADLINE: Duration = Duration::from_secs(10);
 /// A result message: the owner stores it and copies it to the replica before it answers.
-const FINISH_DEADLINE: Duration = Duration::from_secs(5);
+const FINISH_DEADLINE: Duration = Duration::from_secs(3);
 
 /// An output file as the API serves it.
 #[derive(Debug, Clone)]

@@ -367,7 +367,7 @@ struct State {
     /// Every open connection by id.
     all: HashMap<u64, ConnHandle>,
     /// Per-destination queues: (queue id, sender).
-    peers: HashMap<SocketAddr, (u64, mpsc::Sender<Bytes>)>,
+    peers: HashMap<SocketAddr, (u64, mpsc::Sender<(Instant, Bytes)>)>,
     /// How to dial an advertised address: (dial address, set explicitly).
     routes: HashMap<SocketAddr, (PeerAddr, bool)>,
 }
@@ -710,14 +710,14 @@ impl Inner {
         };
         // Pushed under the lock, so an idle queue's task cannot retire between the lookup and
         // the push (see `retire_peer`).
-        if tx.try_send(frame).is_err() {
+        if tx.try_send((Instant::now(), frame)).is_err() {
             bump(&self.counters.dropped_queue_full, 1);
         }
         Ok(())
     }
 
     /// Removes an idle destination queue if nothing arrived on it meanwhile.
-    fn retire_peer(&self, to: SocketAddr, id: u64, rx: &mpsc::Receiver<Bytes>) -> bool {
+    fn retire_peer(&self, to: SocketAddr, id: u64, rx: &mpsc::Receiver<(Instant, Bytes)>) -> bool {
         let mut state = lock(&self.state);
         let ours = state.peers.get(&to).is_some_and(|(qid, _)| *qid == id);
         if ours && !rx.is_empty() {
@@ -729,10 +729,15 @@ impl Inner {
         true
     }
 
-    async fn peer_task(self: Arc<Self>, to: SocketAddr, id: u64, mut rx: mpsc::Receiver<Bytes>) {
+    async fn peer_task(
+        self: Arc<Self>,
+        to: SocketAddr,
+        id: u64,
+        mut rx: mpsc::Receiver<(Instant, Bytes)>,
+    ) {
         let mut backoff_until: Option<Instant> = None;
         loop {
-            let frame = tokio::select! {
+            let (queued_at, frame) = tokio::select! {
                 () = self.cancel.cancelled() => return,
                 frame = rx.recv() => match frame {
                     Some(frame) => frame,
@@ -745,6 +750,13 @@ impl Inner {
                     continue;
                 }
             };
+            // A frame that waited through a dial that failed, or a peer's restart, is stale:
+            // whoever sent it has stopped waiting, and acting on it now could undo what they
+            // did instead (e.g. a submission retried with another member).
+            if queued_at.elapsed() > self.config.connect_timeout + self.config.send_timeout {
+                bump(&self.counters.send_failures, 1);
+                continue;
+            }
             if let Some(until) = backoff_until {
                 if Instant::now() < until {
                     bump(&self.counters.send_failures, 1);

@@ -29,6 +29,10 @@ pub enum JobRequest {
     /// Store a new job as its owner and replicate it. Answer: `Submitted` or `Refused`.
     Submit {
         job: Box<WireNewJob>,
+        /// When the sender sent it (unix ms, its clock): a submission that arrives after the
+        /// sender gave up on it is refused, since the sender may have stored it elsewhere.
+        #[serde(default)]
+        sent_at_ms: i64,
         /// Jobs per day and per month the account may submit.
         #[serde(default)]
         quota_per_day: Option<u64>,
@@ -108,6 +112,10 @@ pub enum JobRequest {
     TakeOver,
     /// Which of these jobs the receiver owns. Answer: `Owned`.
     Whose { ids: Vec<String> },
+    /// The sender keeps unfinished copies of these jobs for the receiver (it was away and may
+    /// have missed changes): send the current state of those whose replica it still is, and
+    /// name the others. Answer: `Refreshed`.
+    Refresh { ids: Vec<String> },
     /// The sender has queued work and the receiver looked idle: pull now. Answer: `Done`.
     Nudge {
         /// The best tier waiting at the sender.
@@ -148,6 +156,11 @@ pub enum JobResponse {
     },
     Owned {
         ids: Vec<String>,
+    },
+    Refreshed {
+        /// Copies the sender must forget: the receiver does not own the job, or another member
+        /// holds its replica.
+        stale: Vec<String>,
     },
     Finished {
         /// False when the job already had its final result (this one was dropped) or the

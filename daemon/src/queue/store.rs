@@ -562,6 +562,28 @@ impl JobStore {
         .await
     }
 
+    /// The unfinished copies this node keeps for other owners (replica rows queued or
+    /// running), oldest first.
+    pub async fn held_copies(&self) -> Result<Vec<Job>, StoreError> {
+        self.read(move |conn, path| {
+            load_jobs(
+                conn,
+                path,
+                "role = 'replica' AND status IN ('queued', 'running') ORDER BY seq",
+                [],
+            )
+        })
+        .await
+    }
+
+    /// Forgets an unfinished copy whose owner disowned it (it has another replica now, or the
+    /// job another owner), so that it is never adopted. Final copies and owned jobs are kept;
+    /// returns whether a copy was forgotten.
+    pub async fn drop_copy(&self, id: &str) -> Result<bool, StoreError> {
+        let id = id.to_string();
+        self.request(|reply| Request::DropCopy { id, reply }).await
+    }
+
     /// Writes output files on a blocking thread (see [`write_outputs`]).
     async fn write_outputs(
         &self,

@@ -131,6 +131,10 @@ pub(crate) enum Request {
         new_owner: String,
         reply: Reply<Job>,
     },
+    DropCopy {
+        id: String,
+        reply: Reply<bool>,
+    },
 }
 
 impl Request {
@@ -147,6 +151,7 @@ impl Request {
             Request::PutReplica { reply, .. } => drop(reply.send(Err(err))),
             Request::Adopt { reply, .. } => drop(reply.send(Err(err))),
             Request::HandOver { reply, .. } => drop(reply.send(Err(err))),
+            Request::DropCopy { reply, .. } => drop(reply.send(Err(err))),
         }
     }
 }
@@ -363,6 +368,9 @@ fn apply_one(
             reply,
             hand_over(&sp, shared, (&id, &new_owner), now, fx, touched),
         ),
+        Request::DropCopy { id, reply } => {
+            answer_all_or_nothing(reply, drop_copy(&sp, shared, &id))
+        }
     };
     let released = if ok {
         sp.commit().map_err(|e| e.to_string())
@@ -1160,6 +1168,29 @@ fn set_replica(
         replica: replica.map(str::to_string),
         ..job
     })
+}
+
+/// Forgets an unfinished replica row its owner disowned (the job has another replica, or
+/// another owner): it must never be adopted. Final rows and owner rows are kept; `false` when
+/// there was nothing to forget.
+fn drop_copy(tx: &Connection, shared: &Shared, id: &str) -> Result<bool, StoreError> {
+    let Some(job) = load_job(tx, &shared.db_path, id)? else {
+        return Ok(false);
+    };
+    if job.role != JobRole::Replica || job.status.is_final() {
+        return Ok(false);
+    }
+    for sql in [
+        "DELETE FROM jobs WHERE id = ?1 AND role = 'replica'",
+        "DELETE FROM job_events WHERE job_id = ?1",
+        "DELETE FROM attempts WHERE job_id = ?1",
+        "DELETE FROM idempotency_keys WHERE job_id = ?1",
+    ] {
+        tx.prepare_cached(sql)
+            .and_then(|mut st| st.execute([id]))
+            .map_err(StoreError::sqlite("forgetting a disowned copy"))?;
+    }
+    Ok(true)
 }
 
 /// Whether `copy` is a later state of a job than the non-final `stored` one. Attempts only
