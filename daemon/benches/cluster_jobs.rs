@@ -39,6 +39,8 @@ use tokio::time::Instant;
 
 /// Accounts with keys on every member (pro tier: no daily quota).
 const ACCOUNTS: usize = 24;
+/// Concurrent `GET /v1/jobs/{id}` when reading the jobs back.
+const READ_BACK_CONCURRENCY: usize = 16;
 const OPERATOR_TOKEN: &str = "operator-token-for-benchmarks-0123456789";
 
 fn main() -> anyhow::Result<()> {
@@ -166,6 +168,7 @@ async fn durable_submits(total: usize, clients: usize) -> anyhow::Result<()> {
             drained.elapsed.as_secs_f64(),
             drained.per_node_summary(&cluster.names)
         );
+        println!("   kilnd warnings so far: {}", cluster.warnings_summary());
     }
     Ok(())
 }
@@ -214,7 +217,9 @@ async fn cluster_throughput(nodes: usize, total: usize, clients: usize) -> anyho
             ..job.clone()
         })
         .collect();
+    let read_back = Instant::now();
     let finished = finished_times(&http, &at_owners).await?;
+    let read_back = read_back.elapsed().as_secs_f64();
     let last_finished = finished.iter().copied().fold(f64::MIN, f64::max);
     let span_s = (last_finished - run.first_submit_ms) / 1000.0;
     println!(
@@ -239,6 +244,13 @@ async fn cluster_throughput(nodes: usize, total: usize, clients: usize) -> anyho
             String::new()
         }
     );
+    println!(
+        "   afterwards, {} jobs read back with GET /v1/jobs/{{id}} at their owners, {READ_BACK_CONCURRENCY} \
+         at a time: {read_back:.2} s ({:.0} reads/s)",
+        finished.len(),
+        finished.len() as f64 / read_back
+    );
+    println!("   kilnd warnings: {}", cluster.warnings_summary());
     Ok(())
 }
 
@@ -349,6 +361,32 @@ impl BenchCluster {
         };
         cluster.wait_all_ready(Duration::from_secs(90)).await?;
         Ok(cluster)
+    }
+
+    /// How many `WARN` lines each member logged, and the first one.
+    fn warnings_summary(&self) -> String {
+        let mut first = None;
+        let counts: Vec<String> = self
+            .members
+            .iter()
+            .zip(&self.names)
+            .map(|(member, name)| {
+                let log = std::fs::read_to_string(member.dir.path().join("kilnd.log"))
+                    .unwrap_or_default();
+                let warnings: Vec<&str> = log.lines().filter(|l| l.contains("WARN")).collect();
+                if first.is_none() {
+                    first = warnings.first().map(|l| {
+                        let line: String = l.trim().chars().take(300).collect();
+                        format!("{name}: {line}")
+                    });
+                }
+                format!("{name} {}", warnings.len())
+            })
+            .collect();
+        match first {
+            Some(line) => format!("{}; first: {line}", counts.join(", ")),
+            None => counts.join(", "),
+        }
     }
 
     fn key(&self, account: &str) -> anyhow::Result<&str> {
@@ -844,7 +882,7 @@ async fn wait_all_executed(
 async fn finished_times(http: &reqwest::Client, jobs: &[Accepted]) -> anyhow::Result<Vec<f64>> {
     let results: Vec<anyhow::Result<f64>> = futures::stream::iter(jobs)
         .map(|job| finished_at(http, job, Duration::from_secs(120)))
-        .buffer_unordered(16)
+        .buffer_unordered(READ_BACK_CONCURRENCY)
         .collect()
         .await;
     results.into_iter().collect()
