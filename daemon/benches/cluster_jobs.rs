@@ -164,9 +164,11 @@ async fn durable_submits(total: usize, clients: usize) -> anyhow::Result<()> {
         let ids: HashSet<String> = run.accepted.iter().map(|j| j.id.clone()).collect();
         let drained = wait_all_executed(&cluster, &ids, Duration::from_secs(600)).await?;
         println!(
-            "   then ran them all in {:.2} s after the last 202 (per node: {})",
+            "   then ran them all in {:.2} s after the last 202 (per node: {}; {} jobs ran more \
+             than once)",
             drained.elapsed.as_secs_f64(),
-            drained.per_node_summary(&cluster.names)
+            drained.per_node_summary(&cluster.names),
+            drained.extra_runs
         );
         println!("   kilnd warnings so far: {}", cluster.warnings_summary());
     }
@@ -236,13 +238,9 @@ async fn cluster_throughput(nodes: usize, total: usize, clients: usize) -> anyho
         run.failures_summary(),
     );
     println!(
-        "   ran per node: {}{}",
+        "   ran per node: {}; {} jobs ran more than once",
         executed.per_node_summary(&cluster.names),
-        if executed.extra_runs > 0 {
-            format!("; {} jobs ran more than once", executed.extra_runs)
-        } else {
-            String::new()
-        }
+        executed.extra_runs
     );
     println!(
         "   afterwards, {} jobs read back with GET /v1/jobs/{{id}} at their owners, {READ_BACK_CONCURRENCY} \
