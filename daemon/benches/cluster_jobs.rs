@@ -222,6 +222,11 @@ async fn cluster_throughput(nodes: usize, total: usize, clients: usize) -> anyho
     let read_back = Instant::now();
     let finished = finished_times(&http, &at_owners).await?;
     let read_back = read_back.elapsed().as_secs_f64();
+    ensure!(
+        !finished.is_empty(),
+        "no job was accepted{}",
+        run.failures_summary()
+    );
     let last_finished = finished.iter().copied().fold(f64::MIN, f64::max);
     let span_s = (last_finished - run.first_submit_ms) / 1000.0;
     println!(
