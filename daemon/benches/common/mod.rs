@@ -40,3 +40,21 @@ pub fn proc_sample(pid: u32) -> anyhow::Result<(u64, u64)> {
     let stime: u64 = fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
     Ok((rss, utime + stime))
 }
+
+/// Wall-clock time in milliseconds since the Unix epoch (to compare with times other processes
+/// on the same machine record).
+pub fn unix_ms_f64() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(0.0)
+}
+
+/// The `p` quantile (0..=1) of sorted numbers (nearest rank); 0 for none.
+pub fn quantile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
