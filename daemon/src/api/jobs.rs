@@ -369,20 +369,8 @@ pub(super) async fn events(
                 Ok(view) => view,
                 Err(_) => return,
             };
-            if job.status.is_final() {
-                let _ = tx.send(Ok(json_event(sse::DONE, &view))).await;
+            if send_view(&tx, &view, &mut last_status).await != Sent::More {
                 return;
-            }
-            let status = StatusEvent {
-                status: view.status,
-                position: view.position,
-                estimated_wait_s: view.estimated_wait_s.map(|w| w.round()),
-            };
-            if last_status.as_ref() != Some(&status) {
-                if tx.send(Ok(json_event(sse::STATUS, &status))).await.is_err() {
-                    return;
-                }
-                last_status = Some(status);
             }
             // Wait for something that may change what this stream shows.
             loop {
@@ -432,6 +420,41 @@ pub(super) async fn events(
         .into_response())
 }
 
+/// What an event stream did with a job's view.
+#[derive(Debug, PartialEq, Eq)]
+enum Sent {
+    /// The job is final: `done` went out and the stream ends.
+    Done,
+    /// The client went away.
+    Closed,
+    /// A `status` went out if it changed; the stream goes on.
+    More,
+}
+
+/// Sends `done` for a final job, else `status` when it differs from the last one sent.
+async fn send_view(
+    tx: &tokio::sync::mpsc::Sender<Result<Event, Infallible>>,
+    view: &JobView,
+    last_status: &mut Option<StatusEvent>,
+) -> Sent {
+    if view.status.is_final() {
+        let _ = tx.send(Ok(json_event(sse::DONE, view))).await;
+        return Sent::Done;
+    }
+    let status = StatusEvent {
+        status: view.status,
+        position: view.position,
+        estimated_wait_s: view.estimated_wait_s.map(|w| w.round()),
+    };
+    if last_status.as_ref() != Some(&status) {
+        if tx.send(Ok(json_event(sse::STATUS, &status))).await.is_err() {
+            return Sent::Closed;
+        }
+        *last_status = Some(status);
+    }
+    Sent::More
+}
+
 /// How often a relayed event stream asks the owner for the job.
 const RELAY_EVERY: Duration = Duration::from_millis(250);
 
@@ -445,20 +468,8 @@ async fn relay_events(state: AppState, account: Account, id: String) -> Result<R
         let mut last_status: Option<StatusEvent> = None;
         let mut last_progress = None;
         loop {
-            if view.status.is_final() {
-                let _ = tx.send(Ok(json_event(sse::DONE, &view))).await;
+            if send_view(&tx, &view, &mut last_status).await != Sent::More {
                 return;
-            }
-            let status = StatusEvent {
-                status: view.status,
-                position: view.position,
-                estimated_wait_s: view.estimated_wait_s.map(|w| w.round()),
-            };
-            if last_status.as_ref() != Some(&status) {
-                if tx.send(Ok(json_event(sse::STATUS, &status))).await.is_err() {
-                    return;
-                }
-                last_status = Some(status);
             }
             if view.status == JobStatus::Running
                 && view.progress.is_some()

@@ -64,6 +64,8 @@ const REPLICATE_DEADLINE: Duration = Duration::from_secs(3);
 const NUDGE_EVERY: Duration = Duration::from_millis(500);
 /// How long a nudge makes its sender worth asking for a lease.
 const HINT_FOR: Duration = Duration::from_secs(3);
+/// Job ids per `Whose` or `Refresh` question.
+const IDS_PER_QUESTION: usize = 1000;
 /// Extra time an adopted lease gets before it expires.
 const ADOPTED_LEASE_GRACE: Duration = Duration::from_secs(10);
 /// How long a lease waits for the replica to learn of it before it is answered anyway.
@@ -1230,38 +1232,34 @@ impl Inner {
 
     /// See [`Jobs::reconcile`]. Returns how many jobs were handed over.
     async fn reconcile_with_replicas(&self) -> Result<usize, StoreError> {
-        let owned = self.store.owned_active().await?;
-        let mut by_replica: HashMap<String, Vec<String>> = HashMap::new();
-        for job in owned {
-            if let Some(replica) = job.replica {
-                by_replica.entry(replica).or_default().push(job.id);
-            }
-        }
+        let by_replica = ids_by(self.store.owned_active().await?, |job| job.replica.clone());
         let mut handed = 0;
         for (replica, ids) in by_replica {
             let Some(addr) = self.addr_of_when_known(&replica).await else {
                 tracing::warn!(%replica, "the replica of some jobs is not in the cluster view; keeping them");
                 continue;
             };
-            let mut answer = None;
-            for _ in 0..5 {
-                match self
-                    .request(addr, JobRequest::Whose { ids: ids.clone() }, SHORT_DEADLINE)
-                    .await
-                {
-                    Ok(JobResponse::Owned { ids }) => {
-                        answer = Some(ids);
-                        break;
-                    }
-                    Ok(other) => {
-                        tracing::warn!(%replica, answer = ?other, "unexpected answer to whose")
-                    }
-                    Err(error) => {
-                        tracing::warn!(%replica, %error, "asking a replica which jobs it adopted")
+            let mut adopted = Vec::new();
+            for chunk in ids.chunks(IDS_PER_QUESTION) {
+                for _ in 0..5 {
+                    let request = JobRequest::Whose {
+                        ids: chunk.to_vec(),
+                    };
+                    match self.request(addr, request, SHORT_DEADLINE).await {
+                        Ok(JobResponse::Owned { ids }) => {
+                            adopted.extend(ids);
+                            break;
+                        }
+                        Ok(other) => {
+                            tracing::warn!(%replica, answer = ?other, "unexpected answer to whose")
+                        }
+                        Err(error) => {
+                            tracing::warn!(%replica, %error, "asking a replica which jobs it adopted")
+                        }
                     }
                 }
             }
-            for id in answer.unwrap_or_default() {
+            for id in adopted {
                 match self.store.hand_over(&id, &replica).await {
                     Ok(_) => handed += 1,
                     Err(error) => {
@@ -1277,20 +1275,14 @@ impl Inner {
     /// missed changes while it was away), and forgets those an owner disowned, so that a stale
     /// copy is never adopted. Returns how many were forgotten.
     async fn refresh_copies(&self) -> Result<usize, StoreError> {
-        let held = self.store.held_copies().await?;
-        let mut by_owner: HashMap<String, Vec<String>> = HashMap::new();
-        for job in held {
-            if let Some(owner) = job.owner {
-                by_owner.entry(owner).or_default().push(job.id);
-            }
-        }
+        let by_owner = ids_by(self.store.held_copies().await?, |job| job.owner.clone());
         let mut dropped = 0;
         for (owner, ids) in by_owner {
             // A dead owner's copies are adopted instead (see `follow_members`).
             let Some(addr) = self.addr_of_when_known(&owner).await else {
                 continue;
             };
-            for chunk in ids.chunks(1000) {
+            for chunk in ids.chunks(IDS_PER_QUESTION) {
                 let request = JobRequest::Refresh {
                     ids: chunk.to_vec(),
                 };
@@ -1663,6 +1655,18 @@ async fn follow_members(inner: Arc<Inner>) {
             }
         }
     }
+}
+
+/// Job ids grouped by a member each job names (its replica, its owner); jobs naming none are
+/// left out.
+fn ids_by(jobs: Vec<Job>, member: impl Fn(&Job) -> Option<String>) -> HashMap<String, Vec<String>> {
+    let mut out: HashMap<String, Vec<String>> = HashMap::new();
+    for job in jobs {
+        if let Some(name) = member(&job) {
+            out.entry(name).or_default().push(job.id);
+        }
+    }
+    out
 }
 
 fn not_found(id: &str) -> ApiError {
