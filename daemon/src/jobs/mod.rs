@@ -253,11 +253,6 @@ impl Jobs {
         &self.inner.name
     }
 
-    /// The node's store.
-    pub fn store(&self) -> &JobStore {
-        &self.inner.store
-    }
-
     /// Stops handing out leases and taking submissions as owner.
     pub fn start_draining(&self) {
         self.inner.draining.cancel();
@@ -515,11 +510,6 @@ impl Jobs {
         )))
     }
 
-    /// Whether this node owns the job (its events stream from here).
-    pub async fn owns(&self, id: &str) -> bool {
-        matches!(self.inner.store.get(id).await, Ok(Some(job)) if job.role == JobRole::Owner)
-    }
-
     /// The job as the API shows it, from this node's store.
     pub async fn view(&self, job: &Job) -> Result<JobView, StoreError> {
         self.inner.view(job).await
@@ -565,11 +555,6 @@ impl Jobs {
             _ = inner.pull.notified() => {}
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
-    }
-
-    /// Whether any live peer shows queued jobs in gossip.
-    pub fn peers_have_work(&self) -> bool {
-        self.inner.pull_order().iter().any(Option::is_some)
     }
 
     /// Keeps a leased job's lease alive until `done`; cancels `interrupt` when the owner says to
