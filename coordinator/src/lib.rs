@@ -8,10 +8,15 @@
 //! - [`status`]: the cluster view — where it is fetched from ([`status::StatusSource`]) and the
 //!   pure table rendering ([`status::render_table`]).
 //! - [`text`]: aligned tables and safe text for what people read.
+//! - [`provider`]: the [`provider::Provider`] trait and its implementations (Vast.ai, RunPod,
+//!   Lambda Cloud, local `kilnd` processes).
+//! - [`fleet`]: the hosts the coordinator rented and their states, as pure data.
 //!
 //! The coordinator imports the node's pure wire contract (`kiln_daemon::protocol`) and the
 //! cluster CA (`kiln_daemon::pki`), never the node's runtime parts.
 
 pub mod cli;
+pub mod fleet;
+pub mod provider;
 pub mod status;
 pub mod text;
