@@ -10,12 +10,14 @@
 //! - [`text`]: aligned tables and safe text for what people read.
 //! - [`provider`]: the [`provider::Provider`] trait and its implementations (Vast.ai, RunPod,
 //!   Lambda Cloud, local `kilnd` processes).
+//! - [`costmodel`]: the planning document's cost tables recomputed from its assumptions.
 //! - [`fleet`]: the hosts the coordinator rented and their states, as pure data.
 //!
 //! The coordinator imports the node's pure wire contract (`kiln_daemon::protocol`) and the
 //! cluster CA (`kiln_daemon::pki`), never the node's runtime parts.
 
 pub mod cli;
+pub mod costmodel;
 pub mod fleet;
 pub mod provider;
 pub mod status;

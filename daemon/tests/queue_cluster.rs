@@ -1001,3 +1001,49 @@ async fn a_job_leased_to_another_member_is_handed_over_with_its_lease() {
         .expect_err("not ours");
     assert!(matches!(err, StoreError::NotOwner { .. }), "{err}");
 }
+
+#[tokio::test]
+async fn the_same_submission_again_returns_the_stored_job_or_copy() {
+    let owner_dir = tempfile::tempdir().expect("tempdir");
+    let copy_dir = tempfile::tempdir().expect("tempdir");
+    let a = open(owner_dir.path()).await;
+    let b = open(copy_dir.path()).await;
+    let mut new = new_job("s1", "alice", Tier::Pro);
+    new.replica = Some("node-b".to_string());
+    let first = a.submit(new.clone(), None).await.expect("submit");
+    assert!(first.created);
+
+    // A forwarder that lost the owner's answer sends the very same submission again.
+    let again = a.submit(new.clone(), None).await.expect("repeat");
+    assert!(!again.created);
+    assert_eq!(again.job, first.job);
+    assert_eq!(ids(&a), vec!["s1".to_string()]);
+
+    // The owner died after copying it: the member holding the copy answers with the copy and
+    // queues nothing of its own (adoption decides who runs it).
+    let copy = b
+        .put_replica(&first.job, "node-a", Vec::new())
+        .await
+        .expect("copy");
+    let at_copy = b.submit(new.clone(), None).await.expect("repeat at copy");
+    assert!(!at_copy.created);
+    assert_eq!(at_copy.job, copy);
+    assert_eq!(at_copy.job.role, JobRole::Replica);
+    assert!(ids(&b).is_empty());
+
+    // The same id with another body or account is still refused, and changes nothing.
+    let mut other_body = new.clone();
+    other_body.body_hash = "hash-other".to_string();
+    assert!(matches!(
+        a.submit(other_body, None).await,
+        Err(StoreError::Invalid(message)) if message.contains("already exists")
+    ));
+    let mut other_account = new;
+    other_account.account = "mallory".to_string();
+    assert!(matches!(
+        b.submit(other_account, None).await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert_eq!(get(&a, "s1").await, first.job);
+    assert_eq!(get(&b, "s1").await, copy);
+}

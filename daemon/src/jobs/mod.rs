@@ -285,6 +285,9 @@ impl Jobs {
         }
         let wire = wire_new_job(&new)?;
         let mut last_error = None;
+        // After a failed attempt, a member that says the job already exists holds what that
+        // attempt stored (or its copy): to the client, which never had an answer, it is new.
+        let mut retrying = false;
         for name in &ranked {
             if name == &inner.name {
                 if inner.draining.is_cancelled() {
@@ -303,7 +306,8 @@ impl Jobs {
             };
             match inner.request(addr, request, SUBMIT_DEADLINE).await {
                 Ok(JobResponse::Submitted { view, created }) => {
-                    return Ok((parse_view(&view).map_err(ApiError::internal)?, created));
+                    let view = parse_view(&view).map_err(ApiError::internal)?;
+                    return Ok((view, created || retrying));
                 }
                 Ok(JobResponse::Refused(refusal)) => return Err(refusal_error(refusal)),
                 Ok(other) => {
@@ -316,6 +320,7 @@ impl Jobs {
                         return Ok((view, true));
                     }
                     last_error = Some(format!("{name}: {error}"));
+                    retrying = true;
                 }
             }
         }
@@ -1715,17 +1720,43 @@ fn store_refusal(error: StoreError, tier: Tier) -> ApiError {
     }
 }
 
+/// The peer protocol carries a workflow and its metadata as JSON text, so they arrive exactly
+/// as the owner stored them.
+type JsonText = (String, Option<String>);
+
+fn json_to_text(
+    workflow: &serde_json::Value,
+    metadata: Option<&serde_json::Value>,
+) -> Result<JsonText, serde_json::Error> {
+    Ok((
+        serde_json::to_string(workflow)?,
+        metadata.map(serde_json::to_string).transpose()?,
+    ))
+}
+
+fn json_from_text(
+    workflow: &str,
+    metadata: Option<&str>,
+) -> Result<(serde_json::Value, Option<serde_json::Value>), String> {
+    Ok((
+        serde_json::from_str(workflow).map_err(|e| format!("workflow is not JSON: {e}"))?,
+        metadata
+            .map(serde_json::from_str)
+            .transpose()
+            .map_err(|e| format!("metadata is not JSON: {e}"))?,
+    ))
+}
+
 fn wire_new_job(new: &NewJob) -> Result<WireNewJob, ApiError> {
+    let (workflow, metadata) =
+        json_to_text(&new.workflow, new.metadata.as_ref()).map_err(ApiError::internal)?;
     Ok(WireNewJob {
         id: new.id.clone(),
         account: new.account.clone(),
         tier: new.tier,
-        workflow: serde_json::to_string(&new.workflow).map_err(ApiError::internal)?,
+        workflow,
         webhook: new.webhook.clone(),
-        metadata: match &new.metadata {
-            Some(m) => Some(serde_json::to_string(m).map_err(ApiError::internal)?),
-            None => None,
-        },
+        metadata,
         idempotency_key: new.idempotency_key.clone(),
         body_hash: new.body_hash.clone(),
         max_attempts: new.max_attempts,
@@ -1733,15 +1764,10 @@ fn wire_new_job(new: &NewJob) -> Result<WireNewJob, ApiError> {
 }
 
 fn new_job_from_wire(wire: WireNewJob) -> Result<NewJob, String> {
+    let (workflow, metadata) = json_from_text(&wire.workflow, wire.metadata.as_deref())?;
     Ok(NewJob {
-        workflow: serde_json::from_str(&wire.workflow)
-            .map_err(|e| format!("workflow is not JSON: {e}"))?,
-        metadata: match wire.metadata {
-            Some(text) => Some(
-                serde_json::from_str(&text).map_err(|e| format!("metadata is not JSON: {e}"))?,
-            ),
-            None => None,
-        },
+        workflow,
+        metadata,
         id: wire.id,
         account: wire.account,
         tier: wire.tier,
@@ -1754,17 +1780,15 @@ fn new_job_from_wire(wire: WireNewJob) -> Result<NewJob, String> {
 }
 
 fn wire_job(job: &Job) -> Result<WireJob, serde_json::Error> {
+    let (workflow, metadata) = json_to_text(&job.workflow, job.metadata.as_ref())?;
     Ok(WireJob {
         id: job.id.clone(),
         account: job.account.clone(),
         tier: job.tier,
         status: job.status,
-        workflow: serde_json::to_string(&job.workflow)?,
+        workflow,
         webhook: job.webhook.clone(),
-        metadata: match &job.metadata {
-            Some(m) => Some(serde_json::to_string(m)?),
-            None => None,
-        },
+        metadata,
         idempotency_key: job.idempotency_key.clone(),
         body_hash: job.body_hash.clone(),
         created_at_ms: job.created_at_ms,
@@ -1780,15 +1804,10 @@ fn wire_job(job: &Job) -> Result<WireJob, serde_json::Error> {
 
 /// A job sent by `owner` (a copy to keep, or a job leased to run).
 fn job_from_wire(wire: WireJob, owner: Option<&str>) -> Result<Job, String> {
+    let (workflow, metadata) = json_from_text(&wire.workflow, wire.metadata.as_deref())?;
     Ok(Job {
-        workflow: serde_json::from_str(&wire.workflow)
-            .map_err(|e| format!("workflow is not JSON: {e}"))?,
-        metadata: match wire.metadata {
-            Some(text) => Some(
-                serde_json::from_str(&text).map_err(|e| format!("metadata is not JSON: {e}"))?,
-            ),
-            None => None,
-        },
+        workflow,
+        metadata,
         id: wire.id,
         seq: 0,
         account: wire.account,

@@ -328,16 +328,7 @@ impl JobStore {
     pub async fn finish(&self, id: &str, outcome: Outcome) -> Result<Job, StoreError> {
         let op = match outcome {
             Outcome::Succeeded { outputs } => {
-                let job = self
-                    .get(id)
-                    .await?
-                    .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
-                if job.role == super::JobRole::Replica {
-                    return Err(StoreError::NotOwner {
-                        id: id.to_string(),
-                        owner: job.owner,
-                    });
-                }
+                let job = self.owned_job(id).await?;
                 if job.status != JobStatus::Running {
                     return Err(StoreError::Conflict {
                         id: id.to_string(),
@@ -353,6 +344,21 @@ impl JobStore {
         let id = id.to_string();
         self.request(|reply| Request::Finish { id, op, reply })
             .await
+    }
+
+    /// A job this store owns; a copy held for another member is [`StoreError::NotOwner`].
+    async fn owned_job(&self, id: &str) -> Result<Job, StoreError> {
+        let job = self
+            .get(id)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+        if job.role == super::JobRole::Replica {
+            return Err(StoreError::NotOwner {
+                id: id.to_string(),
+                owner: job.owner,
+            });
+        }
+        Ok(job)
     }
 
     /// Applies the result of attempt `attempt` of an owner job; safe to repeat, and the first
@@ -377,16 +383,7 @@ impl JobStore {
     ) -> Result<Finished, StoreError> {
         let op = match outcome {
             Outcome::Succeeded { outputs } => {
-                let job = self
-                    .get(id)
-                    .await?
-                    .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
-                if job.role == super::JobRole::Replica {
-                    return Err(StoreError::NotOwner {
-                        id: id.to_string(),
-                        owner: job.owner,
-                    });
-                }
+                let job = self.owned_job(id).await?;
                 if job.status.is_final() {
                     tracing::info!(
                         job = %id,

@@ -562,11 +562,16 @@ fn submit(
             });
         }
     }
-    let exists: Option<i64> = tx
-        .prepare_cached("SELECT seq FROM jobs WHERE id = ?1")
-        .and_then(|mut st| st.query_row([&new.id], |row| row.get(0)).optional())
-        .map_err(StoreError::sqlite("checking the job id"))?;
-    if exists.is_some() {
+    // The same submission again (a forwarder that lost the answer and tried once more, here or
+    // at the member holding the copy) gets the job it already made; anything else under that
+    // id is refused.
+    if let Some(existing) = load_job(tx, &shared.db_path, &new.id)? {
+        if existing.account == new.account && existing.body_hash == new.body_hash {
+            return Ok(Submitted {
+                job: existing,
+                created: false,
+            });
+        }
         return Err(StoreError::Invalid(format!(
             "job id {:?} already exists",
             new.id
