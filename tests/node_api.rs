@@ -387,3 +387,88 @@ fn check_config_names_what_is_wrong() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("keys_file"), "{stderr}");
 }
+
+/// Downloads a finished job's first output.
+async fn first_output(node: &Node, api: &Api, job: &Value) -> Vec<u8> {
+    let url = format!(
+        "{}{}",
+        node.url,
+        job["outputs"][0]["url"].as_str().expect("url")
+    );
+    let response = api
+        .http
+        .get(url)
+        .bearer_auth(&api.key)
+        .send()
+        .await
+        .expect("download");
+    assert_eq!(response.status(), 200);
+    response.bytes().await.expect("bytes").to_vec()
+}
+
+#[tokio::test]
+async fn free_outputs_carry_the_watermark_and_pro_outputs_are_untouched() {
+    let node = Node::start(NodeSpec::default()).await.expect("node starts");
+    let workflow = json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 320, "height": 240, "batch_size": 1, "color": 3_181_760}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "mark"}}
+    });
+    let mut done = Vec::new();
+    for account in ["fred", "alice"] {
+        let api = Api::new(&node, account);
+        let (status, job) = api.submit(&workflow).await.expect("submit");
+        assert_eq!(status, 202, "{job}");
+        let id = job["id"].as_str().expect("id").to_string();
+        let job = api
+            .wait_final(&id, Duration::from_secs(30))
+            .await
+            .expect("job ends");
+        assert_eq!(job["status"], "succeeded", "{job}\n{}", node.log());
+        let bytes = first_output(&node, &api, &job).await;
+        // What the simulator (ComfyUI) wrote.
+        let filename = job["outputs"][0]["filename"].as_str().expect("filename");
+        let written = std::fs::read(node.dir.path().join("comfy/output").join(filename))
+            .expect("the simulator's file");
+        done.push((job, bytes, written));
+    }
+
+    let (free_job, free_bytes, free_written) = &done[0];
+    assert_eq!(free_job["tier"], "free");
+    assert_eq!(
+        free_job["outputs"][0]["watermark"],
+        json!({"status": "applied"}),
+        "{free_job}"
+    );
+    assert_ne!(free_bytes, free_written);
+    assert_eq!(
+        free_job["outputs"][0]["bytes"].as_u64(),
+        Some(free_bytes.len() as u64)
+    );
+    let original = image::load_from_memory(free_written)
+        .expect("original decodes")
+        .into_rgb8();
+    let marked = image::load_from_memory(free_bytes)
+        .expect("marked decodes")
+        .into_rgb8();
+    assert_eq!(original.dimensions(), marked.dimensions());
+    let changed = original
+        .pixels()
+        .zip(marked.pixels())
+        .filter(|(a, b)| a != b)
+        .count();
+    assert!(changed > 300, "only {changed} pixels changed");
+    // ComfyUI's prompt stays in the PNG.
+    let has_prompt = free_bytes.windows(10).any(|w| w == b"tEXtprompt");
+    assert!(has_prompt, "the marked PNG lost its prompt chunk");
+
+    let (pro_job, pro_bytes, pro_written) = &done[1];
+    assert_eq!(pro_job["tier"], "pro");
+    assert!(
+        pro_job["outputs"][0].get("watermark").is_none(),
+        "{pro_job}"
+    );
+    assert_eq!(
+        pro_bytes, pro_written,
+        "a pro output must be byte-identical"
+    );
+}

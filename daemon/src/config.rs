@@ -30,6 +30,9 @@ pub struct Config {
     pub cluster: ClusterSection,
     #[serde(default)]
     pub gpu: crate::gpu::GpuConfig,
+    /// What the watermark on outputs of `tiers.<tier>.watermark` tiers looks like.
+    #[serde(default)]
+    pub watermark: crate::watermark::WatermarkConfig,
 }
 
 /// `[node]`: who this node is and where it keeps its data.
@@ -522,6 +525,9 @@ impl Config {
             let key = message.split(':').next().unwrap_or("gpu").to_string();
             ConfigError::Invalid { key, message }
         })?;
+        self.watermark
+            .validate()
+            .map_err(|(key, message)| ConfigError::Invalid { key, message })?;
         self.tiers.validate().map_err(|message| {
             let key = message.split(' ').next().unwrap_or("tiers").to_string();
             ConfigError::Invalid { key, message }

@@ -10,6 +10,7 @@
 //! - [`queue`]: the durable job store (SQLite in WAL mode behind one writer thread) and the
 //!   scheduler that picks the next job (tier, then account fairness, then age).
 //! - [`tiers`]: tiers, accounts and API keys (a keys file holding only hashes).
+//! - [`watermark`]: the visible mark on outputs of watermarked tiers.
 //! - [`pki`]: the cluster CA, member certificates and the TLS configs built from them.
 //! - [`net`]: the cluster transport (QUIC, TLS over TCP, in-memory), with chitchat over it.
 //! - [`cluster`]: membership: gossip of each member's status and the cluster view.
@@ -34,3 +35,4 @@ pub mod pki;
 pub mod protocol;
 pub mod queue;
 pub mod tiers;
+pub mod watermark;

@@ -35,9 +35,10 @@ use crate::config::{ApiSection, ClusterSection, ComfySection, Config, JobsSectio
 use crate::gpu::{GpuConfig, GpuMonitor, GpuSource, SimLoad};
 use crate::jobs::{Jobs, JobsSettings, Work};
 use crate::metrics::Metrics;
-use crate::protocol::{JobError, JobStatus, Progress, Tier};
+use crate::protocol::{JobError, JobStatus, Progress, Tier, WatermarkStatus};
 use crate::queue::{JobStore, NewOutput, Outcome, StoreOptions};
 use crate::tiers::{Account, KeyRing, TierTable};
+use crate::watermark::{Marked, Watermark};
 
 /// Frames queued per peer before new ones are dropped.
 const PEER_QUEUE_LEN: usize = 1024;
@@ -240,11 +241,13 @@ pub struct NodeParts {
     pub supervisor: SupervisorConfig,
     /// Cluster membership, when `[cluster]` names certificates.
     pub cluster: Option<ClusterSettings>,
+    /// The mark drawn on outputs of watermarked tiers; `None` when no tier has one.
+    pub watermark: Option<Arc<Watermark>>,
 }
 
 impl NodeParts {
-    /// Reads the files a config names (operator token, keys file, warm-up workflow) and checks
-    /// them. `kilnd check-config` runs this too.
+    /// Reads the files a config names (operator token, keys file, warm-up workflow, watermark
+    /// image) and checks them. `kilnd check-config` runs this too.
     pub fn prepare(config: Config) -> anyhow::Result<NodeParts> {
         let operator_token = config.operator_token()?;
         let keys =
@@ -252,12 +255,14 @@ impl NodeParts {
         let supervisor = supervisor_config(&config)?;
         let cluster =
             ClusterSettings::from_config(&config.cluster, |name| std::env::var(name).ok())?;
+        let watermark = watermark_of(&config)?;
         Ok(NodeParts {
             config,
             keys,
             operator_token,
             supervisor,
             cluster,
+            watermark,
         })
     }
 }
@@ -287,6 +292,7 @@ pub async fn run(
         operator_token,
         supervisor,
         cluster: cluster_settings,
+        watermark,
     } = parts;
     let config = Arc::new(config);
     let data_dir = config.node.data_dir.clone();
@@ -500,6 +506,8 @@ pub async fn run(
         live: live.clone(),
         metrics: metrics.clone(),
         config: config.jobs.clone(),
+        tiers: config.tiers.clone(),
+        watermark,
         stop: runner_stop.clone(),
     }));
 
@@ -591,6 +599,69 @@ pub async fn run(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Draws the watermark on each output, off the async runtime. A file that cannot be marked is
+/// kept as it is, flagged with the reason.
+async fn mark_outputs(
+    mark: &Arc<Watermark>,
+    job_id: &str,
+    outputs: Vec<NewOutput>,
+) -> Vec<NewOutput> {
+    let mark = mark.clone();
+    // Kept so that a failure of the marking task loses no file.
+    let originals = outputs.clone();
+    let marking = tokio::task::spawn_blocking(move || {
+        outputs
+            .into_iter()
+            .map(|mut output| {
+                let status = match mark.apply(&output.bytes) {
+                    Marked::Applied(bytes) => {
+                        output.bytes = bytes;
+                        WatermarkStatus::Applied
+                    }
+                    Marked::Skipped(reason) => WatermarkStatus::Skipped { reason },
+                };
+                output.watermark = Some(status);
+                output
+            })
+            .collect::<Vec<_>>()
+    });
+    match marking.await {
+        Ok(outputs) => {
+            for output in &outputs {
+                if let Some(WatermarkStatus::Skipped { reason }) = &output.watermark {
+                    tracing::warn!(job = %job_id, file = %output.filename, %reason, "an output was stored without its watermark");
+                }
+            }
+            outputs
+        }
+        Err(error) => {
+            tracing::error!(job = %job_id, %error, "watermarking failed; the outputs are stored without it");
+            originals
+                .into_iter()
+                .map(|mut output| {
+                    output.watermark = Some(WatermarkStatus::Skipped {
+                        reason: format!("watermarking failed: {error}"),
+                    });
+                    output
+                })
+                .collect()
+        }
+    }
+}
+
+/// The watermark, when a tier's outputs carry one (its image file is read here).
+fn watermark_of(config: &Config) -> anyhow::Result<Option<Arc<Watermark>>> {
+    if !Tier::BY_PRIORITY
+        .iter()
+        .any(|tier| config.tiers.get(*tier).watermark)
+    {
+        return Ok(None);
+    }
+    let mark = Watermark::from_config(&config.watermark)
+        .map_err(|(key, message)| anyhow::anyhow!("{key}: {message}"))?;
+    Ok(Some(Arc::new(mark)))
 }
 
 fn supervisor_config(config: &Config) -> anyhow::Result<SupervisorConfig> {
@@ -687,6 +758,8 @@ struct Runner {
     live: Arc<Live>,
     metrics: Arc<Metrics>,
     config: JobsSection,
+    tiers: TierTable,
+    watermark: Option<Arc<Watermark>>,
     stop: CancellationToken,
 }
 
@@ -833,8 +906,15 @@ async fn run_one(runner: &Runner, work: Work) {
                     content_type: content_type_for(&o.filename).to_string(),
                     filename: o.filename,
                     bytes: o.bytes.to_vec(),
+                    watermark: None,
                 })
                 .collect();
+            let outputs = match &runner.watermark {
+                Some(mark) if runner.tiers.get(job.tier).watermark => {
+                    mark_outputs(mark, &job.id, outputs).await
+                }
+                _ => outputs,
+            };
             (Outcome::Succeeded { outputs }, Some(elapsed))
         }
         RunOutcome::Interrupted { .. } if handed_back => (
@@ -1138,6 +1218,7 @@ pub async fn run_dev(
             listen: gossip,
             ..ClusterSection::default()
         },
+        watermark: Default::default(),
     };
     config.validate()?;
 
@@ -1160,6 +1241,7 @@ pub async fn run_dev(
 
     let supervisor = supervisor_config(&config)?;
     let cluster = ClusterSettings::from_config(&config.cluster, |name| std::env::var(name).ok())?;
+    let watermark = watermark_of(&config)?;
     run(
         NodeParts {
             config,
@@ -1167,6 +1249,7 @@ pub async fn run_dev(
             operator_token: Some(operator_token),
             supervisor,
             cluster,
+            watermark,
         },
         listener,
         shutdown,

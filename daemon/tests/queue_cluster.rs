@@ -66,6 +66,7 @@ fn png(tag: &str) -> Vec<NewOutput> {
         filename: "ComfyUI_00001_.png".to_string(),
         content_type: "image/png".to_string(),
         bytes: format!("png bytes of {tag}").into_bytes(),
+        watermark: None,
     }]
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use kiln_daemon::protocol::{JobError, JobStatus, Tier};
+use kiln_daemon::protocol::{JobError, JobStatus, Tier, WatermarkStatus};
 use kiln_daemon::queue::{
     CancelOutcome, JobStore, NewJob, NewOutput, Outcome, Quota, QuotaPeriod, StoreError,
     StoreOptions, utc_day,
@@ -92,10 +92,17 @@ async fn submit_get_list_and_events() {
         .find(|t| t.tier == Tier::Free)
         .expect("free tier");
     assert_eq!((free.queued, free.accounts), (2, 2));
-    let err = store
+    // The very same submission again returns the stored job; another body under its id is
+    // refused.
+    let again = store
         .submit(new_job("j1", "alice", Tier::Pro), None)
         .await
-        .expect_err("duplicate id");
+        .expect("same submission");
+    assert!(!again.created);
+    assert_eq!(again.job.id, "j1");
+    let mut other = new_job("j1", "alice", Tier::Pro);
+    other.body_hash = "another body".to_string();
+    let err = store.submit(other, None).await.expect_err("duplicate id");
     assert!(matches!(err, StoreError::Invalid(_)), "{err}");
     let err = store
         .submit(new_job("../x", "alice", Tier::Pro), None)
@@ -378,11 +385,15 @@ async fn outputs_are_on_disk_before_success_is_visible() {
                         filename: "ComfyUI_00001_.png".into(),
                         content_type: "image/png".into(),
                         bytes: png.clone(),
+                        watermark: Some(WatermarkStatus::Applied),
                     },
                     NewOutput {
                         filename: "../../etc/passwd".into(),
                         content_type: "image/png".into(),
                         bytes: vec![9; 10],
+                        watermark: Some(WatermarkStatus::Skipped {
+                            reason: "not a PNG, JPEG or WebP image".into(),
+                        }),
                     },
                 ],
             },
@@ -411,6 +422,14 @@ async fn outputs_are_on_disk_before_success_is_visible() {
     }
     let view = job.view(&outputs, None, None);
     assert_eq!(view.outputs[1].url, "/v1/jobs/img/outputs/1");
+    // Whether each file got its watermark is kept with it.
+    assert_eq!(view.outputs[0].watermark, Some(WatermarkStatus::Applied));
+    assert_eq!(
+        view.outputs[1].watermark,
+        Some(WatermarkStatus::Skipped {
+            reason: "not a PNG, JPEG or WebP image".into()
+        })
+    );
     let usage = store
         .usage("a", utc_day(job.finished_at_ms.expect("finished")))
         .await

@@ -149,6 +149,7 @@ impl Uploads {
                 filename: output.filename.clone(),
                 content_type: output.content_type.clone(),
                 bytes,
+                watermark: output.watermark.clone(),
             });
         }
         Ok(files)
@@ -172,10 +173,11 @@ async fn upload(
     inner: &Inner,
     addr: SocketAddr,
     upload: &str,
-    files: &[(u32, String, String, Vec<u8>)],
+    files: &[(u32, NewOutput)],
 ) -> Result<Vec<WireOutput>, String> {
     let mut named = Vec::with_capacity(files.len());
-    for (index, filename, content_type, bytes) in files {
+    for (index, file) in files {
+        let bytes = &file.bytes;
         let total = bytes.len() as u64;
         let mut offset = 0usize;
         loop {
@@ -199,10 +201,11 @@ async fn upload(
         }
         named.push(WireOutput {
             index: *index,
-            filename: filename.clone(),
-            content_type: content_type.clone(),
+            filename: file.filename.clone(),
+            content_type: file.content_type.clone(),
             bytes: total,
             sha256: hex::encode(Sha256::digest(bytes)),
+            watermark: file.watermark.clone(),
         });
     }
     Ok(named)
@@ -214,10 +217,10 @@ pub(crate) async fn report(inner: &Inner, remote: &RemoteJob, outcome: Outcome) 
     let upload_id = format!("{}-{}-{}", remote.job.id, remote.attempt, inner.name);
     let (files, result) = match outcome {
         Outcome::Succeeded { outputs } => {
-            let files: Vec<(u32, String, String, Vec<u8>)> = outputs
+            let files: Vec<(u32, NewOutput)> = outputs
                 .into_iter()
                 .enumerate()
-                .map(|(i, o)| (i as u32, o.filename, o.content_type, o.bytes))
+                .map(|(i, o)| (i as u32, o))
                 .collect();
             (files, None)
         }
@@ -303,9 +306,12 @@ pub(crate) async fn replicate_with_outputs(
                     .map_err(|e| format!("reading output {}: {e}", output.index))?;
                 files.push((
                     output.index,
-                    output.filename.clone(),
-                    output.content_type.clone(),
-                    bytes,
+                    NewOutput {
+                        filename: output.filename.clone(),
+                        content_type: output.content_type.clone(),
+                        bytes,
+                        watermark: output.watermark.clone(),
+                    },
                 ));
             }
             let id = format!("{}-replica-{}", job.id, uuid::Uuid::new_v4().simple());

@@ -17,7 +17,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::{ErrorCode, JobError, JobStatus, JobView, Progress, Tier};
+use crate::protocol::{ErrorCode, JobError, JobStatus, JobView, Progress, Tier, WatermarkStatus};
 
 /// How much of an output one `PutOutput` or `ReadOutput` answer carries.
 pub const OUTPUT_CHUNK_BYTES: usize = 1024 * 1024;
@@ -260,6 +260,8 @@ pub struct WireOutput {
     pub bytes: u64,
     /// Hex SHA-256 of the content.
     pub sha256: String,
+    #[serde(default)]
+    pub watermark: Option<WatermarkStatus>,
 }
 
 /// How a leased attempt ended.

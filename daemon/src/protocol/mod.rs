@@ -268,6 +268,45 @@ pub struct OutputView {
     pub bytes: u64,
     /// Where to download it: `/v1/jobs/{id}/outputs/{index}`.
     pub url: String,
+    /// For tiers whose outputs carry a watermark: whether this file got it. Absent for
+    /// other tiers, whose files are exactly what ComfyUI wrote.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watermark: Option<WatermarkStatus>,
+}
+
+/// Whether an output of a watermarked tier carries the mark.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum WatermarkStatus {
+    Applied,
+    /// The file could not be marked (not a PNG, JPEG or WebP image, an animation, or it does
+    /// not decode) and is kept exactly as ComfyUI wrote it.
+    Skipped {
+        reason: String,
+    },
+}
+
+impl WatermarkStatus {
+    /// The text the job store keeps: `applied` or `skipped: <reason>`.
+    pub fn to_text(&self) -> String {
+        match self {
+            WatermarkStatus::Applied => "applied".to_string(),
+            WatermarkStatus::Skipped { reason } => format!("skipped: {reason}"),
+        }
+    }
+
+    /// Reads [`WatermarkStatus::to_text`] back; other text is a skip with that text as reason.
+    pub fn from_text(text: &str) -> WatermarkStatus {
+        match text.strip_prefix("skipped: ") {
+            Some(reason) => WatermarkStatus::Skipped {
+                reason: reason.to_string(),
+            },
+            None if text == "applied" => WatermarkStatus::Applied,
+            None => WatermarkStatus::Skipped {
+                reason: text.to_string(),
+            },
+        }
+    }
 }
 
 /// Why a job failed or was cancelled.

@@ -35,7 +35,9 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 
-use crate::protocol::{JobError, JobStatus, JobView, OutputView, Tier, rfc3339_ms};
+use crate::protocol::{
+    JobError, JobStatus, JobView, OutputView, Tier, WatermarkStatus, rfc3339_ms,
+};
 
 pub use scheduler::{QueuedJob, RingPos, Scheduler, TierCount};
 pub use store::{JobStore, StoreOptions, system_clock};
@@ -184,6 +186,8 @@ pub struct NewOutput {
     pub filename: String,
     pub content_type: String,
     pub bytes: Vec<u8>,
+    /// Set for outputs of a watermarked tier.
+    pub watermark: Option<WatermarkStatus>,
 }
 
 /// A stored output file.
@@ -200,6 +204,7 @@ pub struct Output {
     pub path: PathBuf,
     /// Hex SHA-256 of the content.
     pub sha256: String,
+    pub watermark: Option<WatermarkStatus>,
 }
 
 impl Output {
@@ -210,6 +215,7 @@ impl Output {
             content_type: self.content_type.clone(),
             bytes: self.bytes,
             url: format!("/v1/jobs/{job_id}/outputs/{}", self.index),
+            watermark: self.watermark.clone(),
         }
     }
 }

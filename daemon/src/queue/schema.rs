@@ -108,6 +108,11 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE jobs ADD COLUMN lease_holder TEXT;
     CREATE INDEX jobs_replica_owner ON jobs (owner) WHERE role = 'replica';
     "#,
+    // 3: whether an output of a watermarked tier got its mark (`applied` or `skipped: <why>`);
+    // NULL for tiers without one.
+    r#"
+    ALTER TABLE outputs ADD COLUMN watermark TEXT;
+    "#,
 ];
 
 /// The schema version this code writes.

@@ -22,7 +22,7 @@ use super::{
     CancelOutcome, Finished, Job, JobChange, JobEvent, NewJob, NewOutput, Outcome, Output,
     QueueSummary, Quota, RecoveryReport, StoreError, Submitted, Usage, schema,
 };
-use crate::protocol::{JobError, JobStatus, Tier};
+use crate::protocol::{JobError, JobStatus, Tier, WatermarkStatus};
 
 /// The database file inside the data dir.
 pub const DB_FILE: &str = "kiln-jobs.sqlite3";
@@ -668,8 +668,8 @@ impl JobStore {
         self.read(move |conn, _| {
             let mut st = conn
                 .prepare_cached(
-                    "SELECT idx, filename, content_type, bytes, path, sha256 FROM outputs
-                     WHERE job_id = ?1 ORDER BY idx",
+                    "SELECT idx, filename, content_type, bytes, path, sha256, watermark
+                     FROM outputs WHERE job_id = ?1 ORDER BY idx",
                 )
                 .map_err(StoreError::sqlite("reading outputs"))?;
             let rows = st
@@ -681,6 +681,9 @@ impl JobStore {
                         bytes: u64::try_from(row.get::<_, i64>(3)?).unwrap_or(0),
                         path: PathBuf::from(row.get::<_, String>(4)?),
                         sha256: row.get(5)?,
+                        watermark: row
+                            .get::<_, Option<String>>(6)?
+                            .map(|text| WatermarkStatus::from_text(&text)),
                     })
                 })
                 .map_err(StoreError::sqlite("reading outputs"))?;
@@ -981,6 +984,7 @@ fn write_outputs(
             bytes: out.bytes.len() as u64,
             path: rel_dir.join(&name),
             sha256: hex::encode(Sha256::digest(&out.bytes)),
+            watermark: out.watermark,
         });
     }
     fsync_dir(&dir)?;

@@ -26,7 +26,7 @@ use super::{
     CancelOutcome, Finished, Job, JobChange, JobRole, Lease, NewJob, Output, Quota, QuotaPeriod,
     RecoveryReport, StoreError, Submitted, utc_day, utc_month_bounds,
 };
-use crate::protocol::{JobError, JobStatus, Tier};
+use crate::protocol::{JobError, JobStatus, Tier, WatermarkStatus};
 
 /// Milliseconds since the Unix epoch; injectable so tests can move days.
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
@@ -939,8 +939,8 @@ fn record_outputs(tx: &Connection, id: &str, outputs: &[Output]) -> Result<(), S
     for o in outputs {
         tx.prepare_cached(
             "INSERT OR REPLACE INTO outputs
-                 (job_id, idx, filename, content_type, bytes, path, sha256)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                 (job_id, idx, filename, content_type, bytes, path, sha256, watermark)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         )
         .and_then(|mut st| {
             st.execute(params![
@@ -950,7 +950,8 @@ fn record_outputs(tx: &Connection, id: &str, outputs: &[Output]) -> Result<(), S
                 o.content_type,
                 i64::try_from(o.bytes).unwrap_or(i64::MAX),
                 o.path.to_string_lossy(),
-                o.sha256
+                o.sha256,
+                o.watermark.as_ref().map(WatermarkStatus::to_text)
             ])
         })
         .map_err(StoreError::sqlite("recording an output"))?;
