@@ -135,6 +135,7 @@ impl<'a> Tick<'a> {
         self.release_warm();
         self.fill_warm_pool(pressure);
         self.util_warnings();
+        self.slow_drains();
         if budget_capped {
             self.notes.push(format!(
                 "budget cap: spent {} today ≥ daily_budget_usd {}: only pro and enterprise load adds capacity",
@@ -1012,6 +1013,23 @@ impl<'a> Tick<'a> {
             None => self.notes.push(format!(
                 "{short}: no provider that can stop hosts is available now"
             )),
+        }
+    }
+
+    /// A drain that does not end is the executor's to finish (it stops the host once idle); the
+    /// policy leaves the host alone and says so.
+    fn slow_drains(&mut self) {
+        let limit = ms(self.config.rent.decision_timeout_s);
+        for host in self.hosts.clone() {
+            let age = self.age(host.state_since_ms);
+            if host.state == HostState::Draining && age > limit {
+                self.notes.push(format!(
+                    "{} draining for {} > {}: the drain is not finishing",
+                    host.name,
+                    dur(age),
+                    dur(limit)
+                ));
+            }
         }
     }
 

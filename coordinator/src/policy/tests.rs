@@ -121,6 +121,34 @@ fn queue_depth_over_10_resumes_the_warm_standby() {
         other => panic!("{other:?}"),
     }
     assert_eq!(plan.state.last_scale_up_ms, Some(T0));
+    assert_eq!(
+        only(&plan).to_string(),
+        "resume gpu-2: queue depth 11 > 10: resuming WARM standby gpu-2"
+    );
+}
+
+#[test]
+fn a_draining_host_is_left_to_the_executor_and_a_slow_drain_noted() {
+    let mut draining = host("gpu-2", HostState::Draining);
+    draining.state_since_ms = T0;
+    let hosts = vec![primary("gpu-1"), draining];
+    let o = obs(vec![member("gpu-1")]);
+    let plan = tick(&o, &hosts, &cfg(), &PolicyState::default(), T0 + 30 * MIN);
+    assert_none(&plan);
+    assert!(!has_note(&plan, "draining"), "{:?}", plan.notes);
+    let plan = tick(
+        &o,
+        &hosts,
+        &cfg(),
+        &PolicyState::default(),
+        T0 + 30 * MIN + 1,
+    );
+    assert_none(&plan);
+    assert!(
+        has_note(&plan, "gpu-2 draining for 30 min > 30 min"),
+        "{:?}",
+        plan.notes
+    );
 }
 
 #[test]
