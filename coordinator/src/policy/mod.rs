@@ -196,8 +196,8 @@ pub struct PolicyState {
     pub rent_failed_ms: BTreeMap<ProviderKind, i64>,
     /// Hosts rented to refill the warm pool: stopped as soon as they are ready and idle.
     pub warm_pool_fill: BTreeSet<String>,
-    /// Failed hosts whose replacement was rented: only released from now on, never replaced
-    /// again.
+    /// Hosts whose replacement was rented: released from now on whatever their state (never
+    /// replaced again, never resumed, not counted in the fleet).
     pub replaced: BTreeSet<String>,
 }
 

@@ -419,12 +419,29 @@ impl<'a> Tick<'a> {
     }
 
     /// Step 3: a failed host, a rent or resume stuck provisioning, a member unhealthy too long,
-    /// a HOT host gone from the view (a preempted spot host): release it and rent another.
+    /// a HOT host gone from the view (a preempted spot host): release it and rent another. A
+    /// host whose replacement is rented and that is still not released is released.
     fn replace_failed(&mut self) {
         let config: &'a PolicyConfig = self.config;
         let rent = &config.rent;
         for host in self.hosts.clone() {
             if self.has_pending(&host.name) {
+                continue;
+            }
+            if self.state.replaced.contains(&host.name) {
+                // Its replacement is rented: whatever state it is in now, it goes.
+                let decision_id = self.new_id();
+                self.issue(
+                    Action::Release {
+                        decision_id,
+                        host: host.name.clone(),
+                        reason: format!(
+                            "{} ({}) was replaced and its replacement is rented: releasing it",
+                            host.name, host.state
+                        ),
+                    },
+                    None,
+                );
                 continue;
             }
             let in_state = self.age(host.state_since_ms);
@@ -483,18 +500,6 @@ impl<'a> Tick<'a> {
                 HostState::Warm | HostState::Draining | HostState::Released => None,
             };
             let Some(why) = why else { continue };
-            if self.state.replaced.contains(&host.name) {
-                let decision_id = self.new_id();
-                self.issue(
-                    Action::Release {
-                        decision_id,
-                        host: host.name.clone(),
-                        reason: format!("{why}; its replacement is rented already"),
-                    },
-                    None,
-                );
-                continue;
-            }
             match self.choose_provider(Some(host.provider), false) {
                 Some(provider) => {
                     let decision_id = self.new_id();

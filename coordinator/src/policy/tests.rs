@@ -788,7 +788,7 @@ fn failed_hosts_are_replaced_elsewhere_and_then_only_released() {
     let p1 = tick(&o, &with_new, &cfg(), &p0.state, T0 + 2 * MIN);
     assert!(p1.state.replaced.contains("gpu-2"));
     assert!(
-        matches!(only(&p1), Action::Release { host, reason, .. } if host == "gpu-2" && reason.contains("replacement"))
+        matches!(only(&p1), Action::Release { host, reason, .. } if host == "gpu-2" && reason.contains("gpu-2 (failed) was replaced"))
     );
 }
 
@@ -806,6 +806,33 @@ fn a_preempted_spot_host_is_replaced_after_the_grace() {
     assert!(
         matches!(only(&plan), Action::Replace { host, reason, .. } if host == "gpu-2" && reason.contains("spot host (preempted?) missing"))
     );
+}
+
+#[test]
+fn a_replaced_host_that_comes_back_is_still_released() {
+    let mut spot = host("gpu-2", HostState::Hot);
+    spot.spot = true;
+    let hosts = vec![primary("gpu-1"), spot];
+    let gone = obs(vec![member("gpu-1")]);
+    let p0 = tick(&gone, &hosts, &cfg(), &PolicyState::default(), T0);
+    let p1 = tick(&gone, &hosts, &cfg(), &p0.state, T0 + 6 * MIN);
+    let id = only(&p1).decision_id().to_string();
+    assert_eq!(
+        fleet_size(&hosts, &p1.state),
+        2,
+        "the replacement takes the old host's place"
+    );
+    // The replacement is rented, and the old host reappears in the view.
+    let mut with_new = hosts.clone();
+    let mut new = host(&id, HostState::Provisioning);
+    new.state_since_ms = T0 + 6 * MIN;
+    with_new.push(new);
+    let back = obs(vec![member("gpu-1"), member("gpu-2")]);
+    let p2 = tick(&back, &with_new, &cfg(), &p1.state, T0 + 7 * MIN);
+    assert!(
+        matches!(only(&p2), Action::Release { host, reason, .. } if host == "gpu-2" && reason.contains("gpu-2 (hot) was replaced"))
+    );
+    assert_eq!(fleet_size(&with_new, &p2.state), 2);
 }
 
 #[test]
