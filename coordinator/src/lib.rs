@@ -12,13 +12,17 @@
 //!   Lambda Cloud, local `kilnd` processes).
 //! - [`costmodel`]: the planning document's cost tables recomputed from its assumptions.
 //! - [`fleet`]: the hosts the coordinator rented and their states, as pure data.
+//! - [`policy`]: the pure scaling policy (`plan`), shared by `kiln run` and `kiln simulate`.
+//! - [`alerts`]: the pure alert rules (`evaluate`) and their webhook bodies.
 //!
 //! The coordinator imports the node's pure wire contract (`kiln_daemon::protocol`) and the
 //! cluster CA (`kiln_daemon::pki`), never the node's runtime parts.
 
+pub mod alerts;
 pub mod cli;
 pub mod costmodel;
 pub mod fleet;
+pub mod policy;
 pub mod provider;
 pub mod status;
 pub mod text;
