@@ -156,14 +156,13 @@ impl VastClient {
                     .idempotent(false),
             )
             .await?;
-        let parsed: Option<Value> = serde_json::from_str(&reply.body).ok();
-        let gone = |v: &Value| {
-            let code = v["error"].as_str().unwrap_or_default();
-            code == "no_such_ask" || message_of(v, "").contains("no_such_ask")
+        // Vast says "gone" as `no_such_ask` (in `error` or inside `msg`, 404) or "no longer
+        // available" (410 with `cancel_unavail`); another 404 is an ordinary NotFound.
+        let gone = |text: &str| {
+            let text = text.to_lowercase();
+            text.contains("no_such_ask") || text.contains("no longer available")
         };
-        if matches!(reply.status.as_u16(), 404 | 410)
-            && (parsed.as_ref().is_none_or(gone) || reply.body.contains("no_such_ask"))
-        {
+        if matches!(reply.status.as_u16(), 404 | 410) && gone(&reply.body) {
             return Err(ProviderError::OfferGone {
                 provider: KIND,
                 offer_id: offer.to_owned(),
@@ -171,7 +170,7 @@ impl VastClient {
         }
         let body: Value = checked(&reply, &format!("offer {offer}"))?;
         if body["success"] == Value::Bool(false) {
-            if gone(&body) {
+            if gone(&body.to_string()) {
                 return Err(ProviderError::OfferGone {
                     provider: KIND,
                     offer_id: offer.to_owned(),
