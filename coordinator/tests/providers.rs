@@ -292,6 +292,15 @@ async fn vast_offer_that_vanished_is_offer_gone() {
         other => panic!("expected OfferGone, got {other:?}"),
     }
     assert_eq!(fake.instance_count(), 0);
+    // The same, answered the `cancel_unavail` way (410).
+    fake.with(|s| s.knobs.gone_as_410 = true);
+    let result = client
+        .rent(&rent_request("kiln-gone", &first, vec![tcp(8000)]))
+        .await;
+    assert!(
+        matches!(result, Err(ProviderError::OfferGone { .. })),
+        "{result:?}"
+    );
     // The next offer still rents.
     client
         .rent(&rent_request(
@@ -337,6 +346,56 @@ async fn vast_429_without_retry_after_is_retried() {
         ),
         "{result:?}"
     );
+}
+
+#[tokio::test]
+async fn vast_5xx_and_refused_connections() {
+    let fake = VastFake::start().await;
+    let client = vast(&fake);
+    // A read is retried through 502s.
+    fake.with(|s| s.knobs.fail_502 = 2);
+    assert_eq!(
+        client
+            .offers(&query("RTX 4090", 1, 0.6, false))
+            .await
+            .expect("offers")
+            .len(),
+        2
+    );
+    // A rent answered 502 is not sent again (it may have been accepted); the label lookup finds
+    // nothing, so the caller gets the transient error and may retry the same label later.
+    fake.with(|s| s.knobs.fail_502_on_rent = 1);
+    let request = rent_request("kiln-502", "1002", vec![tcp(8000)]);
+    let result = client.rent(&request).await;
+    assert!(
+        matches!(result, Err(ProviderError::Transient { .. })),
+        "{result:?}"
+    );
+    assert_eq!(fake.with(|s| (s.rent_requests, s.creates)), (1, 0));
+    client.rent(&request).await.expect("rent");
+    assert_eq!(fake.with(|s| (s.rent_requests, s.creates)), (2, 1));
+
+    // Nobody listening: retried, then Transient.
+    let closed = {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        listener.local_addr().expect("local address")
+    };
+    let nowhere = VastClient::new(
+        url::Url::parse(&format!("http://{closed}")).expect("parse"),
+        KEY.into(),
+    )
+    .expect("construct")
+    .with_retry(fast())
+    .with_pacing(Pacing::none());
+    let result = nowhere.list().await;
+    match result {
+        Err(ProviderError::Transient { message, .. }) => {
+            assert!(message.contains("cannot connect"), "{message}")
+        }
+        other => panic!("expected Transient, got {other:?}"),
+    }
 }
 
 #[tokio::test]

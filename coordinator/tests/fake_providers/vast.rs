@@ -24,6 +24,12 @@ pub struct Knobs {
     pub fail_429: u32,
     /// The next N rents (only) are answered 429.
     pub fail_429_on_rent: u32,
+    /// The next N requests are answered 502 (a proxy in front of Vast failing).
+    pub fail_502: u32,
+    /// The next N rents are answered 502 without creating anything.
+    pub fail_502_on_rent: u32,
+    /// Answer a rent of a missing offer as `cancel_unavail` does: 410, "no longer available".
+    pub gone_as_410: bool,
     /// How long a rent waits after creating the instance before it answers.
     pub rent_delay: Duration,
     /// A started instance never gets its GPU back: intended running, actual stopped forever.
@@ -56,6 +62,8 @@ pub struct VastState {
     pub next_id: u64,
     /// Rents that created an instance.
     pub creates: u32,
+    /// Rent requests received (created or not).
+    pub rent_requests: u32,
     /// 429s answered.
     pub rate_limited: u32,
     /// The body of the last rent.
@@ -149,6 +157,10 @@ async fn gate(State(state): Shared, headers: HeaderMap, request: Request, next: 
             )
                 .into_response();
         }
+        if s.knobs.fail_502 > 0 {
+            s.knobs.fail_502 -= 1;
+            return (StatusCode::BAD_GATEWAY, "<html>502 Bad Gateway</html>").into_response();
+        }
     }
     next.run(request).await
 }
@@ -217,6 +229,11 @@ async fn rent(State(state): Shared, Path(id): Path<u64>, body: String) -> Respon
     };
     let (contract, delay) = {
         let mut s = state.lock().expect("state lock");
+        s.rent_requests += 1;
+        if s.knobs.fail_502_on_rent > 0 {
+            s.knobs.fail_502_on_rent -= 1;
+            return (StatusCode::BAD_GATEWAY, "<html>502 Bad Gateway</html>").into_response();
+        }
         if s.knobs.fail_429_on_rent > 0 {
             s.knobs.fail_429_on_rent -= 1;
             s.rate_limited += 1;
@@ -227,6 +244,13 @@ async fn rent(State(state): Shared, Path(id): Path<u64>, body: String) -> Respon
                 .into_response();
         }
         let Some(index) = s.offers.iter().position(|o| o["id"] == json!(id)) else {
+            if s.knobs.gone_as_410 {
+                return error(
+                    StatusCode::GONE,
+                    "no_such_ask",
+                    format!("Offer {id} is no longer available."),
+                );
+            }
             return error(
                 StatusCode::NOT_FOUND,
                 "no_such_ask",
