@@ -171,15 +171,25 @@ pub(crate) struct Pacer {
 }
 
 impl Pacer {
-    pub(crate) fn new(pacing: Pacing) -> Pacer {
+    pub(crate) fn new(mut pacing: Pacing) -> Pacer {
+        pacing.global = pacing.global.map(|d| d.min(LONGEST));
+        for (_, interval) in &mut pacing.endpoints {
+            *interval = (*interval).min(LONGEST);
+        }
         Pacer {
             pacing,
             next: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Reserves the earliest slot for a request to `endpoint` and returns it.
-    pub(crate) fn reserve(&self, endpoint: &'static str) -> Instant {
+    /// Reserves the earliest slot for a request to `endpoint` and returns it, or, when that
+    /// slot is after `latest`, reserves nothing and returns `Err(slot)`, so that a caller that
+    /// gives up leaves no phantom reservation behind for the others to wait out.
+    pub(crate) fn reserve(
+        &self,
+        endpoint: &'static str,
+        latest: Instant,
+    ) -> Result<Instant, Instant> {
         let now = Instant::now();
         let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
         let mut slot = now;
@@ -188,13 +198,16 @@ impl Pacer {
                 slot = slot.max(*at);
             }
         }
+        if slot > latest {
+            return Err(slot);
+        }
         if let Some(global) = self.pacing.global {
             next.insert(GLOBAL, slot + global);
         }
         if let Some(interval) = self.pacing.interval(endpoint) {
             next.insert(endpoint, slot + interval);
         }
-        slot
+        Ok(slot)
     }
 
     /// Pushes the next slot of `endpoint` to at least `until` (after a 429).
@@ -320,13 +333,13 @@ impl Api {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let slot = self.pacer.reserve(request.endpoint);
-            if slot > deadline {
-                return Err(ProviderError::RateLimited {
+            let slot = self
+                .pacer
+                .reserve(request.endpoint, deadline)
+                .map_err(|slot| ProviderError::RateLimited {
                     provider,
-                    retry_after: Some(slot - Instant::now()),
-                });
-            }
+                    retry_after: Some(slot.saturating_duration_since(Instant::now())),
+                })?;
             tokio::time::sleep_until(slot).await;
             let left = deadline.saturating_duration_since(Instant::now());
             let timeout = self.retry.request_timeout.min(left);
@@ -420,8 +433,16 @@ impl Api {
     }
 }
 
+/// The longest a call, a backoff or a pacing interval may be: keeps `Instant` arithmetic far
+/// from overflow whatever a caller configures.
+const LONGEST: Duration = Duration::from_secs(24 * 3600);
+
 fn validated(mut retry: RetryPolicy) -> RetryPolicy {
     retry.max_attempts = retry.max_attempts.max(1);
+    retry.deadline = retry.deadline.min(LONGEST);
+    retry.max_backoff = retry.max_backoff.min(LONGEST);
+    retry.base_backoff = retry.base_backoff.min(retry.max_backoff);
+    retry.request_timeout = retry.request_timeout.min(retry.deadline);
     retry
 }
 
@@ -676,16 +697,34 @@ mod tests {
             endpoints: vec![("launch", Duration::from_secs(10))],
         });
         let t0 = Instant::now();
-        assert_eq!(pacer.reserve("launch"), t0);
+        let far = t0 + Duration::from_secs(3600);
+        assert_eq!(pacer.reserve("launch", far), Ok(t0));
         // Another endpoint waits only for the global interval…
-        assert_eq!(pacer.reserve("get"), t0 + Duration::from_secs(1));
-        assert_eq!(pacer.reserve("get"), t0 + Duration::from_secs(2));
+        assert_eq!(pacer.reserve("get", far), Ok(t0 + Duration::from_secs(1)));
+        assert_eq!(pacer.reserve("get", far), Ok(t0 + Duration::from_secs(2)));
         // …a second launch for its own.
-        assert_eq!(pacer.reserve("launch"), t0 + Duration::from_secs(10));
+        assert_eq!(
+            pacer.reserve("launch", far),
+            Ok(t0 + Duration::from_secs(10))
+        );
+        // A caller that cannot wait that long reserves nothing.
+        let soon = t0 + Duration::from_secs(5);
+        assert_eq!(
+            pacer.reserve("launch", soon),
+            Err(t0 + Duration::from_secs(20))
+        );
+        assert_eq!(
+            pacer.reserve("launch", far),
+            Ok(t0 + Duration::from_secs(20))
+        );
         tokio::time::sleep(Duration::from_secs(30)).await;
-        assert_eq!(pacer.reserve("launch"), t0 + Duration::from_secs(30));
+        let far = Instant::now() + Duration::from_secs(3600);
+        assert_eq!(
+            pacer.reserve("launch", far),
+            Ok(t0 + Duration::from_secs(30))
+        );
         pacer.defer("get", t0 + Duration::from_secs(40));
-        assert_eq!(pacer.reserve("get"), t0 + Duration::from_secs(40));
+        assert_eq!(pacer.reserve("get", far), Ok(t0 + Duration::from_secs(40)));
     }
 
     #[test]

@@ -26,6 +26,8 @@ pub async fn resume<P: Provider + ?Sized>(
         id: id.to_owned(),
         reason,
     };
+    // A day is more than any resume takes; the cap keeps `Instant` arithmetic from overflowing.
+    let deadline = deadline.min(Duration::from_secs(24 * 3600));
     let until = Instant::now() + deadline;
     // A poll interval of zero would spin; a millisecond keeps the loop bounded in count too.
     let poll = poll.max(Duration::from_millis(1));
