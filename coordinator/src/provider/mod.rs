@@ -8,6 +8,17 @@
 //! they do not retry a rent on a different offer, release a host that failed to resume, or pick
 //! a provider; the control loop does, from these errors.
 
+pub mod http;
+pub mod lambda;
+pub mod resume;
+pub mod runpod;
+pub mod vast;
+
+pub use http::{ApiKey, LabelLookup, Pacing, RetryPolicy};
+pub use lambda::LambdaClient;
+pub use runpod::RunpodClient;
+pub use vast::VastClient;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
@@ -299,6 +310,13 @@ pub trait Provider: Send + Sync {
 
     /// Destroys a host and its disk. Destroying a host that is already gone succeeds.
     async fn destroy(&self, id: &str) -> ProviderResult<()>;
+
+    /// Starts a stopped host and waits until it runs with its GPUs and an address, for at most
+    /// `deadline`, reading it every `poll`; [`ProviderError::ResumeFailed`] says why it did not
+    /// (see [`resume::resume`]).
+    async fn resume(&self, id: &str, deadline: Duration, poll: Duration) -> ProviderResult<Host> {
+        resume::resume(self, id, deadline, poll).await
+    }
 
     /// The host rented under `label`, if any.
     async fn find_by_label(&self, label: &str) -> ProviderResult<Option<Host>> {
