@@ -116,12 +116,8 @@ fn run_node(args: RunArgs) -> ExitCode {
                 anyhow::bail!("either --config FILE or --dev is required");
             };
             let config = kiln_daemon::config::Config::load(&path)?;
-            kiln_daemon::node::run_with_config(
-                config,
-                notify,
-                kiln_daemon::node::shutdown_signal(),
-            )
-            .await
+            kiln_daemon::node::run_with_config(config, notify, kiln_daemon::node::shutdown_signal())
+                .await
         }
     });
     match result {

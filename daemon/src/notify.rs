@@ -245,11 +245,7 @@ impl Notifier {
             Ok(sent) if sent == message.len() => {
                 inner.failed.store(false, Ordering::Relaxed);
             }
-            Ok(sent) => tracing::warn!(
-                sent,
-                len = message.len(),
-                "systemd notification cut short"
-            ),
+            Ok(sent) => tracing::warn!(sent, len = message.len(), "systemd notification cut short"),
             Err(error) => {
                 if !inner.failed.swap(true, Ordering::Relaxed) {
                     tracing::warn!(%error, "cannot send a systemd notification");
@@ -387,7 +383,10 @@ mod tests {
     #[test]
     fn bad_values_are_named() {
         let env = env_of(
-            &[("NOTIFY_SOCKET", "relative.sock"), ("WATCHDOG_USEC", "soon")],
+            &[
+                ("NOTIFY_SOCKET", "relative.sock"),
+                ("WATCHDOG_USEC", "soon"),
+            ],
             1,
         );
         assert_eq!(env.socket, None);
@@ -414,7 +413,10 @@ mod tests {
 
     #[test]
     fn tiny_watchdog_still_has_a_positive_interval() {
-        let env = env_of(&[("NOTIFY_SOCKET", "@kiln-test"), ("WATCHDOG_USEC", "1")], 1);
+        let env = env_of(
+            &[("NOTIFY_SOCKET", "@kiln-test"), ("WATCHDOG_USEC", "1")],
+            1,
+        );
         let notifier = Notifier::new(&env);
         assert_eq!(notifier.ping_interval(), Some(MIN_PING_INTERVAL));
     }

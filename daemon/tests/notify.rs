@@ -329,7 +329,9 @@ fn a_watchdog_meant_for_another_process_is_not_fed() {
             ("WATCHDOG_PID", "1".to_string()),
         ],
     );
-    manager.wait_for("READY=1", START_LIMIT, |m| m.lines().any(|l| l == "READY=1"));
+    manager.wait_for("READY=1", START_LIMIT, |m| {
+        m.lines().any(|l| l == "READY=1")
+    });
     manager.wait_for("ComfyUI ready", START_LIMIT, |m| {
         m.starts_with("STATUS=ComfyUI is ready")
     });
