@@ -305,6 +305,9 @@ fn bootstrap_twice_installs_everything_once_and_then_changes_nothing() {
     assert_eq!(mode("etc/kiln"), 0o700);
     let config = std::fs::read_to_string(root.join("etc/kiln/kilnd.toml")).expect("config");
     assert!(config.contains("/opt/comfyui/venv/bin/python"), "{config}");
+    if let Err(error) = kiln_daemon::config::Config::parse(&config) {
+        panic!("kilnd refuses the generated config: {error}\n{config}");
+    }
     let passwd = std::fs::read_to_string(root.join("etc/passwd")).expect("passwd");
     assert_eq!(
         passwd.lines().filter(|l| l.starts_with("kiln:")).count(),
@@ -607,4 +610,76 @@ fn container_entry_unpacks_a_real_bundle_and_execs_kilnd() {
         "{}",
         text(&output)
     );
+}
+
+/// A bundle from `kiln certs bundle` gives the host its certificates; the generated config is
+/// one kilnd accepts, and without a gossip address for other members it is refused.
+#[test]
+fn bootstrap_installs_a_bundle_and_writes_a_config_kilnd_accepts() {
+    let host = Host::new();
+    let kilnd = fake_kilnd(host.dir.path());
+    let kiln = |args: &[&str]| {
+        let output = Command::new(bin("kiln"))
+            .args(args)
+            .current_dir(host.dir.path())
+            .output()
+            .expect("run kiln");
+        assert!(output.status.success(), "kiln {args:?}: {}", text(&output));
+        String::from_utf8(output.stdout).expect("utf-8")
+    };
+    kiln(&["certs", "init", "ca", "--cluster", "prod"]);
+    let line = kiln(&["certs", "bundle", "--ca", "ca", "--member", "gpu-3"]);
+    let bundle = line
+        .trim_end()
+        .strip_prefix("KILN_BUNDLE=")
+        .expect("KILN_BUNDLE=…")
+        .to_string();
+    let kilnd_arg = kilnd.to_str().expect("utf-8 path");
+
+    let output = host.bootstrap(&["--kilnd", kilnd_arg, "--no-models", "--bundle", &bundle]);
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("--advertise quic://PUBLIC_IP:7946"),
+        "{}",
+        text(&output)
+    );
+
+    let output = host.bootstrap(&[
+        "--kilnd",
+        kilnd_arg,
+        "--no-models",
+        "--bundle",
+        &bundle,
+        "--advertise",
+        "quic://203.0.113.7:7946",
+    ]);
+    assert!(output.status.success(), "{}", text(&output));
+    let certs = host.root.join("etc/kiln/certs");
+    let identity = kiln_daemon::pki::Identity::load_dir(&certs).expect("installed certificates");
+    assert_eq!(identity.name(), "gpu-3");
+    let config = std::fs::read_to_string(host.root.join("etc/kiln/kilnd.toml")).expect("config");
+    let parsed = kiln_daemon::config::Config::parse(&config)
+        .unwrap_or_else(|e| panic!("kilnd refuses the generated config: {e}\n{config}"));
+    assert_eq!(
+        parsed.cluster.certs_dir,
+        Some(PathBuf::from("/etc/kiln/certs"))
+    );
+    assert!(
+        config.contains("advertise = \"quic://203.0.113.7:7946\""),
+        "{config}"
+    );
+
+    // Once more with the same bundle: nothing changes.
+    let before = host.snapshot();
+    let output = host.bootstrap(&[
+        "--kilnd",
+        kilnd_arg,
+        "--no-models",
+        "--bundle",
+        &bundle,
+        "--advertise",
+        "quic://203.0.113.7:7946",
+    ]);
+    assert!(output.status.success(), "{}", text(&output));
+    assert_eq!(host.snapshot(), before);
 }

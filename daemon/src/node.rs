@@ -1306,3 +1306,38 @@ pub fn init_logging() {
         .with_writer(std::io::stderr)
         .try_init();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The watchdog's liveness check: a node whose HTTP server or runner task ended is not
+    /// alive, and the check says which part is gone.
+    #[tokio::test]
+    async fn the_watchdog_check_names_the_part_that_stopped() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = JobStore::open(dir.path(), StoreOptions::default())
+            .await
+            .expect("store");
+        let stop = CancellationToken::new();
+        let running = || {
+            let stop = stop.clone();
+            tokio::spawn(async move { stop.cancelled().await })
+        };
+        let (http, runner) = (running(), running());
+        let limit = Duration::from_secs(5);
+        assert_eq!(node_alive(&store, &http, &runner, limit).await, Ok(()));
+
+        let ended = tokio::spawn(async {});
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !ended.is_finished() && tokio::time::Instant::now() < deadline {
+            tokio::task::yield_now().await;
+        }
+        let problem = node_alive(&store, &ended, &runner, limit).await;
+        assert_eq!(problem, Err("the HTTP server stopped".to_string()));
+        let problem = node_alive(&store, &http, &ended, limit).await;
+        assert_eq!(problem, Err("the job runner stopped".to_string()));
+
+        stop.cancel();
+    }
+}
