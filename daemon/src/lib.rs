@@ -19,6 +19,8 @@
 //!   answering for any job.
 //! - [`gpu`]: GPU readings from NVML or a simulated card.
 //! - [`api`]: the axum HTTP API of a node.
+//! - [`notify`]: systemd's notify protocol (readiness, status lines, watchdog pings); a no-op
+//!   outside systemd.
 //! - [`node`]: wires the parts together; [`node::run`] is the entry point tests call in-process.
 
 pub mod api;
@@ -30,6 +32,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod net;
 pub mod node;
+pub mod notify;
 pub mod peer;
 pub mod pki;
 pub mod protocol;

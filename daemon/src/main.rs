@@ -98,6 +98,9 @@ fn run_node(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // systemd's NOTIFY_SOCKET / WATCHDOG_USEC, read once; without them nothing is sent.
+    let notify =
+        kiln_daemon::notify::Notifier::new(&kiln_daemon::notify::NotifyEnv::from_process());
     let result = runtime.block_on(async move {
         if args.dev {
             let dev = kiln_daemon::node::DevOptions {
@@ -105,6 +108,7 @@ fn run_node(args: RunArgs) -> ExitCode {
                 data_dir: args.data_dir,
                 sim_step_ms: args.sim_step_ms,
                 sim_args: args.sim_arg,
+                notify,
             };
             kiln_daemon::node::run_dev(dev, kiln_daemon::node::shutdown_signal()).await
         } else {
@@ -112,7 +116,8 @@ fn run_node(args: RunArgs) -> ExitCode {
                 anyhow::bail!("either --config FILE or --dev is required");
             };
             let config = kiln_daemon::config::Config::load(&path)?;
-            kiln_daemon::node::run_with_config(config, kiln_daemon::node::shutdown_signal()).await
+            kiln_daemon::node::run_with_config(config, notify, kiln_daemon::node::shutdown_signal())
+                .await
         }
     });
     match result {

@@ -35,6 +35,7 @@ use crate::config::{ApiSection, ClusterSection, ComfySection, Config, JobsSectio
 use crate::gpu::{GpuConfig, GpuMonitor, GpuSource, SimLoad};
 use crate::jobs::{Jobs, JobsSettings, Work};
 use crate::metrics::Metrics;
+use crate::notify::Notifier;
 use crate::protocol::{JobError, JobStatus, Progress, Tier, WatermarkStatus};
 use crate::queue::{JobStore, NewOutput, Outcome, StoreOptions};
 use crate::tiers::{Account, KeyRing, TierTable};
@@ -243,6 +244,8 @@ pub struct NodeParts {
     pub cluster: Option<ClusterSettings>,
     /// The mark drawn on outputs of watermarked tiers; `None` when no tier has one.
     pub watermark: Option<Arc<Watermark>>,
+    /// systemd notifications (readiness, status, watchdog); disabled unless set.
+    pub notify: Notifier,
 }
 
 impl NodeParts {
@@ -263,16 +266,20 @@ impl NodeParts {
             supervisor,
             cluster,
             watermark,
+            notify: Notifier::disabled(),
         })
     }
 }
 
-/// Runs a node from a config file's contents: reads secrets and keys, binds the API, runs.
+/// Runs a node from a config file's contents: reads secrets and keys, binds the API, runs,
+/// telling the service manager through `notify`.
 pub async fn run_with_config(
     config: Config,
+    notify: Notifier,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let parts = NodeParts::prepare(config)?;
+    let mut parts = NodeParts::prepare(config)?;
+    parts.notify = notify;
     let listen = parts.config.api.listen;
     let listener = TcpListener::bind(listen)
         .await
@@ -293,6 +300,7 @@ pub async fn run(
         supervisor,
         cluster: cluster_settings,
         watermark,
+        notify,
     } = parts;
     let config = Arc::new(config);
     let data_dir = config.node.data_dir.clone();
@@ -360,6 +368,12 @@ pub async fn run(
         info_tx,
         ready_tx,
         metrics.clone(),
+        stop.child_token(),
+    ));
+    // systemd's STATUS= line follows ComfyUI's state.
+    tasks.spawn(crate::notify::follow_comfy(
+        notify.clone(),
+        supervisor.subscribe_state(),
         stop.child_token(),
     ));
 
@@ -554,9 +568,55 @@ pub async fn run(
         })
     };
 
-    tokio::select! {
-        _ = shutdown => tracing::info!("shutting down"),
-        _ = drain_requested.cancelled() => tracing::info!("drain requested by the operator; shutting down"),
+    // The API serves: systemd may start what depends on kilnd. ComfyUI's progress follows in
+    // STATUS= lines.
+    notify.ready(&format!(
+        "API up; {}",
+        crate::notify::comfy_status(&supervisor.subscribe_state().borrow())
+    ));
+
+    // The main loop: wait for shutdown, and ping systemd's watchdog only while the parts that
+    // must stay alive answer, so a stuck node misses its pings and is restarted.
+    let mut watchdog = notify.watchdog_timer();
+    let probe_limit = notify
+        .ping_interval()
+        .map(|interval| interval / 2)
+        .unwrap_or(Duration::from_secs(1));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => {
+                tracing::info!("shutting down");
+                break;
+            }
+            _ = drain_requested.cancelled() => {
+                tracing::info!("drain requested by the operator; shutting down");
+                break;
+            }
+            _ = watchdog.tick() => match node_alive(&store, &http, &runner, probe_limit).await {
+                Ok(()) => notify.watchdog(),
+                Err(problem) => tracing::error!(%problem, "the node is not healthy; not pinging systemd's watchdog"),
+            },
+        }
+    }
+    notify.stopping(&format!(
+        "draining: finishing the running job (at most {} s)",
+        config.jobs.drain_timeout_s
+    ));
+    // The shutdown below is bounded by its own deadlines; keep the watchdog fed meanwhile.
+    let stopping_pings = CancellationToken::new();
+    {
+        let notify = notify.clone();
+        let mut timer = notify.watchdog_timer();
+        let done = stopping_pings.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = done.cancelled() => break,
+                    _ = timer.tick() => notify.watchdog(),
+                }
+            }
+        });
     }
     // Readiness off (gossip says `draining`), no new jobs taken as owner, no leases.
     draining.cancel();
@@ -570,9 +630,11 @@ pub async fn run(
     }
     // The queue goes to the members that own it next, acknowledged by each.
     if cluster.is_some() {
+        notify.status("draining: handing queued jobs to their next owners");
         let handed = jobs.drain().await;
         tracing::info!(jobs = handed, "queued jobs handed over");
     }
+    notify.status("stopping ComfyUI");
     if let Err(error) = supervisor.shutdown().await {
         tracing::warn!(%error, "stopping ComfyUI");
     }
@@ -597,6 +659,8 @@ pub async fn run(
     if let Err(error) = store.close().await {
         tracing::warn!(%error, "closing the job store");
     }
+    notify.status("stopped");
+    stopping_pings.cancel();
     tracing::info!("stopped");
     Ok(())
 }
@@ -662,6 +726,30 @@ fn watermark_of(config: &Config) -> anyhow::Result<Option<Arc<Watermark>>> {
     let mark = Watermark::from_config(&config.watermark)
         .map_err(|(key, message)| anyhow::anyhow!("{key}: {message}"))?;
     Ok(Some(Arc::new(mark)))
+}
+
+/// The main loop's liveness check before a watchdog ping: the HTTP server and the job runner
+/// still run, and the job store answers a read within `limit`.
+async fn node_alive<T, U>(
+    store: &JobStore,
+    http: &tokio::task::JoinHandle<T>,
+    runner: &tokio::task::JoinHandle<U>,
+    limit: Duration,
+) -> Result<(), String> {
+    if http.is_finished() {
+        return Err("the HTTP server stopped".to_string());
+    }
+    if runner.is_finished() {
+        return Err("the job runner stopped".to_string());
+    }
+    match tokio::time::timeout(limit, store.get("kiln-watchdog-probe")).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(error)) => Err(format!("the job store failed a read: {error}")),
+        Err(_) => Err(format!(
+            "the job store did not answer a read within {} ms",
+            limit.as_millis()
+        )),
+    }
 }
 
 fn supervisor_config(config: &Config) -> anyhow::Result<SupervisorConfig> {
@@ -1058,6 +1146,8 @@ pub struct DevOptions {
     pub sim_step_ms: Option<u64>,
     /// More arguments for `kilnd comfy-sim`.
     pub sim_args: Vec<String>,
+    /// systemd notifications.
+    pub notify: Notifier,
 }
 
 /// The demo keys of a dev node, one per tier, as written to `<data dir>/dev-keys.json`.
@@ -1250,6 +1340,7 @@ pub async fn run_dev(
             supervisor,
             cluster,
             watermark,
+            notify: options.notify,
         },
         listener,
         shutdown,
@@ -1297,4 +1388,39 @@ pub fn init_logging() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The watchdog's liveness check: a node whose HTTP server or runner task ended is not
+    /// alive, and the check says which part is gone.
+    #[tokio::test]
+    async fn the_watchdog_check_names_the_part_that_stopped() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = JobStore::open(dir.path(), StoreOptions::default())
+            .await
+            .expect("store");
+        let stop = CancellationToken::new();
+        let running = || {
+            let stop = stop.clone();
+            tokio::spawn(async move { stop.cancelled().await })
+        };
+        let (http, runner) = (running(), running());
+        let limit = Duration::from_secs(5);
+        assert_eq!(node_alive(&store, &http, &runner, limit).await, Ok(()));
+
+        let ended = tokio::spawn(async {});
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !ended.is_finished() && tokio::time::Instant::now() < deadline {
+            tokio::task::yield_now().await;
+        }
+        let problem = node_alive(&store, &ended, &runner, limit).await;
+        assert_eq!(problem, Err("the HTTP server stopped".to_string()));
+        let problem = node_alive(&store, &http, &ended, limit).await;
+        assert_eq!(problem, Err("the job runner stopped".to_string()));
+
+        stop.cancel();
+    }
 }

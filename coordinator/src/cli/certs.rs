@@ -22,6 +22,9 @@ pub enum CertsCommand {
     Revoke(CertsRevoke),
     /// List the certificates a CA issued.
     List(CertsList),
+    /// Print a new host's certificates (and optionally its config and keys) as one environment
+    /// value, KILN_BUNDLE=…, or as a Vast.ai onstart script, for provisioning/container-entry.sh.
+    Bundle(CertsBundle),
 }
 
 #[derive(Debug, Args)]
@@ -79,12 +82,48 @@ pub struct CertsList {
     pub json: bool,
 }
 
+#[derive(Debug, Args)]
+pub struct CertsBundle {
+    /// The CA folder made by `kiln certs init`.
+    #[arg(long = "ca", value_name = "DIR")]
+    pub ca_dir: PathBuf,
+    /// The member's name. Its certificate is issued into --member-dir unless one is there.
+    #[arg(long, value_name = "NAME")]
+    pub member: String,
+    /// The member's certs folder (kept, to revoke or rotate later) [default: ./NAME].
+    #[arg(long, value_name = "DIR")]
+    pub member_dir: Option<PathBuf>,
+    /// How long a newly issued certificate is valid, in days.
+    #[arg(long, default_value_t = pki::DEFAULT_CERT_DAYS, value_parser = clap::value_parser!(u32).range(1..))]
+    pub days: u32,
+    /// A kilnd config to include as kilnd.toml (checked first).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// An API keys file to include as keys.toml.
+    #[arg(long, value_name = "FILE")]
+    pub keys_file: Option<PathBuf>,
+    /// Print a Vast.ai onstart script (at most 4,096 characters) that runs the entry point with
+    /// the bundle, instead of the KILN_BUNDLE=… line.
+    #[arg(long)]
+    pub onstart: bool,
+    /// The container entry point the onstart script runs.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_ENTRY)]
+    pub entry: String,
+}
+
+/// Where the template image (provisioning/Dockerfile) puts the container entry point.
+pub const DEFAULT_ENTRY: &str = "/opt/kiln/container-entry.sh";
+
+/// Vast.ai's limit on an instance's onstart script.
+pub const ONSTART_LIMIT: usize = 4096;
+
 pub fn run(command: CertsCommand, out: &mut dyn Write) -> anyhow::Result<()> {
     match command {
         CertsCommand::Init(args) => init(args, out),
         CertsCommand::Issue(args) => issue(args, out),
         CertsCommand::Revoke(args) => revoke(args, out),
         CertsCommand::List(args) => list(args, out),
+        CertsCommand::Bundle(args) => bundle(args, out),
     }
 }
 
@@ -243,5 +282,112 @@ fn list(args: CertsList, out: &mut dyn Write) -> anyhow::Result<()> {
         ("REVOKED", Align::Left),
     ];
     out.write_all(text::table(&columns, &rows).as_bytes())?;
+    Ok(())
+}
+
+fn read_file(path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// The bundle's format: base64 (standard alphabet, one line) of a gzip-compressed tar holding
+/// `certs/cert.pem`, `certs/key.pem`, `certs/ca.pem`, `certs/crl.pem` (when the CA has one) and,
+/// when given, `kilnd.toml` and `keys.toml`. Every entry is a regular file of mode 600 with a
+/// zero timestamp, so the same inputs give the same bundle. `tar -xz` unpacks it.
+pub fn encode_bundle(files: &[(String, Vec<u8>)]) -> anyhow::Result<String> {
+    use base64::Engine as _;
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    let mut tar = tar::Builder::new(gz);
+    tar.mode(tar::HeaderMode::Deterministic);
+    for (path, bytes) in files {
+        let mut header = tar::Header::new_ustar();
+        header.set_size(bytes.len() as u64);
+        header.set_mode(0o600);
+        header.set_mtime(0);
+        header.set_entry_type(tar::EntryType::Regular);
+        tar.append_data(&mut header, path, bytes.as_slice())
+            .with_context(|| format!("adding {path} to the bundle"))?;
+    }
+    let gz = tar.into_inner().context("finishing the bundle's tar")?;
+    let compressed = gz.finish().context("compressing the bundle")?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(compressed))
+}
+
+/// The Vast.ai onstart script that hands `bundle` to the entry point.
+pub fn onstart_script(member: &str, bundle: &str, entry: &str) -> String {
+    format!(
+        "#!/bin/sh\n# Kiln member {member}: certificates and config for kilnd, then kilnd itself.\n\
+         export KILN_BUNDLE='{bundle}'\nexec {entry}\n"
+    )
+}
+
+fn bundle(args: CertsBundle, out: &mut dyn Write) -> anyhow::Result<()> {
+    pki::validate_name(&args.member)?;
+    if args.entry.is_empty() || args.entry.contains(['\'', '\n', ' ']) {
+        anyhow::bail!(
+            "--entry {:?}: give a path without spaces, quotes or newlines",
+            args.entry
+        );
+    }
+    let member_dir = args
+        .member_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(&args.member));
+    // A member folder made earlier is reused (same certificate); otherwise one is issued now.
+    if !member_dir.join(pki::CERT_FILE).exists() {
+        pki::issue(&args.ca_dir, &args.member, &member_dir, args.days)?;
+    }
+    let identity = pki::Identity::load_dir(&member_dir)
+        .with_context(|| format!("the member folder {}", member_dir.display()))?;
+    if identity.name() != args.member {
+        anyhow::bail!(
+            "{} holds the certificate of {:?}, not {:?}; give --member-dir for {:?}",
+            member_dir.display(),
+            identity.name(),
+            args.member,
+            args.member
+        );
+    }
+    // (path inside the bundle, bytes)
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    for name in [pki::CERT_FILE, pki::KEY_FILE, pki::CA_CERT_FILE] {
+        files.push((format!("certs/{name}"), read_file(&member_dir.join(name))?));
+    }
+    // The CA's current CRL beats the copy made at issue time.
+    let crl = [
+        args.ca_dir.join(pki::CRL_FILE),
+        member_dir.join(pki::CRL_FILE),
+    ]
+    .into_iter()
+    .find(|p| p.exists());
+    if let Some(crl) = crl {
+        files.push((format!("certs/{}", pki::CRL_FILE), read_file(&crl)?));
+    }
+    if let Some(config) = &args.config {
+        kiln_daemon::config::Config::load(config)
+            .with_context(|| format!("--config {}", config.display()))?;
+        files.push(("kilnd.toml".to_string(), read_file(config)?));
+    }
+    if let Some(keys) = &args.keys_file {
+        kiln_daemon::tiers::KeyRing::load(keys)
+            .with_context(|| format!("--keys-file {}", keys.display()))?;
+        files.push(("keys.toml".to_string(), read_file(keys)?));
+    }
+    let encoded = encode_bundle(&files)?;
+    if !args.onstart {
+        writeln!(out, "KILN_BUNDLE={encoded}").context("writing to stdout")?;
+        return Ok(());
+    }
+    let script = onstart_script(&args.member, &encoded, &args.entry);
+    if script.len() > ONSTART_LIMIT {
+        anyhow::bail!(
+            "the onstart script would be {} characters, over Vast.ai's {ONSTART_LIMIT}: pass the \
+             bundle in the instance's environment instead (run this without --onstart for the \
+             KILN_BUNDLE=… value, give it as `-e KILN_BUNDLE=…`) and use the onstart `exec {}`",
+            script.len(),
+            args.entry
+        );
+    }
+    out.write_all(script.as_bytes())
+        .context("writing to stdout")?;
     Ok(())
 }
