@@ -11,12 +11,17 @@
 //! - [`provider`]: the [`provider::Provider`] trait and its implementations (Vast.ai, RunPod,
 //!   Lambda Cloud, local `kilnd` processes).
 //! - [`fleet`]: the hosts the coordinator rented and their states, as pure data.
+//! - [`config`]: `kiln.toml` (inventory path, cluster access, provider sections).
+//! - [`inventory`]: the SQLite inventory of rented hosts, their history and the cost ledger,
+//!   and reconciling it with the providers.
 //!
 //! The coordinator imports the node's pure wire contract (`kiln_daemon::protocol`) and the
 //! cluster CA (`kiln_daemon::pki`), never the node's runtime parts.
 
 pub mod cli;
+pub mod config;
 pub mod fleet;
+pub mod inventory;
 pub mod provider;
 pub mod status;
 pub mod text;

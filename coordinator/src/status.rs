@@ -590,6 +590,93 @@ fn footer(view: &ClusterView) -> String {
     )
 }
 
+/// How long a released host stays in the merged status table.
+pub const RELEASED_SHOWN_MS: i64 = 24 * 3_600_000;
+
+/// Names of the members the view shows live and able to take jobs (`ready` or `busy`).
+pub fn ready_members(view: &ClusterView) -> Vec<&str> {
+    use kiln_daemon::protocol::cluster::MemberState;
+    view.members
+        .iter()
+        .filter(|m| m.live && matches!(m.status.state, MemberState::Ready | MemberState::Busy))
+        .map(|m| m.status.name.as_str())
+        .collect()
+}
+
+fn inventory_row(host: &crate::inventory::InventoryHost) -> Vec<String> {
+    let mut row = vec![ABSENT.to_string(); COLUMNS.len()];
+    row[0] = clean(&host.record.name);
+    row[1] = "node".into();
+    row[2] = host.record.provider.to_string();
+    row[3] = host.record.state.to_string();
+    row[9] = "0".into();
+    row[10] = price_cell(Some(host.rate().total()));
+    row
+}
+
+/// The cluster view merged with the inventory: every member of the view (as
+/// [`render_table`] draws it), then each inventory host the view does not show live — warm
+/// hosts, hosts still provisioning, and hosts released in the last 24 hours — with the
+/// inventory's state and what it costs per hour in that state. The footer adds the
+/// inventory's count per state and its cost per hour. Without a view (the cluster could not be
+/// reached) only the inventory's hosts are drawn.
+pub fn render_fleet_table(
+    view: Option<&ClusterView>,
+    hosts: &[crate::inventory::InventoryHost],
+    now_ms: i64,
+) -> String {
+    use crate::fleet::HostState;
+    let live: std::collections::HashSet<&str> = view
+        .map(|v| {
+            v.members
+                .iter()
+                .filter(|m| m.live)
+                .map(|m| m.status.name.as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut rows: Vec<Vec<String>> = view
+        .map(|v| v.members.iter().map(member_row).collect())
+        .unwrap_or_default();
+    for host in hosts {
+        if live.contains(host.record.name.as_str()) {
+            continue;
+        }
+        if host.record.state == HostState::Released
+            && now_ms - host.record.state_since_ms > RELEASED_SHOWN_MS
+        {
+            continue;
+        }
+        rows.push(inventory_row(host));
+    }
+    let mut out = text::table(&COLUMNS, &rows);
+    if let Some(view) = view {
+        out.push_str(&footer(view));
+        out.push('\n');
+    }
+    let counts: Vec<String> = HostState::ALL
+        .iter()
+        .filter(|s| **s != HostState::Released)
+        .filter_map(|state| {
+            let n = hosts.iter().filter(|h| h.record.state == *state).count();
+            (n > 0).then(|| format!("{n} {state}"))
+        })
+        .collect();
+    let cost = hosts
+        .iter()
+        .map(|h| h.rate().total())
+        .fold(0.0, |total, p| total + p);
+    out.push_str(&format!(
+        "inventory: {} · ${cost:.3}/h rented\n",
+        if counts.is_empty() {
+            "no hosts".to_string()
+        } else {
+            counts.join(", ")
+        }
+    ));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
