@@ -486,7 +486,7 @@ impl fmt::Display for ApiKey {
 }
 
 fn check_price(key: &str, price: f64) -> Result<(), ConfigError> {
-    if !(price.is_finite() && price >= 0.0 && price <= 1_000.0) {
+    if !(price.is_finite() && (0.0..=1_000.0).contains(&price)) {
         return Err(invalid(
             key,
             "must be a number of USD per hour between 0 and 1000",

@@ -50,12 +50,12 @@ pub fn build(
     }
 }
 
+/// Built clients, and the providers whose client could not be built with why.
+pub type Built = (Vec<Box<dyn Provider>>, Vec<(ProviderKind, anyhow::Error)>);
+
 /// The clients of every configured provider that can be built, and the errors of those that
 /// cannot (a missing key, a client not in this build), for callers that go on without them.
-pub fn build_all(
-    config: &KilnConfig,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> (Vec<Box<dyn Provider>>, Vec<(ProviderKind, anyhow::Error)>) {
+pub fn build_all(config: &KilnConfig, env: &dyn Fn(&str) -> Option<String>) -> Built {
     let mut built = Vec::new();
     let mut failed = Vec::new();
     for kind in config.providers.configured() {

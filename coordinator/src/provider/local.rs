@@ -120,11 +120,14 @@ impl LocalProvider {
 
     /// The pid of the node's kilnd when it runs.
     fn running_pid(&self, name: &str, dir: &Path) -> Option<i32> {
-        // Reap our own child first: an exited child is a zombie until waited for.
+        // Our own child is asked directly (right after spawn its command line may still be
+        // ours, before exec); an exited one is reaped, or it would linger as a zombie.
         if let Ok(mut children) = self.children.lock()
             && let Some(child) = children.get_mut(name)
-            && !matches!(child.try_wait(), Ok(None))
         {
+            if matches!(child.try_wait(), Ok(None)) {
+                return i32::try_from(child.id()).ok();
+            }
             children.remove(name);
         }
         let pid: i32 = std::fs::read_to_string(dir.join(PID_FILE))
