@@ -230,7 +230,8 @@ async fn source_from_config(
             StatusSource::Member(MemberSource::join(certs, &access.seeds, access.timeout()).await?)
         }
         None => {
-            let token = operator_token(access.token_file.as_deref(), env_token()?)?;
+            let token = operator_token(access.token_file.as_deref(), env_token()?)
+                .context("kiln.toml [cluster]: set token_file, or certs and seeds")?;
             let api = access.api.as_ref().unwrap_or(&args.api);
             StatusSource::Api(ApiSource::new(api, &token, access.timeout())?)
         }
