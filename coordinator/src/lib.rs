@@ -14,14 +14,19 @@
 //! - [`fleet`]: the hosts the coordinator rented and their states, as pure data.
 //! - [`policy`]: the pure scaling policy (`plan`), shared by `kiln run` and `kiln simulate`.
 //! - [`alerts`]: the pure alert rules (`evaluate`) and their webhook bodies.
+//! - [`config`]: `kiln.toml` (inventory path, cluster access, provider sections).
+//! - [`inventory`]: the SQLite inventory of rented hosts, their history and the cost ledger,
+//!   and reconciling it with the providers.
 //!
 //! The coordinator imports the node's pure wire contract (`kiln_daemon::protocol`) and the
 //! cluster CA (`kiln_daemon::pki`), never the node's runtime parts.
 
 pub mod alerts;
 pub mod cli;
+pub mod config;
 pub mod costmodel;
 pub mod fleet;
+pub mod inventory;
 pub mod policy;
 pub mod provider;
 pub mod status;

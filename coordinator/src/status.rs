@@ -590,6 +590,111 @@ fn footer(view: &ClusterView) -> String {
     )
 }
 
+/// How long a released host stays in the merged status table.
+pub const RELEASED_SHOWN_MS: i64 = 24 * 3_600_000;
+
+/// Names of the members the view shows live and able to take jobs (`ready` or `busy`).
+pub fn ready_members(view: &ClusterView) -> Vec<&str> {
+    use kiln_daemon::protocol::cluster::MemberState;
+    view.members
+        .iter()
+        .filter(|m| m.live && matches!(m.status.state, MemberState::Ready | MemberState::Busy))
+        .map(|m| m.status.name.as_str())
+        .collect()
+}
+
+fn inventory_row(host: &crate::inventory::InventoryHost) -> Vec<String> {
+    let mut row = vec![ABSENT.to_string(); COLUMNS.len()];
+    row[0] = clean(&host.record.name);
+    row[1] = "node".into();
+    row[2] = host.record.provider.to_string();
+    row[3] = host.record.state.to_string();
+    row[9] = "0".into();
+    row[10] = price_cell(Some(host.rate().total()));
+    row
+}
+
+/// The cluster view merged with the inventory: every member of the view (as
+/// [`render_table`] draws it, but with the inventory's state for hosts it holds as warm, failed
+/// or released), then each inventory host the view does not show live — warm
+/// hosts, hosts still provisioning, and hosts released in the last 24 hours — with the
+/// inventory's state and what it costs per hour in that state. The footer adds the
+/// inventory's count per state and its cost per hour. Without a view (the cluster could not be
+/// reached) only the inventory's hosts are drawn.
+pub fn render_fleet_table(
+    view: Option<&ClusterView>,
+    hosts: &[crate::inventory::InventoryHost],
+    now_ms: i64,
+) -> String {
+    use crate::fleet::HostState;
+    let live: std::collections::HashSet<&str> = view
+        .map(|v| {
+            v.members
+                .iter()
+                .filter(|m| m.live)
+                .map(|m| m.status.name.as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    let by_name: std::collections::HashMap<&str, &crate::inventory::InventoryHost> =
+        hosts.iter().map(|h| (h.record.name.as_str(), h)).collect();
+    let mut rows: Vec<Vec<String>> = view
+        .map(|v| {
+            v.members
+                .iter()
+                .map(|m| {
+                    let mut row = member_row(m);
+                    // A host the coordinator stopped or released may linger in gossip for a
+                    // few rounds (draining, then dead): the inventory's word is the newer one.
+                    if let Some(host) = by_name.get(m.status.name.as_str())
+                        && !host.record.state.bills_gpu()
+                    {
+                        row[3] = host.record.state.to_string();
+                    }
+                    row
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    for host in hosts {
+        if live.contains(host.record.name.as_str()) {
+            continue;
+        }
+        if host.record.state == HostState::Released
+            && now_ms - host.record.state_since_ms > RELEASED_SHOWN_MS
+        {
+            continue;
+        }
+        rows.push(inventory_row(host));
+    }
+    let mut out = text::table(&COLUMNS, &rows);
+    if let Some(view) = view {
+        out.push_str(&footer(view));
+        out.push('\n');
+    }
+    let counts: Vec<String> = HostState::ALL
+        .iter()
+        .filter(|s| **s != HostState::Released)
+        .filter_map(|state| {
+            let n = hosts.iter().filter(|h| h.record.state == *state).count();
+            (n > 0).then(|| format!("{n} {state}"))
+        })
+        .collect();
+    let cost = hosts
+        .iter()
+        .map(|h| h.rate().total())
+        .fold(0.0, |total, p| total + p);
+    out.push_str(&format!(
+        "inventory: {} · ${cost:.3}/h rented\n",
+        if counts.is_empty() {
+            "no hosts".to_string()
+        } else {
+            counts.join(", ")
+        }
+    ));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -729,6 +834,77 @@ gpu-0  node         vast      dead      0%   1.0/24.0G   40C  -                 
             "NODE  ROLE  PROVIDER  STATE  GPU  VRAM  TEMP  QUEUE  OLDEST  RUN  $/H  VERSION\n\
              0 live, 0 dead · cluster dev · seen by n at 2026-11-28T07:00:00Z · $0.000/h live\n"
         );
+    }
+
+    #[test]
+    fn the_fleet_table_adds_hosts_the_gossip_does_not_show() {
+        use crate::fleet::HostState;
+        use crate::inventory::{Inventory, NewHost, Pricing};
+        use crate::provider::ProviderKind;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut inventory = Inventory::open(&dir.path().join("inv.db")).expect("open");
+        let hour = 3_600_000;
+        let now = 100 * hour;
+        for (name, state, at) in [
+            ("gpu-1", HostState::Hot, now),
+            ("gpu-2", HostState::Warm, now),
+            ("gpu-3", HostState::Warm, now - hour),
+            ("gpu-4", HostState::Released, now - 48 * hour),
+            ("gpu-5", HostState::Released, now - hour),
+        ] {
+            let host = NewHost {
+                name: name.into(),
+                provider: ProviderKind::Local,
+                spot: false,
+                primary: false,
+                pricing: Pricing {
+                    price_per_hour: 0.4,
+                    stopped_price_per_hour: 0.05,
+                    disk_gb: 0,
+                    storage_per_gb_month: None,
+                },
+            };
+            inventory.add_host(&host, 0, "test").expect("add");
+            inventory.set_state(name, state, at, "test").expect("state");
+        }
+        let view = ClusterView {
+            cluster_id: "dev".into(),
+            observed_by: "gpu-1".into(),
+            observed_at: "2026-11-28T07:00:00Z".into(),
+            members: vec![
+                member("gpu-1", MemberState::Ready, true),
+                member("gpu-2", MemberState::Draining, true),
+            ],
+        };
+        let hosts = inventory.hosts().expect("hosts");
+        let table = render_fleet_table(Some(&view), &hosts, now);
+        let state_of = |name: &str| {
+            table
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(3))
+                .map(String::from)
+        };
+        assert_eq!(state_of("gpu-1").as_deref(), Some("ready"), "{table}");
+        // Stopped by the coordinator, still draining in gossip: the inventory's word wins.
+        assert_eq!(state_of("gpu-2").as_deref(), Some("warm"), "{table}");
+        assert_eq!(state_of("gpu-3").as_deref(), Some("warm"), "{table}");
+        assert_eq!(state_of("gpu-4"), None, "{table}");
+        assert_eq!(state_of("gpu-5").as_deref(), Some("released"), "{table}");
+        assert!(
+            table.ends_with("inventory: 1 hot, 2 warm · $0.500/h rented\n"),
+            "{table}"
+        );
+
+        // Without a view, the inventory alone.
+        let alone = render_fleet_table(None, &hosts, now);
+        assert!(
+            alone
+                .lines()
+                .any(|l| l.starts_with("gpu-1") && l.contains("hot"))
+        );
+        assert_eq!(ready_members(&view), vec!["gpu-1"]);
     }
 
     #[test]

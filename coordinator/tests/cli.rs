@@ -574,3 +574,32 @@ async fn status_watch_stops_cleanly_on_ctrl_c() {
         .expect("wait for kiln");
     assert!(status.success(), "Ctrl-C ends --watch cleanly: {status:?}");
 }
+
+#[test]
+fn cost_model_prints_the_documents_tables_with_verdicts() {
+    let output = kiln()
+        .args(["cost", "model"])
+        .output()
+        .expect("kiln cost model");
+    assert!(output.status.success(), "{output:?}");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("Minimal   1 HOT + 0 WARM        $288"), "{text}");
+    assert!(text.contains("DIFFERS"), "{text}");
+
+    let output = kiln()
+        .args(["cost", "model", "--json", "--spot-per-hour", "0.5"])
+        .output()
+        .expect("kiln cost model --json");
+    assert!(output.status.success(), "{output:?}");
+    let body: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+    assert_eq!(body["scenarios"][0]["cost"]["low"], 360.0);
+    assert_eq!(body["scenarios"][0]["cost_agrees"], false);
+
+    let output = kiln()
+        .args(["cost", "model", "--spot-per-hour", "0"])
+        .output()
+        .expect("kiln cost model");
+    assert_eq!(output.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("--spot-per-hour"), "{err}");
+}

@@ -7,6 +7,8 @@ use std::io::Write;
 use clap::{Parser, Subcommand};
 
 pub mod certs;
+pub mod cost;
+pub mod fleet;
 pub mod keys;
 pub mod status;
 
@@ -32,6 +34,20 @@ pub enum Command {
     /// Manage API keys (stored only as hashes).
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Rent a host from a provider (recorded in the inventory as provisioning).
+    Rent(fleet::RentArgs),
+    /// Stop a running host, keeping its disk (hot → warm).
+    Pause(fleet::HostArgs),
+    /// Start a warm host again (warm → provisioning → hot).
+    Resume(fleet::HostArgs),
+    /// Destroy a host and its disk (→ released).
+    Release(fleet::HostArgs),
+    /// What the fleet cost: today, month to date, per host and per state.
+    Cost(cost::CostArgs),
+    /// The hosts in the inventory (or one host's state history).
+    Inventory(fleet::InventoryArgs),
+    /// Compare the inventory with what the providers report and correct it.
+    Reconcile(fleet::ReconcileArgs),
 }
 
 /// Runs one parsed command, writing its normal output to `out`.
@@ -40,5 +56,12 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         Command::Status(args) => status::run(args, out),
         Command::Certs(command) => certs::run(command, out),
         Command::Keys(command) => keys::run(command, out),
+        Command::Rent(args) => fleet::run_rent(args, out),
+        Command::Pause(args) => fleet::run_host_action(fleet::HostAction::Pause, args, out),
+        Command::Resume(args) => fleet::run_host_action(fleet::HostAction::Resume, args, out),
+        Command::Release(args) => fleet::run_host_action(fleet::HostAction::Release, args, out),
+        Command::Cost(args) => cost::run(args, out),
+        Command::Inventory(args) => fleet::run_inventory(args, out),
+        Command::Reconcile(args) => fleet::run_reconcile(args, out),
     }
 }

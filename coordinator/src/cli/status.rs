@@ -42,7 +42,13 @@ pub struct StatusArgs {
     /// `host:port` (repeatable).
     #[arg(long = "seed", value_name = "ADDR", requires = "certs")]
     pub seeds: Vec<String>,
-    /// Print the cluster view JSON exactly as the node sent it.
+    /// The coordinator's config (kiln.toml): reach the cluster as its [cluster] section says,
+    /// and merge the view with the inventory, so hosts the gossip cannot see (warm, still
+    /// provisioning, released in the last day) are listed too.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["certs", "token_file", "watch"])]
+    pub config: Option<PathBuf>,
+    /// Print the cluster view JSON exactly as the node sent it (with --config:
+    /// `{"cluster": <view or null>, "cluster_error": <text or null>, "inventory": [hosts]}`).
     #[arg(long, conflicts_with = "watch")]
     pub json: bool,
     /// Redraw the table every interval until Ctrl-C.
@@ -105,6 +111,9 @@ pub fn operator_token(
 }
 
 pub fn run(args: StatusArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    if let Some(path) = args.config.clone() {
+        return run_with_inventory(&args, &path, out);
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -201,4 +210,92 @@ async fn watch(
             signal = &mut ctrl_c => return signal.context("cannot listen for Ctrl-C"),
         }
     }
+}
+
+fn env_token() -> anyhow::Result<Option<String>> {
+    match std::env::var(TOKEN_ENV) {
+        Ok(token) => Ok(Some(token)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => bail!("{TOKEN_ENV} is not valid UTF-8"),
+    }
+}
+
+/// The status source a `kiln.toml`'s `[cluster]` section names (its `api`, else `--api`).
+async fn source_from_config(
+    access: &crate::config::ClusterAccess,
+    args: &StatusArgs,
+) -> anyhow::Result<StatusSource> {
+    Ok(match &access.certs {
+        Some(certs) => {
+            StatusSource::Member(MemberSource::join(certs, &access.seeds, access.timeout()).await?)
+        }
+        None => {
+            let token = operator_token(access.token_file.as_deref(), env_token()?)
+                .context("kiln.toml [cluster]: set token_file, or certs and seeds")?;
+            let api = access.api.as_ref().unwrap_or(&args.api);
+            StatusSource::Api(ApiSource::new(api, &token, access.timeout())?)
+        }
+    })
+}
+
+/// `kiln status --config`: the view merged with the inventory. Hosts still `provisioning` that
+/// the view shows ready are moved to `hot` (with a history entry). When the cluster cannot be
+/// reached the inventory is still shown, with the reason.
+fn run_with_inventory(args: &StatusArgs, path: &Path, out: &mut dyn Write) -> anyhow::Result<()> {
+    use crate::fleet::HostState;
+
+    let config = crate::config::KilnConfig::load(path)?;
+    let mut inventory = crate::inventory::Inventory::open(&config.inventory.path)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let fetched: anyhow::Result<Snapshot> = runtime.block_on(async {
+        let source = source_from_config(&config.cluster, args).await?;
+        let result = status::fetch(&source).await;
+        if let StatusSource::Member(member) = &source {
+            member.leave().await;
+        }
+        Ok::<Snapshot, anyhow::Error>(result?)
+    });
+    let now = super::fleet::now_ms();
+    if let Ok(snapshot) = &fetched {
+        for name in status::ready_members(&snapshot.view) {
+            if let Some(host) = inventory.host(name)?
+                && host.record.state == HostState::Provisioning
+            {
+                inventory.set_state(name, HostState::Hot, now, "ready in the cluster view")?;
+            }
+        }
+    }
+    let hosts = inventory.hosts()?;
+    if args.json {
+        let (cluster, error) = match &fetched {
+            Ok(snapshot) => (
+                serde_json::from_str::<serde_json::Value>(&snapshot.json)
+                    .context("re-reading the cluster view")?,
+                None,
+            ),
+            Err(e) => (serde_json::Value::Null, Some(format!("{e:#}"))),
+        };
+        let body = serde_json::json!({
+            "cluster": cluster,
+            "cluster_error": error,
+            "inventory": hosts,
+        });
+        let text = serde_json::to_string_pretty(&body).context("encoding the status")?;
+        writeln!(out, "{text}").context("writing to stdout")?;
+    } else {
+        let mut text =
+            status::render_fleet_table(fetched.as_ref().ok().map(|s| &s.view), &hosts, now);
+        if let Err(e) = &fetched {
+            text.push_str(&format!(
+                "cluster view unavailable: {}\n",
+                crate::text::clean(&format!("{e:#}"))
+            ));
+        }
+        out.write_all(text.as_bytes())
+            .context("writing to stdout")?;
+    }
+    Ok(())
 }

@@ -54,6 +54,13 @@ impl ApiKey {
     }
 }
 
+impl ApiKey {
+    /// The key itself, to hand to a client's constructor (which checks it again).
+    pub(crate) fn into_inner(self) -> String {
+        self.0
+    }
+}
+
 impl fmt::Debug for ApiKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("***")

@@ -26,6 +26,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+pub mod build;
+pub mod local;
+
 /// Which provider a host comes from. The lowercase name is what gossip (`MemberStatus.provider`),
 /// the inventory and the CLI use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

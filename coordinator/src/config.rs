@@ -1,0 +1,800 @@
+//! The coordinator's configuration, `kiln.toml` (`coordinator/kiln.example.toml` documents every
+//! key): where the inventory lives, how `kiln status` reaches the cluster, and one section per
+//! provider.
+//!
+//! This module only parses and checks; it never opens a socket or a database. Unknown keys are
+//! refused, [`KilnConfig::validate`] names the key that is wrong, and relative paths are taken
+//! from the config file's folder. Provider credentials are never part of the parsed config: they
+//! are read when a client is built ([`CloudSection::api_key`]), from the provider's environment
+//! variable or from an `api_key_file` only its owner can read, into an [`ApiKey`] whose `Debug`
+//! never shows it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use url::Url;
+
+use crate::provider::{ApiKey, PortSpec, ProviderKind};
+
+/// The whole `kiln.toml`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KilnConfig {
+    #[serde(default)]
+    pub inventory: InventorySection,
+    #[serde(default)]
+    pub cluster: ClusterAccess,
+    #[serde(default)]
+    pub providers: ProvidersSection,
+}
+
+/// `[inventory]`: the SQLite file holding every host ever rented and the cost ledger.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InventorySection {
+    #[serde(default = "InventorySection::default_path")]
+    pub path: PathBuf,
+}
+
+impl Default for InventorySection {
+    fn default() -> Self {
+        InventorySection {
+            path: Self::default_path(),
+        }
+    }
+}
+
+impl InventorySection {
+    fn default_path() -> PathBuf {
+        PathBuf::from("kiln-inventory.db")
+    }
+}
+
+/// `[cluster]`: how `kiln status` reads the cluster view, the same two ways its flags offer:
+/// a node's API with the operator token, or joining the gossip with a certificate.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterAccess {
+    /// Any node's HTTP API (used unless `certs` is given).
+    #[serde(default)]
+    pub api: Option<Url>,
+    /// The operator token's file (owner-only); else `KILN_OPERATOR_TOKEN`.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// A certificate folder to join the gossip with (needs `seeds`).
+    #[serde(default)]
+    pub certs: Option<PathBuf>,
+    /// Members' gossip addresses for `certs`.
+    #[serde(default)]
+    pub seeds: Vec<String>,
+    /// How long to wait for the view, seconds.
+    #[serde(default = "ClusterAccess::default_timeout_s")]
+    pub timeout_s: u64,
+}
+
+impl Default for ClusterAccess {
+    fn default() -> Self {
+        ClusterAccess {
+            api: None,
+            token_file: None,
+            certs: None,
+            seeds: Vec::new(),
+            timeout_s: Self::default_timeout_s(),
+        }
+    }
+}
+
+impl ClusterAccess {
+    fn default_timeout_s() -> u64 {
+        10
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_s)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(api) = &self.api
+            && (!matches!(api.scheme(), "http" | "https") || api.host_str().is_none())
+        {
+            return Err(invalid(
+                "cluster.api",
+                "must be an http:// or https:// URL with a host",
+            ));
+        }
+        if self.certs.is_some() && self.seeds.is_empty() {
+            return Err(invalid(
+                "cluster.seeds",
+                "cluster.certs needs at least one seed (a member's gossip address)",
+            ));
+        }
+        if !(1..=600).contains(&self.timeout_s) {
+            return Err(invalid("cluster.timeout_s", "must be between 1 and 600"));
+        }
+        Ok(())
+    }
+}
+
+/// `[providers.*]`: one optional section per provider; a provider without a section cannot be
+/// used.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProvidersSection {
+    #[serde(default)]
+    pub local: Option<LocalSection>,
+    #[serde(default)]
+    pub vast: Option<CloudSection>,
+    #[serde(default)]
+    pub runpod: Option<CloudSection>,
+    #[serde(default)]
+    pub lambda: Option<CloudSection>,
+}
+
+impl ProvidersSection {
+    /// The providers that have a section, in [`ProviderKind::ALL`] order.
+    pub fn configured(&self) -> Vec<ProviderKind> {
+        ProviderKind::ALL
+            .into_iter()
+            .filter(|kind| match kind {
+                ProviderKind::Local => self.local.is_some(),
+                other => self.cloud(*other).is_some(),
+            })
+            .collect()
+    }
+
+    /// The section of a cloud provider (`None` for `local`, or when absent).
+    pub fn cloud(&self, kind: ProviderKind) -> Option<&CloudSection> {
+        match kind {
+            ProviderKind::Vast => self.vast.as_ref(),
+            ProviderKind::Runpod => self.runpod.as_ref(),
+            ProviderKind::Lambda => self.lambda.as_ref(),
+            ProviderKind::Local => None,
+        }
+    }
+}
+
+/// An inclusive range of ports, `{ first = 42000, last = 42999 }`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+/// `[providers.local]`: `kilnd` processes (with `kilnd comfy-sim` as their ComfyUI) on this
+/// machine, each in its own folder under `base_dir`, joining the cluster whose CA is `ca_dir`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalSection {
+    /// The `kilnd` binary. Default: `kilnd` beside the running `kiln`.
+    #[serde(default)]
+    pub kilnd: Option<PathBuf>,
+    /// One folder per rented node is made here.
+    pub base_dir: PathBuf,
+    /// The cluster CA (`kiln certs init`); each node gets a certificate issued from it.
+    pub ca_dir: PathBuf,
+    /// Gossip addresses the nodes join through (`quic://127.0.0.1:7946`); empty: the first node
+    /// starts the cluster alone.
+    #[serde(default)]
+    pub seeds: Vec<String>,
+    /// Ports for the nodes' API, gossip and simulator (three per node).
+    #[serde(default = "LocalSection::default_ports")]
+    pub ports: PortRange,
+    /// The nodes' API keys file (`kiln keys add`); must exist.
+    pub keys_file: PathBuf,
+    /// The nodes' operator token file (owner-only), so `kiln status` can ask them.
+    #[serde(default)]
+    pub operator_token_file: Option<PathBuf>,
+    /// How long a resume waits before the node is started again (a cloud resume's latency).
+    #[serde(default)]
+    pub resume_delay_ms: u64,
+    /// How long a stop waits for kilnd to drain and exit before it is killed.
+    #[serde(default = "LocalSection::default_stop_timeout_s")]
+    pub stop_timeout_s: u64,
+    /// The nodes' gossip interval (their `cluster.gossip_interval_ms`).
+    #[serde(default = "LocalSection::default_gossip_interval_ms")]
+    pub gossip_interval_ms: u64,
+    /// Extra arguments for `kilnd comfy-sim` (e.g. `["--step-time-ms", "20"]`).
+    #[serde(default)]
+    pub sim_args: Vec<String>,
+    /// What a running node is accounted at, USD per hour (may be 0).
+    #[serde(default)]
+    pub price_per_hour: f64,
+    /// What a stopped node is accounted at, USD per hour (may be 0).
+    #[serde(default)]
+    pub stopped_price_per_hour: f64,
+}
+
+impl LocalSection {
+    fn default_ports() -> PortRange {
+        PortRange {
+            first: 42_000,
+            last: 42_999,
+        }
+    }
+    fn default_stop_timeout_s() -> u64 {
+        60
+    }
+    fn default_gossip_interval_ms() -> u64 {
+        500
+    }
+
+    /// The `kilnd` binary to run: the configured one, or `kilnd` beside this executable.
+    pub fn kilnd_path(&self) -> Result<PathBuf, ConfigError> {
+        if let Some(path) = &self.kilnd {
+            return Ok(path.clone());
+        }
+        let exe = std::env::current_exe().map_err(|e| {
+            invalid(
+                "providers.local.kilnd",
+                format!("not given, and this executable's path is unknown: {e}"),
+            )
+        })?;
+        let beside = exe.with_file_name("kilnd");
+        if beside.exists() {
+            Ok(beside)
+        } else {
+            Err(invalid(
+                "providers.local.kilnd",
+                format!("not given, and {} does not exist", beside.display()),
+            ))
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("providers.local.{k}");
+        if self.base_dir.as_os_str().is_empty() {
+            return Err(invalid(&key("base_dir"), "must not be empty"));
+        }
+        if self.ca_dir.as_os_str().is_empty() {
+            return Err(invalid(&key("ca_dir"), "must not be empty"));
+        }
+        if self.keys_file.as_os_str().is_empty() {
+            return Err(invalid(&key("keys_file"), "must not be empty"));
+        }
+        if self.ports.first == 0 || self.ports.first > self.ports.last {
+            return Err(invalid(
+                &key("ports"),
+                "must be { first, last } with 0 < first <= last",
+            ));
+        }
+        if u32::from(self.ports.last) - u32::from(self.ports.first) < 2 {
+            return Err(invalid(
+                &key("ports"),
+                "must hold at least 3 ports (API, gossip, simulator of one node)",
+            ));
+        }
+        if self.resume_delay_ms > 3_600_000 {
+            return Err(invalid(&key("resume_delay_ms"), "must be at most 3600000"));
+        }
+        if !(1..=3600).contains(&self.stop_timeout_s) {
+            return Err(invalid(
+                &key("stop_timeout_s"),
+                "must be between 1 and 3600",
+            ));
+        }
+        if !(50..=10_000).contains(&self.gossip_interval_ms) {
+            return Err(invalid(
+                &key("gossip_interval_ms"),
+                "must be between 50 and 10000",
+            ));
+        }
+        check_price(&key("price_per_hour"), self.price_per_hour)?;
+        check_price(&key("stopped_price_per_hour"), self.stopped_price_per_hour)?;
+        for seed in &self.seeds {
+            kiln_daemon::cluster::parse_seed(seed)
+                .map_err(|e| invalid(&key("seeds"), format!("{seed}: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+/// `[providers.vast]`, `[providers.runpod]`, `[providers.lambda]`: what to rent there and how.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudSection {
+    /// The API base URL, to override the provider's (a test server, a proxy).
+    #[serde(default)]
+    pub base_url: Option<Url>,
+    /// RunPod only: the GraphQL URL override.
+    #[serde(default)]
+    pub graphql_url: Option<Url>,
+    /// A file holding the API key, readable only by its owner. Without it the key is read from
+    /// `VAST_API_KEY` / `RUNPOD_API_KEY` / `LAMBDA_API_KEY`.
+    #[serde(default)]
+    pub api_key_file: Option<PathBuf>,
+    /// The provider's GPU name or type id (Lambda: the instance type, e.g. `gpu_1x_a10`).
+    pub gpu: String,
+    #[serde(default = "CloudSection::default_num_gpus")]
+    pub num_gpus: u32,
+    #[serde(default = "CloudSection::default_disk_gb")]
+    pub disk_gb: u32,
+    /// The highest price accepted, USD per hour for the whole host.
+    pub max_price_per_hour: f64,
+    /// The lowest host reliability accepted, 0..=1 (Vast only).
+    #[serde(default)]
+    pub min_reliability: f64,
+    /// Container image (Vast, RunPod).
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Provider template (RunPod template id, Vast template hash).
+    #[serde(default)]
+    pub template: Option<String>,
+    /// Rent interruptible capacity unless `kiln rent` says otherwise.
+    #[serde(default)]
+    pub spot: bool,
+    /// Ports reachable from outside, `[{ port = 7860, protocol = "tcp" }, …]`.
+    #[serde(default = "CloudSection::default_ports")]
+    pub ports: Vec<PortSpec>,
+    /// Lambda only: the SSH key (by its name at Lambda) every launch needs.
+    #[serde(default)]
+    pub ssh_key_name: Option<String>,
+    /// Lambda only: regions to launch in, in order of preference (empty: any with capacity).
+    #[serde(default)]
+    pub regions: Vec<String>,
+}
+
+impl CloudSection {
+    fn default_num_gpus() -> u32 {
+        1
+    }
+    fn default_disk_gb() -> u32 {
+        80
+    }
+    fn default_ports() -> Vec<PortSpec> {
+        use crate::provider::Protocol;
+        vec![
+            PortSpec {
+                port: 7860,
+                protocol: Protocol::Tcp,
+            },
+            PortSpec {
+                port: 7946,
+                protocol: Protocol::Udp,
+            },
+        ]
+    }
+
+    /// The provider's default API base URL.
+    pub fn default_base_url(kind: ProviderKind) -> &'static str {
+        match kind {
+            ProviderKind::Vast => crate::provider::vast::DEFAULT_BASE,
+            ProviderKind::Runpod => crate::provider::runpod::DEFAULT_REST_BASE,
+            ProviderKind::Lambda => crate::provider::lambda::DEFAULT_BASE,
+            ProviderKind::Local => "",
+        }
+    }
+
+    /// The API base URL: the configured override or the provider's own.
+    pub fn base_url(&self, kind: ProviderKind) -> Result<Url, ConfigError> {
+        match &self.base_url {
+            Some(url) => Ok(url.clone()),
+            None => Url::parse(Self::default_base_url(kind))
+                .map_err(|e| invalid(&format!("providers.{kind}.base_url"), e.to_string())),
+        }
+    }
+
+    /// RunPod's GraphQL URL: the configured override or RunPod's own.
+    pub fn graphql_url(&self) -> Result<Url, ConfigError> {
+        match &self.graphql_url {
+            Some(url) => Ok(url.clone()),
+            None => Url::parse(crate::provider::runpod::DEFAULT_GRAPHQL)
+                .map_err(|e| invalid("providers.runpod.graphql_url", e.to_string())),
+        }
+    }
+
+    /// The API key: from `api_key_file` (refused when group or others can read it), else from
+    /// the provider's environment variable, looked up with `env`.
+    pub fn api_key(
+        &self,
+        kind: ProviderKind,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<ApiKey, ConfigError> {
+        let var = api_key_env(kind);
+        let key = match &self.api_key_file {
+            Some(path) => kiln_daemon::config::read_secret_file(path)
+                .map_err(|m| invalid(&format!("providers.{kind}.api_key_file"), m))?,
+            None => env(var).map(|v| v.trim().to_string()).ok_or_else(|| {
+                invalid(
+                    &format!("providers.{kind}.api_key_file"),
+                    format!("not given and {var} is not set: the {kind} API key is needed"),
+                )
+            })?,
+        };
+        ApiKey::new(kind, key)
+            .map_err(|error| invalid(&format!("providers.{kind}.api_key_file"), error.to_string()))
+    }
+
+    fn validate(&self, kind: ProviderKind) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("providers.{kind}.{k}");
+        if let Some(url) = &self.base_url
+            && (!matches!(url.scheme(), "http" | "https") || url.host_str().is_none())
+        {
+            return Err(invalid(
+                &key("base_url"),
+                "must be an http:// or https:// URL with a host",
+            ));
+        }
+        if self.graphql_url.is_some() && kind != ProviderKind::Runpod {
+            return Err(invalid(
+                &key("graphql_url"),
+                "only RunPod has a GraphQL URL",
+            ));
+        }
+        if self.gpu.trim().is_empty() {
+            return Err(invalid(&key("gpu"), "must name the GPU or instance type"));
+        }
+        if !(1..=16).contains(&self.num_gpus) {
+            return Err(invalid(&key("num_gpus"), "must be between 1 and 16"));
+        }
+        if !(1..=100_000).contains(&self.disk_gb) {
+            return Err(invalid(&key("disk_gb"), "must be between 1 and 100000"));
+        }
+        check_price(&key("max_price_per_hour"), self.max_price_per_hour)?;
+        if self.max_price_per_hour == 0.0 {
+            return Err(invalid(&key("max_price_per_hour"), "must be above 0"));
+        }
+        if !(0.0..=1.0).contains(&self.min_reliability) {
+            return Err(invalid(&key("min_reliability"), "must be between 0 and 1"));
+        }
+        if kind == ProviderKind::Lambda && self.spot {
+            return Err(invalid(&key("spot"), "Lambda Cloud has no spot capacity"));
+        }
+        if kind == ProviderKind::Lambda {
+            if self
+                .ssh_key_name
+                .as_deref()
+                .is_none_or(|n| n.trim().is_empty())
+            {
+                return Err(invalid(
+                    &key("ssh_key_name"),
+                    "Lambda Cloud launches need the name of an SSH key registered there",
+                ));
+            }
+        } else if self.ssh_key_name.is_some() || !self.regions.is_empty() {
+            let which = if self.ssh_key_name.is_some() {
+                "ssh_key_name"
+            } else {
+                "regions"
+            };
+            return Err(invalid(&key(which), "only Lambda Cloud takes this key"));
+        }
+        if self.ports.iter().any(|p| p.port == 0) {
+            return Err(invalid(&key("ports"), "port 0 cannot be exposed"));
+        }
+        Ok(())
+    }
+}
+
+/// The environment variable a provider's API key is read from.
+pub fn api_key_env(kind: ProviderKind) -> &'static str {
+    match kind {
+        ProviderKind::Vast => "VAST_API_KEY",
+        ProviderKind::Runpod => "RUNPOD_API_KEY",
+        ProviderKind::Lambda => "LAMBDA_API_KEY",
+        ProviderKind::Local => "",
+    }
+}
+
+fn check_price(key: &str, price: f64) -> Result<(), ConfigError> {
+    if !(price.is_finite() && (0.0..=1_000.0).contains(&price)) {
+        return Err(invalid(
+            key,
+            "must be a number of USD per hour between 0 and 1000",
+        ));
+    }
+    Ok(())
+}
+
+/// A configuration problem, naming the key or the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key {key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+impl KilnConfig {
+    /// Reads, parses and validates `kiln.toml`; relative paths in it are taken from the file's
+    /// folder.
+    pub fn load(path: &Path) -> Result<KilnConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config: KilnConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        config.resolve_paths(&base);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses and validates config text (paths are left as written).
+    pub fn parse(text: &str) -> Result<KilnConfig, ConfigError> {
+        let config: KilnConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<text>"),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Makes every relative path absolute under `base`.
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() && !p.as_os_str().is_empty() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.inventory.path);
+        if let Some(p) = &mut self.cluster.token_file {
+            fix(p);
+        }
+        if let Some(p) = &mut self.cluster.certs {
+            fix(p);
+        }
+        if let Some(local) = &mut self.providers.local {
+            if let Some(p) = &mut local.kilnd {
+                fix(p);
+            }
+            fix(&mut local.base_dir);
+            fix(&mut local.ca_dir);
+            fix(&mut local.keys_file);
+            if let Some(p) = &mut local.operator_token_file {
+                fix(p);
+            }
+        }
+        for cloud in [
+            &mut self.providers.vast,
+            &mut self.providers.runpod,
+            &mut self.providers.lambda,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if let Some(p) = &mut cloud.api_key_file {
+                fix(p);
+            }
+        }
+    }
+
+    /// Checks everything that can be checked without touching the network or the inventory.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.inventory.path.as_os_str().is_empty() {
+            return Err(invalid("inventory.path", "must not be empty"));
+        }
+        self.cluster.validate()?;
+        if let Some(local) = &self.providers.local {
+            local.validate()?;
+        }
+        for kind in [
+            ProviderKind::Vast,
+            ProviderKind::Runpod,
+            ProviderKind::Lambda,
+        ] {
+            if let Some(section) = self.providers.cloud(kind) {
+                section.validate(kind)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LOCAL: &str = r#"
+[providers.local]
+base_dir = "nodes"
+ca_dir = "ca"
+keys_file = "keys.toml"
+"#;
+
+    const VAST: &str = r#"
+[providers.vast]
+gpu = "RTX 4090"
+max_price_per_hour = 0.5
+"#;
+
+    #[test]
+    fn the_example_file_is_valid() {
+        let config =
+            KilnConfig::parse(include_str!("../kiln.example.toml")).expect("the example parses");
+        assert!(config.providers.local.is_some());
+        assert_eq!(config.cluster.timeout_s, 10);
+    }
+
+    #[test]
+    fn an_empty_file_gets_defaults() {
+        let config = KilnConfig::parse("").expect("valid");
+        assert_eq!(config.inventory.path, PathBuf::from("kiln-inventory.db"));
+        assert!(config.providers.configured().is_empty());
+        assert_eq!(config.cluster.timeout_s, 10);
+    }
+
+    #[test]
+    fn configured_providers_are_listed() {
+        let config = KilnConfig::parse(&format!("{LOCAL}\n{VAST}")).expect("valid");
+        assert_eq!(
+            config.providers.configured(),
+            vec![ProviderKind::Vast, ProviderKind::Local]
+        );
+        let vast = config.providers.vast.as_ref().expect("vast");
+        assert_eq!(vast.num_gpus, 1);
+        assert_eq!(vast.ports.len(), 2);
+        assert_eq!(
+            vast.base_url(ProviderKind::Vast).expect("url").as_str(),
+            "https://console.vast.ai/"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        for (text, key) in [
+            ("[inventory]\npaht = \"x\"\n", "paht"),
+            (
+                "[providers.local]\nbase_dir = \"n\"\nca_dir = \"c\"\nkeys_file = \"k\"\nprice = 1\n",
+                "price",
+            ),
+            ("[providers.azure]\n", "azure"),
+            (
+                "[providers.vast]\ngpu = \"x\"\nmax_price_per_hour = 1\napi_key = \"secret\"\n",
+                "api_key",
+            ),
+        ] {
+            let err = KilnConfig::parse(text).expect_err(text);
+            assert!(err.to_string().contains(key), "{err} should name {key}");
+        }
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        let cases: &[(&str, &str)] = &[
+            ("[inventory]\npath = \"\"\n", "inventory.path"),
+            ("[cluster]\napi = \"ftp://x\"\n", "cluster.api"),
+            ("[cluster]\ncerts = \"c\"\n", "cluster.seeds"),
+            ("[cluster]\ntimeout_s = 0\n", "cluster.timeout_s"),
+            (
+                &format!("{LOCAL}ports = {{ first = 10, last = 11 }}\n"),
+                "providers.local.ports",
+            ),
+            (
+                &format!("{LOCAL}ports = {{ first = 20, last = 10 }}\n"),
+                "providers.local.ports",
+            ),
+            (
+                &format!("{LOCAL}price_per_hour = -1\n"),
+                "providers.local.price_per_hour",
+            ),
+            (
+                &format!("{LOCAL}stopped_price_per_hour = nan\n"),
+                "providers.local.stopped_price_per_hour",
+            ),
+            (
+                &format!("{LOCAL}stop_timeout_s = 0\n"),
+                "providers.local.stop_timeout_s",
+            ),
+            (
+                &format!("{LOCAL}gossip_interval_ms = 1\n"),
+                "providers.local.gossip_interval_ms",
+            ),
+            (
+                &format!("{LOCAL}seeds = [\"nope://x\"]\n"),
+                "providers.local.seeds",
+            ),
+            (
+                "[providers.local]\nbase_dir = \"\"\nca_dir = \"c\"\nkeys_file = \"k\"\n",
+                "providers.local.base_dir",
+            ),
+            (&format!("{VAST}disk_gb = 0\n"), "providers.vast.disk_gb"),
+            (&format!("{VAST}num_gpus = 0\n"), "providers.vast.num_gpus"),
+            (
+                &format!("{VAST}min_reliability = 2\n"),
+                "providers.vast.min_reliability",
+            ),
+            (
+                "[providers.vast]\ngpu = \"x\"\nmax_price_per_hour = 0\n",
+                "providers.vast.max_price_per_hour",
+            ),
+            (
+                "[providers.vast]\ngpu = \" \"\nmax_price_per_hour = 1\n",
+                "providers.vast.gpu",
+            ),
+            (
+                &format!("{VAST}base_url = \"file:///x\"\n"),
+                "providers.vast.base_url",
+            ),
+            (
+                &format!("{VAST}graphql_url = \"https://x/graphql\"\n"),
+                "providers.vast.graphql_url",
+            ),
+            (
+                "[providers.lambda]\ngpu = \"gpu_1x_a10\"\nmax_price_per_hour = 1\nspot = true\n",
+                "providers.lambda.spot",
+            ),
+            (
+                &format!("{VAST}ports = [{{ port = 0, protocol = \"tcp\" }}]\n"),
+                "providers.vast.ports",
+            ),
+        ];
+        for (text, key) in cases {
+            let err = KilnConfig::parse(text).expect_err(text);
+            assert!(err.to_string().contains(key), "{err} should name {key}");
+        }
+    }
+
+    #[test]
+    fn relative_paths_are_taken_from_the_config_folder() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("kiln.toml");
+        std::fs::write(&path, format!("[inventory]\npath = \"inv.db\"\n{LOCAL}")).expect("write");
+        let config = KilnConfig::load(&path).expect("valid");
+        assert_eq!(config.inventory.path, dir.path().join("inv.db"));
+        let local = config.providers.local.expect("local");
+        assert_eq!(local.base_dir, dir.path().join("nodes"));
+        assert_eq!(local.keys_file, dir.path().join("keys.toml"));
+        let err = KilnConfig::load(&dir.path().join("missing.toml")).expect_err("missing");
+        assert!(err.to_string().contains("missing.toml"), "{err}");
+    }
+
+    #[test]
+    fn the_api_key_comes_from_the_env_or_an_owner_only_file() {
+        use std::os::unix::fs::PermissionsExt;
+
+        let config = KilnConfig::parse(VAST).expect("valid");
+        let vast = config.providers.vast.as_ref().expect("vast");
+        let env = |name: &str| (name == "VAST_API_KEY").then(|| " k-123 \n".to_string());
+        let key = vast.api_key(ProviderKind::Vast, &env).expect("from env");
+        assert!(!format!("{key:?}").contains("k-123"));
+        assert!(!key.to_string().contains("k-123"));
+        assert_eq!(key.into_inner(), "k-123");
+
+        let none = |_: &str| None;
+        let err = vast.api_key(ProviderKind::Vast, &none).expect_err("no key");
+        assert!(err.to_string().contains("VAST_API_KEY"), "{err}");
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("vast.key");
+        std::fs::write(&file, "file-key\n").expect("write");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let mut with_file = vast.clone();
+        with_file.api_key_file = Some(file.clone());
+        let err = with_file
+            .api_key(ProviderKind::Vast, &env)
+            .expect_err("readable by others");
+        let text = err.to_string();
+        assert!(text.contains("providers.vast.api_key_file"), "{text}");
+        assert!(text.contains("readable by group or others"), "{text}");
+        assert!(!text.contains("file-key"), "{text}");
+
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let key = with_file
+            .api_key(ProviderKind::Vast, &none)
+            .expect("owner only");
+        assert_eq!(key.into_inner(), "file-key");
+        // The parsed config never holds a key, so its Debug cannot show one.
+        assert!(!format!("{with_file:?}").contains("file-key"));
+    }
+}
