@@ -583,7 +583,10 @@ fn cost_model_prints_the_documents_tables_with_verdicts() {
         .expect("kiln cost model");
     assert!(output.status.success(), "{output:?}");
     let text = String::from_utf8_lossy(&output.stdout);
-    assert!(text.contains("Minimal   1 HOT + 0 WARM        $288"), "{text}");
+    assert!(
+        text.contains("Minimal   1 HOT + 0 WARM        $288"),
+        "{text}"
+    );
     assert!(text.contains("DIFFERS"), "{text}");
 
     let output = kiln()

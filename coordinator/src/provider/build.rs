@@ -124,8 +124,7 @@ mod tests {
         // Lambda without an SSH key name is refused by the config itself.
         let err =
             KilnConfig::parse("[providers.lambda]\ngpu = \"gpu_1x_a10\"\nmax_price_per_hour = 1\n")
-                .err()
-                .expect("no ssh key");
+                .expect_err("no ssh key");
         assert!(
             err.to_string().contains("providers.lambda.ssh_key_name"),
             "{err}"
@@ -133,8 +132,7 @@ mod tests {
         let err = KilnConfig::parse(
             "[providers.vast]\ngpu = \"RTX 4090\"\nmax_price_per_hour = 1\nregions = [\"x\"]\n",
         )
-        .err()
-        .expect("regions on vast");
+        .expect_err("regions on vast");
         assert!(err.to_string().contains("providers.vast.regions"), "{err}");
     }
 
