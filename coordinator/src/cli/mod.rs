@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 pub mod certs;
 pub mod keys;
 pub mod status;
+pub mod usage;
 
 pub use certs::CertsCommand;
 pub use keys::{KeysAdd, KeysCommand};
@@ -32,6 +33,9 @@ pub enum Command {
     /// Manage API keys (stored only as hashes).
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Usage of every account per day, merged over the cluster (operator token).
+    #[command(subcommand)]
+    Usage(usage::UsageCommand),
 }
 
 /// Runs one parsed command, writing its normal output to `out`.
@@ -40,5 +44,6 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         Command::Status(args) => status::run(args, out),
         Command::Certs(command) => certs::run(command, out),
         Command::Keys(command) => keys::run(command, out),
+        Command::Usage(command) => usage::run(command, out),
     }
 }
