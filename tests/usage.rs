@@ -35,7 +35,11 @@ async fn usage_totals(api: &Api) -> (u64, u64, u64) {
     let (status, body) = api.get("/v1/usage").await.expect("usage");
     assert_eq!(status, 200, "{body}");
     let days = body["days"].as_array().expect("days").clone();
-    let sum = |key: &str| days.iter().map(|d| d[key].as_u64().unwrap_or(0)).sum::<u64>();
+    let sum = |key: &str| {
+        days.iter()
+            .map(|d| d[key].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
     (sum("submitted"), sum("succeeded"), sum("images"))
 }
 
@@ -54,7 +58,10 @@ async fn wait_gossip_queue(cluster: &TestCluster, member: usize, tier: &str) -> 
     let name = &cluster.names[member];
     let mut last = Value::Null;
     for _ in 0..50 {
-        let view = cluster.nodes[member].cluster_view().await.unwrap_or_default();
+        let view = cluster.nodes[member]
+            .cluster_view()
+            .await
+            .unwrap_or_default();
         if let Some(m) = view["members"]
             .as_array()
             .and_then(|ms| ms.iter().find(|m| m["name"] == name.as_str()))
@@ -177,7 +184,11 @@ async fn fair_use_throttles_counts_once_at_the_owner_and_survives_it() {
             .expect("kiln runs")
     };
     let csv = export("csv");
-    assert!(csv.status.success(), "{}", String::from_utf8_lossy(&csv.stderr));
+    assert!(
+        csv.status.success(),
+        "{}",
+        String::from_utf8_lossy(&csv.stderr)
+    );
     let csv = String::from_utf8(csv.stdout).expect("utf-8");
     let mut lines = csv.lines();
     assert_eq!(
@@ -198,14 +209,24 @@ async fn fair_use_throttles_counts_once_at_the_owner_and_survives_it() {
         }
     }
     assert_eq!(pat_totals, (3, 3, 3), "counted once across members:\n{csv}");
-    let want: std::collections::BTreeSet<String> =
-        ["alice", "fred", "pat"].iter().map(|s| s.to_string()).collect();
+    let want: std::collections::BTreeSet<String> = ["alice", "fred", "pat"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     assert_eq!(accounts, want, "{csv}");
     let json = export("json");
-    assert!(json.status.success(), "{}", String::from_utf8_lossy(&json.stderr));
+    assert!(
+        json.status.success(),
+        "{}",
+        String::from_utf8_lossy(&json.stderr)
+    );
     let report: Value = serde_json::from_slice(&json.stdout).expect("JSON report");
     assert_eq!(report["month"], month.as_str());
-    assert_eq!(report["members"].as_array().map(Vec::len), Some(2), "{report}");
+    assert_eq!(
+        report["members"].as_array().map(Vec::len),
+        Some(2),
+        "{report}"
+    );
     let fred_submitted: u64 = report["rows"]
         .as_array()
         .expect("rows")
@@ -265,7 +286,8 @@ async fn fair_use_throttles_counts_once_at_the_owner_and_survives_it() {
     let survivor = cluster.api(replica, "pat");
     let after = submit(&survivor, &simple_workflow("pat-4")).await;
     assert_eq!(
-        after["throttled"]["reason"], "fair use: 3 of 2 images this month",
+        after["throttled"]["reason"],
+        "fair use: 3 of 2 images this month",
         "{after}\n{}",
         logs(&cluster)
     );
@@ -275,5 +297,9 @@ async fn fair_use_throttles_counts_once_at_the_owner_and_survives_it() {
         .unwrap_or_else(|e| panic!("{e}\n{}", logs(&cluster)));
     assert_eq!(done["status"], "succeeded", "{done}");
     let (submitted, succeeded, images) = usage_totals(&survivor).await;
-    assert_eq!((submitted, succeeded, images), (4, 4, 4), "counts survived the owner");
+    assert_eq!(
+        (submitted, succeeded, images),
+        (4, 4, 4),
+        "counts survived the owner"
+    );
 }

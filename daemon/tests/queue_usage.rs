@@ -68,12 +68,7 @@ async fn run_to_success(store: &JobStore, id: &str, account: &str, tier: Tier, n
     let running = store.next_job().await.expect("next").expect("a job");
     assert_eq!(running.id, id);
     store
-        .finish(
-            id,
-            Outcome::Succeeded {
-                outputs: images(n),
-            },
-        )
+        .finish(id, Outcome::Succeeded { outputs: images(n) })
         .await
         .expect("finish")
 }
@@ -91,12 +86,7 @@ async fn past_fair_use_new_jobs_wait_at_free_priority() {
     assert_eq!(ok.job.throttled, None);
     let p1 = store.next_job().await.expect("next").expect("p1");
     store
-        .finish(
-            &p1.id,
-            Outcome::Succeeded {
-                outputs: images(2),
-            },
-        )
+        .finish(&p1.id, Outcome::Succeeded { outputs: images(2) })
         .await
         .expect("finish");
 
@@ -119,8 +109,8 @@ async fn past_fair_use_new_jobs_wait_at_free_priority() {
     let shown = view.throttled.expect("the view says why");
     assert_eq!(shown.priority, Tier::Free);
     assert_eq!(shown.reason, "fair use: 5 of 4 images this month");
-    let json = serde_json::to_value(store.get("p2").await.unwrap().unwrap().view(&[], None, None))
-        .unwrap();
+    let stored = store.get("p2").await.expect("get").expect("stored");
+    let json = serde_json::to_value(stored.view(&[], None, None)).expect("JSON");
     assert_eq!(json["throttled"]["priority"], "free");
     store
         .submit(new_job("pro1", "proff", Tier::Pro), None)
@@ -204,12 +194,7 @@ async fn replica_counts_are_inherited_by_the_next_owner() {
         .expect("copy again");
     a.next_job().await.expect("next").expect("r1");
     let done = a
-        .finish(
-            "r1",
-            Outcome::Succeeded {
-                outputs: images(3),
-            },
-        )
+        .finish("r1", Outcome::Succeeded { outputs: images(3) })
         .await
         .expect("finish");
     assert_eq!(done.status, JobStatus::Succeeded);

@@ -241,9 +241,13 @@ mod tests {
 
     #[test]
     fn urls_and_months() {
-        let url = admin_usage_url(&Url::parse("http://h:1/base").unwrap(), Some("2026-11")).unwrap();
+        let url = admin_usage_url(
+            &Url::parse("http://h:1/base").expect("url"),
+            Some("2026-11"),
+        )
+        .expect("a URL");
         assert_eq!(url.as_str(), "http://h:1/base/v1/admin/usage?month=2026-11");
-        assert!(admin_usage_url(&Url::parse("ftp://h/").unwrap(), None).is_err());
+        assert!(admin_usage_url(&Url::parse("ftp://h/").expect("url"), None).is_err());
         assert!(parse_month("2026-13").is_err());
         assert!(parse_month("2026-11").is_ok());
     }

@@ -135,13 +135,7 @@ pub(crate) async fn admin_usage(
         missing,
         rows: rows
             .iter()
-            .map(|r| {
-                usage_day(
-                    &r.usage,
-                    Some(&r.account),
-                    state.keys.tier_of(&r.account),
-                )
-            })
+            .map(|r| usage_day(&r.usage, Some(&r.account), state.keys.tier_of(&r.account)))
             .collect(),
     })
     .into_response())

@@ -274,7 +274,10 @@ async fn handle(
                 .await
                 .map_err(internal)?;
             Ok(JobResponse::Usage {
-                rows: days.iter().map(|u| super::wire_usage(&account, u)).collect(),
+                rows: days
+                    .iter()
+                    .map(|u| super::wire_usage(&account, u))
+                    .collect(),
             })
         }
         JobRequest::OwnerUsage { from_day, to_day } => {

@@ -52,8 +52,8 @@ use crate::peer::{PeerRpc, RpcConfig, RpcError, placement};
 use crate::protocol::cluster::{MemberState, Role};
 use crate::protocol::{ErrorCode, JobStatus, JobView, Progress, Tier};
 use crate::queue::{
-    AccountUsage, CancelOutcome, Finished, Job, JobRole, JobStore, NewJob, NewOutput, Outcome, Quota,
-    StoreError, Usage,
+    AccountUsage, CancelOutcome, Finished, Job, JobRole, JobStore, NewJob, NewOutput, Outcome,
+    Quota, StoreError, Usage,
 };
 
 pub use transfer::OutputFile;
@@ -452,7 +452,11 @@ impl Jobs {
         let asks = inner.live_peers().into_iter().map(|name| async move {
             let answer = match inner.addr_of(&name) {
                 Some(addr) => inner
-                    .request(addr, JobRequest::OwnerUsage { from_day, to_day }, SHORT_DEADLINE)
+                    .request(
+                        addr,
+                        JobRequest::OwnerUsage { from_day, to_day },
+                        SHORT_DEADLINE,
+                    )
                     .await
                     .map_err(|e| e.to_string()),
                 None => Err("no known address".to_string()),

@@ -517,14 +517,22 @@ mod tests {
 
     #[test]
     fn days_parse_and_print() {
-        let day = parse_utc_day("2026-11-28").unwrap();
+        let day = parse_utc_day("2026-11-28").expect("a date");
         assert_eq!(day, 20_785);
         assert_eq!(format_utc_day(day), "2026-11-28");
         assert_eq!(format_utc_month(day), "2026-11");
-        for bad in ["2026-02-30", "2026-13-01", "2026-1-01", "26-11-01", "2026-11-00", "x", ""] {
+        for bad in [
+            "2026-02-30",
+            "2026-13-01",
+            "2026-1-01",
+            "26-11-01",
+            "2026-11-00",
+            "x",
+            "",
+        ] {
             assert_eq!(parse_utc_day(bad), None, "{bad}");
         }
-        let (start, end) = parse_utc_month("2024-12").unwrap();
+        let (start, end) = parse_utc_month("2024-12").expect("a month");
         assert_eq!(format_utc_day(start), "2024-12-01");
         assert_eq!(format_utc_day(end), "2025-01-01");
         assert_eq!(parse_utc_month("2024-13"), None);

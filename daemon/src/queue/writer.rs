@@ -542,7 +542,7 @@ pub(crate) fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -1398,13 +1398,7 @@ fn put_replica(
                 ])
             })
             .map_err(StoreError::sqlite("inserting the replica"))?;
-            count_replica_usage(
-                tx,
-                copy,
-                true,
-                copy.status.is_final(),
-                outputs.len() as u64,
-            )?;
+            count_replica_usage(tx, copy, true, copy.status.is_final(), outputs.len() as u64)?;
             add_event(
                 tx,
                 id,
