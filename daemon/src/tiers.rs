@@ -361,6 +361,16 @@ impl KeyRing {
         guard.keys.get(&hash).cloned()
     }
 
+    /// The tier of an account that has a key here (one account has one tier).
+    pub fn tier_of(&self, account: &str) -> Option<Tier> {
+        let guard = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        guard
+            .keys
+            .values()
+            .find(|a| a.id == account)
+            .map(|a| a.tier)
+    }
+
     /// How many keys are loaded.
     pub fn len(&self) -> usize {
         let guard = self.inner.read().unwrap_or_else(|e| e.into_inner());

@@ -240,6 +240,7 @@ async fn quota_refusal_stores_nothing_and_resets_next_day() {
     let quota = Some(Quota {
         per_day: Some(2),
         per_month: None,
+        fair_use_images: None,
     });
     for i in 0..2 {
         store
@@ -281,6 +282,7 @@ async fn quota_refusal_stores_nothing_and_resets_next_day() {
     let monthly = Some(Quota {
         per_day: None,
         per_month: Some(3),
+        fair_use_images: None,
     });
     let err = store
         .submit(new_job("q4", "free-user", Tier::Free), monthly)

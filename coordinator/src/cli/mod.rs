@@ -11,6 +11,7 @@ pub mod cost;
 pub mod fleet;
 pub mod keys;
 pub mod status;
+pub mod usage;
 
 pub use certs::CertsCommand;
 pub use keys::{KeysAdd, KeysCommand};
@@ -48,6 +49,9 @@ pub enum Command {
     Inventory(fleet::InventoryArgs),
     /// Compare the inventory with what the providers report and correct it.
     Reconcile(fleet::ReconcileArgs),
+    /// Usage of every account per day, merged over the cluster (operator token).
+    #[command(subcommand)]
+    Usage(usage::UsageCommand),
 }
 
 /// Runs one parsed command, writing its normal output to `out`.
@@ -63,5 +67,6 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         Command::Cost(args) => cost::run(args, out),
         Command::Inventory(args) => fleet::run_inventory(args, out),
         Command::Reconcile(args) => fleet::run_reconcile(args, out),
+        Command::Usage(command) => usage::run(command, out),
     }
 }

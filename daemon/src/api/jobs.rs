@@ -147,6 +147,7 @@ pub(super) async fn submit(
     let quota = Quota {
         per_day: policy.daily_quota,
         per_month: None,
+        fair_use_images: policy.monthly_fair_use,
     };
     let (view, created) = state.jobs.submit(new, quota).await?;
     let location = format!("/v1/jobs/{}", view.id);

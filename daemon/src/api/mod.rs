@@ -9,6 +9,7 @@ mod cluster;
 mod error;
 mod jobs;
 mod openapi;
+mod usage;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,6 +64,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}/outputs/{index}", get(jobs::output))
         .route("/v1/cluster", get(cluster::view))
         .route("/v1/admin/drain", axum::routing::post(cluster::drain))
+        .route("/v1/usage", get(usage::usage))
+        .route("/v1/admin/usage", get(usage::admin_usage))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

@@ -69,6 +69,7 @@ async fn handle(
             sent_at_ms,
             quota_per_day,
             quota_per_month,
+            fair_use_images,
         } => {
             let new = new_job_from_wire(*job).map_err(bad)?;
             // The sender gave up on it and may have stored it with another member. A second
@@ -94,6 +95,7 @@ async fn handle(
             let quota = Quota {
                 per_day: quota_per_day,
                 per_month: quota_per_month,
+                fair_use_images,
             };
             match inner.submit_as_owner(new, quota, &ranked).await {
                 Ok((view, created)) => Ok(JobResponse::Submitted {
@@ -260,6 +262,36 @@ async fn handle(
                 views.push(serde_json::to_string(&view).map_err(internal)?);
             }
             Ok(JobResponse::Jobs { views })
+        }
+        JobRequest::Usage {
+            account,
+            from_day,
+            to_day,
+        } => {
+            let days = inner
+                .store
+                .usage_days(&account, from_day, to_day)
+                .await
+                .map_err(internal)?;
+            Ok(JobResponse::Usage {
+                rows: days
+                    .iter()
+                    .map(|u| super::wire_usage(&account, u))
+                    .collect(),
+            })
+        }
+        JobRequest::OwnerUsage { from_day, to_day } => {
+            let rows = inner
+                .store
+                .owner_usage(from_day, to_day)
+                .await
+                .map_err(internal)?;
+            Ok(JobResponse::Usage {
+                rows: rows
+                    .iter()
+                    .map(|r| super::wire_usage(&r.account, &r.usage))
+                    .collect(),
+            })
         }
         JobRequest::Cancel { id, account } => {
             let owned = matches!(inner.store.get(&id).await.map_err(internal)?,

@@ -45,13 +45,15 @@ use crate::metrics::Metrics;
 use crate::net::PeerAddr;
 use crate::node::Live;
 use crate::peer::messages::{
-    JobRequest, JobResponse, WireJob, WireNewJob, WireOutput, WireRefusal, WireResult, parse_view,
+    JobRequest, JobResponse, WireJob, WireNewJob, WireOutput, WireRefusal, WireResult, WireUsage,
+    parse_view,
 };
 use crate::peer::{PeerRpc, RpcConfig, RpcError, placement};
 use crate::protocol::cluster::{MemberState, Role};
 use crate::protocol::{ErrorCode, JobStatus, JobView, Progress, Tier};
 use crate::queue::{
-    CancelOutcome, Finished, Job, JobRole, JobStore, NewJob, NewOutput, Outcome, Quota, StoreError,
+    AccountUsage, CancelOutcome, Finished, Job, JobRole, JobStore, NewJob, NewOutput, Outcome,
+    Quota, StoreError, Usage,
 };
 
 pub use transfer::OutputFile;
@@ -303,6 +305,7 @@ impl Jobs {
                 sent_at_ms: crate::node::unix_ms(),
                 quota_per_day: quota.per_day,
                 quota_per_month: quota.per_month,
+                fair_use_images: quota.fair_use_images,
             };
             match inner.request(addr, request, SUBMIT_DEADLINE).await {
                 Ok(JobResponse::Submitted { view, created }) => {
@@ -372,6 +375,120 @@ impl Jobs {
             }
         }
         Err(not_found(id))
+    }
+
+    /// An account's usage per UTC day in `[from_day, to_day)`, as the account's owner counts
+    /// it (its own counts plus those it holds as replica): asked of the owner when this node is
+    /// not it, then of the next members in the account's order, and this node's own counts
+    /// when none answers.
+    pub async fn usage(
+        &self,
+        account: &str,
+        from_day: i64,
+        to_day: i64,
+    ) -> Result<Vec<Usage>, ApiError> {
+        let inner = &self.inner;
+        for name in inner.ranked(account) {
+            if name == inner.name {
+                break;
+            }
+            let Some(addr) = inner.addr_of(&name) else {
+                continue;
+            };
+            let request = JobRequest::Usage {
+                account: account.to_string(),
+                from_day,
+                to_day,
+            };
+            match inner.request(addr, request, SHORT_DEADLINE).await {
+                Ok(JobResponse::Usage { rows }) => {
+                    return Ok(rows.into_iter().map(usage_from_wire).collect());
+                }
+                Ok(other) => {
+                    tracing::warn!(member = %name, answer = ?other, "unexpected answer to usage")
+                }
+                Err(error) => tracing::debug!(member = %name, %error, "asking for usage"),
+            }
+        }
+        inner
+            .store
+            .usage_days(account, from_day, to_day)
+            .await
+            .map_err(ApiError::internal)
+    }
+
+    /// Every account's usage per UTC day in `[from_day, to_day)`, summed over the owner counts
+    /// of this node and every live peer (replica copies left out, so each job counts once).
+    /// Returns the rows by day then account, the members included and those that did not
+    /// answer.
+    pub async fn cluster_usage(
+        &self,
+        from_day: i64,
+        to_day: i64,
+    ) -> Result<(Vec<AccountUsage>, Vec<String>, Vec<String>), ApiError> {
+        let inner = &self.inner;
+        let mut merged: std::collections::BTreeMap<(i64, String), Usage> = Default::default();
+        let mut add = |account: String, usage: Usage| {
+            let entry = merged.entry((usage.day, account)).or_insert(Usage {
+                day: usage.day,
+                ..Usage::default()
+            });
+            entry.submitted += usage.submitted;
+            entry.refused += usage.refused;
+            entry.succeeded += usage.succeeded;
+            entry.images += usage.images;
+            entry.gpu_ms += usage.gpu_ms;
+        };
+        for row in inner
+            .store
+            .owner_usage(from_day, to_day)
+            .await
+            .map_err(ApiError::internal)?
+        {
+            add(row.account, row.usage);
+        }
+        let mut members = vec![inner.name.clone()];
+        let mut missing = Vec::new();
+        let asks = inner.live_peers().into_iter().map(|name| async move {
+            let answer = match inner.addr_of(&name) {
+                Some(addr) => inner
+                    .request(
+                        addr,
+                        JobRequest::OwnerUsage { from_day, to_day },
+                        SHORT_DEADLINE,
+                    )
+                    .await
+                    .map_err(|e| e.to_string()),
+                None => Err("no known address".to_string()),
+            };
+            (name, answer)
+        });
+        for (name, answer) in futures::future::join_all(asks).await {
+            match answer {
+                Ok(JobResponse::Usage { rows }) => {
+                    for row in rows {
+                        let account = row.account.clone();
+                        add(account, usage_from_wire(row));
+                    }
+                    members.push(name);
+                }
+                Ok(other) => {
+                    tracing::warn!(member = %name, answer = ?other, "unexpected answer to usage");
+                    missing.push(name);
+                }
+                Err(error) => {
+                    tracing::warn!(member = %name, %error, "a member did not report its usage");
+                    missing.push(name);
+                }
+            }
+        }
+        members.sort();
+        missing.sort();
+        let rows = merged
+            .into_iter()
+            .map(|((_, account), usage)| AccountUsage { account, usage })
+            .collect();
+        Ok((rows, members, missing))
     }
 
     /// The account's jobs across the cluster, newest first.
@@ -1799,6 +1916,7 @@ fn wire_job(job: &Job) -> Result<WireJob, serde_json::Error> {
         error: job.error.clone(),
         lease_holder: job.lease_holder.clone(),
         replica: job.replica.clone(),
+        throttled: job.throttled.clone(),
     })
 }
 
@@ -1826,7 +1944,31 @@ fn job_from_wire(wire: WireJob, owner: Option<&str>) -> Result<Job, String> {
         owner: owner.map(str::to_string),
         replica: wire.replica,
         lease_holder: wire.lease_holder,
+        throttled: wire.throttled,
     })
+}
+
+pub(crate) fn wire_usage(account: &str, usage: &Usage) -> WireUsage {
+    WireUsage {
+        account: account.to_string(),
+        day: usage.day,
+        submitted: usage.submitted,
+        refused: usage.refused,
+        succeeded: usage.succeeded,
+        images: usage.images,
+        gpu_ms: usage.gpu_ms,
+    }
+}
+
+fn usage_from_wire(wire: WireUsage) -> Usage {
+    Usage {
+        day: wire.day,
+        submitted: wire.submitted,
+        refused: wire.refused,
+        succeeded: wire.succeeded,
+        images: wire.images,
+        gpu_ms: wire.gpu_ms,
+    }
 }
 
 /// The store outcome of a reported result; outputs come from an upload.

@@ -38,6 +38,9 @@ pub enum JobRequest {
         quota_per_day: Option<u64>,
         #[serde(default)]
         quota_per_month: Option<u64>,
+        /// Images per month before the account's new jobs are throttled.
+        #[serde(default)]
+        fair_use_images: Option<u64>,
     },
     /// Keep (or bring up to date) a copy of a job the sender owns. The job's outputs, when it
     /// succeeded, were sent first with `PutOutput` under `upload`. Answer: `Done`.
@@ -116,6 +119,16 @@ pub enum JobRequest {
     /// have missed changes): send the current state of those whose replica it still is, and
     /// name the others. Answer: `Refreshed`.
     Refresh { ids: Vec<String> },
+    /// The account's usage per UTC day in `[from_day, to_day)` as the receiver counts it
+    /// (its own counts plus those it holds as replica). Answer: `Usage`.
+    Usage {
+        account: String,
+        from_day: i64,
+        to_day: i64,
+    },
+    /// Every account's usage per UTC day in `[from_day, to_day)` that the receiver counted as
+    /// owner. Answer: `Usage`.
+    OwnerUsage { from_day: i64, to_day: i64 },
     /// The sender has queued work and the receiver looked idle: pull now. Answer: `Done`.
     Nudge {
         /// The best tier waiting at the sender.
@@ -175,6 +188,9 @@ pub enum JobResponse {
     Jobs {
         /// JobViews as JSON text, newest first.
         views: Vec<String>,
+    },
+    Usage {
+        rows: Vec<WireUsage>,
     },
     OutputPiece {
         #[serde(default)]
@@ -249,6 +265,22 @@ pub struct WireJob {
     /// The member holding the replica: where a runner turns when the owner is gone.
     #[serde(default)]
     pub replica: Option<String>,
+    /// Why the job waits at free priority (premium fair use passed), if it does.
+    #[serde(default)]
+    pub throttled: Option<String>,
+}
+
+/// One account's usage on one UTC day.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireUsage {
+    pub account: String,
+    /// Days since the Unix epoch (UTC).
+    pub day: i64,
+    pub submitted: u64,
+    pub refused: u64,
+    pub succeeded: u64,
+    pub images: u64,
+    pub gpu_ms: u64,
 }
 
 /// An output file named by a `Finish` or `Replicate`; its bytes came in `PutOutput` chunks.

@@ -354,6 +354,62 @@ pub struct JobView {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<Value>,
+    /// Set when the job waits at a lower priority than its tier's (premium fair use passed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttled: Option<Throttled>,
+}
+
+/// Why a job is served at a lower priority than its tier's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Throttled {
+    /// E.g. "fair use: 5,012 of 5,000 images this month".
+    pub reason: String,
+    /// The tier whose priority the job gets.
+    pub priority: Tier,
+}
+
+/// `GET /v1/usage` body: an account's usage per UTC day.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct UsageReport {
+    pub account: String,
+    pub tier: Tier,
+    /// First and last day included (YYYY-MM-DD, UTC).
+    pub from: String,
+    pub to: String,
+    /// Days with any usage, oldest first.
+    pub days: Vec<UsageDay>,
+}
+
+/// One account's usage on one UTC day.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct UsageDay {
+    /// YYYY-MM-DD (UTC).
+    pub day: String,
+    /// Set in the operator report, where every account's rows are listed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    /// The account's tier, as the key ring of the answering node knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<Tier>,
+    pub submitted: u64,
+    pub succeeded: u64,
+    pub images: u64,
+    pub gpu_seconds: f64,
+    pub refused: u64,
+}
+
+/// `GET /v1/admin/usage` body: every account's usage per UTC day in a month, merged over the
+/// members' owner counts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AdminUsageReport {
+    /// YYYY-MM.
+    pub month: String,
+    /// Members whose counts are included, and those that did not answer.
+    pub members: Vec<String>,
+    #[serde(default)]
+    pub missing: Vec<String>,
+    /// One row per account and day, by day then account.
+    pub rows: Vec<UsageDay>,
 }
 
 /// `GET /v1/jobs` body.

@@ -36,7 +36,7 @@ use std::path::PathBuf;
 use serde_json::Value;
 
 use crate::protocol::{
-    JobError, JobStatus, JobView, OutputView, Tier, WatermarkStatus, rfc3339_ms,
+    JobError, JobStatus, JobView, OutputView, Throttled, Tier, WatermarkStatus, rfc3339_ms,
 };
 
 pub use scheduler::{QueuedJob, RingPos, Scheduler, TierCount};
@@ -108,6 +108,9 @@ pub struct Quota {
     pub per_day: Option<u64>,
     /// Jobs per account per UTC calendar month.
     pub per_month: Option<u64>,
+    /// Images per account per UTC calendar month before its new jobs are throttled (queued at
+    /// free priority, never refused).
+    pub fair_use_images: Option<u64>,
 }
 
 /// The answer to a submission.
@@ -147,9 +150,21 @@ pub struct Job {
     pub replica: Option<String>,
     /// Running rows: the member running the job under a lease (`None`: this node runs it).
     pub lease_holder: Option<String>,
+    /// Why the job waits at free priority instead of its tier's (premium fair use passed);
+    /// decided at submission by the owner and kept with the job.
+    pub throttled: Option<String>,
 }
 
 impl Job {
+    /// The tier the scheduler queues the job under: free when it is throttled.
+    pub fn queue_tier(&self) -> Tier {
+        if self.throttled.is_some() {
+            Tier::Free
+        } else {
+            self.tier
+        }
+    }
+
     /// The job as the API shows it. `position` and `estimated_wait_s` are only shown while
     /// queued, `outputs` only when succeeded.
     pub fn view(
@@ -176,6 +191,10 @@ impl Job {
             error: self.error.clone(),
             webhook: self.webhook.clone(),
             metadata: self.metadata.clone(),
+            throttled: self.throttled.as_ref().map(|reason| Throttled {
+                reason: reason.clone(),
+                priority: Tier::Free,
+            }),
         }
     }
 }
@@ -317,6 +336,13 @@ pub struct Usage {
     pub gpu_ms: u64,
 }
 
+/// One account's usage on one UTC day, as a merge of members reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountUsage {
+    pub account: String,
+    pub usage: Usage,
+}
+
 /// A snapshot of the queue for metrics and wait estimates.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueSummary {
@@ -411,6 +437,40 @@ pub fn utc_month_bounds(day: i64) -> (i64, i64) {
     (start, days_from_civil(ny, nm, 1))
 }
 
+/// Days since the Unix epoch of a `YYYY-MM-DD` date (UTC); `None` when it is not one.
+pub fn parse_utc_day(text: &str) -> Option<i64> {
+    let mut parts = text.split('-');
+    let (y, m, d) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || y.len() != 4 || m.len() != 2 || d.len() != 2 {
+        return None;
+    }
+    let (y, m, d): (i64, u32, u32) = (y.parse().ok()?, m.parse().ok()?, d.parse().ok()?);
+    if !(1..=12).contains(&m) || d == 0 {
+        return None;
+    }
+    let day = days_from_civil(y, m, d);
+    // Rejects 2026-02-30 and the like: the day must come back as written.
+    (civil_from_days(day) == (y, m, d)).then_some(day)
+}
+
+/// The first day of a `YYYY-MM` month and of the next (days since the Unix epoch, UTC).
+pub fn parse_utc_month(text: &str) -> Option<(i64, i64)> {
+    let start = parse_utc_day(&format!("{text}-01"))?;
+    Some(utc_month_bounds(start))
+}
+
+/// `YYYY-MM-DD` of a day since the Unix epoch (UTC).
+pub fn format_utc_day(day: i64) -> String {
+    let (y, m, d) = civil_from_days(day);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// `YYYY-MM` of the month containing a day since the Unix epoch (UTC).
+pub fn format_utc_month(day: i64) -> String {
+    let (y, m, _) = civil_from_days(day);
+    format!("{y:04}-{m:02}")
+}
+
 // Howard Hinnant's civil calendar algorithms (proleptic Gregorian, UTC).
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
@@ -453,5 +513,29 @@ mod tests {
         assert_eq!(civil_from_days(s2), (2024, 12, 1));
         assert_eq!(civil_from_days(e2), (2025, 1, 1));
         assert_eq!(days_from_civil(1970, 1, 1), 0);
+    }
+
+    #[test]
+    fn days_parse_and_print() {
+        let day = parse_utc_day("2026-11-28").expect("a date");
+        assert_eq!(day, 20_785);
+        assert_eq!(format_utc_day(day), "2026-11-28");
+        assert_eq!(format_utc_month(day), "2026-11");
+        for bad in [
+            "2026-02-30",
+            "2026-13-01",
+            "2026-1-01",
+            "26-11-01",
+            "2026-11-00",
+            "x",
+            "",
+        ] {
+            assert_eq!(parse_utc_day(bad), None, "{bad}");
+        }
+        let (start, end) = parse_utc_month("2024-12").expect("a month");
+        assert_eq!(format_utc_day(start), "2024-12-01");
+        assert_eq!(format_utc_day(end), "2025-01-01");
+        assert_eq!(parse_utc_month("2024-13"), None);
+        assert_eq!(parse_utc_month("2024-12-01"), None);
     }
 }

@@ -113,6 +113,21 @@ pub const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE outputs ADD COLUMN watermark TEXT;
     "#,
+    // 4: premium fair use and usage kept for other owners. `throttled` is why a job was queued
+    // at free priority (NULL: its own tier's). `usage_replica` counts the jobs this node holds
+    // as replica, per account and day, so that it can take over an owner's counts.
+    r#"
+    ALTER TABLE jobs ADD COLUMN throttled TEXT;
+    CREATE TABLE usage_replica (
+        account    TEXT    NOT NULL,
+        day        INTEGER NOT NULL,
+        submitted  INTEGER NOT NULL DEFAULT 0,
+        succeeded  INTEGER NOT NULL DEFAULT 0,
+        images     INTEGER NOT NULL DEFAULT 0,
+        gpu_ms     INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (account, day)
+    );
+    "#,
 ];
 
 /// The schema version this code writes.

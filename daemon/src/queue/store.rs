@@ -783,6 +783,67 @@ impl JobStore {
         .await
     }
 
+    /// An account's usage per UTC day in `[from_day, to_day)`, days with any usage only, oldest
+    /// first: this node's own counts plus the counts it holds as replica of the account's other
+    /// owners (what its quota and fair-use decisions see).
+    pub async fn usage_days(
+        &self,
+        account: &str,
+        from_day: i64,
+        to_day: i64,
+    ) -> Result<Vec<Usage>, StoreError> {
+        let account = account.to_string();
+        self.read(move |conn, _| {
+            let mut st = conn
+                .prepare_cached(
+                    "SELECT day, SUM(submitted), SUM(refused), SUM(succeeded), SUM(images),
+                         SUM(gpu_ms)
+                     FROM (SELECT day, submitted, refused, succeeded, images, gpu_ms
+                           FROM usage_daily WHERE account = ?1 AND day >= ?2 AND day < ?3
+                           UNION ALL
+                           SELECT day, submitted, 0, succeeded, images, gpu_ms
+                           FROM usage_replica WHERE account = ?1 AND day >= ?2 AND day < ?3)
+                     GROUP BY day ORDER BY day",
+                )
+                .map_err(StoreError::sqlite("reading usage"))?;
+            let rows = st
+                .query_map(params![account, from_day, to_day], |row| usage_row(row, 0))
+                .map_err(StoreError::sqlite("reading usage"))?;
+            rows.map(|r| r.map_err(StoreError::sqlite("reading usage")))
+                .collect()
+        })
+        .await
+    }
+
+    /// Every account's usage per UTC day in `[from_day, to_day)` as this node counted it as
+    /// owner (replica counts left out, so that a merge over members counts each job once),
+    /// by day then account.
+    pub async fn owner_usage(
+        &self,
+        from_day: i64,
+        to_day: i64,
+    ) -> Result<Vec<super::AccountUsage>, StoreError> {
+        self.read(move |conn, _| {
+            let mut st = conn
+                .prepare_cached(
+                    "SELECT account, day, submitted, refused, succeeded, images, gpu_ms
+                     FROM usage_daily WHERE day >= ?1 AND day < ?2 ORDER BY day, account",
+                )
+                .map_err(StoreError::sqlite("reading usage"))?;
+            let rows = st
+                .query_map(params![from_day, to_day], |row| {
+                    Ok(super::AccountUsage {
+                        account: row.get(0)?,
+                        usage: usage_row(row, 1)?,
+                    })
+                })
+                .map_err(StoreError::sqlite("reading usage"))?;
+            rows.map(|r| r.map_err(StoreError::sqlite("reading usage")))
+                .collect()
+        })
+        .await
+    }
+
     /// 1-based place of a queued job in the order `next_job` would take the jobs queued now;
     /// `None` when it is not queued. Memory only.
     pub fn position(&self, id: &str) -> Option<u64> {
@@ -994,10 +1055,16 @@ fn write_outputs(
 
 const JOB_COLUMNS: &str = "id, seq, account, tier, status, workflow, webhook, metadata, \
      idempotency_key, body_hash, created_at, started_at, finished_at, attempts, max_attempts, error, \
-     role, owner, replica, lease_holder";
+     role, owner, replica, lease_holder, throttled";
 
 /// The cluster columns of a row: role, owner, replica, lease holder.
-type RawCluster = (String, Option<String>, Option<String>, Option<String>);
+type RawCluster = (
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
 
 type RawJob = (
     String,
@@ -1037,8 +1104,30 @@ fn raw_job(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawJob> {
         row.get(13)?,
         row.get(14)?,
         row.get(15)?,
-        (row.get(16)?, row.get(17)?, row.get(18)?, row.get(19)?),
+        (
+            row.get(16)?,
+            row.get(17)?,
+            row.get(18)?,
+            row.get(19)?,
+            row.get(20)?,
+        ),
     ))
+}
+
+/// A usage row whose columns from `first` are day, submitted, refused, succeeded, images,
+/// gpu_ms.
+fn usage_row(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Usage> {
+    let get = |i: usize| -> rusqlite::Result<u64> {
+        Ok(u64::try_from(row.get::<_, i64>(first + i)?).unwrap_or(0))
+    };
+    Ok(Usage {
+        day: row.get(first)?,
+        submitted: get(1)?,
+        refused: get(2)?,
+        succeeded: get(3)?,
+        images: get(4)?,
+        gpu_ms: get(5)?,
+    })
 }
 
 fn parse_status(s: &str, path: &Path) -> Result<JobStatus, StoreError> {
@@ -1073,7 +1162,7 @@ fn job_from_raw(raw: RawJob, path: &Path) -> Result<Job, StoreError> {
         attempts,
         max_attempts,
         error,
-        (role, owner, replica, lease_holder),
+        (role, owner, replica, lease_holder, throttled),
     ) = raw;
     let role = role.parse().map_err(|e| StoreError::Corrupt {
         path: path.to_path_buf(),
@@ -1111,6 +1200,7 @@ fn job_from_raw(raw: RawJob, path: &Path) -> Result<Job, StoreError> {
         owner,
         replica,
         lease_holder,
+        throttled,
         id,
     })
 }
@@ -1157,7 +1247,7 @@ pub(crate) fn load_job(
 pub(crate) fn load_queued(conn: &Connection, path: &Path) -> Result<Vec<QueuedJob>, StoreError> {
     let mut st = conn
         .prepare(
-            "SELECT id, tier, account, seq, created_at FROM jobs
+            "SELECT id, tier, account, seq, created_at, throttled IS NOT NULL FROM jobs
              WHERE status = 'queued' AND role = 'owner'",
         )
         .map_err(StoreError::sqlite("reading queued jobs"))?;
@@ -1169,16 +1259,19 @@ pub(crate) fn load_queued(conn: &Connection, path: &Path) -> Result<Vec<QueuedJo
                 row.get::<_, String>(2)?,
                 row.get::<_, i64>(3)?,
                 row.get::<_, i64>(4)?,
+                row.get::<_, bool>(5)?,
             ))
         })
         .map_err(StoreError::sqlite("reading queued jobs"))?;
     let mut out = Vec::new();
     for row in rows {
-        let (id, tier, account, seq, created_at_ms) =
+        let (id, tier, account, seq, created_at_ms, throttled) =
             row.map_err(StoreError::sqlite("reading queued jobs"))?;
+        let tier = tier_from_rank(tier, path)?;
         out.push(QueuedJob {
             id,
-            tier: tier_from_rank(tier, path)?,
+            // A throttled job waits at free priority (see `Job::queue_tier`).
+            tier: if throttled { Tier::Free } else { tier },
             account,
             seq,
             created_at_ms,

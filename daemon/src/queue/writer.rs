@@ -479,15 +479,119 @@ fn count_finished(
     Ok(())
 }
 
-fn used_in(tx: &Connection, account: &str, from_day: i64, to_day: i64) -> Result<u64, StoreError> {
+/// Which counter a limit is about.
+#[derive(Clone, Copy)]
+enum Counted {
+    Submitted,
+    Images,
+}
+
+/// What `account` used in `[from_day, to_day)`: this node's own counts plus those it holds as
+/// replica of the account's other owners (an adopter or a new owner inherits them).
+fn used_in(
+    tx: &Connection,
+    account: &str,
+    from_day: i64,
+    to_day: i64,
+    counted: Counted,
+) -> Result<u64, StoreError> {
+    let sql = match counted {
+        Counted::Submitted => {
+            "SELECT (SELECT COALESCE(SUM(submitted), 0) FROM usage_daily
+                     WHERE account = ?1 AND day >= ?2 AND day < ?3)
+                  + (SELECT COALESCE(SUM(submitted), 0) FROM usage_replica
+                     WHERE account = ?1 AND day >= ?2 AND day < ?3)"
+        }
+        Counted::Images => {
+            "SELECT (SELECT COALESCE(SUM(images), 0) FROM usage_daily
+                     WHERE account = ?1 AND day >= ?2 AND day < ?3)
+                  + (SELECT COALESCE(SUM(images), 0) FROM usage_replica
+                     WHERE account = ?1 AND day >= ?2 AND day < ?3)"
+        }
+    };
     let used: i64 = tx
-        .prepare_cached(
-            "SELECT COALESCE(SUM(submitted), 0) FROM usage_daily
-             WHERE account = ?1 AND day >= ?2 AND day < ?3",
-        )
+        .prepare_cached(sql)
         .and_then(|mut st| st.query_row(params![account, from_day, to_day], |row| row.get(0)))
         .map_err(StoreError::sqlite("reading usage"))?;
     Ok(u64::try_from(used).unwrap_or(0))
+}
+
+/// Why a new job of `account` is throttled, if the account used its monthly fair use.
+fn fair_use_throttle(
+    tx: &Connection,
+    account: &str,
+    quota: Quota,
+    now: i64,
+) -> Result<Option<String>, StoreError> {
+    let Some(limit) = quota.fair_use_images else {
+        return Ok(None);
+    };
+    let (start, end) = utc_month_bounds(utc_day(now));
+    let used = used_in(tx, account, start, end, Counted::Images)?;
+    Ok((used >= limit).then(|| {
+        format!(
+            "fair use: {} of {} images this month",
+            thousands(used),
+            thousands(limit)
+        )
+    }))
+}
+
+/// `5012` → `"5,012"`.
+pub(crate) fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Counts a replica row this node stores for the first time (`submitted`), or one that became
+/// final here (`finished`), in `usage_replica` on the day the owner counted it.
+fn count_replica_usage(
+    tx: &Connection,
+    copy: &Job,
+    submitted: bool,
+    finished: bool,
+    images: u64,
+) -> Result<(), StoreError> {
+    if submitted {
+        tx.prepare_cached(
+            "INSERT INTO usage_replica (account, day, submitted) VALUES (?1, ?2, 1)
+             ON CONFLICT (account, day) DO UPDATE SET submitted = submitted + 1",
+        )
+        .and_then(|mut st| st.execute(params![copy.account, utc_day(copy.created_at_ms)]))
+        .map_err(StoreError::sqlite("counting replica usage"))?;
+    }
+    if finished {
+        let day = utc_day(copy.finished_at_ms.unwrap_or(copy.created_at_ms));
+        let ran_ms = match (copy.started_at_ms, copy.finished_at_ms) {
+            (Some(start), Some(end)) => (end - start).max(0),
+            _ => 0,
+        };
+        let succeeded = copy.status == JobStatus::Succeeded;
+        tx.prepare_cached(
+            "INSERT INTO usage_replica (account, day, succeeded, images, gpu_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (account, day) DO UPDATE SET succeeded = succeeded + excluded.succeeded,
+                 images = images + excluded.images, gpu_ms = gpu_ms + excluded.gpu_ms",
+        )
+        .and_then(|mut st| {
+            st.execute(params![
+                copy.account,
+                day,
+                i64::from(succeeded),
+                i64::try_from(images).unwrap_or(i64::MAX),
+                ran_ms
+            ])
+        })
+        .map_err(StoreError::sqlite("counting replica usage"))?;
+    }
+    Ok(())
 }
 
 fn check_quota(
@@ -498,7 +602,7 @@ fn check_quota(
 ) -> Result<Option<StoreError>, StoreError> {
     let day = utc_day(now);
     if let Some(limit) = quota.per_day {
-        let used = used_in(tx, account, day, day + 1)?;
+        let used = used_in(tx, account, day, day + 1, Counted::Submitted)?;
         if used >= limit {
             return Ok(Some(StoreError::QuotaExceeded {
                 period: QuotaPeriod::Day,
@@ -510,7 +614,7 @@ fn check_quota(
     }
     if let Some(limit) = quota.per_month {
         let (start, end) = utc_month_bounds(day);
-        let used = used_in(tx, account, start, end)?;
+        let used = used_in(tx, account, start, end, Counted::Submitted)?;
         if used >= limit {
             return Ok(Some(StoreError::QuotaExceeded {
                 period: QuotaPeriod::Month,
@@ -583,11 +687,16 @@ fn submit(
         count_usage(tx, &new.account, utc_day(now), Counter::Refused)?;
         return Err(refusal);
     }
+    let throttled = match quota {
+        Some(quota) => fair_use_throttle(tx, &new.account, quota, now)?,
+        None => None,
+    };
     let Encoded { workflow, metadata } = encoded;
     tx.prepare_cached(
         "INSERT INTO jobs (id, account, tier, status, workflow, webhook, metadata,
-             idempotency_key, body_hash, created_at, attempts, max_attempts, role, replica)
-         VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7, ?8, ?9, 0, ?10, 'owner', ?11)",
+             idempotency_key, body_hash, created_at, attempts, max_attempts, role, replica,
+             throttled)
+         VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7, ?8, ?9, 0, ?10, 'owner', ?11, ?12)",
     )
     .and_then(|mut st| {
         st.execute(params![
@@ -601,7 +710,8 @@ fn submit(
             new.body_hash,
             now,
             new.max_attempts,
-            new.replica
+            new.replica,
+            throttled
         ])
     })
     .map_err(StoreError::sqlite("inserting the job"))?;
@@ -621,7 +731,11 @@ fn submit(
         *touched_memory = true;
         state.scheduler.push(QueuedJob {
             id: new.id.clone(),
-            tier: new.tier,
+            tier: if throttled.is_some() {
+                Tier::Free
+            } else {
+                new.tier
+            },
             account: new.account.clone(),
             seq,
             created_at_ms: now,
@@ -672,6 +786,7 @@ fn submit(
             owner: None,
             replica,
             lease_holder: None,
+            throttled,
         },
         created: true,
     })
@@ -1017,7 +1132,7 @@ pub(crate) fn requeue_row(
     )?;
     let queued = QueuedJob {
         id: job.id.clone(),
-        tier: job.tier,
+        tier: job.queue_tier(),
         account: job.account.clone(),
         seq: job.seq,
         created_at_ms: job.created_at_ms,
@@ -1256,9 +1371,9 @@ fn put_replica(
             tx.prepare_cached(
                 "INSERT INTO jobs (id, account, tier, status, workflow, webhook, metadata,
                      idempotency_key, body_hash, created_at, started_at, finished_at, attempts,
-                     max_attempts, error, role, owner, replica, lease_holder)
+                     max_attempts, error, role, owner, replica, lease_holder, throttled)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,
-                     'replica', ?16, NULL, ?17)",
+                     'replica', ?16, NULL, ?17, ?18)",
             )
             .and_then(|mut st| {
                 st.execute(params![
@@ -1279,9 +1394,11 @@ fn put_replica(
                     error,
                     owner,
                     copy.lease_holder,
+                    copy.throttled,
                 ])
             })
             .map_err(StoreError::sqlite("inserting the replica"))?;
+            count_replica_usage(tx, copy, true, copy.status.is_final(), outputs.len() as u64)?;
             add_event(
                 tx,
                 id,
@@ -1322,6 +1439,9 @@ fn put_replica(
                     ])
                 })
                 .map_err(StoreError::sqlite("updating the replica"))?;
+                if copy.status.is_final() {
+                    count_replica_usage(tx, copy, false, true, outputs.len() as u64)?;
+                }
                 if copy.status != s.status {
                     add_event(
                         tx,
@@ -1411,7 +1531,7 @@ fn adopt(
                     *touched_memory = true;
                     state.scheduler.push(QueuedJob {
                         id: job.id.clone(),
-                        tier: job.tier,
+                        tier: job.queue_tier(),
                         account: job.account.clone(),
                         seq: job.seq,
                         created_at_ms: job.created_at_ms,
@@ -1593,4 +1713,18 @@ pub(crate) fn tier_from_rank(rank: i64, path: &std::path::Path) -> Result<Tier, 
             path: path.to_path_buf(),
             detail: format!("unknown tier rank {rank}"),
         })
+}
+
+#[cfg(test)]
+mod usage_tests {
+    use super::thousands;
+
+    #[test]
+    fn thousands_are_grouped() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(5_000), "5,000");
+        assert_eq!(thousands(5_012), "5,012");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+    }
 }
