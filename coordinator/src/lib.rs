@@ -13,6 +13,7 @@
 //! - [`costmodel`]: the planning document's cost tables recomputed from its assumptions.
 //! - [`fleet`]: the hosts the coordinator rented and their states, as pure data.
 //! - [`policy`]: the pure scaling policy (`plan`), shared by `kiln run` and `kiln simulate`.
+//! - [`simulate`]: the discrete-event simulator behind `kiln simulate`, driving `policy::plan`.
 //! - [`alerts`]: the pure alert rules (`evaluate`) and their webhook bodies.
 //!
 //! The coordinator imports the node's pure wire contract (`kiln_daemon::protocol`) and the
@@ -24,5 +25,6 @@ pub mod costmodel;
 pub mod fleet;
 pub mod policy;
 pub mod provider;
+pub mod simulate;
 pub mod status;
 pub mod text;

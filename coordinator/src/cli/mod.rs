@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 pub mod certs;
 pub mod keys;
+pub mod simulate;
 pub mod status;
 
 pub use certs::CertsCommand;
@@ -32,6 +33,8 @@ pub enum Command {
     /// Manage API keys (stored only as hashes).
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Run scaling policies against a demand trace and compare cost and per-tier waits.
+    Simulate(simulate::SimulateArgs),
 }
 
 /// Runs one parsed command, writing its normal output to `out`.
@@ -40,5 +43,6 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         Command::Status(args) => status::run(args, out),
         Command::Certs(command) => certs::run(command, out),
         Command::Keys(command) => keys::run(command, out),
+        Command::Simulate(args) => simulate::run(args, out),
     }
 }
