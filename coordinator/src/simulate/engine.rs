@@ -63,8 +63,11 @@ struct Host {
     /// shows its last state until the policy replaces or releases it.
     gone: bool,
     job: Option<Running>,
-    /// Bumped on every change that cancels the host's scheduled events.
+    /// Bumped on every state change: cancels the host's scheduled ready and preemption.
     generation: u64,
+    /// Bumped on every job start and preemption: a completion event must carry the current one
+    /// (a drain changes the state, not the job).
+    job_token: u64,
     /// Where a drain ends once the running job is done (WARM for a stop, released).
     drain_to: Option<HostState>,
     /// The resume under way will not come back (the host ends FAILED).
@@ -81,7 +84,7 @@ enum Event {
     /// Ordered before the others at the same instant: a finished job frees its host first.
     JobDone {
         host: usize,
-        generation: u64,
+        token: u64,
     },
     Ready {
         host: usize,
@@ -244,6 +247,7 @@ impl<'a> Engine<'a> {
             gone: false,
             job: None,
             generation: 0,
+            job_token: 0,
             drain_to: None,
             resume_fails: false,
             accrued_to_ms: self.now,
@@ -385,8 +389,8 @@ impl<'a> Engine<'a> {
     fn handle(&mut self, event: Event) {
         match event {
             Event::Tick => self.tick(),
-            Event::JobDone { host, generation } => {
-                if self.hosts[host].generation == generation {
+            Event::JobDone { host, token } => {
+                if self.hosts[host].job_token == token {
                     self.job_done(host);
                 }
             }
@@ -410,17 +414,18 @@ impl<'a> Engine<'a> {
         if tier == Tier::Free {
             if let Some(quota) = self.config.free_daily_quota {
                 let day = self.now.div_euclid(DAY_MS);
-                let used = self.free_today.entry((account, day)).or_insert(0);
-                if *used >= quota {
+                if self.free_today.get(&(account, day)).copied().unwrap_or(0) >= quota {
                     self.counts[s].refused_quota += 1;
                     return;
                 }
-                *used += 1;
             }
             if self.estimated_wait_s() > self.config.free_admission_max_wait_s {
                 self.counts[s].refused_busy += 1;
                 return;
             }
+            // Only accepted jobs count against the quota.
+            let day = self.now.div_euclid(DAY_MS);
+            *self.free_today.entry((account, day)).or_insert(0) += 1;
         }
         self.queues[s].push_back(Queued {
             at_ms: self.now,
@@ -477,13 +482,11 @@ impl<'a> Engine<'a> {
                 service_ms: job.service_ms,
                 tier: ORDER[s],
             });
-            let generation = host.generation;
+            host.job_token += 1;
+            let token = host.job_token;
             self.push(
                 self.now + i64::from(job.service_ms),
-                Event::JobDone {
-                    host: idx,
-                    generation,
-                },
+                Event::JobDone { host: idx, token },
             );
         }
     }
@@ -528,6 +531,7 @@ impl<'a> Engine<'a> {
         let host = &mut self.hosts[idx];
         host.gone = true;
         host.generation += 1;
+        host.job_token += 1;
         if let Some(job) = host.job.take() {
             // Handed back to the queue in its place by arrival time; its wait is recorded when
             // it finally runs.
@@ -717,6 +721,8 @@ impl<'a> Engine<'a> {
             self.set_state(idx, HostState::Draining);
             self.hosts[idx].drain_to = Some(to);
         } else {
+            // Bill up to now as the host was (a preempted one bills nothing) before it changes.
+            self.accrue(idx);
             self.hosts[idx].gone = self.hosts[idx].gone && to != HostState::Released;
             self.set_state(idx, to);
         }
@@ -873,5 +879,95 @@ impl<'a> Engine<'a> {
             preemptions: self.preemptions,
             hosts_rented: self.hosts.len() as u64,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn empty_trace() -> Trace {
+        Trace {
+            name: "t".to_string(),
+            arrivals: Vec::new(),
+            accounts: vec!["a".to_string()],
+        }
+    }
+
+    fn quiet() -> SimConfig {
+        SimConfig {
+            days: 1,
+            spot_preemptions_per_hour: 0.0,
+            ..SimConfig::default()
+        }
+    }
+
+    #[test]
+    fn a_host_drained_while_busy_finishes_its_job_then_stops() {
+        let config = quiet();
+        let trace = empty_trace();
+        let mut engine = Engine::new(&config, &trace, Driver::AlwaysOn(1), 1);
+        engine.arrive(Tier::Pro, 0, 5_000);
+        assert!(engine.hosts[0].job.is_some());
+        engine.execute(Action::DrainStop {
+            decision_id: "d-1".to_string(),
+            host: "primary-1".to_string(),
+            reason: "test".to_string(),
+        });
+        assert_eq!(engine.hosts[0].rec.state, HostState::Draining);
+        let (result, _) = engine.run_with_samples("t");
+        assert_eq!(result.jobs.served, 1);
+        assert_eq!(result.jobs.running_at_end, 0);
+        let draining = result.instance_hours["draining"];
+        assert!((draining - 5.0 / 3600.0).abs() < 1e-9, "{draining}");
+        assert!(result.instance_hours["warm"] > 23.9);
+    }
+
+    #[test]
+    fn a_preempted_job_goes_back_in_its_place_and_runs_again() {
+        let config = quiet();
+        let trace = empty_trace();
+        let mut engine = Engine::new(&config, &trace, Driver::AlwaysOn(1), 1);
+        engine.arrive(Tier::Pro, 0, 5_000);
+        engine.now = 1_000;
+        engine.arrive(Tier::Pro, 0, 5_000);
+        engine.now = 2_000;
+        engine.preempt(0);
+        // The running job (arrived at 0) is back at the head, before the one from 1 s.
+        let heads: Vec<i64> = engine.queues[slot(Tier::Pro)]
+            .iter()
+            .map(|j| j.at_ms)
+            .collect();
+        assert_eq!(heads, vec![0, 1_000]);
+        // The always-on fleet rented a replacement, which serves both once ready.
+        assert_eq!(engine.hosts[0].rec.state, HostState::Released);
+        assert_eq!(engine.hosts[1].rec.state, HostState::Provisioning);
+        let (result, _) = engine.run_with_samples("t");
+        assert_eq!(result.jobs.served, 2);
+        assert_eq!(result.preemptions, 1);
+        assert!(result.tiers["pro"].wait_p50_s.expect("served") >= 1_800.0);
+    }
+
+    #[test]
+    fn the_policy_replaces_a_preempted_host() {
+        let config = quiet();
+        let trace = empty_trace();
+        let mut engine = Engine::new(
+            &config,
+            &trace,
+            Driver::Plan(Box::new(PolicyConfig::default())),
+            1,
+        );
+        engine.now = 60_000;
+        engine.preempt(0);
+        let (result, _) = engine.run_with_samples("t");
+        assert!(
+            result.actions.get("replace").copied().unwrap_or(0) >= 1,
+            "{:?}",
+            result.actions
+        );
+        assert!(result.instance_hours["preempted"] > 0.0);
+        // The replacement was rented.
+        assert!(result.hosts_rented >= 2);
     }
 }

@@ -256,6 +256,9 @@ pub struct Report {
     pub policies: Vec<PolicyResult>,
 }
 
+/// One run's samples, by policy name (for the plot).
+pub type Series = (String, Vec<Sample>);
+
 /// What a policy name runs.
 pub fn driver_for(name: &str, kiln_config: &PolicyConfig) -> Option<Driver> {
     match name {
@@ -295,7 +298,7 @@ pub fn simulate(
     policies: &[String],
     kiln_config: &PolicyConfig,
     seed: u64,
-) -> Result<(Report, Vec<(String, Vec<Sample>)>), String> {
+) -> Result<(Report, Vec<Series>), String> {
     config.validate()?;
     kiln_config.validate().map_err(|e| e.to_string())?;
     let bound = lower_bound(trace, config);
