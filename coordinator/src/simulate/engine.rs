@@ -952,12 +952,7 @@ mod tests {
     fn the_policy_replaces_a_preempted_host() {
         let config = quiet();
         let trace = empty_trace();
-        let mut engine = Engine::new(
-            &config,
-            &trace,
-            Driver::Plan(Box::new(PolicyConfig::default())),
-            1,
-        );
+        let mut engine = Engine::new(&config, &trace, Driver::Plan(Box::default()), 1);
         engine.now = 60_000;
         engine.preempt(0);
         let (result, _) = engine.run_with_samples("t");
