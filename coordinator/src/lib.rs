@@ -13,6 +13,7 @@
 //! - [`costmodel`]: the planning document's cost tables recomputed from its assumptions.
 //! - [`fleet`]: the hosts the coordinator rented and their states, as pure data.
 //! - [`policy`]: the pure scaling policy (`plan`), shared by `kiln run` and `kiln simulate`.
+//! - [`simulate`]: the discrete-event simulator behind `kiln simulate`, driving `policy::plan`.
 //! - [`alerts`]: the pure alert rules (`evaluate`) and their webhook bodies.
 //! - [`config`]: `kiln.toml` (inventory path, cluster access, provider sections).
 //! - [`inventory`]: the SQLite inventory of rented hosts, their history and the cost ledger,
@@ -29,5 +30,6 @@ pub mod fleet;
 pub mod inventory;
 pub mod policy;
 pub mod provider;
+pub mod simulate;
 pub mod status;
 pub mod text;

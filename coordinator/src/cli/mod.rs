@@ -10,6 +10,7 @@ pub mod certs;
 pub mod cost;
 pub mod fleet;
 pub mod keys;
+pub mod simulate;
 pub mod status;
 pub mod usage;
 
@@ -52,6 +53,8 @@ pub enum Command {
     /// Usage of every account per day, merged over the cluster (operator token).
     #[command(subcommand)]
     Usage(usage::UsageCommand),
+    /// Run scaling policies against a demand trace and compare cost and per-tier waits.
+    Simulate(simulate::SimulateArgs),
 }
 
 /// Runs one parsed command, writing its normal output to `out`.
@@ -68,5 +71,6 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         Command::Inventory(args) => fleet::run_inventory(args, out),
         Command::Reconcile(args) => fleet::run_reconcile(args, out),
         Command::Usage(command) => usage::run(command, out),
+        Command::Simulate(args) => simulate::run(args, out),
     }
 }
