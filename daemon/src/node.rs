@@ -243,6 +243,8 @@ pub struct NodeParts {
     pub cluster: Option<ClusterSettings>,
     /// The mark drawn on outputs of watermarked tiers; `None` when no tier has one.
     pub watermark: Option<Arc<Watermark>>,
+    /// How job webhooks are sent; `None` when `[webhooks]` has no secret (webhooks off).
+    pub webhooks: Option<crate::webhooks::Settings>,
 }
 
 impl NodeParts {
@@ -256,6 +258,7 @@ impl NodeParts {
         let cluster =
             ClusterSettings::from_config(&config.cluster, |name| std::env::var(name).ok())?;
         let watermark = watermark_of(&config)?;
+        let webhooks = config.webhooks.settings()?;
         Ok(NodeParts {
             config,
             keys,
@@ -263,6 +266,7 @@ impl NodeParts {
             supervisor,
             cluster,
             watermark,
+            webhooks,
         })
     }
 }
@@ -293,6 +297,7 @@ pub async fn run(
         supervisor,
         cluster: cluster_settings,
         watermark,
+        webhooks,
     } = parts;
     let config = Arc::new(config);
     let data_dir = config.node.data_dir.clone();
@@ -496,6 +501,27 @@ pub async fn run(
             jobs.reconcile(Duration::from_secs(15)).await;
         });
     }
+    // Webhooks of final jobs, from the store's outbox; its own token, stopped below with a
+    // bounded wait so a slow receiver never holds up the shutdown.
+    let webhook_worker = match webhooks {
+        Some(settings) => Some(crate::webhooks::WebhookWorker::start(
+            store.clone(),
+            settings,
+            metrics.clone(),
+            crate::queue::system_clock(),
+        )?),
+        None => {
+            if let Ok((_, due)) = store.outbox_pending().await
+                && due > 0
+            {
+                tracing::warn!(
+                    due,
+                    "webhooks wait in the outbox but [webhooks] has no secret: they are not sent"
+                );
+            }
+            None
+        }
+    };
     let runner_stop = CancellationToken::new();
     let runner = tokio::spawn(run_jobs(Runner {
         jobs: jobs.clone(),
@@ -572,6 +598,11 @@ pub async fn run(
     if cluster.is_some() {
         let handed = jobs.drain().await;
         tracing::info!(jobs = handed, "queued jobs handed over");
+    }
+    // After the last final status this node records (the runner's job); what is still due is
+    // sent after the restart, or by the job's adopter.
+    if let Some(worker) = webhook_worker {
+        worker.shutdown(Duration::from_secs(2)).await;
     }
     if let Err(error) = supervisor.shutdown().await {
         tracing::warn!(%error, "stopping ComfyUI");
@@ -1219,6 +1250,7 @@ pub async fn run_dev(
             ..ClusterSection::default()
         },
         watermark: Default::default(),
+        webhooks: Default::default(),
     };
     config.validate()?;
 
@@ -1242,6 +1274,7 @@ pub async fn run_dev(
     let supervisor = supervisor_config(&config)?;
     let cluster = ClusterSettings::from_config(&config.cluster, |name| std::env::var(name).ok())?;
     let watermark = watermark_of(&config)?;
+    let webhooks = config.webhooks.settings()?;
     run(
         NodeParts {
             config,
@@ -1250,6 +1283,7 @@ pub async fn run_dev(
             supervisor,
             cluster,
             watermark,
+            webhooks,
         },
         listener,
         shutdown,
