@@ -163,7 +163,11 @@ async fn signed_webhook_retried_until_delivered_exactly_once() {
     assert_eq!(got.len(), 3, "delivered, then nothing more: {got:?}");
     for r in &got {
         assert!(r.signature_ok, "bad signature: {r:?}");
-        assert_eq!(r.id, format!("msg_{id}_succeeded"), "one webhook-id for every attempt");
+        assert_eq!(
+            r.id,
+            format!("msg_{id}_succeeded"),
+            "one webhook-id for every attempt"
+        );
         assert_eq!(r.body["id"], id.as_str());
         assert_eq!(r.body["status"], "succeeded");
         assert_eq!(r.body["outputs"].as_array().map(Vec::len), Some(1));
@@ -243,9 +247,16 @@ async fn private_webhook_targets_are_refused_at_submission() {
         assert_eq!(status, 400, "{target}: {body}");
         assert_eq!(body["error"]["code"], "invalid_request", "{body}");
         let message = body["error"]["message"].as_str().unwrap_or("");
-        assert!(message.contains("webhook") && message.contains("refused"), "{message}");
+        assert!(
+            message.contains("webhook") && message.contains("refused"),
+            "{message}"
+        );
     }
     let (status, list) = api.get("/v1/jobs").await.expect("list");
     assert_eq!(status, 200);
-    assert_eq!(list["jobs"].as_array().map(Vec::len), Some(0), "nothing stored: {list}");
+    assert_eq!(
+        list["jobs"].as_array().map(Vec::len),
+        Some(0),
+        "nothing stored: {list}"
+    );
 }

@@ -130,7 +130,10 @@ impl WebhooksSection {
             return Err(invalid("webhooks.concurrency", "must be between 1 and 256"));
         }
         if !(1..=1000).contains(&self.max_attempts) {
-            return Err(invalid("webhooks.max_attempts", "must be between 1 and 1000"));
+            return Err(invalid(
+                "webhooks.max_attempts",
+                "must be between 1 and 1000",
+            ));
         }
         if self.backoff_initial_s == 0 || self.backoff_initial_s > self.backoff_max_s {
             return Err(invalid(
@@ -139,7 +142,10 @@ impl WebhooksSection {
             ));
         }
         if self.backoff_max_s > 86_400 {
-            return Err(invalid("webhooks.backoff_max_s", "must be at most 86400 (a day)"));
+            return Err(invalid(
+                "webhooks.backoff_max_s",
+                "must be at most 86400 (a day)",
+            ));
         }
         if self.retention_h == 0 {
             return Err(invalid("webhooks.retention_h", "must be at least 1"));
@@ -154,7 +160,8 @@ impl WebhooksSection {
                 crate::webhooks::Secret::parse(text).map_err(|m| invalid("webhooks.secret", m))?
             }
             (None, Some(path)) => {
-                let text = read_secret_file(path).map_err(|m| invalid("webhooks.secret_file", m))?;
+                let text =
+                    read_secret_file(path).map_err(|m| invalid("webhooks.secret_file", m))?;
                 crate::webhooks::Secret::parse(&text).map_err(|m| {
                     invalid("webhooks.secret_file", format!("{}: {m}", path.display()))
                 })?
@@ -843,11 +850,17 @@ command = ["python", "main.py", "--port", "8188"]
         assert!(config.webhooks.settings().expect("no secret").is_none());
         for (toml, key) in [
             ("[webhooks]\nsecret = \"short\"", "webhooks.secret"),
-            ("[webhooks]\nsecret = \"0123456789abcdef0\"\nsecret_file = \"/x\"", "webhooks.secret"),
+            (
+                "[webhooks]\nsecret = \"0123456789abcdef0\"\nsecret_file = \"/x\"",
+                "webhooks.secret",
+            ),
             ("[webhooks]\ntimeout_s = 0", "webhooks.timeout_s"),
             ("[webhooks]\nconcurrency = 0", "webhooks.concurrency"),
             ("[webhooks]\nmax_attempts = 0", "webhooks.max_attempts"),
-            ("[webhooks]\nbackoff_initial_s = 10\nbackoff_max_s = 5", "webhooks.backoff_initial_s"),
+            (
+                "[webhooks]\nbackoff_initial_s = 10\nbackoff_max_s = 5",
+                "webhooks.backoff_initial_s",
+            ),
             ("[webhooks]\nretention_h = 0", "webhooks.retention_h"),
         ] {
             match Config::parse(&format!("{MINIMAL}\n{toml}")) {

@@ -6,8 +6,8 @@ use std::path::Path;
 
 use kiln_daemon::protocol::{JobError, JobStatus, Tier};
 use kiln_daemon::queue::{
-    Attempted, CancelOutcome, Finished, JobStore, NewJob, Outcome, OutboxState, Quota,
-    StoreError, StoreOptions,
+    Attempted, CancelOutcome, Finished, JobStore, NewJob, OutboxState, Outcome, Quota, StoreError,
+    StoreOptions,
 };
 use serde_json::json;
 
@@ -62,7 +62,10 @@ async fn final_statuses_write_the_outbox_and_nothing_else_does() {
     let store = open(dir.path()).await;
 
     // Succeeded, with a webhook: one due row, id stable per job and final status.
-    store.submit(new_job("ok", HOOK), None).await.expect("submit");
+    store
+        .submit(new_job("ok", HOOK), None)
+        .await
+        .expect("submit");
     assert_eq!(state_of(&store, "ok").await, None, "queued: no row yet");
     start(&store, "ok").await;
     store
@@ -76,7 +79,10 @@ async fn final_statuses_write_the_outbox_and_nothing_else_does() {
     assert_eq!(row.attempts, 0);
 
     // No webhook: no row.
-    store.submit(new_job("quiet", None), None).await.expect("submit");
+    store
+        .submit(new_job("quiet", None), None)
+        .await
+        .expect("submit");
     start(&store, "quiet").await;
     store
         .finish("quiet", Outcome::Failed(failure("boom", "it broke")))
@@ -85,7 +91,10 @@ async fn final_statuses_write_the_outbox_and_nothing_else_does() {
     assert_eq!(state_of(&store, "quiet").await, None);
 
     // A requeue is not final: no row; running out of attempts is.
-    store.submit(new_job("flaky", HOOK), None).await.expect("submit");
+    store
+        .submit(new_job("flaky", HOOK), None)
+        .await
+        .expect("submit");
     start(&store, "flaky").await;
     let job = store
         .finish(
@@ -109,23 +118,39 @@ async fn final_statuses_write_the_outbox_and_nothing_else_does() {
         .await
         .expect("requeue");
     assert_eq!(job.status, JobStatus::Failed);
-    let row = store.outbox_row("flaky").await.expect("row").expect("written");
+    let row = store
+        .outbox_row("flaky")
+        .await
+        .expect("row")
+        .expect("written");
     assert_eq!(row.event_id, "msg_flaky_failed");
 
     // Cancelled while queued, and while running.
-    store.submit(new_job("c1", HOOK), None).await.expect("submit");
+    store
+        .submit(new_job("c1", HOOK), None)
+        .await
+        .expect("submit");
     assert!(matches!(
         store.cancel("c1").await.expect("cancel"),
         CancelOutcome::Cancelled(_)
     ));
     assert_eq!(state_of(&store, "c1").await, Some(OutboxState::Due));
-    store.submit(new_job("c2", HOOK), None).await.expect("submit");
+    store
+        .submit(new_job("c2", HOOK), None)
+        .await
+        .expect("submit");
     start(&store, "c2").await;
-    store.finish("c2", Outcome::Cancelled).await.expect("cancel");
+    store
+        .finish("c2", Outcome::Cancelled)
+        .await
+        .expect("cancel");
     assert_eq!(state_of(&store, "c2").await, Some(OutboxState::Due));
 
     // First final result wins: a later result of another attempt changes nothing.
-    store.submit(new_job("race", HOOK), None).await.expect("submit");
+    store
+        .submit(new_job("race", HOOK), None)
+        .await
+        .expect("submit");
     start(&store, "race").await;
     let first = store
         .finish_attempt("race", 1, Outcome::Failed(failure("x", "first")))
@@ -137,12 +162,22 @@ async fn final_statuses_write_the_outbox_and_nothing_else_does() {
         .await
         .expect("later result");
     assert!(matches!(later, Finished::Dropped(_)));
-    let row = store.outbox_row("race").await.expect("row").expect("written");
+    let row = store
+        .outbox_row("race")
+        .await
+        .expect("row")
+        .expect("written");
     assert_eq!(row.event_id, "msg_race_failed");
 
     // A refused submission stores nothing, outbox included.
     store
-        .submit(new_job("spent", HOOK), Some(Quota { per_day: Some(0), per_month: None }))
+        .submit(
+            new_job("spent", HOOK),
+            Some(Quota {
+                per_day: Some(0),
+                per_month: None,
+            }),
+        )
         .await
         .expect_err("over quota");
     assert_eq!(state_of(&store, "spent").await, None);
@@ -157,9 +192,18 @@ async fn rows_survive_reopen_and_record_attempts() {
     let dir = tempfile::tempdir().expect("tempdir");
     {
         let store = open(dir.path()).await;
-        store.submit(new_job("a", HOOK), None).await.expect("submit");
-        store.submit(new_job("b", HOOK), None).await.expect("submit");
-        store.submit(new_job("c", HOOK), None).await.expect("submit");
+        store
+            .submit(new_job("a", HOOK), None)
+            .await
+            .expect("submit");
+        store
+            .submit(new_job("b", HOOK), None)
+            .await
+            .expect("submit");
+        store
+            .submit(new_job("c", HOOK), None)
+            .await
+            .expect("submit");
         for id in ["a", "b", "c"] {
             store.cancel(id).await.expect("cancel");
         }
@@ -201,7 +245,12 @@ async fn rows_survive_reopen_and_record_attempts() {
         .await
         .expect("record");
     store
-        .outbox_record("c", Attempted::Abandon { error: "gone".into() })
+        .outbox_record(
+            "c",
+            Attempted::Abandon {
+                error: "gone".into(),
+            },
+        )
         .await
         .expect("record");
     assert_eq!(state_of(&store, "b").await, Some(OutboxState::Delivered));
@@ -209,7 +258,12 @@ async fn rows_survive_reopen_and_record_attempts() {
     // A finished row does not change again.
     assert!(
         !store
-            .outbox_record("b", Attempted::Abandon { error: "late".into() })
+            .outbox_record(
+                "b",
+                Attempted::Abandon {
+                    error: "late".into()
+                }
+            )
             .await
             .expect("record")
     );
@@ -229,9 +283,15 @@ async fn a_replica_keeps_the_row_dormant_until_it_adopts_the_job() {
     let owner = open(owner_dir.path()).await;
     let replica = open(replica_dir.path()).await;
 
-    owner.submit(new_job("j", HOOK), None).await.expect("submit");
+    owner
+        .submit(new_job("j", HOOK), None)
+        .await
+        .expect("submit");
     let queued = owner.get("j").await.expect("get").expect("stored");
-    replica.put_replica(&queued, "node-a", vec![]).await.expect("copy");
+    replica
+        .put_replica(&queued, "node-a", vec![])
+        .await
+        .expect("copy");
     assert_eq!(state_of(&replica, "j").await, None, "not final: no row");
 
     start(&owner, "j").await;
@@ -239,18 +299,36 @@ async fn a_replica_keeps_the_row_dormant_until_it_adopts_the_job() {
         .finish("j", Outcome::Succeeded { outputs: vec![] })
         .await
         .expect("finish");
-    replica.put_replica(&done, "node-a", vec![]).await.expect("copy");
+    replica
+        .put_replica(&done, "node-a", vec![])
+        .await
+        .expect("copy");
     // Repeating the copy adds nothing.
-    replica.put_replica(&done, "node-a", vec![]).await.expect("copy again");
+    replica
+        .put_replica(&done, "node-a", vec![])
+        .await
+        .expect("copy again");
     let row = replica.outbox_row("j").await.expect("row").expect("kept");
     assert_eq!(row.state, OutboxState::Dormant);
-    assert_eq!(row.event_id, "msg_j_succeeded", "the same webhook-id as the owner's");
-    assert!(replica.outbox_due(i64::MAX, 10).await.expect("due").is_empty());
+    assert_eq!(
+        row.event_id, "msg_j_succeeded",
+        "the same webhook-id as the owner's"
+    );
+    assert!(
+        replica
+            .outbox_due(i64::MAX, 10)
+            .await
+            .expect("due")
+            .is_empty()
+    );
 
     // The owner dies: the replica adopts its jobs and sends the webhook itself.
     replica.adopt("node-a").await.expect("adopt");
     assert_eq!(state_of(&replica, "j").await, Some(OutboxState::Due));
-    assert_eq!(replica.outbox_due(i64::MAX, 10).await.expect("due").len(), 1);
+    assert_eq!(
+        replica.outbox_due(i64::MAX, 10).await.expect("due").len(),
+        1
+    );
 
     // An owner row refuses a replica copy and its outbox stays as it is.
     let err = owner

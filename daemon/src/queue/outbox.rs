@@ -10,9 +10,9 @@
 
 use rusqlite::{Connection, params};
 
+use super::StoreError;
 use super::store::JobStore;
 use super::writer::Request;
-use super::StoreError;
 
 /// Where an outbox row is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,7 +80,10 @@ pub enum Attempted {
 /// Outbox writes, applied by the writer thread.
 #[derive(Debug)]
 pub(crate) enum OutboxOp {
-    Record { job_id: String, attempted: Attempted },
+    Record {
+        job_id: String,
+        attempted: Attempted,
+    },
     /// Deletes delivered and abandoned rows finished before, and dormant rows created before,
     /// the given unix ms.
     Prune { before_ms: i64 },
@@ -209,7 +212,11 @@ fn rows(
 
 impl JobStore {
     /// Due rows whose time has come (`next_at <= now_ms`), earliest first, at most `limit`.
-    pub async fn outbox_due(&self, now_ms: i64, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
+    pub async fn outbox_due(
+        &self,
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.read(move |conn, path| {
             let sql = format!(
@@ -252,14 +259,16 @@ impl JobStore {
 
     /// Records what a delivery attempt did. Only a due row changes (a row delivered or
     /// abandoned meanwhile stays as it is); returns whether it changed.
-    pub async fn outbox_record(&self, job_id: &str, attempted: Attempted) -> Result<bool, StoreError> {
+    pub async fn outbox_record(
+        &self,
+        job_id: &str,
+        attempted: Attempted,
+    ) -> Result<bool, StoreError> {
         let op = OutboxOp::Record {
             job_id: job_id.to_string(),
             attempted,
         };
-        let changed = self
-            .request(|reply| Request::Outbox { op, reply })
-            .await?;
+        let changed = self.request(|reply| Request::Outbox { op, reply }).await?;
         Ok(changed > 0)
     }
 

@@ -377,9 +377,7 @@ fn apply_one(
         Request::DropCopy { id, reply } => {
             answer_all_or_nothing(reply, drop_copy(&sp, shared, &id))
         }
-        Request::Outbox { op, reply } => {
-            answer_all_or_nothing(reply, outbox::apply(&sp, op, now))
-        }
+        Request::Outbox { op, reply } => answer_all_or_nothing(reply, outbox::apply(&sp, op, now)),
     };
     let released = if ok {
         sp.commit().map_err(|e| e.to_string())

@@ -114,7 +114,12 @@ fn refuse(ip: IpAddr) -> Result<(), String> {
 pub async fn resolve_checked(name: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
     let found = tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((name, port)))
         .await
-        .map_err(|_| format!("{name} did not resolve within {} s", RESOLVE_TIMEOUT.as_secs()))?
+        .map_err(|_| {
+            format!(
+                "{name} did not resolve within {} s",
+                RESOLVE_TIMEOUT.as_secs()
+            )
+        })?
         .map_err(|e| format!("{name} does not resolve: {e}"))?;
     let addrs: Vec<SocketAddr> = found.collect();
     if addrs.is_empty() {
@@ -257,12 +262,18 @@ mod tests {
     async fn names_that_resolve_to_private_addresses_are_refused() {
         // A name that resolves (through the system resolver's hosts file) to loopback.
         // `localhost` itself is refused by name; an IP literal needs no resolving.
-        let err = resolve_checked("127.0.0.1", 80).await.expect_err("loopback");
+        let err = resolve_checked("127.0.0.1", 80)
+            .await
+            .expect_err("loopback");
         assert!(err.contains("loopback"), "{err}");
         // `localhost` resolves through the hosts file to loopback addresses only.
-        let err = resolve_checked("localhost", 80).await.expect_err("resolves to loopback");
+        let err = resolve_checked("localhost", 80)
+            .await
+            .expect_err("resolves to loopback");
         assert!(err.contains("loopback"), "{err}");
-        let err = check("http://localhost.:1/x", false).await.expect_err("localhost");
+        let err = check("http://localhost.:1/x", false)
+            .await
+            .expect_err("localhost");
         assert!(err.contains("this host"), "{err}");
         assert!(check("http://127.0.0.1:1/x", true).await.is_ok());
         let err = check("http://no-such-host.invalid/x", false)

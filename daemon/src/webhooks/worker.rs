@@ -39,7 +39,10 @@ pub fn backoff(failures: u32, initial: Duration, max: Duration, jitter: f64) -> 
 /// A delivery that failed, and whether trying again can help.
 enum Failure {
     Transient(String),
+    /// The job or its body is gone or unusable: trying again cannot help.
     Permanent(String),
+    /// The target is not allowed (checked again at delivery).
+    Refused(String),
 }
 
 struct Ctx {
@@ -111,8 +114,13 @@ async fn run(ctx: Arc<Ctx>, stop: CancellationToken) {
         }
         if tokio::time::Instant::now() >= next_prune {
             next_prune = tokio::time::Instant::now() + prune_every;
-            let retention_ms = i64::try_from(ctx.settings.retention.as_millis()).unwrap_or(i64::MAX);
-            match ctx.store.outbox_prune((ctx.clock)().saturating_sub(retention_ms)).await {
+            let retention_ms =
+                i64::try_from(ctx.settings.retention.as_millis()).unwrap_or(i64::MAX);
+            match ctx
+                .store
+                .outbox_prune((ctx.clock)().saturating_sub(retention_ms))
+                .await
+            {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(rows = n, "webhook outbox: pruned old rows"),
                 Err(error) => tracing::warn!(%error, "webhook outbox: pruning failed"),
@@ -184,7 +192,8 @@ async fn deliver(ctx: &Ctx, row: OutboxRow) {
     let attempt = row.attempts.saturating_add(1);
     let (attempted, outcome) = match send(ctx, &row).await {
         Ok(()) => (Attempted::Delivered, "delivered"),
-        Err(Failure::Permanent(error)) => (Attempted::Abandon { error }, "refused"),
+        Err(Failure::Permanent(error)) => (Attempted::Abandon { error }, "abandoned"),
+        Err(Failure::Refused(error)) => (Attempted::Abandon { error }, "refused"),
         Err(Failure::Transient(error)) if attempt >= ctx.settings.max_attempts => (
             Attempted::Abandon {
                 error: format!("{error} (gave up after {attempt} attempts)"),
@@ -256,7 +265,7 @@ async fn body(ctx: &Ctx, job_id: &str) -> Result<Vec<u8>, Failure> {
 
 async fn send(ctx: &Ctx, row: &OutboxRow) -> Result<(), Failure> {
     let url = target::check_url(&row.url, ctx.settings.allow_private)
-        .map_err(|why| Failure::Permanent(format!("webhook {:?} refused: {why}", row.url)))?;
+        .map_err(|why| Failure::Refused(format!("webhook {:?} refused: {why}", row.url)))?;
     let body = body(ctx, &row.job_id).await?;
     let timestamp = (ctx.clock)().div_euclid(1000);
     let signature = ctx.settings.secret.sign(&row.event_id, timestamp, &body);
@@ -275,7 +284,9 @@ async fn send(ctx: &Ctx, row: &OutboxRow) -> Result<(), Failure> {
     if status.is_success() {
         Ok(())
     } else {
-        Err(Failure::Transient(format!("the receiver answered {status}")))
+        Err(Failure::Transient(format!(
+            "the receiver answered {status}"
+        )))
     }
 }
 
@@ -308,8 +319,8 @@ mod tests {
         assert_eq!(
             low,
             [
-                2_500, 5_000, 10_000, 20_000, 40_000, 80_000, 160_000, 320_000, 640_000,
-                1_280_000, 1_800_000, 1_800_000
+                2_500, 5_000, 10_000, 20_000, 40_000, 80_000, 160_000, 320_000, 640_000, 1_280_000,
+                1_800_000, 1_800_000
             ]
         );
         let high = backoff(3, initial, max, 1.0);
