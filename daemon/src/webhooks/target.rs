@@ -281,4 +281,44 @@ mod tests {
             .expect_err("unresolvable");
         assert!(err.contains("no-such-host.invalid"), "{err}");
     }
+
+    #[tokio::test]
+    async fn the_delivery_resolver_hands_out_only_checked_addresses() {
+        use reqwest::dns::Resolve;
+        use std::str::FromStr;
+        let name = |s: &str| reqwest::dns::Name::from_str(s).expect("name");
+        // `localhost` is refused by name; `127.0.0.1` handed over as a name is resolved and
+        // refused for its address, as a name rebound to a private address would be.
+        let strict = CheckedResolver {
+            allow_private: false,
+        };
+        assert!(strict.resolve(name("localhost")).await.is_err());
+        assert!(strict.resolve(name("127.0.0.1")).await.is_err());
+        let open = CheckedResolver {
+            allow_private: true,
+        };
+        let addrs: Vec<SocketAddr> = open
+            .resolve(name("localhost"))
+            .await
+            .expect("allowed")
+            .collect();
+        assert!(addrs.iter().all(|a| a.ip().is_loopback()), "{addrs:?}");
+        assert!(!addrs.is_empty());
+        // A real client with the strict resolver refuses to connect to a loopback server.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .dns_resolver(resolver(false))
+            .build()
+            .expect("client");
+        let err = client
+            .get(format!("http://localhost:{port}/"))
+            .send()
+            .await
+            .expect_err("refused before connecting");
+        assert!(err.is_connect() || err.is_request(), "{err:?}");
+    }
 }

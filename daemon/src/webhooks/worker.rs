@@ -137,13 +137,16 @@ async fn run(ctx: Arc<Ctx>, stop: CancellationToken) {
             }
         };
         let full = due.len() >= batch;
+        let mut all_recorded = true;
         if !due.is_empty() {
             let concurrency = ctx.settings.concurrency.max(1);
             let sends = futures::stream::iter(due)
-                .for_each_concurrent(concurrency, |row| deliver(&ctx, row));
+                .map(|row| deliver(&ctx, row))
+                .buffer_unordered(concurrency)
+                .collect::<Vec<bool>>();
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = sends => {}
+                recorded = sends => all_recorded = recorded.into_iter().all(|r| r),
             }
         }
         let next_at = match ctx.store.outbox_pending().await {
@@ -159,13 +162,15 @@ async fn run(ctx: Arc<Ctx>, stop: CancellationToken) {
                 None
             }
         };
-        if full {
+        // A full batch moved every row it sent: the next one is different rows. After a failed
+        // record the same rows are still due, so the wait below keeps this from spinning.
+        if full && all_recorded {
             continue;
         }
         let wait = next_at
             .map(|at| Duration::from_millis(u64::try_from(at - (ctx.clock)()).unwrap_or(0)))
             .unwrap_or(ctx.settings.poll)
-            .min(ctx.settings.poll);
+            .clamp(MIN_WAIT, ctx.settings.poll.max(MIN_WAIT));
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
@@ -187,8 +192,11 @@ async fn final_change(changes: &mut broadcast::Receiver<crate::queue::JobChange>
     }
 }
 
-/// Sends one row and records the attempt.
-async fn deliver(ctx: &Ctx, row: OutboxRow) {
+/// The shortest pause between rounds that did not fill a batch.
+const MIN_WAIT: Duration = Duration::from_millis(100);
+
+/// Sends one row and records the attempt; `false` when the record could not be written.
+async fn deliver(ctx: &Ctx, row: OutboxRow) -> bool {
     let attempt = row.attempts.saturating_add(1);
     let (attempted, outcome) = match send(ctx, &row).await {
         Ok(()) => (Attempted::Delivered, "delivered"),
@@ -235,8 +243,12 @@ async fn deliver(ctx: &Ctx, row: OutboxRow) {
             outcome: outcome.to_string(),
         })
         .inc();
-    if let Err(error) = ctx.store.outbox_record(&row.job_id, attempted).await {
-        tracing::warn!(job = %row.job_id, %error, "webhook outbox: cannot record an attempt");
+    match ctx.store.outbox_record(&row.job_id, attempted).await {
+        Ok(_) => true,
+        Err(error) => {
+            tracing::warn!(job = %row.job_id, %error, "webhook outbox: cannot record an attempt");
+            false
+        }
     }
 }
 
