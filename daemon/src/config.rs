@@ -33,6 +33,153 @@ pub struct Config {
     /// What the watermark on outputs of `tiers.<tier>.watermark` tiers looks like.
     #[serde(default)]
     pub watermark: crate::watermark::WatermarkConfig,
+    /// Job webhooks: the signing secret, private targets, retries.
+    #[serde(default)]
+    pub webhooks: WebhooksSection,
+}
+
+/// `[webhooks]`: how job webhooks are signed and sent. Without a secret webhooks are off and a
+/// submission naming one is refused.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhooksSection {
+    /// The signing secret inline (`whsec_<base64>` or raw, at least 16 bytes). Prefer
+    /// `secret_file`.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// A file holding the signing secret (must not be readable by group or others).
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// Allow targets on private, loopback, link-local and CGNAT addresses.
+    #[serde(default)]
+    pub allow_private: bool,
+    /// Seconds one delivery may take, connect included.
+    #[serde(default = "WebhooksSection::default_timeout_s")]
+    pub timeout_s: u64,
+    /// Deliveries in flight at once.
+    #[serde(default = "WebhooksSection::default_concurrency")]
+    pub concurrency: usize,
+    /// Attempts before a webhook is given up (the default spans about a day).
+    #[serde(default = "WebhooksSection::default_max_attempts")]
+    pub max_attempts: u32,
+    /// Wait after the first failure, doubled per failure (with jitter) up to `backoff_max_s`.
+    #[serde(default = "WebhooksSection::default_backoff_initial_s")]
+    pub backoff_initial_s: u64,
+    #[serde(default = "WebhooksSection::default_backoff_max_s")]
+    pub backoff_max_s: u64,
+    /// Hours delivered and abandoned webhooks are kept in the outbox.
+    #[serde(default = "WebhooksSection::default_retention_h")]
+    pub retention_h: u64,
+}
+
+impl Default for WebhooksSection {
+    fn default() -> Self {
+        WebhooksSection {
+            secret: None,
+            secret_file: None,
+            allow_private: false,
+            timeout_s: Self::default_timeout_s(),
+            concurrency: Self::default_concurrency(),
+            max_attempts: Self::default_max_attempts(),
+            backoff_initial_s: Self::default_backoff_initial_s(),
+            backoff_max_s: Self::default_backoff_max_s(),
+            retention_h: Self::default_retention_h(),
+        }
+    }
+}
+
+impl WebhooksSection {
+    fn default_timeout_s() -> u64 {
+        10
+    }
+    fn default_concurrency() -> usize {
+        8
+    }
+    fn default_max_attempts() -> u32 {
+        40
+    }
+    fn default_backoff_initial_s() -> u64 {
+        5
+    }
+    fn default_backoff_max_s() -> u64 {
+        3600
+    }
+    fn default_retention_h() -> u64 {
+        168
+    }
+
+    /// Whether webhooks are on (a secret is configured).
+    pub fn enabled(&self) -> bool {
+        self.secret.is_some() || self.secret_file.is_some()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.secret.is_some() && self.secret_file.is_some() {
+            return Err(invalid(
+                "webhooks.secret",
+                "give either secret or secret_file, not both",
+            ));
+        }
+        if let Some(secret) = &self.secret {
+            crate::webhooks::Secret::parse(secret).map_err(|m| invalid("webhooks.secret", m))?;
+        }
+        if !(1..=300).contains(&self.timeout_s) {
+            return Err(invalid("webhooks.timeout_s", "must be between 1 and 300"));
+        }
+        if !(1..=256).contains(&self.concurrency) {
+            return Err(invalid("webhooks.concurrency", "must be between 1 and 256"));
+        }
+        if !(1..=1000).contains(&self.max_attempts) {
+            return Err(invalid(
+                "webhooks.max_attempts",
+                "must be between 1 and 1000",
+            ));
+        }
+        if self.backoff_initial_s == 0 || self.backoff_initial_s > self.backoff_max_s {
+            return Err(invalid(
+                "webhooks.backoff_initial_s",
+                "must be at least 1 and at most backoff_max_s",
+            ));
+        }
+        if self.backoff_max_s > 86_400 {
+            return Err(invalid(
+                "webhooks.backoff_max_s",
+                "must be at most 86400 (a day)",
+            ));
+        }
+        if self.retention_h == 0 {
+            return Err(invalid("webhooks.retention_h", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// The delivery settings, reading the secret file; `None` when webhooks are off.
+    pub fn settings(&self) -> Result<Option<crate::webhooks::Settings>, ConfigError> {
+        let secret = match (&self.secret, &self.secret_file) {
+            (Some(text), _) => {
+                crate::webhooks::Secret::parse(text).map_err(|m| invalid("webhooks.secret", m))?
+            }
+            (None, Some(path)) => {
+                let text =
+                    read_secret_file(path).map_err(|m| invalid("webhooks.secret_file", m))?;
+                crate::webhooks::Secret::parse(&text).map_err(|m| {
+                    invalid("webhooks.secret_file", format!("{}: {m}", path.display()))
+                })?
+            }
+            (None, None) => return Ok(None),
+        };
+        Ok(Some(crate::webhooks::Settings {
+            secret,
+            allow_private: self.allow_private,
+            timeout: Duration::from_secs(self.timeout_s),
+            concurrency: self.concurrency,
+            max_attempts: self.max_attempts,
+            backoff_initial: Duration::from_secs(self.backoff_initial_s),
+            backoff_max: Duration::from_secs(self.backoff_max_s),
+            retention: Duration::from_secs(self.retention_h.saturating_mul(3600)),
+            poll: Duration::from_secs(2),
+        }))
+    }
 }
 
 /// `[node]`: who this node is and where it keeps its data.
@@ -525,6 +672,7 @@ impl Config {
             let key = message.split(':').next().unwrap_or("gpu").to_string();
             ConfigError::Invalid { key, message }
         })?;
+        self.webhooks.validate()?;
         self.watermark
             .validate()
             .map_err(|(key, message)| ConfigError::Invalid { key, message })?;
@@ -693,6 +841,52 @@ command = ["python", "main.py", "--port", "8188"]
             read_secret_file(&path).expect("read"),
             "0123456789abcdef0123"
         );
+    }
+
+    #[test]
+    fn webhooks_section_is_checked_and_its_secret_read() {
+        let config = Config::parse(MINIMAL).expect("valid");
+        assert!(!config.webhooks.enabled());
+        assert!(config.webhooks.settings().expect("no secret").is_none());
+        for (toml, key) in [
+            ("[webhooks]\nsecret = \"short\"", "webhooks.secret"),
+            (
+                "[webhooks]\nsecret = \"0123456789abcdef0\"\nsecret_file = \"/x\"",
+                "webhooks.secret",
+            ),
+            ("[webhooks]\ntimeout_s = 0", "webhooks.timeout_s"),
+            ("[webhooks]\nconcurrency = 0", "webhooks.concurrency"),
+            ("[webhooks]\nmax_attempts = 0", "webhooks.max_attempts"),
+            (
+                "[webhooks]\nbackoff_initial_s = 10\nbackoff_max_s = 5",
+                "webhooks.backoff_initial_s",
+            ),
+            ("[webhooks]\nretention_h = 0", "webhooks.retention_h"),
+        ] {
+            match Config::parse(&format!("{MINIMAL}\n{toml}")) {
+                Err(ConfigError::Invalid { key: got, .. }) => assert_eq!(got, key, "{toml}"),
+                other => panic!("{toml}: {other:?}"),
+            }
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("webhook-secret");
+        std::fs::write(&path, "whsec_c2VjcmV0LWZvci1raWxuLXdlYmhvb2stdGVzdHM=\n").expect("write");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        }
+        let text = format!(
+            "{MINIMAL}\n[webhooks]\nsecret_file = {:?}\nallow_private = true",
+            path.display().to_string()
+        );
+        let config = Config::parse(&text).expect("valid");
+        let settings = config.webhooks.settings().expect("read").expect("on");
+        assert!(settings.allow_private);
+        assert_eq!(settings.max_attempts, 40);
+        std::fs::write(&path, "tiny").expect("write");
+        let err = config.webhooks.settings().expect_err("too short");
+        assert!(err.to_string().contains("webhooks.secret_file"), "{err}");
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //!   scheduler that picks the next job (tier, then account fairness, then age).
 //! - [`tiers`]: tiers, accounts and API keys (a keys file holding only hashes).
 //! - [`watermark`]: the visible mark on outputs of watermarked tiers.
+//! - [`webhooks`]: signed job webhooks sent from the store's outbox, and their target checks.
 //! - [`pki`]: the cluster CA, member certificates and the TLS configs built from them.
 //! - [`net`]: the cluster transport (QUIC, TLS over TCP, in-memory), with chitchat over it.
 //! - [`cluster`]: membership: gossip of each member's status and the cluster view.
@@ -39,3 +40,4 @@ pub mod protocol;
 pub mod queue;
 pub mod tiers;
 pub mod watermark;
+pub mod webhooks;

@@ -65,6 +65,7 @@ pub struct Metrics {
     pub comfy_ready: Gauge,
     pub http_requests: Family<HttpLabels, Counter>,
     pub gossip: GossipMetrics,
+    pub webhooks: WebhookMetrics,
 }
 
 /// The cluster transport's counters, copied from the endpoint's statistics at each scrape.
@@ -78,6 +79,20 @@ pub struct GossipMetrics {
     pub bytes_received: Counter,
     pub frames_dropped: Counter,
     pub connections: Gauge,
+}
+
+/// Webhook deliveries and the outbox.
+#[derive(Debug, Default, Clone)]
+pub struct WebhookMetrics {
+    /// Delivery attempts by outcome: `delivered`, `failed` (retried), `abandoned`, `refused`.
+    pub deliveries: Family<OutcomeLabels, Counter>,
+    /// Webhooks waiting to be sent (due rows in the outbox).
+    pub outbox_depth: Gauge,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -166,6 +181,17 @@ impl Metrics {
             "HTTP requests by route and status",
             http_requests.clone(),
         );
+        let webhooks = WebhookMetrics::default();
+        registry.register(
+            "webhook_deliveries",
+            "Webhook delivery attempts by outcome (delivered, failed and retried, abandoned, refused target)",
+            webhooks.deliveries.clone(),
+        );
+        registry.register(
+            "webhook_outbox_depth",
+            "Webhooks waiting to be sent",
+            webhooks.outbox_depth.clone(),
+        );
         let gossip = GossipMetrics::default();
         registry.register(
             "gossip_members",
@@ -219,6 +245,7 @@ impl Metrics {
             comfy_ready,
             http_requests,
             gossip,
+            webhooks,
         })
     }
 

@@ -246,6 +246,8 @@ pub struct NodeParts {
     pub watermark: Option<Arc<Watermark>>,
     /// systemd notifications (readiness, status, watchdog); disabled unless set.
     pub notify: Notifier,
+    /// How job webhooks are sent; `None` when `[webhooks]` has no secret (webhooks off).
+    pub webhooks: Option<crate::webhooks::Settings>,
 }
 
 impl NodeParts {
@@ -259,6 +261,7 @@ impl NodeParts {
         let cluster =
             ClusterSettings::from_config(&config.cluster, |name| std::env::var(name).ok())?;
         let watermark = watermark_of(&config)?;
+        let webhooks = config.webhooks.settings()?;
         Ok(NodeParts {
             config,
             keys,
@@ -267,6 +270,7 @@ impl NodeParts {
             cluster,
             watermark,
             notify: Notifier::disabled(),
+            webhooks,
         })
     }
 }
@@ -301,6 +305,7 @@ pub async fn run(
         cluster: cluster_settings,
         watermark,
         notify,
+        webhooks,
     } = parts;
     let config = Arc::new(config);
     let data_dir = config.node.data_dir.clone();
@@ -510,6 +515,27 @@ pub async fn run(
             jobs.reconcile(Duration::from_secs(15)).await;
         });
     }
+    // Webhooks of final jobs, from the store's outbox; its own token, stopped below with a
+    // bounded wait so a slow receiver never holds up the shutdown.
+    let webhook_worker = match webhooks {
+        Some(settings) => Some(crate::webhooks::WebhookWorker::start(
+            store.clone(),
+            settings,
+            metrics.clone(),
+            crate::queue::system_clock(),
+        )?),
+        None => {
+            if let Ok((_, due)) = store.outbox_pending().await
+                && due > 0
+            {
+                tracing::warn!(
+                    due,
+                    "webhooks wait in the outbox but [webhooks] has no secret: they are not sent"
+                );
+            }
+            None
+        }
+    };
     let runner_stop = CancellationToken::new();
     let runner = tokio::spawn(run_jobs(Runner {
         jobs: jobs.clone(),
@@ -633,6 +659,11 @@ pub async fn run(
         notify.status("draining: handing queued jobs to their next owners");
         let handed = jobs.drain().await;
         tracing::info!(jobs = handed, "queued jobs handed over");
+    }
+    // After the last final status this node records (the runner's job); what is still due is
+    // sent after the restart, or by the job's adopter.
+    if let Some(worker) = webhook_worker {
+        worker.shutdown(Duration::from_secs(2)).await;
     }
     notify.status("stopping ComfyUI");
     if let Err(error) = supervisor.shutdown().await {
@@ -1309,6 +1340,7 @@ pub async fn run_dev(
             ..ClusterSection::default()
         },
         watermark: Default::default(),
+        webhooks: Default::default(),
     };
     config.validate()?;
 
@@ -1332,6 +1364,7 @@ pub async fn run_dev(
     let supervisor = supervisor_config(&config)?;
     let cluster = ClusterSettings::from_config(&config.cluster, |name| std::env::var(name).ok())?;
     let watermark = watermark_of(&config)?;
+    let webhooks = config.webhooks.settings()?;
     run(
         NodeParts {
             config,
@@ -1341,6 +1374,7 @@ pub async fn run_dev(
             cluster,
             watermark,
             notify: options.notify,
+            webhooks,
         },
         listener,
         shutdown,

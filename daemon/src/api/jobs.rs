@@ -93,7 +93,7 @@ pub(super) async fn submit(
     })?;
     validate(&request.workflow, &info).map_err(workflow_error)?;
     if let Some(webhook) = &request.webhook {
-        check_webhook(webhook)?;
+        check_webhook(webhook, &state.config.webhooks).await?;
     }
     if let Some(metadata) = &request.metadata
         && !metadata.is_object()
@@ -201,23 +201,27 @@ fn workflow_error(error: WorkflowError) -> ApiError {
     }
 }
 
-fn check_webhook(webhook: &str) -> Result<(), ApiError> {
+/// Refuses a webhook this node would not send: webhooks off (no `[webhooks]` secret), not an
+/// http(s) URL, or (unless `allow_private`) a host that is or resolves to a private, loopback,
+/// link-local, CGNAT, unspecified or multicast address.
+async fn check_webhook(
+    webhook: &str,
+    settings: &crate::config::WebhooksSection,
+) -> Result<(), ApiError> {
     let bad = |why: &str| {
         ApiError::new(
             ErrorCode::InvalidRequest,
             format!("webhook {webhook:?} is not usable: {why}"),
         )
     };
-    if webhook.len() > 2048 {
-        return Err(bad("longer than 2048 characters"));
+    if !settings.enabled() {
+        return Err(bad(
+            "webhooks are off on this node (no [webhooks] secret configured)",
+        ));
     }
-    let url = url::Url::parse(webhook).map_err(|e| bad(&e.to_string()))?;
-    if !matches!(url.scheme(), "https" | "http") {
-        return Err(bad("the scheme must be https or http"));
-    }
-    if url.host_str().is_none() {
-        return Err(bad("it has no host"));
-    }
+    crate::webhooks::target::check(webhook, settings.allow_private)
+        .await
+        .map_err(|why| bad(&why))?;
     Ok(())
 }
 
@@ -552,11 +556,24 @@ pub(super) async fn output(
 mod tests {
     use super::*;
 
-    #[test]
-    fn webhook_checks() {
-        assert!(check_webhook("https://example.com/hook").is_ok());
-        assert!(check_webhook("ftp://example.com/hook").is_err());
-        assert!(check_webhook("not a url").is_err());
+    #[tokio::test]
+    async fn webhook_checks() {
+        let mut on = crate::config::WebhooksSection {
+            secret: Some("0123456789abcdef0123".to_string()),
+            ..Default::default()
+        };
+        on.allow_private = true;
+        assert!(check_webhook("http://127.0.0.1:9/hook", &on).await.is_ok());
+        on.allow_private = false;
+        assert!(check_webhook("http://127.0.0.1:9/hook", &on).await.is_err());
+        assert!(check_webhook("https://8.8.8.8/hook", &on).await.is_ok());
+        assert!(check_webhook("ftp://example.com/hook", &on).await.is_err());
+        assert!(check_webhook("not a url", &on).await.is_err());
+        let off = crate::config::WebhooksSection::default();
+        let err = check_webhook("https://8.8.8.8/hook", &off)
+            .await
+            .expect_err("webhooks off");
+        assert!(err.to_string().contains("off"), "{err}");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! - [`writer`]: the one thread that owns the write connection and commits requests in groups
 //!   (one fsync per group, not per job).
 //! - [`schema`]: the SQLite schema and its ordered migrations (`PRAGMA user_version`).
+//! - [`outbox`]: the webhook outbox, written with each final status (see `crate::webhooks`).
 //! - [`scheduler`]: the pure in-memory order of queued jobs (tier, then round robin between
 //!   accounts, then oldest first).
 //!
@@ -26,6 +27,7 @@
 //! [`JobStore::finish_attempt`]`(.., Outcome::Requeue)`. Every cluster operation is safe to
 //! repeat, and the first final result of a job wins: later ones are dropped.
 
+pub mod outbox;
 pub mod scheduler;
 pub mod schema;
 pub mod store;
@@ -39,6 +41,7 @@ use crate::protocol::{
     JobError, JobStatus, JobView, OutputView, Throttled, Tier, WatermarkStatus, rfc3339_ms,
 };
 
+pub use outbox::{Attempted, OutboxRow, OutboxState};
 pub use scheduler::{QueuedJob, RingPos, Scheduler, TierCount};
 pub use store::{JobStore, StoreOptions, system_clock};
 pub use writer::Clock;

@@ -128,6 +128,25 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (account, day)
     );
     "#,
+    // 5: the webhook outbox. One row per job with a webhook, written in the transaction that
+    // records the job's final status: `due` rows are sent by the delivery worker, `dormant` rows
+    // are a replica's copy (due once the job is adopted), `delivered` and `abandoned` rows are
+    // kept for a while, then pruned. `event_id` is the `webhook-id` header (stable per job).
+    r#"
+    CREATE TABLE webhook_outbox (
+        job_id      TEXT    PRIMARY KEY,
+        event_id    TEXT    NOT NULL,
+        url         TEXT    NOT NULL,
+        state       TEXT    NOT NULL
+                    CHECK (state IN ('due', 'dormant', 'delivered', 'abandoned')),
+        attempts    INTEGER NOT NULL DEFAULT 0,
+        next_at     INTEGER NOT NULL,
+        last_error  TEXT,
+        created_at  INTEGER NOT NULL,
+        done_at     INTEGER
+    );
+    CREATE INDEX webhook_outbox_due ON webhook_outbox (next_at) WHERE state = 'due';
+    "#,
 ];
 
 /// The schema version this code writes.

@@ -233,7 +233,7 @@ impl JobStore {
         self.inner.shared.data_dir.join(&output.path)
     }
 
-    async fn request<T>(
+    pub(super) async fn request<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Request,
     ) -> Result<T, StoreError> {
@@ -248,7 +248,7 @@ impl JobStore {
         })?
     }
 
-    async fn read<T: Send + 'static>(
+    pub(super) async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection, &Path) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {

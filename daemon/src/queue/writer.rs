@@ -20,6 +20,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use serde_json::json;
 use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 
+use super::outbox::{self, OutboxState};
 use super::scheduler::{QueuedJob, RingPos, Scheduler};
 use super::store::{load_job, load_jobs, load_queued, load_ring};
 use super::{
@@ -135,6 +136,10 @@ pub(crate) enum Request {
         id: String,
         reply: Reply<bool>,
     },
+    Outbox {
+        op: super::outbox::OutboxOp,
+        reply: Reply<usize>,
+    },
 }
 
 impl Request {
@@ -152,6 +157,7 @@ impl Request {
             Request::Adopt { reply, .. } => drop(reply.send(Err(err))),
             Request::HandOver { reply, .. } => drop(reply.send(Err(err))),
             Request::DropCopy { reply, .. } => drop(reply.send(Err(err))),
+            Request::Outbox { reply, .. } => drop(reply.send(Err(err))),
         }
     }
 }
@@ -371,6 +377,7 @@ fn apply_one(
         Request::DropCopy { id, reply } => {
             answer_all_or_nothing(reply, drop_copy(&sp, shared, &id))
         }
+        Request::Outbox { op, reply } => answer_all_or_nothing(reply, outbox::apply(&sp, op, now)),
     };
     let released = if ok {
         sp.commit().map_err(|e| e.to_string())
@@ -884,6 +891,7 @@ fn cancel(
             )
             .and_then(|mut st| st.execute(params![id, now]))
             .map_err(StoreError::sqlite("cancelling the job"))?;
+            outbox::enqueue(tx, id, now, OutboxState::Due)?;
             add_event(
                 tx,
                 id,
@@ -948,6 +956,8 @@ fn set_final(
     tx.prepare_cached("UPDATE jobs SET status = ?2, finished_at = ?3, error = ?4 WHERE id = ?1")
         .and_then(|mut st| st.execute(params![id, status.as_str(), now, error]))
         .map_err(StoreError::sqlite("finishing the job"))?;
+    // Every final status of an owner job passes here: its webhook is due in the same commit.
+    outbox::enqueue(tx, id, now, OutboxState::Due)?;
     Ok(())
 }
 
@@ -1478,6 +1488,10 @@ fn put_replica(
         path: shared.db_path.clone(),
         detail: format!("replica {id} vanished while storing it"),
     })?;
+    if job.status.is_final() {
+        // The owner sends the webhook; this copy is sent only if this node adopts the job.
+        outbox::enqueue(tx, id, now, OutboxState::Dormant)?;
+    }
     Ok((job, recorded))
 }
 
@@ -1510,6 +1524,9 @@ fn adopt(
         )
         .and_then(|mut st| st.execute(params![job.id, lease_holder]))
         .map_err(StoreError::sqlite("adopting the job"))?;
+        // The dead owner may not have sent the webhook: this node sends it (receivers dedupe
+        // by `webhook-id` when both did).
+        outbox::wake(tx, &job.id, now)?;
         add_event(
             tx,
             &job.id,
