@@ -333,9 +333,37 @@ pub struct CloudSection {
     /// Lambda only: regions to launch in, in order of preference (empty: any with capacity).
     #[serde(default)]
     pub regions: Vec<String>,
+    /// How a rented host becomes a cluster member. With `ca_dir`, every rent issues the host a
+    /// certificate from this CA (kept under `members_dir`) and hands it over as `KILN_BUNDLE`
+    /// in the host's environment, for the image's entry point (`entry`).
+    #[serde(default)]
+    pub ca_dir: Option<PathBuf>,
+    /// Where issued member certificates are kept, one folder per host (default `members`
+    /// beside this file).
+    #[serde(default = "CloudSection::default_members_dir")]
+    pub members_dir: PathBuf,
+    /// A keys file to put in the bundle (the cluster's accounts).
+    #[serde(default)]
+    pub keys_file: Option<PathBuf>,
+    /// Members the new host joins through (`KILN_SEEDS`), e.g. `quic://203.0.113.7:7946`.
+    #[serde(default)]
+    pub seeds: Vec<String>,
+    /// An owner-only file with the operator token the host's API takes (`KILN_OPERATOR_TOKEN`).
+    #[serde(default)]
+    pub operator_token_file: Option<PathBuf>,
+    /// The entry point the host's onstart script runs (Vast.ai runs the onstart, not the image's
+    /// entry point).
+    #[serde(default = "CloudSection::default_entry")]
+    pub entry: String,
 }
 
 impl CloudSection {
+    fn default_members_dir() -> PathBuf {
+        PathBuf::from("members")
+    }
+    fn default_entry() -> String {
+        crate::cli::certs::DEFAULT_ENTRY.to_string()
+    }
     fn default_num_gpus() -> u32 {
         1
     }
@@ -463,6 +491,39 @@ impl CloudSection {
         if self.ports.iter().any(|p| p.port == 0) {
             return Err(invalid(&key("ports"), "port 0 cannot be exposed"));
         }
+        if self.entry.is_empty() || self.entry.contains(['\'', '\n', ' ']) {
+            return Err(invalid(
+                &key("entry"),
+                "must be a path without spaces, quotes or newlines",
+            ));
+        }
+        if let Some(seed) = self
+            .seeds
+            .iter()
+            .find(|s| s.is_empty() || s.contains([',', ' ']))
+        {
+            return Err(invalid(
+                &key("seeds"),
+                format!("{seed:?} is not an address such as quic://203.0.113.7:7946"),
+            ));
+        }
+        let needs_ca = if self.keys_file.is_some() {
+            Some("keys_file")
+        } else if !self.seeds.is_empty() {
+            Some("seeds")
+        } else if self.operator_token_file.is_some() {
+            Some("operator_token_file")
+        } else {
+            None
+        };
+        if let Some(which) = needs_ca
+            && self.ca_dir.is_none()
+        {
+            return Err(invalid(
+                &key(which),
+                "hands a host to the cluster only with ca_dir (the cluster CA) set",
+            ));
+        }
         Ok(())
     }
 }
@@ -576,6 +637,17 @@ impl KilnConfig {
             if let Some(p) = &mut cloud.api_key_file {
                 fix(p);
             }
+            for p in [
+                &mut cloud.ca_dir,
+                &mut cloud.keys_file,
+                &mut cloud.operator_token_file,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                fix(p);
+            }
+            fix(&mut cloud.members_dir);
         }
     }
 
@@ -673,6 +745,18 @@ max_price_per_hour = 0.5
     fn invalid_values_name_the_key() {
         let cases: &[(&str, &str)] = &[
             ("[inventory]\npath = \"\"\n", "inventory.path"),
+            (
+                "[providers.vast]\ngpu = \"x\"\nmax_price_per_hour = 1\nkeys_file = \"k\"\n",
+                "providers.vast.keys_file",
+            ),
+            (
+                "[providers.vast]\ngpu = \"x\"\nmax_price_per_hour = 1\nca_dir = \"c\"\nseeds = [\"a,b\"]\n",
+                "providers.vast.seeds",
+            ),
+            (
+                "[providers.vast]\ngpu = \"x\"\nmax_price_per_hour = 1\nentry = \"a b\"\n",
+                "providers.vast.entry",
+            ),
             ("[cluster]\napi = \"ftp://x\"\n", "cluster.api"),
             ("[cluster]\ncerts = \"c\"\n", "cluster.seeds"),
             ("[cluster]\ntimeout_s = 0\n", "cluster.timeout_s"),

@@ -320,6 +320,58 @@ pub fn onstart_script(member: &str, bundle: &str, entry: &str) -> String {
     )
 }
 
+/// The `KILN_BUNDLE` value of `member`: its certificate (issued into `member_dir` from the CA
+/// in `ca_dir` the first time, reused after), the CA's certificate and CRL, and, when given, a
+/// kilnd config and keys file (each checked before it goes in).
+pub fn member_bundle(
+    ca_dir: &Path,
+    member: &str,
+    member_dir: &Path,
+    days: u32,
+    config: Option<&Path>,
+    keys_file: Option<&Path>,
+) -> anyhow::Result<String> {
+    pki::validate_name(member)?;
+    // A member folder made earlier is reused (same certificate); otherwise one is issued now.
+    if !member_dir.join(pki::CERT_FILE).exists() {
+        pki::issue(ca_dir, member, member_dir, days)?;
+    }
+    let identity = pki::Identity::load_dir(member_dir)
+        .with_context(|| format!("the member folder {}", member_dir.display()))?;
+    if identity.name() != member {
+        anyhow::bail!(
+            "{} holds the certificate of {:?}, not {:?}; give --member-dir for {:?}",
+            member_dir.display(),
+            identity.name(),
+            member,
+            member
+        );
+    }
+    // (path inside the bundle, bytes)
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    for name in [pki::CERT_FILE, pki::KEY_FILE, pki::CA_CERT_FILE] {
+        files.push((format!("certs/{name}"), read_file(&member_dir.join(name))?));
+    }
+    // The CA's current CRL beats the copy made at issue time.
+    let crl = [ca_dir.join(pki::CRL_FILE), member_dir.join(pki::CRL_FILE)]
+        .into_iter()
+        .find(|p| p.exists());
+    if let Some(crl) = crl {
+        files.push((format!("certs/{}", pki::CRL_FILE), read_file(&crl)?));
+    }
+    if let Some(config) = config {
+        kiln_daemon::config::Config::load(config)
+            .with_context(|| format!("--config {}", config.display()))?;
+        files.push(("kilnd.toml".to_string(), read_file(config)?));
+    }
+    if let Some(keys) = keys_file {
+        kiln_daemon::tiers::KeyRing::load(keys)
+            .with_context(|| format!("--keys-file {}", keys.display()))?;
+        files.push(("keys.toml".to_string(), read_file(keys)?));
+    }
+    encode_bundle(&files)
+}
+
 fn bundle(args: CertsBundle, out: &mut dyn Write) -> anyhow::Result<()> {
     pki::validate_name(&args.member)?;
     if args.entry.is_empty() || args.entry.contains(['\'', '\n', ' ']) {
@@ -332,47 +384,14 @@ fn bundle(args: CertsBundle, out: &mut dyn Write) -> anyhow::Result<()> {
         .member_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from(&args.member));
-    // A member folder made earlier is reused (same certificate); otherwise one is issued now.
-    if !member_dir.join(pki::CERT_FILE).exists() {
-        pki::issue(&args.ca_dir, &args.member, &member_dir, args.days)?;
-    }
-    let identity = pki::Identity::load_dir(&member_dir)
-        .with_context(|| format!("the member folder {}", member_dir.display()))?;
-    if identity.name() != args.member {
-        anyhow::bail!(
-            "{} holds the certificate of {:?}, not {:?}; give --member-dir for {:?}",
-            member_dir.display(),
-            identity.name(),
-            args.member,
-            args.member
-        );
-    }
-    // (path inside the bundle, bytes)
-    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
-    for name in [pki::CERT_FILE, pki::KEY_FILE, pki::CA_CERT_FILE] {
-        files.push((format!("certs/{name}"), read_file(&member_dir.join(name))?));
-    }
-    // The CA's current CRL beats the copy made at issue time.
-    let crl = [
-        args.ca_dir.join(pki::CRL_FILE),
-        member_dir.join(pki::CRL_FILE),
-    ]
-    .into_iter()
-    .find(|p| p.exists());
-    if let Some(crl) = crl {
-        files.push((format!("certs/{}", pki::CRL_FILE), read_file(&crl)?));
-    }
-    if let Some(config) = &args.config {
-        kiln_daemon::config::Config::load(config)
-            .with_context(|| format!("--config {}", config.display()))?;
-        files.push(("kilnd.toml".to_string(), read_file(config)?));
-    }
-    if let Some(keys) = &args.keys_file {
-        kiln_daemon::tiers::KeyRing::load(keys)
-            .with_context(|| format!("--keys-file {}", keys.display()))?;
-        files.push(("keys.toml".to_string(), read_file(keys)?));
-    }
-    let encoded = encode_bundle(&files)?;
+    let encoded = member_bundle(
+        &args.ca_dir,
+        &args.member,
+        &member_dir,
+        args.days,
+        args.config.as_deref(),
+        args.keys_file.as_deref(),
+    )?;
     if !args.onstart {
         writeln!(out, "KILN_BUNDLE={encoded}").context("writing to stdout")?;
         return Ok(());

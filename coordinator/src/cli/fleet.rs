@@ -7,6 +7,7 @@
 //! over a [`Provider`] and an [`Inventory`] with the clock passed in; the commands only load the
 //! config, build the provider and print.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -207,6 +208,11 @@ pub async fn rent(
     if inventory.host(&name)?.is_some() {
         bail!("a host named `{name}` is already in the inventory; choose another --name");
     }
+    // Before anything is stored: a host that cannot be handed its certificate is not rented.
+    let (onstart, env) = match config.providers.cloud(kind) {
+        Some(section) => member_handoff(kind, section, &name)?,
+        None => (None, BTreeMap::new()),
+    };
     let offers = provider
         .offers(&query)
         .await
@@ -241,8 +247,8 @@ pub async fn rent(
         offer_id: offer.offer_id.clone(),
         image,
         template,
-        onstart: None,
-        env: Default::default(),
+        onstart,
+        env,
         ports,
         disk_gb,
         bid_per_hour: spot.then(|| offer.price_per_hour / f64::from(offer.num_gpus.max(1))),
@@ -287,6 +293,57 @@ pub async fn rent(
             Err(error)
         }
     }
+}
+
+/// What a rented cloud host needs to join the cluster: its certificate bundle (issued from the
+/// section's `ca_dir` into `members_dir/<name>`), seeds and operator token in its environment,
+/// and an onstart that runs the image's entry point. Vast.ai caps each environment item at 256
+/// characters, so there the bundle travels in the onstart script (at most 4,096 characters);
+/// elsewhere it is the `KILN_BUNDLE` variable. Nothing without `ca_dir`.
+fn member_handoff(
+    kind: ProviderKind,
+    section: &crate::config::CloudSection,
+    name: &str,
+) -> anyhow::Result<(Option<String>, BTreeMap<String, String>)> {
+    let mut env = BTreeMap::new();
+    let Some(ca_dir) = &section.ca_dir else {
+        return Ok((None, env));
+    };
+    let bundle = super::certs::member_bundle(
+        ca_dir,
+        name,
+        &section.members_dir.join(name),
+        kiln_daemon::pki::DEFAULT_CERT_DAYS,
+        None,
+        section.keys_file.as_deref(),
+    )
+    .with_context(|| format!("issuing the certificate bundle of {name}"))?;
+    if !section.seeds.is_empty() {
+        env.insert("KILN_SEEDS".to_string(), section.seeds.join(","));
+    }
+    if let Some(path) = &section.operator_token_file {
+        let token = kiln_daemon::config::read_secret_file(path)
+            .map_err(|m| anyhow::anyhow!("operator_token_file: {m}"))?;
+        env.insert("KILN_OPERATOR_TOKEN".to_string(), token);
+    }
+    if kind != ProviderKind::Vast {
+        env.insert("KILN_BUNDLE".to_string(), bundle);
+        let onstart = format!(
+            "#!/bin/sh\n# Kiln member {name}: the entry point unpacks KILN_BUNDLE and runs kilnd.\nexec {}\n",
+            section.entry
+        );
+        return Ok((Some(onstart), env));
+    }
+    let onstart = super::certs::onstart_script(name, &bundle, &section.entry);
+    if onstart.len() > super::certs::ONSTART_LIMIT {
+        bail!(
+            "the onstart script of {name} would be {} characters, over Vast.ai's {}: leave \
+             keys_file out of [providers.vast] (the bundle then holds only certificates)",
+            onstart.len(),
+            super::certs::ONSTART_LIMIT
+        );
+    }
+    Ok((Some(onstart), env))
 }
 
 fn provider_id(host: &InventoryHost) -> anyhow::Result<&str> {

@@ -121,8 +121,9 @@ pub struct Offer {
 
 /// Everything a rent needs. The `label` names the host at the provider and is unique per rent
 /// decision: a client that times out after the provider accepted a rent finds the host by its
-/// label instead of renting a second one.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// label instead of renting a second one. `env` and `onstart` carry the host's private key and
+/// tokens: its `Debug` shows only their names and sizes.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct RentRequest {
     pub label: String,
     pub offer_id: String,
@@ -139,6 +140,28 @@ pub struct RentRequest {
     pub disk_gb: u32,
     /// Spot bid, USD per hour per GPU; `None` rents on-demand.
     pub bid_per_hour: Option<f64>,
+}
+
+impl fmt::Debug for RentRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RentRequest")
+            .field("label", &self.label)
+            .field("offer_id", &self.offer_id)
+            .field("image", &self.image)
+            .field("template", &self.template)
+            .field(
+                "onstart",
+                &self
+                    .onstart
+                    .as_ref()
+                    .map(|s| format!("<{} bytes>", s.len())),
+            )
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .field("ports", &self.ports)
+            .field("disk_gb", &self.disk_gb)
+            .field("bid_per_hour", &self.bid_per_hour)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
