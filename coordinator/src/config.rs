@@ -33,6 +33,17 @@ pub struct KilnConfig {
     /// `[alerts]`: thresholds and where alerts are posted.
     #[serde(default)]
     pub alerts: AlertsSection,
+    /// `[metrics]`: where `kiln run` serves Prometheus metrics.
+    #[serde(default)]
+    pub metrics: MetricsSection,
+}
+
+/// `[metrics]`: `listen` is the address `kiln run` serves `GET /metrics` on (none: no server).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    #[serde(default)]
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// `[policy]`: how often `kiln run` ticks (`tick_s`) and every key of
@@ -770,6 +781,58 @@ max_price_per_hour = 0.5
             KilnConfig::parse(include_str!("../kiln.example.toml")).expect("the example parses");
         assert!(config.providers.local.is_some());
         assert_eq!(config.cluster.timeout_s, 10);
+    }
+
+    #[test]
+    fn policy_and_alerts_sections_take_their_keys_and_refuse_unknown_ones() {
+        let config = KilnConfig::parse(
+            r#"
+[policy]
+tick_s = 5
+quiet_for_s = 120
+[policy.rent]
+providers = ["local"]
+[alerts]
+webhook_url = "https://hooks.example.com/T/1"
+queue_warn = 4
+queue_critical = 8
+"#,
+        )
+        .expect("valid");
+        assert_eq!(config.policy.tick_s, 5);
+        assert_eq!(config.policy.rules.quiet_for_s, 120);
+        assert_eq!(
+            config.policy.rules.rent.providers,
+            vec![ProviderKind::Local]
+        );
+        assert_eq!(config.alerts.rules.queue_warn, 4);
+        assert_eq!(
+            config.alerts.webhook_url.as_ref().map(Url::as_str),
+            Some("https://hooks.example.com/T/1")
+        );
+        let defaults = KilnConfig::parse("").expect("valid");
+        assert_eq!(defaults.policy.tick_s, 30);
+        assert!(defaults.alerts.webhook_url.is_none());
+
+        for (text, names) in [
+            ("[policy]\ntick_rate = 5\n", "tick_rate"),
+            ("[policy]\ntick_s = 0\n", "policy.tick_s"),
+            ("[policy]\ntick_s = \"5s\"\n", "tick_s"),
+            ("[policy]\nquiet_for_s = 0\n", "policy.quiet_for_s"),
+            (
+                "[alerts]\nwebhook_url = \"ftp://x/\"\n",
+                "alerts.webhook_url",
+            ),
+            ("[alerts]\nwebhook_url = \"not a url\"\n", "webhook_url"),
+            ("[alerts]\ndaily_budget_usd = 9.0\n", "daily_budget_usd"),
+            (
+                "[alerts]\nqueue_warn = 9\nqueue_critical = 2\n",
+                "alerts.queue_critical",
+            ),
+        ] {
+            let error = KilnConfig::parse(text).expect_err(text).to_string();
+            assert!(error.contains(names), "{text:?}: {error}");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::Args;
 
 use crate::config::KilnConfig;
+use crate::control::metrics::Metrics;
 use crate::control::webhook::Webhook;
 use crate::control::{Controller, HttpNodeAdmin, Seen, TickReport};
 use crate::inventory::Inventory;
@@ -92,6 +93,11 @@ async fn run_loop(
         )?),
         None => None,
     };
+    let metrics = std::sync::Arc::new(Metrics::new());
+    if let Some(listen) = controller.config().metrics.listen {
+        let bound = metrics.serve(listen).await?;
+        writeln!(out, "metrics on http://{bound}/metrics").context("writing")?;
+    }
     let stop = shutdown_signal()?;
     tokio::pin!(stop);
     let result = loop {
@@ -106,6 +112,9 @@ async fn run_loop(
         match report {
             Ok(report) => {
                 print_report(out, &report)?;
+                if let Err(e) = metrics.observe(inventory, &report) {
+                    writeln!(out, "warning: metrics not updated: {e:#}").context("writing")?;
+                }
                 if let Some(webhook) = &webhook {
                     for event in &report.events {
                         webhook.send(event.clone());

@@ -16,6 +16,7 @@
 //!   [`DRAIN_TIMEOUT_MS`]);
 //! - no error of a provider, a node or the network ends the loop: only the inventory failing does.
 
+pub mod metrics;
 pub mod node;
 pub mod webhook;
 

@@ -525,3 +525,42 @@ async fn dry_run_changes_nothing() {
     assert!(rig.inventory.actions(10).expect("actions").is_empty());
     assert_eq!(rig.inventory.value(POLICY_STATE_KEY).expect("kv"), None);
 }
+
+#[tokio::test]
+async fn metrics_count_hosts_cost_actions_and_alerts_and_are_served() {
+    let mut rig = rig(true);
+    let busy = seen(vec![member("primary", MemberState::Busy, 1, 60)]);
+    let metrics = std::sync::Arc::new(metrics::Metrics::new());
+    for _ in 0..4 {
+        let report = rig.tick(&busy).await;
+        metrics.observe(&rig.inventory, &report).expect("observe");
+        rig.advance_s(1000);
+    }
+    let addr = metrics
+        .serve("127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("serve");
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .expect("get")
+        .text()
+        .await
+        .expect("body");
+    assert!(
+        text.contains("kiln_coordinator_hosts{state=\"hot\"} 1"),
+        "{text}"
+    );
+    // GPU $0.40/h plus 50 GB of disk at $0.10 per GB-month.
+    assert!(
+        text.contains("kiln_coordinator_cost_per_hour_usd 0.406"),
+        "{text}"
+    );
+    assert!(
+        text.contains("kiln_coordinator_actions_total{kind=\"rent\",outcome=\"error\"}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("kiln_coordinator_alerts_active{severity=\"critical\"} 1"),
+        "{text}"
+    );
+}

@@ -101,3 +101,84 @@ async fn deliver(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use axum::Json;
+    use axum::extract::State;
+    use axum::http::StatusCode;
+    use axum::routing::post;
+
+    use super::*;
+    use crate::alerts::{AlertStatus, Severity};
+
+    /// A webhook that refuses the first post and accepts the rest, keeping the bodies.
+    async fn fake_webhook() -> (Url, Arc<Mutex<Vec<serde_json::Value>>>) {
+        let seen: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+        let app = axum::Router::new()
+            .route(
+                "/hook",
+                post(
+                    |State(seen): State<Arc<Mutex<Vec<serde_json::Value>>>>,
+                     Json(body): Json<serde_json::Value>| async move {
+                        let mut seen = seen.lock().expect("lock");
+                        seen.push(body);
+                        if seen.len() == 1 {
+                            StatusCode::SERVICE_UNAVAILABLE
+                        } else {
+                            StatusCode::OK
+                        }
+                    },
+                ),
+            )
+            .with_state(seen.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        let url = Url::parse(&format!("http://{addr}/hook")).expect("url");
+        (url, seen)
+    }
+
+    #[tokio::test]
+    async fn a_failed_post_is_retried_and_events_arrive_in_order() {
+        let (url, seen) = fake_webhook().await;
+        let webhook =
+            Webhook::spawn(url, Duration::from_secs(5), Duration::from_millis(50)).expect("spawn");
+        for (key, status) in [
+            ("queue_depth", AlertStatus::Firing),
+            ("queue_depth", AlertStatus::Resolved),
+        ] {
+            webhook.send(AlertEvent {
+                key: key.into(),
+                status,
+                severity: Severity::Warning,
+                message: "queue depth 12 > 10".into(),
+                at_ms: 0,
+            });
+        }
+        for _ in 0..200 {
+            if seen.lock().expect("lock").len() >= 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let seen = seen.lock().expect("lock").clone();
+        let texts: Vec<&str> = seen.iter().filter_map(|b| b["text"].as_str()).collect();
+        assert_eq!(
+            texts,
+            vec![
+                "[kiln] WARNING queue_depth: queue depth 12 > 10",
+                "[kiln] WARNING queue_depth: queue depth 12 > 10",
+                "[kiln] RESOLVED queue_depth: queue depth 12 > 10",
+            ],
+            "the refused post is sent again, before the next event"
+        );
+        assert_eq!(seen[2]["content"], seen[2]["text"]);
+    }
+}
