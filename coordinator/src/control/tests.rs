@@ -560,7 +560,8 @@ async fn metrics_count_hosts_cost_actions_and_alerts_and_are_served() {
         "{text}"
     );
     assert!(
-        text.contains("kiln_coordinator_alerts_active{severity=\"critical\"} 1"),
+        // The queue (60 > 30) and the failing provider.
+        text.contains("kiln_coordinator_alerts_active{severity=\"critical\"} 2"),
         "{text}"
     );
 }
