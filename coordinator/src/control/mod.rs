@@ -440,7 +440,11 @@ impl Controller {
                 let provider = match self.provider(*provider) {
                     Ok(p) => p,
                     Err(e) => {
-                        log_skip(inventory, clock(), "rent", decision_id, reason, &e);
+                        if let Err(logged) =
+                            log_failed(inventory, clock(), "rent", decision_id, reason, &e)
+                        {
+                            return Attempt::Inventory(logged.into());
+                        }
                         return Attempt::Failed(e);
                     }
                 };
@@ -453,10 +457,13 @@ impl Controller {
                 if let Err(e) = &result {
                     // `rent` logs once the host is recorded; a failure before that (no offers,
                     // the offer search failing) is logged here.
-                    match inventory.host(decision_id) {
-                        Ok(Some(_)) => {}
-                        Ok(None) => log_skip(inventory, clock(), "rent", decision_id, reason, e),
-                        Err(e) => return Attempt::Inventory(e.into()),
+                    let logged = match inventory.host(decision_id) {
+                        Ok(Some(_)) => Ok(()),
+                        Ok(None) => log_failed(inventory, clock(), "rent", decision_id, reason, e),
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = logged {
+                        return Attempt::Inventory(e.into());
                     }
                 }
                 result.map(|_| "ok".to_string()).into()
@@ -669,23 +676,22 @@ impl Controller {
     }
 }
 
-/// Records in the actions log an action that could not even be attempted. Best effort: the
-/// failure itself is reported by the caller.
-fn log_skip(
+/// Records in the actions log an action that failed before the fleet operation logged it.
+fn log_failed(
     inventory: &mut Inventory,
     at_ms: i64,
     action: &str,
     host: &str,
     reason: &str,
     error: &anyhow::Error,
-) {
-    let _ = inventory.record_action(&ActionEntry {
+) -> Result<(), InventoryError> {
+    inventory.record_action(&ActionEntry {
         at_ms,
         action: action.into(),
         host: Some(host.into()),
         reason: reason.into(),
         outcome: format!("error: {error:#}"),
-    });
+    })
 }
 
 /// How an attempt ended: done, failed (provider, node, config), or the inventory failed.

@@ -74,3 +74,68 @@ impl NodeAdmin for HttpNodeAdmin {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::routing::post;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn drain_posts_with_the_operator_token_and_reports_a_refusal() {
+        let seen: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
+        let record = seen.clone();
+        let app = axum::Router::new().route(
+            "/base/v1/admin/drain",
+            post(move |headers: HeaderMap| {
+                let record = record.clone();
+                async move {
+                    let auth = headers
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .map(String::from);
+                    let ok = auth.as_deref() == Some("Bearer op-token");
+                    record.lock().expect("lock").push(auth);
+                    if ok {
+                        (StatusCode::ACCEPTED, "{}")
+                    } else {
+                        (StatusCode::UNAUTHORIZED, "{\"error\":\"unauthorized\"}")
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+
+        let good = HttpNodeAdmin::new("op-token", Duration::from_secs(5)).expect("client");
+        good.drain(&format!("http://{addr}/base"))
+            .await
+            .expect("drained");
+        let bad = HttpNodeAdmin::new("wrong", Duration::from_secs(5)).expect("client");
+        let error = bad
+            .drain(&format!("http://{addr}/base/"))
+            .await
+            .expect_err("refused")
+            .to_string();
+        assert!(error.contains("401"), "{error}");
+        let error = good
+            .drain("not a url")
+            .await
+            .expect_err("bad url")
+            .to_string();
+        assert!(error.contains("not a URL"), "{error}");
+        assert_eq!(
+            *seen.lock().expect("lock"),
+            vec![Some("Bearer op-token".into()), Some("Bearer wrong".into())]
+        );
+        assert!(HttpNodeAdmin::new("bad\ntoken", Duration::from_secs(1)).is_err());
+    }
+}
