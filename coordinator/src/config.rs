@@ -27,6 +27,161 @@ pub struct KilnConfig {
     pub cluster: ClusterAccess,
     #[serde(default)]
     pub providers: ProvidersSection,
+    /// `[policy]`: `kiln run`'s tick and the scaling policy.
+    #[serde(default)]
+    pub policy: PolicySection,
+    /// `[alerts]`: thresholds and where alerts are posted.
+    #[serde(default)]
+    pub alerts: AlertsSection,
+    /// `[metrics]`: where `kiln run` serves Prometheus metrics.
+    #[serde(default)]
+    pub metrics: MetricsSection,
+}
+
+/// `[metrics]`: `listen` is the address `kiln run` serves `GET /metrics` on (none: no server).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    #[serde(default)]
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+/// `[policy]`: how often `kiln run` ticks (`tick_s`) and every key of
+/// [`crate::policy::PolicyConfig`] (unknown keys refused, as everywhere).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicySection {
+    pub tick_s: u64,
+    pub rules: crate::policy::PolicyConfig,
+}
+
+impl Default for PolicySection {
+    fn default() -> Self {
+        PolicySection {
+            tick_s: 30,
+            rules: crate::policy::PolicyConfig::default(),
+        }
+    }
+}
+
+/// Takes the whole number `key` out of `table`, if present.
+fn take_u64(table: &mut toml::Table, key: &str) -> Result<Option<u64>, String> {
+    match table.remove(key) {
+        None => Ok(None),
+        Some(toml::Value::Integer(n)) => u64::try_from(n)
+            .map(Some)
+            .map_err(|_| format!("{key}: must not be negative, found {n}")),
+        Some(other) => Err(format!(
+            "{key}: expected a whole number, found {}",
+            other.type_str()
+        )),
+    }
+}
+
+impl<'de> Deserialize<'de> for PolicySection {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut table = toml::Table::deserialize(d)?;
+        let tick_s = take_u64(&mut table, "tick_s")
+            .map_err(D::Error::custom)?
+            .unwrap_or(PolicySection::default().tick_s);
+        let rules = toml::Value::Table(table)
+            .try_into::<crate::policy::PolicyConfig>()
+            .map_err(|e| D::Error::custom(e.to_string().trim_end().to_string()))?;
+        Ok(PolicySection { tick_s, rules })
+    }
+}
+
+impl PolicySection {
+    pub fn tick(&self) -> Duration {
+        Duration::from_secs(self.tick_s)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=3600).contains(&self.tick_s) {
+            return Err(invalid("policy.tick_s", "must be between 1 and 3600"));
+        }
+        self.rules
+            .validate()
+            .map_err(|e| invalid(&format!("policy.{}", e.key), e.message))
+    }
+}
+
+/// `[alerts]`: the webhook alerts are posted to (Slack or Discord incoming webhook; none: alerts
+/// are only logged and shown by `kiln status --config`), how long a post may take, and every
+/// threshold of [`crate::alerts::AlertConfig`] except `daily_budget_usd`, which is the policy's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlertsSection {
+    pub webhook_url: Option<Url>,
+    pub timeout_s: u64,
+    pub rules: crate::alerts::AlertConfig,
+}
+
+impl Default for AlertsSection {
+    fn default() -> Self {
+        AlertsSection {
+            webhook_url: None,
+            timeout_s: 10,
+            rules: crate::alerts::AlertConfig::default(),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for AlertsSection {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut table = toml::Table::deserialize(d)?;
+        let webhook_url = match table.remove("webhook_url") {
+            None => None,
+            Some(toml::Value::String(text)) => {
+                Some(Url::parse(&text).map_err(|e| D::Error::custom(format!("webhook_url: {e}")))?)
+            }
+            Some(other) => {
+                return Err(D::Error::custom(format!(
+                    "webhook_url: expected a URL string, found {}",
+                    other.type_str()
+                )));
+            }
+        };
+        let timeout_s = take_u64(&mut table, "timeout_s")
+            .map_err(D::Error::custom)?
+            .unwrap_or(AlertsSection::default().timeout_s);
+        if table.contains_key("daily_budget_usd") {
+            return Err(D::Error::custom(
+                "daily_budget_usd: set it under [policy]; the budget alert uses the policy's",
+            ));
+        }
+        let rules = toml::Value::Table(table)
+            .try_into::<crate::alerts::AlertConfig>()
+            .map_err(|e| D::Error::custom(e.to_string().trim_end().to_string()))?;
+        Ok(AlertsSection {
+            webhook_url,
+            timeout_s,
+            rules,
+        })
+    }
+}
+
+impl AlertsSection {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_s)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.webhook_url
+            && (!matches!(url.scheme(), "http" | "https") || url.host_str().is_none())
+        {
+            return Err(invalid(
+                "alerts.webhook_url",
+                "must be an http:// or https:// URL with a host",
+            ));
+        }
+        if !(1..=120).contains(&self.timeout_s) {
+            return Err(invalid("alerts.timeout_s", "must be between 1 and 120"));
+        }
+        self.rules
+            .validate()
+            .map_err(|e| invalid(&format!("alerts.{}", e.key), e.message))
+    }
 }
 
 /// `[inventory]`: the SQLite file holding every host ever rented and the cost ledger.
@@ -657,6 +812,8 @@ impl KilnConfig {
             return Err(invalid("inventory.path", "must not be empty"));
         }
         self.cluster.validate()?;
+        self.policy.validate()?;
+        self.alerts.validate()?;
         if let Some(local) = &self.providers.local {
             local.validate()?;
         }
@@ -696,6 +853,58 @@ max_price_per_hour = 0.5
             KilnConfig::parse(include_str!("../kiln.example.toml")).expect("the example parses");
         assert!(config.providers.local.is_some());
         assert_eq!(config.cluster.timeout_s, 10);
+    }
+
+    #[test]
+    fn policy_and_alerts_sections_take_their_keys_and_refuse_unknown_ones() {
+        let config = KilnConfig::parse(
+            r#"
+[policy]
+tick_s = 5
+quiet_for_s = 120
+[policy.rent]
+providers = ["local"]
+[alerts]
+webhook_url = "https://hooks.example.com/T/1"
+queue_warn = 4
+queue_critical = 8
+"#,
+        )
+        .expect("valid");
+        assert_eq!(config.policy.tick_s, 5);
+        assert_eq!(config.policy.rules.quiet_for_s, 120);
+        assert_eq!(
+            config.policy.rules.rent.providers,
+            vec![ProviderKind::Local]
+        );
+        assert_eq!(config.alerts.rules.queue_warn, 4);
+        assert_eq!(
+            config.alerts.webhook_url.as_ref().map(Url::as_str),
+            Some("https://hooks.example.com/T/1")
+        );
+        let defaults = KilnConfig::parse("").expect("valid");
+        assert_eq!(defaults.policy.tick_s, 30);
+        assert!(defaults.alerts.webhook_url.is_none());
+
+        for (text, names) in [
+            ("[policy]\ntick_rate = 5\n", "tick_rate"),
+            ("[policy]\ntick_s = 0\n", "policy.tick_s"),
+            ("[policy]\ntick_s = \"5s\"\n", "tick_s"),
+            ("[policy]\nquiet_for_s = 0\n", "policy.quiet_for_s"),
+            (
+                "[alerts]\nwebhook_url = \"ftp://x/\"\n",
+                "alerts.webhook_url",
+            ),
+            ("[alerts]\nwebhook_url = \"not a url\"\n", "webhook_url"),
+            ("[alerts]\ndaily_budget_usd = 9.0\n", "daily_budget_usd"),
+            (
+                "[alerts]\nqueue_warn = 9\nqueue_critical = 2\n",
+                "alerts.queue_critical",
+            ),
+        ] {
+            let error = KilnConfig::parse(text).expect_err(text).to_string();
+            assert!(error.contains(names), "{text:?}: {error}");
+        }
     }
 
     #[test]

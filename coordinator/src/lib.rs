@@ -25,6 +25,7 @@
 pub mod alerts;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod costmodel;
 pub mod fleet;
 pub mod inventory;

@@ -10,6 +10,7 @@ pub mod certs;
 pub mod cost;
 pub mod fleet;
 pub mod keys;
+pub mod run;
 pub mod simulate;
 pub mod status;
 pub mod usage;
@@ -53,6 +54,9 @@ pub enum Command {
     /// Usage of every account per day, merged over the cluster (operator token).
     #[command(subcommand)]
     Usage(usage::UsageCommand),
+    /// The control loop: scale the fleet by the policy, deliver alerts (kiln.toml [policy],
+    /// [alerts]).
+    Run(run::RunArgs),
     /// Run scaling policies against a demand trace and compare cost and per-tier waits.
     Simulate(simulate::SimulateArgs),
 }
@@ -72,5 +76,6 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         Command::Reconcile(args) => fleet::run_reconcile(args, out),
         Command::Usage(command) => usage::run(command, out),
         Command::Simulate(args) => simulate::run(args, out),
+        Command::Run(args) => run::run(args, out),
     }
 }

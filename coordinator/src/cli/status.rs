@@ -225,6 +225,15 @@ async fn source_from_config(
     access: &crate::config::ClusterAccess,
     args: &StatusArgs,
 ) -> anyhow::Result<StatusSource> {
+    source_for(access, Some(&args.api)).await
+}
+
+/// The status source a `[cluster]` section names: its `certs` and `seeds`, else its `api` (or
+/// `default_api`) with the operator token.
+pub async fn source_for(
+    access: &crate::config::ClusterAccess,
+    default_api: Option<&Url>,
+) -> anyhow::Result<StatusSource> {
     Ok(match &access.certs {
         Some(certs) => {
             StatusSource::Member(MemberSource::join(certs, &access.seeds, access.timeout()).await?)
@@ -232,7 +241,11 @@ async fn source_from_config(
         None => {
             let token = operator_token(access.token_file.as_deref(), env_token()?)
                 .context("kiln.toml [cluster]: set token_file, or certs and seeds")?;
-            let api = access.api.as_ref().unwrap_or(&args.api);
+            let api = access
+                .api
+                .as_ref()
+                .or(default_api)
+                .context("kiln.toml [cluster]: set api (a node's URL), or certs and seeds")?;
             StatusSource::Api(ApiSource::new(api, &token, access.timeout())?)
         }
     })
@@ -242,8 +255,6 @@ async fn source_from_config(
 /// the view shows ready are moved to `hot` (with a history entry). When the cluster cannot be
 /// reached the inventory is still shown, with the reason.
 fn run_with_inventory(args: &StatusArgs, path: &Path, out: &mut dyn Write) -> anyhow::Result<()> {
-    use crate::fleet::HostState;
-
     let config = crate::config::KilnConfig::load(path)?;
     let mut inventory = crate::inventory::Inventory::open(&config.inventory.path)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -260,14 +271,10 @@ fn run_with_inventory(args: &StatusArgs, path: &Path, out: &mut dyn Write) -> an
     });
     let now = super::fleet::now_ms();
     if let Ok(snapshot) = &fetched {
-        for name in status::ready_members(&snapshot.view) {
-            if let Some(host) = inventory.host(name)?
-                && host.record.state == HostState::Provisioning
-            {
-                inventory.set_state(name, HostState::Hot, now, "ready in the cluster view")?;
-            }
-        }
+        crate::control::mark_ready(&mut inventory, status::ready_members(&snapshot.view), now)?;
     }
+    let decisions = inventory.actions(LAST_DECISIONS)?;
+    let alerts = crate::control::active_alerts(&inventory)?;
     let hosts = inventory.hosts()?;
     if args.json {
         let (cluster, error) = match &fetched {
@@ -282,6 +289,8 @@ fn run_with_inventory(args: &StatusArgs, path: &Path, out: &mut dyn Write) -> an
             "cluster": cluster,
             "cluster_error": error,
             "inventory": hosts,
+            "decisions": decisions,
+            "alerts": alerts,
         });
         let text = serde_json::to_string_pretty(&body).context("encoding the status")?;
         writeln!(out, "{text}").context("writing to stdout")?;
@@ -294,8 +303,50 @@ fn run_with_inventory(args: &StatusArgs, path: &Path, out: &mut dyn Write) -> an
                 crate::text::clean(&format!("{e:#}"))
             ));
         }
+        text.push_str(&decisions_and_alerts(&decisions, &alerts));
         out.write_all(text.as_bytes())
             .context("writing to stdout")?;
     }
     Ok(())
+}
+
+/// How many of the last actions `kiln status --config` shows.
+const LAST_DECISIONS: u32 = 10;
+
+/// The last decisions (the actions log, the control loop's and the operator's) and the active
+/// alerts, as text under the fleet table.
+fn decisions_and_alerts(
+    decisions: &[crate::inventory::ActionEntry],
+    alerts: &std::collections::BTreeMap<String, crate::alerts::ActiveAlert>,
+) -> String {
+    use crate::text::clean;
+    let mut text = String::new();
+    if !decisions.is_empty() {
+        text.push_str("\nLast decisions:\n");
+        for d in decisions {
+            text.push_str(&format!(
+                "  {} {} {}: {} -> {}\n",
+                super::fleet::format_ms(d.at_ms),
+                clean(&d.action),
+                clean(d.host.as_deref().unwrap_or("-")),
+                clean(&d.reason),
+                clean(&d.outcome)
+            ));
+        }
+    }
+    if alerts.is_empty() {
+        text.push_str("\nNo active alerts.\n");
+    } else {
+        text.push_str("\nActive alerts:\n");
+        for (key, alert) in alerts {
+            text.push_str(&format!(
+                "  {} {} since {}: {}\n",
+                alert.severity.as_str().to_uppercase(),
+                clean(key),
+                super::fleet::format_ms(alert.since_ms),
+                clean(&alert.message)
+            ));
+        }
+    }
+    text
 }

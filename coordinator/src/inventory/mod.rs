@@ -568,6 +568,28 @@ impl Inventory {
         Ok(())
     }
 
+    /// A value stored under `key` with [`Inventory::set_value`], if any.
+    pub fn value(&self, key: &str) -> Result<Option<String>, InventoryError> {
+        self.conn
+            .query_row("SELECT value FROM kv WHERE key = ?1", [key], |row| {
+                row.get(0)
+            })
+            .optional()
+            .map_err(sql("reading a stored value"))
+    }
+
+    /// Stores `value` under `key`, replacing what was there.
+    pub fn set_value(&mut self, key: &str, value: &str, now_ms: i64) -> Result<(), InventoryError> {
+        self.conn
+            .execute(
+                "INSERT INTO kv (key, value, at_ms) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value, at_ms = excluded.at_ms",
+                params![key, value, now_ms],
+            )
+            .map_err(sql("storing a value"))?;
+        Ok(())
+    }
+
     /// The last `limit` actions, oldest first.
     pub fn actions(&self, limit: u32) -> Result<Vec<ActionEntry>, InventoryError> {
         let mut stmt = self

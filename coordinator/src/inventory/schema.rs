@@ -84,6 +84,14 @@ pub const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX prices_by_provider ON prices(provider, at_ms);
     "#,
+    // 2: small named values the control loop keeps between runs (policy and alert state).
+    r#"
+    CREATE TABLE kv (
+        key    TEXT PRIMARY KEY,
+        value  TEXT NOT NULL,
+        at_ms  INTEGER NOT NULL
+    );
+    "#,
 ];
 
 /// The schema version this code writes.
