@@ -593,12 +593,15 @@ fn footer(view: &ClusterView) -> String {
 /// How long a released host stays in the merged status table.
 pub const RELEASED_SHOWN_MS: i64 = 24 * 3_600_000;
 
-/// Names of the members the view shows live and able to take jobs (`ready` or `busy`).
+/// Names of the members the view shows live, able to take jobs (`ready` or `busy`) and with a
+/// GPU. A host that came back without its GPU (a resumed RunPod pod can) is not ready: it stays
+/// provisioning until the policy's resume timeout replaces it.
 pub fn ready_members(view: &ClusterView) -> Vec<&str> {
     use kiln_daemon::protocol::cluster::MemberState;
     view.members
         .iter()
         .filter(|m| m.live && matches!(m.status.state, MemberState::Ready | MemberState::Busy))
+        .filter(|m| !m.status.gpus.is_empty())
         .map(|m| m.status.name.as_str())
         .collect()
 }
@@ -904,7 +907,14 @@ gpu-0  node         vast      dead      0%   1.0/24.0G   40C  -                 
                 .lines()
                 .any(|l| l.starts_with("gpu-1") && l.contains("hot"))
         );
-        assert_eq!(ready_members(&view), vec!["gpu-1"]);
+        // Ready members count only with a GPU: one that came back without it is not ready.
+        assert!(ready_members(&view).is_empty());
+        let mut with_gpu = view.clone();
+        with_gpu.members[0]
+            .status
+            .gpus
+            .push(card(0, 1024, 24_576, 40));
+        assert_eq!(ready_members(&with_gpu), vec!["gpu-1"]);
     }
 
     #[test]
