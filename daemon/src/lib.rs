@@ -9,6 +9,7 @@
 //!   WebSocket client, the workflow validator, the process supervisor and the per-job executor.
 //! - [`queue`]: the durable job store (SQLite in WAL mode behind one writer thread) and the
 //!   scheduler that picks the next job (tier, then account fairness, then age).
+//! - [`sqlite`]: numbered SQLite migrations, shared with the coordinator's inventory.
 //! - [`tiers`]: tiers, accounts and API keys (a keys file holding only hashes).
 //! - [`watermark`]: the visible mark on outputs of watermarked tiers.
 //! - [`webhooks`]: signed job webhooks sent from the store's outbox, and their target checks.
@@ -38,6 +39,7 @@ pub mod peer;
 pub mod pki;
 pub mod protocol;
 pub mod queue;
+pub mod sqlite;
 pub mod tiers;
 pub mod watermark;
 pub mod webhooks;

@@ -379,14 +379,36 @@ pub async fn pause(
         .stop(&id)
         .await
         .with_context(|| format!("stopping {name}"));
+    record_step(
+        inventory,
+        name,
+        "pause",
+        reason,
+        HostState::Warm,
+        clock,
+        outcome,
+    )
+}
+
+/// Logs a provider call made for `name` as `action` and, when it succeeded, moves the host to
+/// `to`; the call's error is returned after it is logged.
+fn record_step(
+    inventory: &mut Inventory,
+    name: &str,
+    action: &str,
+    reason: &str,
+    to: HostState,
+    clock: &dyn Fn() -> i64,
+    outcome: anyhow::Result<()>,
+) -> anyhow::Result<InventoryHost> {
     let now = clock();
     let logged = outcome
         .as_ref()
         .map(|_| ())
         .map_err(|e| anyhow::anyhow!("{e:#}"));
-    log_action(inventory, now, "pause", name, reason, &logged)?;
+    log_action(inventory, now, action, name, reason, &logged)?;
     outcome?;
-    inventory.set_state(name, HostState::Warm, now, reason)?;
+    inventory.set_state(name, to, now, reason)?;
     Ok(inventory.require(name)?)
 }
 
@@ -410,15 +432,15 @@ pub async fn resume(
         .start(&id)
         .await
         .with_context(|| format!("starting {name}"));
-    let now = clock();
-    let logged = outcome
-        .as_ref()
-        .map(|_| ())
-        .map_err(|e| anyhow::anyhow!("{e:#}"));
-    log_action(inventory, now, "resume", name, reason, &logged)?;
-    outcome?;
-    inventory.set_state(name, HostState::Provisioning, now, reason)?;
-    Ok(inventory.require(name)?)
+    record_step(
+        inventory,
+        name,
+        "resume",
+        reason,
+        HostState::Provisioning,
+        clock,
+        outcome,
+    )
 }
 
 /// Destroys a host and its disk: → `released`. A host whose rent never completed (no provider
@@ -449,15 +471,15 @@ pub async fn release(
         },
         None => Ok(()),
     };
-    let now = clock();
-    let logged = outcome
-        .as_ref()
-        .map(|_| ())
-        .map_err(|e| anyhow::anyhow!("{e:#}"));
-    log_action(inventory, now, "release", name, reason, &logged)?;
-    outcome?;
-    inventory.set_state(name, HostState::Released, now, reason)?;
-    Ok(inventory.require(name)?)
+    record_step(
+        inventory,
+        name,
+        "release",
+        reason,
+        HostState::Released,
+        clock,
+        outcome,
+    )
 }
 
 /// Loads the config and opens its inventory.

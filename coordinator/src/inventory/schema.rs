@@ -137,29 +137,15 @@ pub fn corrupt_or(path: &Path, e: rusqlite::Error, context: &str) -> InventoryEr
 
 /// Applies the missing migrations in one transaction. Returns (version before, version after).
 pub fn migrate(conn: &mut Connection, path: &Path) -> Result<(i64, i64), InventoryError> {
-    let tx = conn
-        .transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)
-        .map_err(|e| corrupt_or(path, e, "starting the migration"))?;
-    let found: i64 = tx
-        .query_row("PRAGMA user_version", [], |row| row.get(0))
-        .map_err(|e| corrupt_or(path, e, "reading the schema version"))?;
-    let supported = current_version();
-    if found > supported {
-        return Err(InventoryError::SchemaTooNew { found, supported });
-    }
-    if found < 0 {
-        return Err(InventoryError::Corrupt {
+    use kiln_daemon::sqlite::MigrationFailure;
+    kiln_daemon::sqlite::apply_migrations(conn, MIGRATIONS).map_err(|failure| match failure {
+        MigrationFailure::TooNew { found, supported } => {
+            InventoryError::SchemaTooNew { found, supported }
+        }
+        MigrationFailure::Negative(found) => InventoryError::Corrupt {
             path: path.to_path_buf(),
             detail: format!("negative schema version {found}"),
-        });
-    }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
-        tx.execute_batch(sql)
-            .map_err(|e| corrupt_or(path, e, &format!("applying migration {}", i + 1)))?;
-    }
-    tx.execute_batch(&format!("PRAGMA user_version = {supported}"))
-        .map_err(|e| corrupt_or(path, e, "writing the schema version"))?;
-    tx.commit()
-        .map_err(|e| corrupt_or(path, e, "committing the migration"))?;
-    Ok((found, supported))
+        },
+        MigrationFailure::Sqlite { context, error } => corrupt_or(path, error, &context),
+    })
 }
