@@ -32,12 +32,32 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
+/// Ports this test process has handed out. A port is bound and released before the process
+/// that needs it binds it again, and the OS may hand the same free port to the next caller in
+/// between: two nodes of one test (or of two tests running side by side) would then collide.
+static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// Records `port` as handed out; false when it already was.
+fn claim(port: u16) -> bool {
+    HANDED_OUT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(port)
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released), never one this process handed out before.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind(("127.0.0.1", 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    for _ in 0..200 {
+        let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        if claim(port) {
+            return port;
+        }
+    }
+    panic!("no free TCP port that this test process has not handed out already");
 }
 
 /// The tiny workflow of the README: EmptyImage → ImageInvert → SaveImage.
@@ -456,14 +476,14 @@ impl Api {
 
 /// A port free for both UDP and TCP on 127.0.0.1 (gossip uses the same number for both).
 pub fn free_gossip_port() -> u16 {
-    for _ in 0..50 {
+    for _ in 0..200 {
         let Ok(udp) = std::net::UdpSocket::bind(("127.0.0.1", 0)) else {
             continue;
         };
         let Ok(port) = udp.local_addr().map(|a| a.port()) else {
             continue;
         };
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() && claim(port) {
             return port;
         }
     }
