@@ -10,7 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use kiln_e2e::{Api, NodeSpec, SharedKeys, bin, free_port, init_ca, kiln, sdxl_workflow};
+use kiln_e2e::{
+    Api, NodeSpec, SharedKeys, bin, free_port, init_ca, kiln, kiln_json, sdxl_workflow,
+};
 use serde_json::Value;
 use tokio::time::Instant;
 
@@ -42,22 +44,6 @@ impl Drop for Guard {
             }
         }
     }
-}
-
-fn kiln_json(args: &[&str], config: &Path) -> anyhow::Result<Value> {
-    let config = config.to_string_lossy();
-    let mut all: Vec<&str> = args.to_vec();
-    all.extend(["--config", &config, "--json"]);
-    let output = kiln(&all);
-    if !output.status.success() {
-        bail!(
-            "kiln {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    serde_json::from_slice(&output.stdout)
-        .with_context(|| format!("kiln {} printed no JSON", args.join(" ")))
 }
 
 fn host<'a>(status: &'a Value, name: &str) -> Option<&'a Value> {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use kiln_e2e::{
     Node, NodeSpec, SharedKeys, bin, cluster_config, free_gossip_port, free_port, init_ca, issue,
-    kiln,
+    kiln, kiln_json,
 };
 use serde_json::Value;
 use tokio::time::Instant;
@@ -56,23 +56,6 @@ fn process_alive(pid: i32) -> bool {
         .and_then(|(_, rest)| rest.split_whitespace().next())
         .unwrap_or("X");
     !matches!(state, "Z" | "X")
-}
-
-/// Runs `kiln ARGS --config CONFIG --json`, requires success, returns its JSON.
-fn kiln_json(args: &[&str], config: &Path) -> anyhow::Result<Value> {
-    let config = config.to_string_lossy();
-    let mut all: Vec<&str> = args.to_vec();
-    all.extend(["--config", &config, "--json"]);
-    let output = kiln(&all);
-    if !output.status.success() {
-        bail!(
-            "kiln {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    serde_json::from_slice(&output.stdout)
-        .with_context(|| format!("kiln {} printed no JSON", args.join(" ")))
 }
 
 /// Runs `kiln ARGS --config CONFIG`, requires failure, returns stderr.

@@ -703,19 +703,8 @@ fn check_price(key: &str, price: f64) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// A configuration problem, naming the key or the file.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("config key {key}: {message}")]
-    Invalid { key: String, message: String },
-}
+/// A configuration problem, naming the key or the file: the same error the node's config uses.
+pub use kiln_daemon::config::ConfigError;
 
 fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {

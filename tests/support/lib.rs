@@ -490,6 +490,23 @@ pub fn free_gossip_port() -> u16 {
     panic!("no port free for both UDP and TCP");
 }
 
+/// Runs `kiln ARGS --config CONFIG --json`, requires success, returns its JSON.
+pub fn kiln_json(args: &[&str], config: &Path) -> anyhow::Result<Value> {
+    let config = config.to_string_lossy();
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(["--config", &config, "--json"]);
+    let output = kiln(&all);
+    if !output.status.success() {
+        bail!(
+            "kiln {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    serde_json::from_slice(&output.stdout)
+        .with_context(|| format!("kiln {} printed no JSON", args.join(" ")))
+}
+
 /// Runs `kiln` with `args` and waits for it.
 pub fn kiln(args: &[&str]) -> std::process::Output {
     Command::new(bin("kiln"))
