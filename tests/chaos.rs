@@ -44,6 +44,15 @@ fn logs(cluster: &TestCluster) -> String {
         .join("\n")
 }
 
+/// How many log lines of all nodes contain `needle`.
+fn log_lines_with(cluster: &TestCluster, needle: &str) -> usize {
+    cluster
+        .nodes
+        .iter()
+        .map(|n| n.log().lines().filter(|l| l.contains(needle)).count())
+        .sum()
+}
+
 /// Every log line that names one of `ids`, per node.
 fn history<'a>(cluster: &TestCluster, ids: impl Iterator<Item = &'a str>) -> String {
     let ids: Vec<&str> = ids.collect();
@@ -286,6 +295,12 @@ async fn run_chaos(fault: Fault) {
         finals.iter().filter(|j| j["status"] == "succeeded").count(),
         accepted.len() - never.len() - twice.len() - excused,
         twice.len()
+    );
+    println!(
+        "leases: {} ran out and were queued again, {} ran out while their runner still held \
+         the attempt and were extended",
+        log_lines_with(&cluster, "a lease expired; the job is queued again"),
+        log_lines_with(&cluster, "still holds the attempt; it is extended"),
     );
     assert!(
         not_succeeded.is_empty(),

@@ -1070,10 +1070,6 @@ async fn run_one(runner: &Runner, work: Work) {
             ),
         },
     };
-    renewed.cancel();
-    if let Some(renewal) = renewal {
-        let _ = renewal.await;
-    }
     match &remote {
         None => match runner.store.finish(&job.id, store_outcome).await {
             Ok(finished) => {
@@ -1094,6 +1090,12 @@ async fn run_one(runner: &Runner, work: Work) {
         Some(remote) => {
             let succeeded = matches!(store_outcome, Outcome::Succeeded { .. });
             let applied = runner.jobs.report(remote, store_outcome).await;
+            // The lease is renewed until the owner has the result: a report slowed past the
+            // lease would otherwise see the job queued again and run twice.
+            renewed.cancel();
+            if let Some(renewal) = renewal {
+                let _ = renewal.await;
+            }
             tracing::info!(job = %job.id, owner = %remote.owner(), applied, secs = elapsed.as_secs_f64(), "leased job ended");
             if succeeded && applied {
                 runner

@@ -362,5 +362,8 @@ async fn handle(
             inner.pull.notify_one();
             Ok(JobResponse::Done)
         }
+        JobRequest::Holds { job_id, attempt } => Ok(JobResponse::Holds {
+            held: inner.holds(&job_id, attempt),
+        }),
     }
 }

@@ -115,6 +115,40 @@ pub struct RemoteJob {
     /// Who owns the job now: the member it was leased from, until that member hands it over
     /// (it drains) or dies (its replica adopts the job).
     owner: Arc<Mutex<String>>,
+    /// Registers the attempt as held by this node until the last clone is dropped (the run
+    /// and its report are over), so an owner whose lease timer ran out can ask.
+    _held: Arc<Held>,
+}
+
+/// Leased attempts this node holds: job id → attempt.
+type HeldMap = Arc<Mutex<HashMap<String, u32>>>;
+
+/// One entry of [`HeldMap`], removed when dropped.
+#[derive(Debug)]
+struct Held {
+    map: HeldMap,
+    job_id: String,
+    attempt: u32,
+}
+
+impl Held {
+    fn new(map: &HeldMap, job_id: &str, attempt: u32) -> Arc<Held> {
+        lock(map).insert(job_id.to_string(), attempt);
+        Arc::new(Held {
+            map: map.clone(),
+            job_id: job_id.to_string(),
+            attempt,
+        })
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut map = lock(&self.map);
+        if map.get(&self.job_id) == Some(&self.attempt) {
+            map.remove(&self.job_id);
+        }
+    }
 }
 
 impl RemoteJob {
@@ -137,6 +171,19 @@ struct LeaseEntry {
     holder: String,
     attempt: u32,
     expires: Instant,
+    /// When the lease was given or last renewed (by the holder, or on its word when asked).
+    renewed: Instant,
+}
+
+impl LeaseEntry {
+    fn new(holder: &str, attempt: u32, now: Instant, lasts: Duration) -> LeaseEntry {
+        LeaseEntry {
+            holder: holder.to_string(),
+            attempt,
+            expires: now + lasts,
+            renewed: now,
+        }
+    }
 }
 
 /// The cluster job layer of a node. Cheap to clone.
@@ -162,6 +209,8 @@ pub(crate) struct Inner {
     rpc: OnceLock<PeerRpc<JobRequest, JobResponse>>,
     settings: JobsSettings,
     leases: Mutex<HashMap<String, LeaseEntry>>,
+    /// Attempts this node's runner holds on other members' jobs (it runs or reports them).
+    held: HeldMap,
     /// Jobs cancelled while a peer runs them: their next renewal is refused.
     cancelled: Mutex<HashSet<String>>,
     uploads: transfer::Uploads,
@@ -204,11 +253,7 @@ impl Jobs {
             .map(|lease| {
                 (
                     lease.job_id.clone(),
-                    LeaseEntry {
-                        holder: lease.holder.clone(),
-                        attempt: lease.attempt,
-                        expires: now + settings.lease,
-                    },
+                    LeaseEntry::new(&lease.holder, lease.attempt, now, settings.lease),
                 )
             })
             .collect();
@@ -221,6 +266,7 @@ impl Jobs {
             rpc: OnceLock::new(),
             settings,
             leases: Mutex::new(leases),
+            held: HeldMap::default(),
             cancelled: Mutex::new(HashSet::new()),
             uploads: transfer::Uploads::default(),
             pull: Notify::new(),
@@ -1234,6 +1280,7 @@ impl Inner {
                 let attempt = wire.attempts;
                 match job_from_wire(*wire, Some(name)) {
                     Ok(job) => Some(RemoteJob {
+                        _held: Held::new(&self.held, &job.id, attempt),
                         job,
                         attempt,
                         owner: Arc::new(Mutex::new(name.to_string())),
@@ -1263,18 +1310,14 @@ impl Inner {
         let adopted = self.store.adopt(owner).await?;
         // The runners of adopted jobs learn of the new owner only when they give up on the
         // old one (a result report's deadline, their own failure detector): give them longer.
-        let now = Instant::now() + ADOPTED_LEASE_GRACE;
+        let lasts = ADOPTED_LEASE_GRACE + self.settings.lease;
         for job in &adopted {
             if job.status == JobStatus::Running
                 && let Some(holder) = &job.lease_holder
             {
                 lock(&self.leases).insert(
                     job.id.clone(),
-                    LeaseEntry {
-                        holder: holder.clone(),
-                        attempt: job.attempts,
-                        expires: now + self.settings.lease,
-                    },
+                    LeaseEntry::new(holder, job.attempts, Instant::now(), lasts),
                 );
             }
         }
@@ -1541,11 +1584,7 @@ impl Inner {
         };
         lock(&self.leases).insert(
             job.id.clone(),
-            LeaseEntry {
-                holder: holder.to_string(),
-                attempt: job.attempts,
-                expires: Instant::now() + self.settings.lease,
-            },
+            LeaseEntry::new(holder, job.attempts, Instant::now(), self.settings.lease),
         );
         tracing::info!(job = %job.id, runner = %holder, attempt = job.attempts, "job leased");
         // The replica learns who runs it before it starts: if this node dies, the adopter
@@ -1557,6 +1596,41 @@ impl Inner {
             tracing::warn!(job = %job.id, "the replica did not learn of the lease in time");
         }
         Ok(Some(job))
+    }
+
+    /// Whether this node's runner holds `attempt` of another member's job (runs or reports it).
+    pub(crate) fn holds(&self, job_id: &str, attempt: u32) -> bool {
+        lock(&self.held).get(job_id) == Some(&attempt)
+    }
+
+    /// Whether the holder of an expired lease still runs (or reports) the attempt: asked when
+    /// gossip shows it live; a dead, unknown or silent holder does not.
+    async fn still_held(&self, job_id: &str, entry: &LeaseEntry) -> bool {
+        if entry.holder == self.name {
+            return self.holds(job_id, entry.attempt);
+        }
+        let live = self
+            .snapshot()
+            .and_then(|s| s.members.get(&entry.holder).map(|m| m.live))
+            .unwrap_or(false);
+        let Some(addr) = self.addr_of(&entry.holder).filter(|_| live) else {
+            return false;
+        };
+        let request = JobRequest::Holds {
+            job_id: job_id.to_string(),
+            attempt: entry.attempt,
+        };
+        match self.request(addr, request, SHORT_DEADLINE).await {
+            Ok(JobResponse::Holds { held }) => held,
+            Ok(other) => {
+                tracing::warn!(job = %job_id, runner = %entry.holder, answer = ?other, "unexpected answer to a lease check");
+                false
+            }
+            Err(error) => {
+                tracing::warn!(job = %job_id, runner = %entry.holder, %error, "cannot ask the runner of an expired lease");
+                false
+            }
+        }
     }
 
     /// A runner renews its lease: (keep running, cancelled, new owner). Also rebuilds a lease
@@ -1577,7 +1651,9 @@ impl Inner {
                 && entry.holder == holder
                 && entry.attempt == attempt
             {
-                entry.expires = Instant::now() + self.settings.lease;
+                let now = Instant::now();
+                entry.expires = now + self.settings.lease;
+                entry.renewed = now;
                 return (true, false, None);
             }
         }
@@ -1590,11 +1666,7 @@ impl Inner {
             {
                 lock(&self.leases).insert(
                     job_id.to_string(),
-                    LeaseEntry {
-                        holder: holder.to_string(),
-                        attempt,
-                        expires: Instant::now() + self.settings.lease,
-                    },
+                    LeaseEntry::new(holder, attempt, Instant::now(), self.settings.lease),
                 );
                 (true, false, None)
             }
@@ -1674,7 +1746,28 @@ async fn expire_leases(inner: Arc<Inner>) {
                 .filter_map(|id| leases.remove(&id).map(|e| (id, e)))
                 .collect()
         };
-        for (id, entry) in expired {
+        // A runner starved of CPU, or cut off for a moment, can miss its renewals while the job
+        // goes on: before the job is queued again (and would run twice), its holder is asked.
+        let checks = expired.into_iter().map(|(id, entry)| {
+            let inner = inner.clone();
+            async move {
+                let held = inner.still_held(&id, &entry).await;
+                (id, entry, held)
+            }
+        });
+        for (id, entry, held) in futures::future::join_all(checks).await {
+            let since_renewal = entry.renewed.elapsed();
+            if held {
+                tracing::info!(job = %id, runner = %entry.holder, attempt = entry.attempt,
+                    since_renewal_ms = since_renewal.as_millis() as u64,
+                    "a lease ran out but its runner still holds the attempt; it is extended");
+                let expires = Instant::now() + inner.settings.lease;
+                lock(&inner.leases)
+                    .entry(id)
+                    .and_modify(|e| e.expires = e.expires.max(expires))
+                    .or_insert(LeaseEntry { expires, ..entry });
+                continue;
+            }
             let reason = format!("the lease of {} ran out", entry.holder);
             match inner
                 .store
@@ -1683,6 +1776,7 @@ async fn expire_leases(inner: Arc<Inner>) {
             {
                 Ok(Finished::Applied(job)) => {
                     tracing::warn!(job = %id, runner = %entry.holder, attempt = entry.attempt, status = %job.status,
+                        since_renewal_ms = since_renewal.as_millis() as u64,
                         "a lease expired; the job is queued again");
                     inner.live.clear_progress(&id);
                     if job.status.is_final() {

@@ -8,7 +8,7 @@
 //!   job with the same id (the forwarder asks with `Get` before it retries elsewhere).
 //! - `Replicate` is an upsert that never moves a job backwards.
 //! - `Lease` hands out a new attempt each time; a lease nobody renews expires.
-//! - `Renew`, `Progress` and `Finish` name the attempt; the first final result wins.
+//! - `Renew`, `Progress`, `Holds` and `Finish` name the attempt; the first final result wins.
 //! - `PutOutput` chunks are keyed by (upload, index, offset).
 //!
 //! Workflows and metadata travel as JSON text, so what the owner stores is byte for byte what
@@ -135,6 +135,9 @@ pub enum JobRequest {
         #[serde(default)]
         tier: Option<Tier>,
     },
+    /// The owner's timer of this lease ran out without a renewal: does the receiver still run
+    /// (or report) this attempt? Answer: `Holds`.
+    Holds { job_id: String, attempt: u32 },
 }
 
 /// The answer to a [`JobRequest`].
@@ -169,6 +172,9 @@ pub enum JobResponse {
     },
     Owned {
         ids: Vec<String>,
+    },
+    Holds {
+        held: bool,
     },
     Refreshed {
         /// Copies the sender must forget: the receiver does not own the job, or another member
@@ -381,6 +387,10 @@ mod tests {
     fn requests_roundtrip() {
         roundtrip(JobRequest::Nudge {
             tier: Some(Tier::Free),
+        });
+        roundtrip(JobRequest::Holds {
+            job_id: "j1".into(),
+            attempt: 2,
         });
         roundtrip(JobRequest::Lease {
             min_tier: Some(Tier::Pro),
