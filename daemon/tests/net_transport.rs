@@ -249,6 +249,39 @@ async fn full_queue_drops(scheme: Scheme) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn full_byte_budget_drops(scheme: Scheme) -> anyhow::Result<()> {
+    let net = Net::new(scheme);
+    let config = NetConfig {
+        peer_queue_len: 1000,
+        peer_queue_bytes: 10_000,
+        ..net.config()
+    };
+    let a = net.node_full("a", config, None).await;
+    let nowhere = unbound(scheme);
+    // Frames of 1,000 bytes (header included) with no await in between: ten fit the budget.
+    let header = kiln_daemon::net::frame::header_len(&a.advertise());
+    let payload = Bytes::from(vec![7u8; 1000 - header]);
+    for _ in 0..50 {
+        a.try_send(nowhere, Channel::Peer, payload.clone())?;
+    }
+    let stats = a.stats();
+    assert_eq!(stats.dropped_queue_full, 40, "{stats:?}");
+    a.close().await;
+
+    // A frame larger than the whole budget still goes into an empty queue.
+    let config = NetConfig {
+        peer_queue_bytes: 10,
+        ..net.config()
+    };
+    let b = net.node_full("b", config, None).await;
+    b.try_send(nowhere, Channel::Peer, payload.clone())?;
+    b.try_send(nowhere, Channel::Peer, payload)?;
+    let stats = b.stats();
+    assert_eq!(stats.dropped_queue_full, 1, "{stats:?}");
+    b.close().await;
+    Ok(())
+}
+
 async fn burst_all_arrive(scheme: Scheme) -> anyhow::Result<()> {
     let net = Net::new(scheme);
     let config = NetConfig {
@@ -364,6 +397,11 @@ macro_rules! conformance {
             #[tokio::test]
             async fn a_full_queue_drops_and_counts() -> anyhow::Result<()> {
                 full_queue_drops($scheme).await
+            }
+
+            #[tokio::test]
+            async fn a_full_byte_budget_drops_and_counts() -> anyhow::Result<()> {
+                full_byte_budget_drops($scheme).await
             }
 
             #[tokio::test]

@@ -49,7 +49,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -201,6 +201,9 @@ pub struct NetConfig {
     pub max_frame_bytes: usize,
     /// Frames queued per destination before new ones are dropped.
     pub peer_queue_len: usize,
+    /// Bytes queued per destination before new frames are dropped (a frame is always taken
+    /// into an empty queue, whatever its size).
+    pub peer_queue_bytes: usize,
     pub connect_timeout: Duration,
     pub send_timeout: Duration,
     /// QUIC keep-alive; stays below NAT UDP timeouts (often 30 s).
@@ -217,6 +220,7 @@ impl Default for NetConfig {
             advertise: None,
             max_frame_bytes: 128 * 1024,
             peer_queue_len: 16,
+            peer_queue_bytes: 64 * 1024 * 1024,
             connect_timeout: Duration::from_secs(2),
             send_timeout: Duration::from_secs(2),
             keep_alive: Duration::from_secs(5),
@@ -239,6 +243,9 @@ impl NetConfig {
         }
         if self.peer_queue_len == 0 {
             anyhow::bail!("peer_queue_len must be at least 1");
+        }
+        if self.peer_queue_bytes == 0 {
+            anyhow::bail!("peer_queue_bytes must be at least 1");
         }
         for (name, value) in [
             ("connect_timeout", self.connect_timeout),
@@ -299,7 +306,7 @@ pub struct NetStats {
     pub bytes_sent: u64,
     pub frames_received: u64,
     pub bytes_received: u64,
-    /// Frames dropped because the destination's queue was full.
+    /// Frames dropped because the destination's queue was full (in frames or in bytes).
     pub dropped_queue_full: u64,
     /// Frames refused by `try_send` for being over `max_frame_bytes`.
     pub dropped_oversize: u64,
@@ -366,10 +373,18 @@ struct State {
     cache: HashMap<SocketAddr, ConnHandle>,
     /// Every open connection by id.
     all: HashMap<u64, ConnHandle>,
-    /// Per-destination queues: (queue id, sender).
-    peers: HashMap<SocketAddr, (u64, mpsc::Sender<(Instant, Bytes)>)>,
+    /// Per-destination queues.
+    peers: HashMap<SocketAddr, PeerQueue>,
     /// How to dial an advertised address: (dial address, set explicitly).
     routes: HashMap<SocketAddr, (PeerAddr, bool)>,
+}
+
+/// One destination's send queue: bounded in frames by the channel, in bytes by `bytes`.
+struct PeerQueue {
+    id: u64,
+    tx: mpsc::Sender<(Instant, Bytes)>,
+    /// Bytes of the frames in the channel now.
+    bytes: Arc<AtomicUsize>,
 }
 
 struct Inner {
@@ -698,19 +713,35 @@ impl Inner {
         if state.closed {
             return Err(SendError::Closed);
         }
-        let tx = match state.peers.get(&to) {
-            Some((_, tx)) if !tx.is_closed() => tx.clone(),
+        let (tx, bytes) = match state.peers.get(&to) {
+            Some(queue) if !queue.tx.is_closed() => (queue.tx.clone(), queue.bytes.clone()),
             _ => {
                 let id = self.next_id.fetch_add(1, Ordering::Relaxed);
                 let (tx, rx) = mpsc::channel(self.config.peer_queue_len);
-                state.peers.insert(to, (id, tx.clone()));
-                self.spawn(self.clone().peer_task(to, id, rx));
-                tx
+                let bytes = Arc::new(AtomicUsize::new(0));
+                state.peers.insert(
+                    to,
+                    PeerQueue {
+                        id,
+                        tx: tx.clone(),
+                        bytes: bytes.clone(),
+                    },
+                );
+                self.spawn(self.clone().peer_task(to, id, rx, bytes.clone()));
+                (tx, bytes)
             }
         };
         // Pushed under the lock, so an idle queue's task cannot retire between the lookup and
         // the push (see `retire_peer`).
+        let len = frame.len();
+        let queued = bytes.load(Ordering::Relaxed);
+        if queued > 0 && queued + len > self.config.peer_queue_bytes {
+            bump(&self.counters.dropped_queue_full, 1);
+            return Ok(());
+        }
+        bytes.fetch_add(len, Ordering::Relaxed);
         if tx.try_send((Instant::now(), frame)).is_err() {
+            bytes.fetch_sub(len, Ordering::Relaxed);
             bump(&self.counters.dropped_queue_full, 1);
         }
         Ok(())
@@ -719,7 +750,7 @@ impl Inner {
     /// Removes an idle destination queue if nothing arrived on it meanwhile.
     fn retire_peer(&self, to: SocketAddr, id: u64, rx: &mpsc::Receiver<(Instant, Bytes)>) -> bool {
         let mut state = lock(&self.state);
-        let ours = state.peers.get(&to).is_some_and(|(qid, _)| *qid == id);
+        let ours = state.peers.get(&to).is_some_and(|queue| queue.id == id);
         if ours && !rx.is_empty() {
             return false;
         }
@@ -734,13 +765,17 @@ impl Inner {
         to: SocketAddr,
         id: u64,
         mut rx: mpsc::Receiver<(Instant, Bytes)>,
+        bytes: Arc<AtomicUsize>,
     ) {
         let mut backoff_until: Option<Instant> = None;
         loop {
             let (queued_at, frame) = tokio::select! {
                 () = self.cancel.cancelled() => return,
                 frame = rx.recv() => match frame {
-                    Some(frame) => frame,
+                    Some(frame) => {
+                        bytes.fetch_sub(frame.1.len(), Ordering::Relaxed);
+                        frame
+                    }
                     None => return,
                 },
                 () = tokio::time::sleep(self.config.idle_timeout) => {
