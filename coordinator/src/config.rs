@@ -763,7 +763,9 @@ impl CloudSection {
 
     /// The archive's sha256 in lower case, as `sha256sum` prints it.
     pub fn bootstrap_sha256_lower(&self) -> Option<String> {
-        self.bootstrap_sha256.as_ref().map(|s| s.to_ascii_lowercase())
+        self.bootstrap_sha256
+            .as_ref()
+            .map(|s| s.to_ascii_lowercase())
     }
 }
 

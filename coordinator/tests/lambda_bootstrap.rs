@@ -58,7 +58,8 @@ fn node_archive(bootstrap: &str) -> Vec<u8> {
         header.set_mode(mode);
         header.set_mtime(0);
         header.set_entry_type(tar::EntryType::Regular);
-        tar.append_data(&mut header, path, bytes).expect("tar entry");
+        tar.append_data(&mut header, path, bytes)
+            .expect("tar entry");
     }
     let gz = tar.into_inner().expect("tar");
     gz.finish().expect("gzip")
@@ -107,11 +108,7 @@ fn lambda_config(dir: &Path, fake: &LambdaFake, bootstrap: &str) -> PathBuf {
 }
 
 /// Runs the user_data as cloud-init would (bash, as a file), with its folders moved into `dir`.
-async fn run_user_data(
-    script: &Path,
-    dir: &Path,
-    public_ip: Option<&str>,
-) -> std::process::Output {
+async fn run_user_data(script: &Path, dir: &Path, public_ip: Option<&str>) -> std::process::Output {
     let mut command = tokio::process::Command::new("bash");
     command
         .arg(script)
@@ -264,7 +261,10 @@ async fn a_lambda_vm_fetches_checks_and_runs_the_node_archive() {
             "KILN_OPERATOR_TOKEN=operator 'token' 0123456789",
             format!(
                 "here={}",
-                node.join("provisioning").canonicalize().expect("path").display()
+                node.join("provisioning")
+                    .canonicalize()
+                    .expect("path")
+                    .display()
             )
             .as_str(),
         ]

@@ -851,17 +851,17 @@ mod tests {
         let warnings = rent_warnings(ProviderKind::Lambda, &lambda_section(""));
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert!(
-            warnings[0].contains("firewall_rulesets")
-                && warnings[0].contains("7860/tcp, 7946/udp"),
+            warnings[0].contains("firewall_rulesets") && warnings[0].contains("7860/tcp, 7946/udp"),
             "{warnings:?}"
         );
         let section = lambda_section("firewall_rulesets = [\"fw-kiln\"]\n");
         assert!(rent_warnings(ProviderKind::Lambda, &section).is_empty());
-        let vast = KilnConfig::parse("[providers.vast]\ngpu = \"RTX 4090\"\nmax_price_per_hour = 1\n")
-            .expect("valid")
-            .providers
-            .vast
-            .expect("vast");
+        let vast =
+            KilnConfig::parse("[providers.vast]\ngpu = \"RTX 4090\"\nmax_price_per_hour = 1\n")
+                .expect("valid")
+                .providers
+                .vast
+                .expect("vast");
         assert!(rent_warnings(ProviderKind::Vast, &vast).is_empty());
     }
 }

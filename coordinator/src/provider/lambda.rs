@@ -676,7 +676,10 @@ mod tests {
         // One shebang, the exports, then the script body (its own shebang dropped).
         assert_eq!(lines[0], "#!/bin/bash");
         assert!(lines[1].starts_with("export KILN_BUNDLE="), "{script}");
-        assert!(lines[2].starts_with("export KILN_OPERATOR_TOKEN="), "{script}");
+        assert!(
+            lines[2].starts_with("export KILN_OPERATOR_TOKEN="),
+            "{script}"
+        );
         assert!(lines[3].starts_with("# Kiln member gpu-1rm-rf"), "{script}");
         assert_eq!(script.matches("#!").count(), 1, "{script}");
         assert!(script.contains("set -euo pipefail\n"));
