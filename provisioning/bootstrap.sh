@@ -19,6 +19,8 @@
 #   --bundle VALUE          a KILN_BUNDLE value from `kiln certs bundle` (or set KILN_BUNDLE)
 #   --advertise URL         with certificates and a generated config: the gossip address other
 #                           members dial (quic://PUBLIC_IP:7946 or tcp://PUBLIC_IP:7946)
+#   --seeds LIST            with certificates and a generated config: members to join through,
+#                           comma-separated (quic://IP:7946,…; default: $KILN_SEEDS)
 #   --models FILE           model manifest (default: models.tsv beside this script)
 #   --no-models             skip the models
 #   --comfyui-version TAG   ComfyUI git tag (default: $COMFYUI_VERSION or v0.3.64)
@@ -29,7 +31,8 @@
 #
 # Commands can be replaced through the environment (tests stub them): NVIDIA_SMI, CURL, GIT,
 # PYTHON, SYSTEMCTL, USERADD, SYSTEMD_SYSUSERS, SYSTEMD_TMPFILES, CHOWN. Also COMFYUI_REPO,
-# TORCH_INDEX_URL, HF_TOKEN (models from huggingface.co).
+# TORCH_INDEX_URL, HF_TOKEN (models from huggingface.co). KILN_OPERATOR_TOKEN, when set, becomes
+# /etc/kiln/operator-token (else one is generated once).
 set -euo pipefail
 
 NVIDIA_SMI=${NVIDIA_SMI:-nvidia-smi}
@@ -56,6 +59,7 @@ keys_file=""
 certs=""
 bundle=${KILN_BUNDLE:-}
 advertise=""
+seeds=${KILN_SEEDS:-}
 models="$here/models.tsv"
 fetch_models=1
 start=1
@@ -74,6 +78,7 @@ while [[ $# -gt 0 ]]; do
     --certs) certs=${2:?--certs needs a folder}; shift 2 ;;
     --bundle) bundle=${2:?--bundle needs a value}; shift 2 ;;
     --advertise) advertise=${2:?--advertise needs a URL}; shift 2 ;;
+    --seeds) seeds=${2?--seeds needs a list}; shift 2 ;;
     --models) models=${2:?--models needs a file}; shift 2 ;;
     --no-models) fetch_models=0; shift ;;
     --comfyui-version) COMFYUI_VERSION=${2:?--comfyui-version needs a tag}; shift 2 ;;
@@ -95,6 +100,16 @@ fi
 [[ $COMFYUI_VERSION =~ ^[A-Za-z0-9._-]+$ ]] || die "--comfyui-version '$COMFYUI_VERSION' is not a tag"
 if [[ -n $advertise && ! $advertise =~ ^(quic|tcp)://[^\"[:space:]]+$ ]]; then
     die "--advertise '$advertise' is not quic://HOST:PORT or tcp://HOST:PORT"
+fi
+
+seed_list=""
+if [[ -n $seeds ]]; then
+    IFS=, read -ra seed_items <<<"$seeds"
+    for seed in "${seed_items[@]}"; do
+        [[ $seed =~ ^(quic|tcp)://[^\"[:space:]\\,]+$ ]] ||
+            die "--seeds: '$seed' is not quic://HOST:PORT or tcp://HOST:PORT"
+        seed_list+="${seed_list:+, }\"$seed\""
+    done
 fi
 
 comfy_dir=/opt/comfyui
@@ -279,8 +294,12 @@ certs_dir = "$etc/certs"
 listen = "0.0.0.0:7946"
 transports = ["$transport"]
 advertise = "$advertise"
-# seeds = ["quic://ANY-MEMBER:7946"]
 EOF
+        if [[ -n $seed_list ]]; then
+            printf 'seeds = [%s]\n' "$seed_list" >>"$1"
+        else
+            printf '# seeds = ["quic://ANY-MEMBER:7946"]\n' >>"$1"
+        fi
     fi
 }
 
@@ -325,7 +344,10 @@ ensure_node_files() {
         printf '# API keys (hashes): kiln keys add --account A --tier T --keys-file %s\n' "$etc/keys.toml" >"$tmp/keys.toml"
         install_file "$tmp/keys.toml" "$etc/keys.toml" 0600 || true
     fi
-    if [[ ! -f $root$etc/operator-token ]]; then
+    if [[ -n ${KILN_OPERATOR_TOKEN:-} ]]; then
+        printf '%s' "$KILN_OPERATOR_TOKEN" >"$tmp/operator-token"
+        if install_file "$tmp/operator-token" "$etc/operator-token" 0600; then changed_node=1; fi
+    elif [[ ! -f $root$etc/operator-token ]]; then
         # 256 random bits, hex.
         head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$tmp/operator-token"
         install_file "$tmp/operator-token" "$etc/operator-token" 0600 || true

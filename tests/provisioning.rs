@@ -1,8 +1,9 @@
 //! The host provisioning scripts, run for real against a temporary root with the commands that
 //! touch the host replaced by stubs that log their calls (nvidia-smi, git, python, systemctl,
 //! useradd, systemd-sysusers, systemd-tmpfiles). curl is the real one, fetching "models" from
-//! file:// URLs. Also: shellcheck on every script, and the container entry point unpacking a
-//! real `kiln certs bundle` before it execs kilnd.
+//! file:// URLs. Also: shellcheck on every script, the container entry point unpacking a
+//! real `kiln certs bundle` before it execs kilnd, and the node archive of package.sh
+//! bootstrapping a member from where it was unpacked.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -146,9 +147,15 @@ impl Host {
     }
 
     fn bootstrap(&self, args: &[&str]) -> Output {
+        self.bootstrap_with(&script("bootstrap.sh"), args, &[])
+    }
+
+    /// Runs the bootstrap.sh at `path` with `env` set (KILN_BUNDLE, KILN_SEEDS and
+    /// KILN_OPERATOR_TOKEN are unset unless `env` sets them).
+    fn bootstrap_with(&self, path: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
         let stub = |name: &str| self.stubs.join(name);
         Command::new("bash")
-            .arg(script("bootstrap.sh"))
+            .arg(path)
             .arg("--root")
             .arg(&self.root)
             .args(args)
@@ -162,6 +169,9 @@ impl Host {
             .env("SYSTEMD_TMPFILES", stub("systemd-tmpfiles"))
             .env("CHOWN", "/bin/false")
             .env_remove("KILN_BUNDLE")
+            .env_remove("KILN_SEEDS")
+            .env_remove("KILN_OPERATOR_TOKEN")
+            .envs(env.iter().copied())
             .output()
             .expect("run bootstrap.sh")
     }
@@ -682,4 +692,185 @@ fn bootstrap_installs_a_bundle_and_writes_a_config_kilnd_accepts() {
     ]);
     assert!(output.status.success(), "{}", text(&output));
     assert_eq!(host.snapshot(), before);
+}
+
+/// A stand-in x86-64 ELF file: package.sh checks the header of what it packs (the archive is
+/// named x86_64-linux); nothing runs it under `--root`.
+fn fake_elf_kilnd(dir: &Path) -> PathBuf {
+    let mut bytes = vec![0u8; 64];
+    bytes[..4].copy_from_slice(b"\x7fELF");
+    bytes[4] = 2; // 64-bit
+    bytes[5] = 1; // little-endian
+    bytes[18] = 0x3e; // e_machine: x86-64
+    let path = dir.join("kilnd-elf");
+    std::fs::write(&path, bytes).expect("kilnd");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    path
+}
+
+fn package(kilnd: &Path, out: &Path) -> Output {
+    Command::new("bash")
+        .arg(script("package.sh"))
+        .arg("--kilnd")
+        .arg(kilnd)
+        .arg("--version")
+        .arg("9.8.7")
+        .arg("--out")
+        .arg(out)
+        .env("SOURCE_DATE_EPOCH", "1764547200")
+        .output()
+        .expect("run package.sh")
+}
+
+#[test]
+fn a_packaged_node_archive_bootstraps_a_member_where_it_is_unpacked() {
+    let host = Host::new();
+    let work = host.dir.path();
+    let out = work.join("dist");
+    std::fs::create_dir_all(&out).expect("dist");
+
+    // A script is not an x86-64 executable: refused by name.
+    let refused = package(&fake_kilnd(work), &out);
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("is not an x86-64 Linux executable"),
+        "{}",
+        text(&refused)
+    );
+
+    let kilnd = fake_elf_kilnd(work);
+    let first = package(&kilnd, &out);
+    assert!(first.status.success(), "{}", text(&first));
+    let archive = out.join("kiln-node-9.8.7-x86_64-linux.tar.gz");
+    let bytes = std::fs::read(&archive).expect("archive");
+    let sha = {
+        use sha2::Digest;
+        hex(&sha2::Sha256::digest(&bytes))
+    };
+    assert_eq!(
+        String::from_utf8_lossy(&first.stdout),
+        format!("{sha}  kiln-node-9.8.7-x86_64-linux.tar.gz\n")
+    );
+    // The same inputs make the same archive.
+    let second = package(&kilnd, &out);
+    assert!(second.status.success(), "{}", text(&second));
+    assert_eq!(first.stdout, second.stdout);
+
+    let unpacked = work.join("unpacked");
+    std::fs::create_dir_all(&unpacked).expect("unpacked");
+    let untar = Command::new("tar")
+        .arg("-xzf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(&unpacked)
+        .output()
+        .expect("tar");
+    assert!(untar.status.success(), "{}", text(&untar));
+    let mut files = BTreeMap::new();
+    walk(&unpacked, &unpacked, &mut files);
+    let names: Vec<(&str, u32)> = files
+        .iter()
+        .map(|(name, (mode, _))| (name.as_str(), mode & 0o7777))
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            ("kiln-node-9.8.7", 0o755),
+            ("kiln-node-9.8.7/kilnd", 0o755),
+            ("kiln-node-9.8.7/provisioning", 0o755),
+            ("kiln-node-9.8.7/provisioning/README.md", 0o644),
+            ("kiln-node-9.8.7/provisioning/bootstrap.sh", 0o755),
+            ("kiln-node-9.8.7/provisioning/fetch-models.sh", 0o755),
+            ("kiln-node-9.8.7/provisioning/models.tsv", 0o644),
+            ("kiln-node-9.8.7/systemd", 0o755),
+            ("kiln-node-9.8.7/systemd/kiln.sysusers", 0o644),
+            ("kiln-node-9.8.7/systemd/kiln.tmpfiles", 0o644),
+            ("kiln-node-9.8.7/systemd/kilnd.env", 0o644),
+            ("kiln-node-9.8.7/systemd/kilnd.service", 0o644),
+        ]
+    );
+
+    // What a Lambda VM's user_data does with it: the unpacked bootstrap.sh, the bundle, the
+    // seeds and the operator token from the environment, and the VM's address.
+    let kiln = |args: &[&str]| {
+        let output = Command::new(bin("kiln"))
+            .args(args)
+            .current_dir(work)
+            .output()
+            .expect("run kiln");
+        assert!(output.status.success(), "kiln {args:?}: {}", text(&output));
+        String::from_utf8(output.stdout).expect("utf-8")
+    };
+    kiln(&["certs", "init", "ca", "--cluster", "prod"]);
+    let line = kiln(&["certs", "bundle", "--ca", "ca", "--member", "lambda-4"]);
+    let bundle = line
+        .trim_end()
+        .strip_prefix("KILN_BUNDLE=")
+        .expect("KILN_BUNDLE=…")
+        .to_string();
+    let node = unpacked.join("kiln-node-9.8.7");
+    let node_kilnd = node.join("kilnd");
+    let output = host.bootstrap_with(
+        &node.join("provisioning/bootstrap.sh"),
+        &[
+            "--kilnd",
+            node_kilnd.to_str().expect("utf-8 path"),
+            "--no-models",
+            "--bundle",
+            &bundle,
+            "--advertise",
+            "quic://203.0.113.9:7946",
+        ],
+        &[
+            (
+                "KILN_SEEDS",
+                "quic://203.0.113.7:7946,tcp://203.0.113.8:7946",
+            ),
+            ("KILN_OPERATOR_TOKEN", "the-operator-token"),
+        ],
+    );
+    assert!(output.status.success(), "{}", text(&output));
+    let root = &host.root;
+    assert_eq!(
+        std::fs::read(root.join("usr/local/bin/kilnd")).expect("kilnd"),
+        std::fs::read(&kilnd).expect("packed kilnd")
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("etc/systemd/system/kilnd.service")).expect("unit"),
+        std::fs::read_to_string(repo().join("systemd/kilnd.service")).expect("repo unit")
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("etc/kiln/operator-token")).expect("token"),
+        "the-operator-token"
+    );
+    let identity = kiln_daemon::pki::Identity::load_dir(&root.join("etc/kiln/certs"))
+        .expect("installed certificates");
+    assert_eq!(identity.name(), "lambda-4");
+    let config = std::fs::read_to_string(root.join("etc/kiln/kilnd.toml")).expect("config");
+    let parsed = kiln_daemon::config::Config::parse(&config)
+        .unwrap_or_else(|e| panic!("kilnd refuses the generated config: {e}\n{config}"));
+    assert!(
+        config.contains("seeds = [\"quic://203.0.113.7:7946\", \"tcp://203.0.113.8:7946\"]\n"),
+        "{config}"
+    );
+    assert_eq!(parsed.cluster.seeds.len(), 2, "{config}");
+
+    // A seed that is not an address is refused by name.
+    let output = host.bootstrap_with(
+        &node.join("provisioning/bootstrap.sh"),
+        &[
+            "--kilnd",
+            node_kilnd.to_str().expect("utf-8 path"),
+            "--no-models",
+            "--seeds",
+            "quic://a\"b:1",
+        ],
+        &[],
+    );
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("--seeds"),
+        "{}",
+        text(&output)
+    );
 }

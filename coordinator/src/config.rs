@@ -470,7 +470,8 @@ pub struct CloudSection {
     /// The lowest host reliability accepted, 0..=1 (Vast only).
     #[serde(default)]
     pub min_reliability: f64,
-    /// Container image (Vast, RunPod).
+    /// Container image (Vast, RunPod); on Lambda the image family to boot (`lambda-stack-22-04`,
+    /// or one of the operator's own that provides `entry`).
     #[serde(default)]
     pub image: Option<String>,
     /// Provider template (RunPod template id, Vast template hash).
@@ -510,6 +511,20 @@ pub struct CloudSection {
     /// entry point).
     #[serde(default = "CloudSection::default_entry")]
     pub entry: String,
+    /// Lambda only: where the node release archive (`provisioning/package.sh`) is published. A
+    /// Lambda VM is a bare Ubuntu image; with this set its `user_data` downloads the archive,
+    /// checks it against `bootstrap_sha256` and runs the `bootstrap.sh` inside. `https://`, or
+    /// `http://` to a loopback address (tests).
+    #[serde(default)]
+    pub bootstrap_url: Option<Url>,
+    /// Lambda only: the archive's sha256 (64 hex digits, as package.sh prints it); required
+    /// with `bootstrap_url`. A VM refuses an archive that does not match.
+    #[serde(default)]
+    pub bootstrap_sha256: Option<String>,
+    /// Lambda only: firewall ruleset ids applied at launch. Lambda's default firewall opens only
+    /// SSH and ICMP; a member needs UDP 7946 (gossip) and TCP 7860 (API) open.
+    #[serde(default)]
+    pub firewall_rulesets: Vec<String>,
 }
 
 impl CloudSection {
@@ -635,13 +650,18 @@ impl CloudSection {
                     "Lambda Cloud launches need the name of an SSH key registered there",
                 ));
             }
-        } else if self.ssh_key_name.is_some() || !self.regions.is_empty() {
-            let which = if self.ssh_key_name.is_some() {
-                "ssh_key_name"
-            } else {
-                "regions"
-            };
-            return Err(invalid(&key(which), "only Lambda Cloud takes this key"));
+            self.validate_bootstrap(&key)?;
+        } else {
+            let lambda_only = [
+                ("ssh_key_name", self.ssh_key_name.is_some()),
+                ("regions", !self.regions.is_empty()),
+                ("bootstrap_url", self.bootstrap_url.is_some()),
+                ("bootstrap_sha256", self.bootstrap_sha256.is_some()),
+                ("firewall_rulesets", !self.firewall_rulesets.is_empty()),
+            ];
+            if let Some((which, _)) = lambda_only.iter().find(|(_, set)| *set) {
+                return Err(invalid(&key(which), "only Lambda Cloud takes this key"));
+            }
         }
         if self.ports.iter().any(|p| p.port == 0) {
             return Err(invalid(&key("ports"), "port 0 cannot be exposed"));
@@ -668,6 +688,8 @@ impl CloudSection {
             Some("seeds")
         } else if self.operator_token_file.is_some() {
             Some("operator_token_file")
+        } else if self.bootstrap_url.is_some() {
+            Some("bootstrap_url")
         } else {
             None
         };
@@ -680,6 +702,70 @@ impl CloudSection {
             ));
         }
         Ok(())
+    }
+}
+
+impl CloudSection {
+    /// `bootstrap_url` is https (or http to a loopback address) and comes with a well-formed
+    /// `bootstrap_sha256`; the sha256 never comes alone. Firewall ruleset ids are non-empty.
+    fn validate_bootstrap(&self, key: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+        match (&self.bootstrap_url, &self.bootstrap_sha256) {
+            (None, None) => {}
+            (None, Some(_)) => {
+                return Err(invalid(
+                    &key("bootstrap_sha256"),
+                    "is the checksum of bootstrap_url's archive; set bootstrap_url too",
+                ));
+            }
+            (Some(_), None) => {
+                return Err(invalid(
+                    &key("bootstrap_sha256"),
+                    "is required with bootstrap_url (the sha256 provisioning/package.sh prints)",
+                ));
+            }
+            (Some(url), Some(sha)) => {
+                let loopback = match url.host() {
+                    Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+                    Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+                    Some(url::Host::Domain(name)) => name == "localhost",
+                    None => false,
+                };
+                let scheme_ok = url.scheme() == "https" || (url.scheme() == "http" && loopback);
+                if !scheme_ok || url.host_str().is_none() {
+                    return Err(invalid(
+                        &key("bootstrap_url"),
+                        format!(
+                            "{url} must be an https:// URL of the node archive \
+                             (http:// only to a loopback address)"
+                        ),
+                    ));
+                }
+                if sha.len() != 64 || !sha.chars().all(|c| c.is_ascii_hexdigit()) {
+                    return Err(invalid(
+                        &key("bootstrap_sha256"),
+                        format!("{sha:?} is not a sha256 (64 hex digits)"),
+                    ));
+                }
+            }
+        }
+        if let Some(id) = self
+            .firewall_rulesets
+            .iter()
+            .find(|id| id.trim().is_empty())
+        {
+            return Err(invalid(
+                &key("firewall_rulesets"),
+                format!("{id:?} is not a firewall ruleset id"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The archive's sha256 in lower case, as `sha256sum` prints it.
+    pub fn bootstrap_sha256_lower(&self) -> Option<String> {
+        self.bootstrap_sha256
+            .as_ref()
+            .map(|s| s.to_ascii_lowercase())
     }
 }
 
@@ -829,6 +915,47 @@ base_dir = "nodes"
 ca_dir = "ca"
 keys_file = "keys.toml"
 "#;
+
+    const LAMBDA: &str = r#"
+[providers.lambda]
+gpu = "gpu_1x_a10"
+max_price_per_hour = 1.0
+ssh_key_name = "kiln"
+ca_dir = "ca"
+"#;
+
+    const SHA: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789ABCDEF";
+
+    #[test]
+    fn a_lambda_bootstrap_archive_is_https_or_loopback_with_its_sha256() {
+        for url in [
+            "https://releases.example.com/kiln-node-0.1.0-x86_64-linux.tar.gz",
+            "http://127.0.0.1:8080/kiln-node.tar.gz",
+            "http://localhost/kiln-node.tar.gz",
+        ] {
+            let text = format!(
+                "{LAMBDA}bootstrap_url = \"{url}\"\nbootstrap_sha256 = \"{SHA}\"\n\
+                 firewall_rulesets = [\"fw-kiln\"]\n"
+            );
+            let config = KilnConfig::parse(&text).expect(url);
+            let section = config.providers.lambda.expect("lambda");
+            assert_eq!(section.bootstrap_url.as_ref().expect("url").as_str(), url);
+            assert_eq!(
+                section.bootstrap_sha256_lower().expect("sha"),
+                SHA.to_ascii_lowercase()
+            );
+        }
+        // Without ca_dir there is no cluster to hand the VM to.
+        let text = format!(
+            "[providers.lambda]\ngpu = \"gpu_1x_a10\"\nmax_price_per_hour = 1\nssh_key_name = \"k\"\n\
+             bootstrap_url = \"https://x/a.tar.gz\"\nbootstrap_sha256 = \"{SHA}\"\n"
+        );
+        let err = KilnConfig::parse(&text).expect_err("no ca_dir");
+        assert!(
+            err.to_string().contains("providers.lambda.bootstrap_url"),
+            "{err}"
+        );
+    }
 
     const VAST: &str = r#"
 [providers.vast]
@@ -1019,6 +1146,44 @@ queue_critical = 8
             (
                 &format!("{VAST}ports = [{{ port = 0, protocol = \"tcp\" }}]\n"),
                 "providers.vast.ports",
+            ),
+            (
+                &format!("{VAST}bootstrap_url = \"https://x/a.tar.gz\"\n"),
+                "providers.vast.bootstrap_url",
+            ),
+            (
+                &format!("{VAST}firewall_rulesets = [\"fw-1\"]\n"),
+                "providers.vast.firewall_rulesets",
+            ),
+            (
+                &format!("{LAMBDA}bootstrap_url = \"https://x/a.tar.gz\"\n"),
+                "providers.lambda.bootstrap_sha256",
+            ),
+            (
+                &format!("{LAMBDA}bootstrap_sha256 = \"{SHA}\"\n"),
+                "providers.lambda.bootstrap_sha256",
+            ),
+            (
+                &format!(
+                    "{LAMBDA}bootstrap_url = \"https://x/a.tar.gz\"\nbootstrap_sha256 = \"abc\"\n"
+                ),
+                "providers.lambda.bootstrap_sha256",
+            ),
+            (
+                &format!(
+                    "{LAMBDA}bootstrap_url = \"http://example.com/a.tar.gz\"\nbootstrap_sha256 = \"{SHA}\"\n"
+                ),
+                "providers.lambda.bootstrap_url",
+            ),
+            (
+                &format!(
+                    "{LAMBDA}bootstrap_url = \"ftp://127.0.0.1/a.tar.gz\"\nbootstrap_sha256 = \"{SHA}\"\n"
+                ),
+                "providers.lambda.bootstrap_url",
+            ),
+            (
+                &format!("{LAMBDA}firewall_rulesets = [\" \"]\n"),
+                "providers.lambda.firewall_rulesets",
             ),
         ];
         for (text, key) in cases {

@@ -300,6 +300,9 @@ pub async fn rent(
 /// and an onstart that runs the image's entry point. Vast.ai caps each environment item at 256
 /// characters, so there the bundle travels in the onstart script (at most 4,096 characters);
 /// elsewhere it is the `KILN_BUNDLE` variable. Nothing without `ca_dir`.
+///
+/// A Lambda VM has no Kiln image: its onstart ([`lambda_onstart`]) installs the node from the
+/// `bootstrap_url` archive, and without one the rent is refused before a certificate is issued.
 fn member_handoff(
     kind: ProviderKind,
     section: &crate::config::CloudSection,
@@ -308,6 +311,10 @@ fn member_handoff(
     let mut env = BTreeMap::new();
     let Some(ca_dir) = &section.ca_dir else {
         return Ok((None, env));
+    };
+    let lambda_start = match kind {
+        ProviderKind::Lambda => Some(lambda_onstart(section, name)?),
+        _ => None,
     };
     let bundle = super::certs::member_bundle(
         ca_dir,
@@ -325,6 +332,10 @@ fn member_handoff(
         let token = kiln_daemon::config::read_secret_file(path)
             .map_err(|m| anyhow::anyhow!("operator_token_file: {m}"))?;
         env.insert("KILN_OPERATOR_TOKEN".to_string(), token);
+    }
+    if let Some(onstart) = lambda_start {
+        env.insert("KILN_BUNDLE".to_string(), bundle);
+        return Ok((Some(onstart), env));
     }
     if kind != ProviderKind::Vast {
         env.insert("KILN_BUNDLE".to_string(), bundle);
@@ -344,6 +355,60 @@ fn member_handoff(
         );
     }
     Ok((Some(onstart), env))
+}
+
+/// What a Lambda VM runs at first boot to become member `name`:
+/// - with `bootstrap_url`: the script that fetches that archive, checks `bootstrap_sha256` and
+///   runs its `bootstrap.sh` (the bare Lambda Stack image has no Kiln on it);
+/// - else, with `image` naming a family the operator built (not Lambda's own `lambda-stack-*` or
+///   `ubuntu-*`): `exec <entry>`, which that image provides;
+/// - else the rent is refused: the VM would boot, bill, and never join.
+fn lambda_onstart(section: &crate::config::CloudSection, name: &str) -> anyhow::Result<String> {
+    use crate::provider::lambda;
+    if let (Some(url), Some(sha256)) = (&section.bootstrap_url, section.bootstrap_sha256_lower()) {
+        return Ok(lambda::bootstrap_script(name, url, &sha256));
+    }
+    match section.image.as_deref() {
+        Some(family) if !lambda::is_stock_image(family) => Ok(format!(
+            "#!/bin/sh\n# Kiln member {name}: the image's entry point unpacks KILN_BUNDLE and runs kilnd.\nexec {}\n",
+            section.entry
+        )),
+        _ => bail!(
+            "a Lambda VM boots a bare Ubuntu image with no Kiln on it, so {name} would never join \
+             the cluster: publish the node archive (provisioning/package.sh) and set \
+             bootstrap_url and bootstrap_sha256 in [providers.lambda] (or set image to an image \
+             family of yours that provides {})",
+            section.entry
+        ),
+    }
+}
+
+/// What `kiln rent` warns about before renting from `kind` with `section`: a Lambda section
+/// without firewall rulesets gets Lambda's default firewall (SSH and ICMP only), which keeps
+/// other members from the VM's gossip and API ports.
+pub fn rent_warnings(kind: ProviderKind, section: &crate::config::CloudSection) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if kind == ProviderKind::Lambda && section.firewall_rulesets.is_empty() {
+        let ports: Vec<String> = section
+            .ports
+            .iter()
+            .map(|p| format!("{}/{}", p.port, protocol_name(p.protocol)))
+            .collect();
+        warnings.push(format!(
+            "[providers.lambda] has no firewall_rulesets: Lambda's default firewall opens only SSH \
+             and ICMP, so the cluster cannot reach the new VM on {}; create a ruleset that opens \
+             them (at least 7946/udp for gossip and 7860/tcp for the API) and list its id",
+            ports.join(", ")
+        ));
+    }
+    warnings
+}
+
+fn protocol_name(protocol: crate::provider::Protocol) -> &'static str {
+    match protocol {
+        crate::provider::Protocol::Tcp => "tcp",
+        crate::provider::Protocol::Udp => "udp",
+    }
 }
 
 fn provider_id(host: &InventoryHost) -> anyhow::Result<&str> {
@@ -514,6 +579,11 @@ fn print_host(out: &mut dyn Write, json: bool, host: &InventoryHost) -> anyhow::
 pub fn run_rent(args: RentArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let (config, mut inventory) = open(&args.options)?;
     let provider = build::build(args.provider, &config, &env)?;
+    if let Some(section) = config.providers.cloud(args.provider) {
+        for warning in rent_warnings(args.provider, section) {
+            eprintln!("kiln rent: warning: {warning}");
+        }
+    }
     let options = RentOptions {
         name: args.name,
         spot: args.spot.then_some(true),
@@ -716,4 +786,82 @@ pub fn run_reconcile(args: ReconcileArgs, out: &mut dyn Write) -> anyhow::Result
         text.push_str("inventory and providers agree\n");
     }
     out.write_all(text.as_bytes()).context("writing to stdout")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lambda_section(extra: &str) -> crate::config::CloudSection {
+        let text = format!(
+            "[providers.lambda]\ngpu = \"gpu_1x_a10\"\nmax_price_per_hour = 1.0\n\
+             ssh_key_name = \"kiln\"\nca_dir = \"ca\"\n{extra}"
+        );
+        KilnConfig::parse(&text)
+            .expect("valid config")
+            .providers
+            .lambda
+            .expect("lambda section")
+    }
+
+    const SHA: &str = "0123456789ABCDEF0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn a_lambda_vm_with_a_node_archive_runs_the_bootstrap() {
+        let section = lambda_section(&format!(
+            "bootstrap_url = \"https://releases.example.com/kiln-node.tar.gz\"\n\
+             bootstrap_sha256 = \"{SHA}\"\nimage = \"kiln-node-family\"\n"
+        ));
+        let onstart = lambda_onstart(&section, "lambda-1").expect("onstart");
+        assert!(
+            onstart.contains("url='https://releases.example.com/kiln-node.tar.gz'\n"),
+            "{onstart}"
+        );
+        assert!(
+            onstart.contains(&format!("want='{}'\n", SHA.to_ascii_lowercase())),
+            "{onstart}"
+        );
+        assert!(!onstart.contains("container-entry.sh"), "{onstart}");
+    }
+
+    #[test]
+    fn a_lambda_vm_of_the_operators_own_image_execs_its_entry() {
+        let section = lambda_section("image = \"kiln-node-family\"\nentry = \"/opt/kiln/start\"\n");
+        let onstart = lambda_onstart(&section, "lambda-1").expect("onstart");
+        assert!(onstart.ends_with("\nexec /opt/kiln/start\n"), "{onstart}");
+    }
+
+    #[test]
+    fn a_bare_lambda_vm_is_refused_with_what_to_set() {
+        for extra in ["", "image = \"lambda-stack-24-04\"\n"] {
+            let section = lambda_section(extra);
+            let err = lambda_onstart(&section, "lambda-1").expect_err("nothing to run");
+            let message = err.to_string();
+            assert!(
+                message.contains("bootstrap_url")
+                    && message.contains("bootstrap_sha256")
+                    && message.contains("lambda-1"),
+                "{message}"
+            );
+        }
+    }
+
+    #[test]
+    fn lambda_without_firewall_rulesets_is_warned_about() {
+        let warnings = rent_warnings(ProviderKind::Lambda, &lambda_section(""));
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("firewall_rulesets") && warnings[0].contains("7860/tcp, 7946/udp"),
+            "{warnings:?}"
+        );
+        let section = lambda_section("firewall_rulesets = [\"fw-kiln\"]\n");
+        assert!(rent_warnings(ProviderKind::Lambda, &section).is_empty());
+        let vast =
+            KilnConfig::parse("[providers.vast]\ngpu = \"RTX 4090\"\nmax_price_per_hour = 1\n")
+                .expect("valid")
+                .providers
+                .vast
+                .expect("vast");
+        assert!(rent_warnings(ProviderKind::Vast, &vast).is_empty());
+    }
 }

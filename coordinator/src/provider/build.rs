@@ -46,7 +46,8 @@ pub fn build(
             Ok(Box::new(
                 LambdaClient::new(base, api_key.into_inner())?
                     .with_ssh_key_name(ssh_key)
-                    .with_regions(section.regions.clone()),
+                    .with_regions(section.regions.clone())
+                    .with_firewall_rulesets(section.firewall_rulesets.clone()),
             ))
         }
         ProviderKind::Local => bail!("the local provider is built above"),

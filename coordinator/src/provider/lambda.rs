@@ -408,9 +408,121 @@ fn parse_ports_tag(tag: &str) -> Vec<PortSpec> {
         .collect()
 }
 
+/// Lambda takes at most 1 MB of `user_data`.
+pub const USER_DATA_LIMIT: usize = 1_000_000;
+
+/// The port gossip listens on in the config bootstrap.sh writes, and so the one advertised.
+pub const GOSSIP_PORT: u16 = 7946;
+
+/// Whether an image family is one of Lambda's own (Lambda Stack, plain Ubuntu), which has no Kiln
+/// on it: only a family the operator built can provide the entry point.
+pub fn is_stock_image(family: &str) -> bool {
+    let family = family.trim().to_ascii_lowercase();
+    family.starts_with("lambda-stack") || family.starts_with("ubuntu")
+}
+
+/// `value` as one single-quoted shell word.
+fn shell_quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', r"'\''"))
+}
+
+/// The first-boot script of a Lambda VM that joins the cluster (the `onstart` of its rent; the
+/// env, `KILN_BUNDLE` first of all, is exported before it by [`user_data`]): download the node
+/// archive at `url` (`provisioning/package.sh`) with retries, refuse it unless its sha256 is
+/// `sha256`, unpack it and run its `provisioning/bootstrap.sh` with the archive's kilnd, the
+/// bundle and `quic://<public IPv4>:7946` as the address other members dial.
+///
+/// The public address is the source address of the VM's default route (a Lambda VM carries its
+/// public IPv4 on its own interface), else the first IPv4 of `hostname -I`; `KILN_PUBLIC_IP`
+/// overrides it. `KILN_BOOTSTRAP_DIR` (default `/opt/kiln-node`) and `KILN_BOOTSTRAP_LOG`
+/// (default `/var/log/kiln-bootstrap.log`) move what the script writes; its output goes to the
+/// log and to cloud-init's (the console).
+pub fn bootstrap_script(member: &str, url: &Url, sha256: &str) -> String {
+    let member: String = member
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .collect();
+    let url = shell_quote(url.as_str());
+    let sha256 = shell_quote(&sha256.to_ascii_lowercase());
+    format!(
+        r#"#!/bin/bash
+# Kiln member {member} on Lambda Cloud (cloud-init user_data, run once as root at first boot):
+# fetch the node archive, check its sha256, unpack it and run its bootstrap.sh.
+set -euo pipefail
+umask 022
+url={url}
+want={sha256}
+dir=${{KILN_BOOTSTRAP_DIR:-/opt/kiln-node}}
+log=${{KILN_BOOTSTRAP_LOG:-/var/log/kiln-bootstrap.log}}
+mkdir -p "$dir" "$(dirname "$log")"
+exec > >(tee -a "$log") 2>&1
+say() {{ printf 'kiln-bootstrap: %s\n' "$*"; }}
+die() {{
+    say "error: $*"
+    exit 1
+}}
+[[ -n ${{KILN_BUNDLE:-}} ]] || die "KILN_BUNDLE is not set (kiln rent with ca_dir sets it)"
+
+# The address other members dial: this VM's public IPv4, which Lambda puts on the VM's own
+# interface (the source address of the default route); KILN_PUBLIC_IP overrides it.
+public_ip=${{KILN_PUBLIC_IP:-}}
+if [[ -z $public_ip ]]; then
+    public_ip=$(ip -4 route get 1.1.1.1 2>/dev/null | sed -n 's/.* src \([0-9.]*\).*/\1/p' | head -n 1) || true
+fi
+if [[ -z $public_ip ]]; then
+    public_ip=$(hostname -I 2>/dev/null | tr ' ' '\n' | grep -E '^[0-9]+([.][0-9]+){{3}}$' | head -n 1) || true
+fi
+[[ $public_ip =~ ^[0-9]+([.][0-9]+){{3}}$ ]] ||
+    die "cannot find this VM's public IPv4 address (set KILN_PUBLIC_IP)"
+case $public_ip in
+10.* | 127.* | 169.254.* | 192.168.* | 172.1[6-9].* | 172.2[0-9].* | 172.3[01].*)
+    say "warning: $public_ip is a private address; members outside its network cannot dial it" ;;
+esac
+
+archive="$dir/kiln-node.tar.gz"
+rm -f "$archive.part"
+say "downloading $url"
+curl --fail --silent --show-error --location --retry 10 --retry-delay 5 --retry-connrefused \
+    --connect-timeout 30 --max-time 1800 --output "$archive.part" "$url" ||
+    die "could not download $url (curl status $?)"
+got=$(sha256sum "$archive.part" | cut -d ' ' -f 1)
+if [[ $got != "$want" ]]; then
+    rm -f "$archive.part"
+    die "refused $url: its sha256 is $got, bootstrap_sha256 says $want; nothing was run"
+fi
+mv -f "$archive.part" "$archive"
+node="$dir/node"
+rm -rf "$node"
+mkdir -p "$node"
+tar -xzf "$archive" -C "$node" --strip-components=1 --no-same-owner ||
+    die "$url is not a gzip'd tar (make it with provisioning/package.sh)"
+[[ -x $node/kilnd && -x $node/provisioning/bootstrap.sh ]] ||
+    die "$url holds no kilnd and provisioning/bootstrap.sh (make it with provisioning/package.sh)"
+say "running bootstrap.sh; other members dial quic://$public_ip:{GOSSIP_PORT}"
+"$node/provisioning/bootstrap.sh" --kilnd "$node/kilnd" --bundle "$KILN_BUNDLE" \
+    --advertise "quic://$public_ip:{GOSSIP_PORT}" ||
+    die "bootstrap.sh failed (status $?); see above"
+say "done: kilnd is running (journalctl -u kilnd)"
+"#
+    )
+}
+
 /// The cloud-init `user_data`: `onstart`, with the env exported before it (a VM has no container
-/// env). Nothing when there is neither.
+/// env). Nothing when there is neither; refused over Lambda's 1 MB.
 fn user_data(request: &RentRequest) -> ProviderResult<Option<String>> {
+    let script = env_and_onstart(request)?;
+    if let Some(script) = &script
+        && script.len() > USER_DATA_LIMIT
+    {
+        return Err(invalid(format!(
+            "the user_data would be {} bytes, over Lambda's {USER_DATA_LIMIT}",
+            script.len()
+        )));
+    }
+    Ok(script)
+}
+
+fn env_and_onstart(request: &RentRequest) -> ProviderResult<Option<String>> {
     if request.env.is_empty() {
         return Ok(request.onstart.clone());
     }
@@ -426,10 +538,7 @@ fn user_data(request: &RentRequest) -> ProviderResult<Option<String>> {
                 "env name `{key}` is not a shell variable name"
             )));
         }
-        script.push_str(&format!(
-            "export {key}='{}'\n",
-            value.replace('\'', r"'\''")
-        ));
+        script.push_str(&format!("export {key}={}\n", shell_quote(value)));
     }
     if let Some(onstart) = &request.onstart {
         let body = match onstart.strip_prefix("#!") {
@@ -530,6 +639,101 @@ mod tests {
             user_data(&request).expect("user data").expect("present"),
             "#!/bin/bash\nexport A='it'\\''s'\necho hi\n"
         );
+    }
+
+    fn request(env: &[(&str, &str)], onstart: Option<String>) -> RentRequest {
+        RentRequest {
+            label: "kiln-1".into(),
+            offer_id: "gpu_1x_a10".into(),
+            image: None,
+            template: None,
+            onstart,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ports: Vec::new(),
+            disk_gb: 50,
+            bid_per_hour: None,
+        }
+    }
+
+    const SHA: &str = "ABCDEF0123456789abcdef0123456789abcdef0123456789abcdef0123456789";
+
+    #[test]
+    fn a_bootstrap_user_data_exports_the_env_then_fetches_and_checks_the_archive() {
+        let url = Url::parse("https://releases.example.com/it's/kiln-node.tar.gz").expect("url");
+        let bundle = "H4sI'a b\"$(c)`d`";
+        let token = "t'ok en";
+        let onstart = bootstrap_script("gpu-1\nrm -rf /", &url, SHA);
+        let script = user_data(&request(
+            &[("KILN_BUNDLE", bundle), ("KILN_OPERATOR_TOKEN", token)],
+            Some(onstart),
+        ))
+        .expect("user data")
+        .expect("present");
+        let lines: Vec<&str> = script.lines().collect();
+        // One shebang, the exports, then the script body (its own shebang dropped).
+        assert_eq!(lines[0], "#!/bin/bash");
+        assert!(lines[1].starts_with("export KILN_BUNDLE="), "{script}");
+        assert!(
+            lines[2].starts_with("export KILN_OPERATOR_TOKEN="),
+            "{script}"
+        );
+        assert!(lines[3].starts_with("# Kiln member gpu-1rm-rf"), "{script}");
+        assert_eq!(script.matches("#!").count(), 1, "{script}");
+        assert!(script.contains("set -euo pipefail\n"));
+        assert!(script.contains("--advertise \"quic://$public_ip:7946\""));
+        // What bash makes of the quoted values is exactly what was given.
+        let assignments: Vec<&str> = lines
+            .iter()
+            .copied()
+            .filter(|l| l.starts_with("export ") || l.starts_with("url=") || l.starts_with("want="))
+            .collect();
+        assert_eq!(assignments.len(), 4, "{script}");
+        let probe = format!(
+            "{}\nprintf '%s\\n' \"$KILN_BUNDLE\" \"$KILN_OPERATOR_TOKEN\" \"$url\" \"$want\"\n",
+            assignments.join("\n")
+        );
+        let output = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(&probe)
+            .output()
+            .expect("bash");
+        assert!(output.status.success(), "{probe}");
+        let stdout = String::from_utf8(output.stdout).expect("utf-8");
+        assert_eq!(
+            stdout.lines().collect::<Vec<_>>(),
+            vec![bundle, token, url.as_str(), &SHA.to_ascii_lowercase()]
+        );
+        // And the whole script parses.
+        let parsed = std::process::Command::new("bash")
+            .args(["-n", "-c", &script])
+            .output()
+            .expect("bash -n");
+        assert!(
+            parsed.status.success(),
+            "{}",
+            String::from_utf8_lossy(&parsed.stderr)
+        );
+    }
+
+    #[test]
+    fn user_data_over_lambdas_limit_is_refused() {
+        let big = "x".repeat(USER_DATA_LIMIT);
+        let err = user_data(&request(&[("KILN_BUNDLE", &big)], Some("true\n".into())))
+            .expect_err("over 1 MB");
+        assert!(err.to_string().contains("user_data"), "{err}");
+        let err = user_data(&request(&[("KILN-BUNDLE", "x")], None)).expect_err("bad name");
+        assert!(err.to_string().contains("KILN-BUNDLE"), "{err}");
+    }
+
+    #[test]
+    fn lambdas_own_image_families_are_stock() {
+        assert!(is_stock_image("lambda-stack-22-04"));
+        assert!(is_stock_image(" Lambda-Stack-24-04"));
+        assert!(is_stock_image("ubuntu-24-04"));
+        assert!(!is_stock_image("kiln-node-2026-11"));
     }
 
     #[test]
