@@ -232,7 +232,8 @@ async fn a_lambda_vm_fetches_checks_and_runs_the_node_archive() {
     assert!(!dir.path().join("node-home/node").exists());
     assert!(!dir.path().join("node-home/kiln-node.tar.gz.part").exists());
 
-    // 2. The published archive is unpacked and its bootstrap.sh gets the bundle and address.
+    // 2. The published archive is unpacked and its bootstrap.sh gets the address, and the
+    // bundle in its environment (never on its command line).
     *archive.lock().expect("archive lock") = good;
     let ran = run_user_data(&script, dir.path(), Some("203.0.113.9")).await;
     assert!(ran.status.success(), "{}", text(&ran));
@@ -245,8 +246,6 @@ async fn a_lambda_vm_fetches_checks_and_runs_the_node_archive() {
         vec![
             "--kilnd",
             kilnd.to_str().expect("utf-8"),
-            "--bundle",
-            bundle.as_str(),
             "--advertise",
             "quic://203.0.113.9:7946",
         ]

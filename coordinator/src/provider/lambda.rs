@@ -499,7 +499,9 @@ tar -xzf "$archive" -C "$node" --strip-components=1 --no-same-owner ||
 [[ -x $node/kilnd && -x $node/provisioning/bootstrap.sh ]] ||
     die "$url holds no kilnd and provisioning/bootstrap.sh (make it with provisioning/package.sh)"
 say "running bootstrap.sh; other members dial quic://$public_ip:{GOSSIP_PORT}"
-"$node/provisioning/bootstrap.sh" --kilnd "$node/kilnd" --bundle "$KILN_BUNDLE" \
+# The bundle (with the member's private key) stays in the environment: a command line is
+# readable by every user of the VM while the script runs.
+"$node/provisioning/bootstrap.sh" --kilnd "$node/kilnd" \
     --advertise "quic://$public_ip:{GOSSIP_PORT}" ||
     die "bootstrap.sh failed (status $?); see above"
 say "done: kilnd is running (journalctl -u kilnd)"
