@@ -410,3 +410,166 @@ async fn kiln_run_pushes_on_its_interval_and_stops_cleanly() {
     );
     assert_eq!(state.accepted[0].value, "6");
 }
+
+mod client {
+    //! The Stripe client and `billing::push` as a library, against the fake: 5xx retried under
+    //! one idempotency key, `Stripe-Should-Retry: false` honoured, a Stripe that keeps failing
+    //! ends the push without recording, and an identifier Stripe already has counts as pushed.
+
+    use std::time::Duration;
+
+    use axum::http::StatusCode;
+    use kiln_coordinator::billing::{
+        self, MeterEvent, Metric, PushSettings, RecordStatus, Sent, StripeClient, StripeError,
+    };
+    use kiln_coordinator::inventory::Inventory;
+    use kiln_coordinator::provider::{ApiKey, RetryPolicy};
+    use kiln_daemon::queue::{format_utc_day, utc_day};
+    use url::Url;
+
+    use super::{STRIPE_KEY, StripeFake, now_ms, row};
+
+    fn fast() -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: 4,
+            base_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(50),
+            deadline: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+
+    fn client(fake: &StripeFake) -> StripeClient {
+        let base = Url::parse(&fake.url()).expect("url");
+        let key = ApiKey::parse(STRIPE_KEY.to_string()).expect("key");
+        StripeClient::new(&base, key, fast()).expect("client")
+    }
+
+    fn event(identifier: &str) -> MeterEvent {
+        MeterEvent {
+            event_name: "kiln_images".into(),
+            customer: "cus_acme".into(),
+            value: "3".into(),
+            identifier: identifier.into(),
+            timestamp: now_ms() / 1000 - 86_400,
+        }
+    }
+
+    #[tokio::test]
+    async fn server_errors_are_retried_with_one_idempotency_key() {
+        let fake = StripeFake::start(STRIPE_KEY, &["cus_acme"]).await;
+        fake.lock().fail_next = vec![
+            StatusCode::SERVICE_UNAVAILABLE,
+            StatusCode::INTERNAL_SERVER_ERROR,
+        ];
+        let sent = client(&fake)
+            .send(&event("kiln-acme-x-images"), "key-1")
+            .await;
+        assert_eq!(sent.expect("sent"), Sent::Accepted);
+        let state = fake.lock();
+        assert_eq!(state.requests, 3);
+        assert_eq!(state.idempotency_keys, vec!["key-1"; 3]);
+        assert_eq!(state.accepted.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn should_retry_false_is_a_refusal_and_endless_failures_are_unavailable() {
+        let fake = StripeFake::start(STRIPE_KEY, &["cus_acme"]).await;
+        {
+            let mut state = fake.lock();
+            state.fail_next = vec![StatusCode::INTERNAL_SERVER_ERROR];
+            state.should_retry = Some(false);
+        }
+        let sent = client(&fake)
+            .send(&event("kiln-a"), "k")
+            .await
+            .expect("answer");
+        assert!(
+            matches!(sent, Sent::Refused { status: 500, .. }),
+            "{sent:?}"
+        );
+        assert_eq!(fake.lock().requests, 1);
+        {
+            let mut state = fake.lock();
+            state.fail_next = vec![StatusCode::BAD_GATEWAY; 10];
+            state.should_retry = None;
+        }
+        let error = client(&fake)
+            .send(&event("kiln-b"), "k2")
+            .await
+            .expect_err("gives up");
+        assert!(matches!(error, StripeError::Unavailable(_)), "{error}");
+        assert_eq!(
+            fake.lock().requests,
+            1 + 4,
+            "max_attempts bounds the retries"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_identifier_stripe_already_has_is_recorded_as_pushed() {
+        let fake = StripeFake::start(STRIPE_KEY, &["cus_acme"]).await;
+        let day = utc_day(now_ms()) - 2;
+        let report = kiln_daemon::protocol::AdminUsageReport {
+            month: kiln_daemon::queue::format_utc_month(day),
+            members: vec!["n1".into()],
+            missing: vec![],
+            rows: vec![row(day, "acme", 3, 1.0)],
+        };
+        let settings = PushSettings {
+            event_name: "kiln_images".into(),
+            metric: Metric::Images,
+            customers: [("acme".to_string(), "cus_acme".to_string())].into(),
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let client = client(&fake);
+        let mut first = Inventory::open(&dir.path().join("a.db")).expect("inventory");
+        let pushed = billing::push(
+            std::slice::from_ref(&report),
+            &settings,
+            Some(&client),
+            &mut first,
+            &now_ms,
+        )
+        .await
+        .expect("push");
+        assert_eq!(pushed.pushed.len(), 1);
+        // The same push from an inventory that lost the record: Stripe says it has the event.
+        let mut second = Inventory::open(&dir.path().join("b.db")).expect("inventory");
+        let again = billing::push(
+            std::slice::from_ref(&report),
+            &settings,
+            Some(&client),
+            &mut second,
+            &now_ms,
+        )
+        .await
+        .expect("push");
+        assert!(
+            again.pushed.is_empty() && again.failed.is_empty(),
+            "{again:?}"
+        );
+        assert_eq!(again.already_pushed, 1);
+        let id = format!("kiln-acme-{}-images", format_utc_day(day));
+        let record = billing::record(&second, &id)
+            .expect("read")
+            .expect("recorded");
+        assert_eq!(record.status, RecordStatus::Pushed);
+        assert_eq!(fake.lock().accepted.len(), 1);
+
+        // Stripe down: the push stops with an error and records nothing for what it did not send.
+        let mut third = Inventory::open(&dir.path().join("c.db")).expect("inventory");
+        fake.lock().fail_next = vec![StatusCode::SERVICE_UNAVAILABLE; 10];
+        let stopped = billing::push(&[report], &settings, Some(&client), &mut third, &now_ms)
+            .await
+            .expect("a report");
+        assert!(
+            stopped
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("1 event(s) not sent")),
+            "{stopped:?}"
+        );
+        assert_eq!(billing::record(&third, &id).expect("read"), None);
+    }
+}

@@ -405,7 +405,42 @@ pub async fn push(
                 )?;
                 report.pushed.push(planned);
             }
-            Ok(Sent::Refused { status, message }) => {
+            // Stripe already has this identifier: an earlier push got through but its record
+            // was lost (a crash between the answer and the write), or another push sent it a
+            // moment ago. Either way the day is billed; record it so, and never send it again.
+            Ok(Sent::Refused {
+                status: 400,
+                message,
+                param: Some(param),
+            }) if param == "identifier" => {
+                let existing = record(inventory, &planned.identifier)?;
+                if existing.is_none_or(|r| r.status != RecordStatus::Pushed) {
+                    store(
+                        inventory,
+                        &planned.identifier,
+                        &Record {
+                            status: RecordStatus::Pushed,
+                            customer: planned.customer.clone(),
+                            value: planned.value.clone(),
+                            event_name: settings.event_name.clone(),
+                            message: Some(format!("Stripe already had it: {message}")),
+                            at_ms,
+                        },
+                    )?;
+                }
+                report.already_pushed += 1;
+            }
+            Ok(Sent::Refused {
+                status, message, ..
+            }) => {
+                // A push running beside this one (`kiln run` and a manual `kiln usage push`)
+                // may have recorded the event as pushed meanwhile: that record stays.
+                let pushed_meanwhile = record(inventory, &planned.identifier)?
+                    .is_some_and(|r| r.status == RecordStatus::Pushed);
+                if pushed_meanwhile {
+                    report.already_pushed += 1;
+                    continue;
+                }
                 store(
                     inventory,
                     &planned.identifier,

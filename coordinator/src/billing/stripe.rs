@@ -58,6 +58,8 @@ pub enum Sent {
     Refused {
         status: u16,
         message: String,
+        /// The parameter Stripe named, if any (`identifier` for an identifier it already has).
+        param: Option<String>,
     },
 }
 
@@ -88,6 +90,13 @@ struct ErrorDetail {
     message: Option<String>,
     #[serde(default)]
     param: Option<String>,
+}
+
+/// The parameter Stripe's error body names, if it is one and names one.
+pub fn error_param(body: &str) -> Option<String> {
+    serde_json::from_str::<ErrorBody>(body)
+        .ok()
+        .and_then(|b| b.error.param)
 }
 
 /// Stripe's message from an error body, `type/code (param): message`, or an excerpt of a body
@@ -234,6 +243,7 @@ impl StripeClient {
                         return Ok(Sent::Refused {
                             status: status.as_u16(),
                             message,
+                            param: error_param(&body),
                         });
                     }
                     (format!("HTTP {status}: {message}"), retry_after)

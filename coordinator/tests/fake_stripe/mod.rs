@@ -3,7 +3,8 @@
 //! `event_name`, `payload[stripe_customer_id]`, `payload[value]`, `identifier` and `timestamp`
 //! (within the past 35 days, at most 5 minutes ahead), customers it knows, identifiers it has
 //! seen refused as duplicates, and Stripe's error JSON (`{"error": {"type", "code", "message",
-//! "param"}}`). Knob: answer the next N requests with 429.
+//! "param"}}`). Knobs: answer the next N requests with 429, or with given statuses (and a
+//! `Stripe-Should-Retry` header).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -36,6 +37,10 @@ pub struct StripeState {
     /// Answer this many of the next requests with 429.
     pub rate_limit_next: usize,
     pub rate_limited: usize,
+    /// Answer the next requests with these statuses (popped from the end).
+    pub fail_next: Vec<StatusCode>,
+    /// Sent as `Stripe-Should-Retry` with the `fail_next` answers.
+    pub should_retry: Option<bool>,
     pub refused: Vec<(String, String)>,
     pub idempotency_keys: Vec<String>,
 }
@@ -117,6 +122,22 @@ async fn meter_event(State(fake): State<StripeFake>, headers: HeaderMap, body: S
     if let Some(key) = headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
         state.idempotency_keys.push(key.to_string());
     }
+    if let Some(status) = state.fail_next.pop() {
+        let mut response = error(
+            status,
+            "api_error",
+            None,
+            "An unknown error occurred.".into(),
+            None,
+        );
+        if let Some(retry) = state.should_retry {
+            response.headers_mut().insert(
+                "stripe-should-retry",
+                axum::http::HeaderValue::from_static(if retry { "true" } else { "false" }),
+            );
+        }
+        return response;
+    }
     if state.rate_limit_next > 0 {
         state.rate_limit_next -= 1;
         state.rate_limited += 1;
@@ -164,12 +185,21 @@ async fn meter_event(State(fake): State<StripeFake>, headers: HeaderMap, body: S
     let identifier = fields["identifier"].clone();
     let customer = fields["payload[stripe_customer_id]"].clone();
     let value = fields["payload[value]"].clone();
-    if identifier.len() > 100 || value.parse::<f64>().is_err() {
+    if value.parse::<f64>().is_err() {
         return error(
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
             None,
-            "Invalid identifier or value.".into(),
+            format!("Invalid decimal: {value}"),
+            Some("payload[value]"),
+        );
+    }
+    if identifier.len() > 100 {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            None,
+            "Invalid string: identifier must be at most 100 characters".into(),
             Some("identifier"),
         );
     }
