@@ -317,9 +317,8 @@ impl PushReport {
             ));
         }
         lines.push(format!(
-            "{} {}, {} already pushed, {} failed, {} skipped ({} {})",
+            "{verb}: {} event(s); already pushed: {}; failed: {}; skipped: {} ({}, {})",
             self.pushed.len(),
-            verb,
             self.already_pushed,
             self.failed.len(),
             self.skipped.len(),

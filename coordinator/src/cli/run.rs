@@ -6,7 +6,6 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-
 use std::time::Duration;
 
 use anyhow::Context;
