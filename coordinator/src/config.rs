@@ -36,6 +36,9 @@ pub struct KilnConfig {
     /// `[metrics]`: where `kiln run` serves Prometheus metrics.
     #[serde(default)]
     pub metrics: MetricsSection,
+    /// `[stripe]`: usage pushed to Stripe Billing meter events (none: never pushed).
+    #[serde(default)]
+    pub stripe: Option<crate::billing::StripeSection>,
 }
 
 /// `[metrics]`: `listen` is the address `kiln run` serves `GET /metrics` on (none: no server).
@@ -879,6 +882,9 @@ impl KilnConfig {
             }
             fix(&mut cloud.members_dir);
         }
+        if let Some(stripe) = &mut self.stripe {
+            stripe.resolve_paths(base);
+        }
     }
 
     /// Checks everything that can be checked without touching the network or the inventory.
@@ -889,6 +895,15 @@ impl KilnConfig {
         self.cluster.validate()?;
         self.policy.validate()?;
         self.alerts.validate()?;
+        if let Some(stripe) = &self.stripe {
+            stripe.validate()?;
+            if stripe.push_interval.is_some() && self.cluster.api.is_none() {
+                return Err(invalid(
+                    "stripe.push_interval",
+                    "kiln run reads usage from a node's API: set [cluster] api",
+                ));
+            }
+        }
         if let Some(local) = &self.providers.local {
             local.validate()?;
         }

@@ -18,11 +18,13 @@
 //! - [`config`]: `kiln.toml` (inventory path, cluster access, provider sections).
 //! - [`inventory`]: the SQLite inventory of rented hosts, their history and the cost ledger,
 //!   and reconciling it with the providers.
+//! - [`billing`]: usage pushed to Stripe Billing meter events (`kiln usage push`, `kiln run`).
 //!
 //! The coordinator imports the node's pure wire contract (`kiln_daemon::protocol`) and the
 //! cluster CA (`kiln_daemon::pki`), never the node's runtime parts.
 
 pub mod alerts;
+pub mod billing;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -1,14 +1,19 @@
 //! `kiln run --config FILE [--dry-run] [--once]`: the coordinator's control loop. Every
 //! `policy.tick_s` it fetches the cluster view, runs one [`Controller::tick`] and prints what it
-//! did; alert changes go to `[alerts] webhook_url` in the background. SIGTERM or Ctrl-C stops it
-//! between ticks (a tick in progress finishes first).
+//! did; alert changes go to `[alerts] webhook_url` in the background; with `[stripe]
+//! push_interval`, usage is pushed to Stripe from a task of its own. SIGTERM or Ctrl-C stops it
+//! between ticks (a tick in progress finishes first, and so does a push).
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use tokio::sync::{mpsc, watch};
+use url::Url;
 
+use crate::billing::FIRST_PUSH_AFTER;
 use crate::config::KilnConfig;
 use crate::control::metrics::Metrics;
 use crate::control::webhook::Webhook;
@@ -19,6 +24,7 @@ use crate::status::{self, StatusSource};
 use crate::text::clean;
 
 use super::fleet::{format_ms, now_ms};
+use super::usage::push_now;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -67,6 +73,12 @@ async fn run_loop(
     let nodes = HttpNodeAdmin::new(&token, config.cluster.timeout())?;
     let source = super::status::source_for(&config.cluster, None).await?;
     let tick = config.policy.tick();
+    let stripe_push = match (&config.stripe, &config.cluster.api) {
+        (Some(section), Some(api)) if !args.once => section
+            .push_interval
+            .map(|every| (config.clone(), api.clone(), every)),
+        _ => None,
+    };
     let controller = Controller::new(config, providers, Box::new(nodes));
 
     if args.dry_run {
@@ -98,6 +110,19 @@ async fn run_loop(
         let bound = metrics.serve(listen).await?;
         writeln!(out, "metrics on http://{bound}/metrics").context("writing")?;
     }
+    let (pusher, mut push_lines) = match stripe_push {
+        Some((config, api, every)) => {
+            writeln!(
+                out,
+                "pushing usage to Stripe every {}",
+                humantime::format_duration(every)
+            )
+            .context("writing")?;
+            let (pusher, lines) = Pusher::spawn(config, api, token.clone(), every);
+            (Some(pusher), Some(lines))
+        }
+        None => (None, None),
+    };
     let stop = shutdown_signal()?;
     tokio::pin!(stop);
     let result = loop {
@@ -127,15 +152,95 @@ async fn run_loop(
         if args.once {
             break Ok(());
         }
-        tokio::select! {
-            () = tokio::time::sleep(tick) => {}
-            signal = &mut stop => break signal.map(|name| {
+        let sleep = tokio::time::sleep(tick);
+        tokio::pin!(sleep);
+        // Waits out the tick; the pusher's lines are printed as they come.
+        let stopped = loop {
+            tokio::select! {
+                () = &mut sleep => break None,
+                signal = &mut stop => break Some(signal),
+                Some(lines) = next_lines(&mut push_lines) => {
+                    let now = format_ms(now_ms());
+                    for line in lines {
+                        writeln!(out, "{now} stripe: {line}").context("writing")?;
+                    }
+                    out.flush().context("writing")?;
+                }
+            }
+        };
+        if let Some(signal) = stopped {
+            break signal.map(|name| {
                 let _ = writeln!(out, "{name}: stopping");
-            }),
+            });
         }
     };
+    if let Some(pusher) = pusher {
+        pusher.stop().await;
+    }
     leave(&source).await;
     result
+}
+
+/// The next lines of the pusher, or never when there is none (so `select!` skips the branch).
+async fn next_lines(lines: &mut Option<mpsc::Receiver<Vec<String>>>) -> Option<Vec<String>> {
+    match lines {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `[stripe] push_interval`: a task that runs [`push_now`] every interval (the first one a
+/// moment after start) and hands its report's lines to the loop to print. A push in progress
+/// finishes before the task stops, so every answer Stripe gave is recorded.
+struct Pusher {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The longest `kiln run` waits for a push in progress when it stops.
+const PUSH_STOP_DEADLINE: Duration = Duration::from_secs(90);
+
+impl Pusher {
+    fn spawn(
+        config: KilnConfig,
+        api: Url,
+        token: String,
+        every: Duration,
+    ) -> (Pusher, mpsc::Receiver<Vec<String>>) {
+        let (stop, mut stopped) = watch::channel(false);
+        let (tx, rx) = mpsc::channel(16);
+        let task = tokio::spawn(async move {
+            let env = |name: &str| std::env::var(name).ok();
+            let mut wait = FIRST_PUSH_AFTER;
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    _ = stopped.changed() => return,
+                }
+                wait = every;
+                let lines = match push_now(&config, &api, &token, None, false, &env).await {
+                    Ok(report) => report.lines(),
+                    Err(e) => vec![format!("push failed: {e:#}")],
+                };
+                if tx.send(lines).await.is_err() {
+                    return;
+                }
+            }
+        });
+        (Pusher { stop, task }, rx)
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        if tokio::time::timeout(PUSH_STOP_DEADLINE, self.task)
+            .await
+            .is_err()
+        {
+            eprintln!(
+                "kiln run: the Stripe push did not finish in time; the next push resends what was not recorded"
+            );
+        }
+    }
 }
 
 async fn leave(source: &StatusSource) {

@@ -2,6 +2,10 @@
 //! month, from any node's operator route `GET /v1/admin/usage` (which merges every member's
 //! owner counts). The node and the operator token are given as for `kiln status`; the token is
 //! never printed.
+//!
+//! `kiln usage push [--month YYYY-MM] [--dry-run] [--json]`: the same report pushed to Stripe's
+//! Billing Meter Events API as `kiln.toml [stripe]` says (see [`crate::billing`]); prints what it
+//! pushed, skipped and what Stripe refused. `kiln run` calls [`push_now`] on its interval.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -14,7 +18,11 @@ use kiln_daemon::queue::parse_utc_month;
 use reqwest::header::{AUTHORIZATION, HeaderValue};
 use url::Url;
 
+use super::fleet::now_ms;
 use super::status::{TOKEN_ENV, operator_token};
+use crate::billing;
+use crate::config::KilnConfig;
+use crate::inventory::Inventory;
 
 /// The largest answer accepted (a month of every account's days).
 const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
@@ -26,6 +34,36 @@ pub const CSV_HEADER: &str = "day,account,tier,submitted,succeeded,images,gpu_se
 pub enum UsageCommand {
     /// Print every account's usage per day in a month, merged over the cluster's members.
     Export(UsageExport),
+    /// Push closed days' usage to Stripe Billing meter events (kiln.toml [stripe]).
+    Push(UsagePush),
+}
+
+#[derive(Debug, Args)]
+pub struct UsagePush {
+    /// The coordinator's config file ([stripe], [cluster], [inventory]).
+    #[arg(
+        long,
+        env = "KILN_CONFIG",
+        default_value = "kiln.toml",
+        value_name = "FILE"
+    )]
+    pub config: PathBuf,
+    /// The UTC month, YYYY-MM (default: this month and the one before).
+    #[arg(long, value_parser = parse_month, value_name = "YYYY-MM")]
+    pub month: Option<String>,
+    /// Print what would be pushed; send and record nothing (no Stripe key needed).
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Any node's HTTP API (default: [cluster] api).
+    #[arg(long, value_name = "URL")]
+    pub api: Option<Url>,
+    /// The operator token's file, owner-only (default: [cluster] token_file, else
+    /// KILN_OPERATOR_TOKEN).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -75,7 +113,96 @@ fn parse_timeout(text: &str) -> Result<Duration, String> {
 pub fn run(command: UsageCommand, out: &mut dyn Write) -> anyhow::Result<()> {
     match command {
         UsageCommand::Export(args) => export(args, out),
+        UsageCommand::Push(args) => push(args, out),
     }
+}
+
+fn env_token() -> anyhow::Result<Option<String>> {
+    match std::env::var(TOKEN_ENV) {
+        Ok(token) => Ok(Some(token)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => bail!("{TOKEN_ENV} is not valid UTF-8"),
+    }
+}
+
+fn push(args: UsagePush, out: &mut dyn Write) -> anyhow::Result<()> {
+    let config = KilnConfig::load(&args.config)?;
+    let api = match args.api.or_else(|| config.cluster.api.clone()) {
+        Some(api) => api,
+        None => bail!("no node to read usage from: give --api or set [cluster] api"),
+    };
+    let token_file = args
+        .token_file
+        .or_else(|| config.cluster.token_file.clone());
+    let token = operator_token(token_file.as_deref(), env_token()?)?;
+    let months = args.month.map(|month| vec![month]);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let env = |name: &str| std::env::var(name).ok();
+    let report = runtime.block_on(push_now(&config, &api, &token, months, args.dry_run, &env))?;
+    if args.json {
+        let text = serde_json::to_string_pretty(&report).context("encoding the result")?;
+        writeln!(out, "{text}").context("writing to stdout")?;
+    } else {
+        for line in report.lines() {
+            writeln!(out, "{line}").context("writing to stdout")?;
+        }
+    }
+    if let Some(error) = &report.error {
+        bail!("the push stopped early: {error}");
+    }
+    if !report.failed.is_empty() {
+        bail!(
+            "Stripe refused {} event(s); they are recorded and tried again by the next push",
+            report.failed.len()
+        );
+    }
+    Ok(())
+}
+
+/// Reads the usage reports of `months` (default: this month and the one before) from the node
+/// at `api` and pushes them as `config`'s `[stripe]` says; `dry_run` sends and records nothing
+/// and needs no Stripe key. The secret key is looked up with `env` (`STRIPE_API_KEY`) unless
+/// `api_key_file` is set.
+pub async fn push_now(
+    config: &KilnConfig,
+    api: &Url,
+    token: &str,
+    months: Option<Vec<String>>,
+    dry_run: bool,
+    env: &(dyn Fn(&str) -> Option<String> + Sync),
+) -> anyhow::Result<billing::PushReport> {
+    let Some(section) = &config.stripe else {
+        bail!("kiln.toml has no [stripe] section: nothing says where to push");
+    };
+    let settings = billing::PushSettings::from_section(section)?;
+    let client = if dry_run {
+        None
+    } else {
+        let key = section.api_key(env)?;
+        Some(billing::StripeClient::new(
+            &section.base_url()?,
+            key,
+            billing::stripe::default_retry(),
+        )?)
+    };
+    let months = months.unwrap_or_else(|| billing::default_months(now_ms()));
+    let mut reports = Vec::with_capacity(months.len());
+    for month in &months {
+        let url = admin_usage_url(api, Some(month))?;
+        reports.push(fetch(&url, token, config.cluster.timeout()).await?);
+    }
+    let mut inventory = Inventory::open(&config.inventory.path)?;
+    billing::push(
+        &reports,
+        &settings,
+        client.as_ref(),
+        &mut inventory,
+        &now_ms,
+    )
+    .await
 }
 
 /// The operator route's URL under an API base URL (a base with a path keeps it).

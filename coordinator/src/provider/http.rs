@@ -30,24 +30,27 @@ impl ApiKey {
     /// Checks that the key can travel in an HTTP header: not empty, no whitespace or control
     /// characters (a key read from a file with its newline is trimmed first).
     pub fn new(provider: ProviderKind, key: String) -> ProviderResult<ApiKey> {
+        ApiKey::parse(key).map_err(|problem| ProviderError::Auth {
+            provider,
+            message: format!("the API key {problem}"),
+        })
+    }
+
+    /// The same checks for a key that belongs to no provider (Stripe's); the problem comes back
+    /// as the end of a sentence ("is empty").
+    pub fn parse(key: String) -> Result<ApiKey, &'static str> {
         let key = key.trim().to_owned();
         if key.is_empty() {
-            return Err(ProviderError::Auth {
-                provider,
-                message: "the API key is empty".into(),
-            });
+            return Err("is empty");
         }
         if key.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(ProviderError::Auth {
-                provider,
-                message: "the API key contains whitespace or control characters".into(),
-            });
+            return Err("contains whitespace or control characters");
         }
         Ok(ApiKey(key))
     }
 
     /// The `Authorization` value, marked sensitive so that HTTP debug output hides it.
-    fn header(&self) -> Option<HeaderValue> {
+    pub(crate) fn header(&self) -> Option<HeaderValue> {
         let mut value = HeaderValue::from_str(&format!("Bearer {}", self.0)).ok()?;
         value.set_sensitive(true);
         Some(value)
@@ -479,7 +482,7 @@ impl Failure {
 }
 
 /// `Retry-After` in seconds (the HTTP-date form is not used by these providers).
-fn parse_retry_after(value: &str) -> Option<Duration> {
+pub(crate) fn parse_retry_after(value: &str) -> Option<Duration> {
     let secs: f64 = value.trim().parse().ok()?;
     (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(3600.0)))
 }
