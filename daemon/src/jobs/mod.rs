@@ -68,6 +68,10 @@ const NUDGE_EVERY: Duration = Duration::from_millis(500);
 const HINT_FOR: Duration = Duration::from_secs(3);
 /// Job ids per `Whose` or `Refresh` question.
 const IDS_PER_QUESTION: usize = 1000;
+/// How long a member gossip lists must stay not live, never having been seen live by this
+/// node, before it counts as dead (a member learnt of at start is not live until its
+/// heartbeats have been sampled).
+const UNSEEN_DEAD_AFTER: Duration = Duration::from_secs(10);
 /// Extra time an adopted lease gets before it expires.
 const ADOPTED_LEASE_GRACE: Duration = Duration::from_secs(10);
 /// How long a lease waits for the replica to learn of it before it is answered anyway.
@@ -223,6 +227,10 @@ pub(crate) struct Inner {
     nudged: Mutex<HashMap<(String, Tier), Instant>>,
     /// Set while the node drains: no leases handed out, no submissions taken as owner.
     draining: CancellationToken,
+    /// Held (shared) by every lease and submission this node handles as owner; the hand-over
+    /// of a drain takes it exclusively once, so that none still in flight changes a job after
+    /// its state was copied to the new owner.
+    owner_ops: tokio::sync::RwLock<()>,
     /// Set once this node knows which of its stored jobs are still its own (see
     /// [`Jobs::reconcile`]); until then it neither runs nor leases its queue.
     reconciled: CancellationToken,
@@ -273,6 +281,7 @@ impl Jobs {
             hints: Mutex::new(HashMap::new()),
             nudged: Mutex::new(HashMap::new()),
             draining: CancellationToken::new(),
+            owner_ops: tokio::sync::RwLock::new(()),
             reconciled: CancellationToken::new(),
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -1022,6 +1031,14 @@ impl Inner {
         quota: Quota,
         ranked: &[String],
     ) -> Result<(JobView, bool), ApiError> {
+        let _owner_op = self.owner_ops.read().await;
+        if self.draining.is_cancelled() {
+            return Err(ApiError::new(
+                ErrorCode::Unavailable,
+                "this member is draining and takes no new jobs",
+            )
+            .retry_after(1));
+        }
         let tier = new.tier;
         let candidates: Vec<&String> = ranked.iter().filter(|n| **n != self.name).collect();
         new.replica = candidates.first().map(|n| n.to_string());
@@ -1474,6 +1491,9 @@ impl Inner {
 
     /// See [`Jobs::drain`].
     async fn hand_over_all(&self) -> usize {
+        // Leases and submissions that began before the drain end first: what is read next is
+        // the state every one of them left.
+        drop(self.owner_ops.write().await);
         let owned = match self.store.owned_active().await {
             Ok(owned) => owned,
             Err(error) => {
@@ -1564,6 +1584,7 @@ impl Inner {
         holder: &str,
         min_tier: Option<Tier>,
     ) -> Result<Option<Job>, StoreError> {
+        let _owner_op = self.owner_ops.read().await;
         if self.draining.is_cancelled() || !self.reconciled.is_cancelled() {
             return Ok(None);
         }
@@ -1800,6 +1821,9 @@ async fn expire_leases(inner: Arc<Inner>) {
 async fn follow_members(inner: Arc<Inner>) {
     // Members (by name and incarnation) whose copies of this node's jobs were moved.
     let mut rehomed: HashSet<(String, u64)> = HashSet::new();
+    // Members (by name and incarnation) seen live, and when each one not live was first seen so.
+    let mut seen_live: HashSet<(String, u64)> = HashSet::new();
+    let mut not_live_since: HashMap<(String, u64), Instant> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -1810,17 +1834,52 @@ async fn follow_members(inner: Arc<Inner>) {
         let Some(snapshot) = inner.snapshot() else {
             return;
         };
+        let now = Instant::now();
+        for m in snapshot.members.values() {
+            let key = (m.status.name.clone(), m.generation);
+            if m.live {
+                not_live_since.remove(&key);
+                seen_live.insert(key);
+            } else {
+                not_live_since.entry(key).or_insert(now);
+            }
+        }
+        seen_live.retain(|(name, generation)| {
+            snapshot
+                .members
+                .get(name)
+                .is_some_and(|m| m.generation == *generation)
+        });
+        not_live_since.retain(|(name, generation), _| {
+            snapshot
+                .members
+                .get(name)
+                .is_some_and(|m| m.generation == *generation)
+        });
+        // A member gossip lists but has not yet shown live (this node just started, or the
+        // member just restarted) is not dead: its heartbeats have not been sampled yet.
+        // Adopting its jobs then would run them beside it. Dead is live before and not now,
+        // or never live for `UNSEEN_DEAD_AFTER`.
+        let is_dead = |m: &crate::protocol::cluster::ClusterMember| {
+            let key = (m.status.name.clone(), m.generation);
+            !m.live
+                && (seen_live.contains(&key)
+                    || not_live_since
+                        .get(&key)
+                        .is_some_and(|since| now.duration_since(*since) >= UNSEEN_DEAD_AFTER))
+        };
         let dead: Vec<String> = snapshot
             .members
             .values()
-            .filter(|m| !m.live && m.status.role == Role::Node && m.status.name != inner.name)
+            .filter(|m| m.status.role == Role::Node && m.status.name != inner.name)
+            .filter(|m| is_dead(m))
             .map(|m| m.status.name.clone())
             .collect();
         let gone: Vec<(String, u64)> = snapshot
             .members
             .values()
             .filter(|m| m.status.role == Role::Node && m.status.name != inner.name)
-            .filter(|m| !m.live || m.status.state == MemberState::Draining)
+            .filter(|m| is_dead(m) || (m.live && m.status.state == MemberState::Draining))
             .map(|m| (m.status.name.clone(), m.generation))
             .collect();
         for key in gone {
