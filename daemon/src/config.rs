@@ -36,6 +36,9 @@ pub struct Config {
     /// Job webhooks: the signing secret, private targets, retries.
     #[serde(default)]
     pub webhooks: WebhooksSection,
+    /// Where outputs are kept and how retention runs.
+    #[serde(default)]
+    pub storage: crate::results::StorageConfig,
 }
 
 /// `[webhooks]`: how job webhooks are signed and sent. Without a secret webhooks are off and a
@@ -674,6 +677,9 @@ impl Config {
         })?;
         self.webhooks.validate()?;
         self.watermark
+            .validate()
+            .map_err(|(key, message)| ConfigError::Invalid { key, message })?;
+        self.storage
             .validate()
             .map_err(|(key, message)| ConfigError::Invalid { key, message })?;
         self.tiers.validate().map_err(|message| {

@@ -312,9 +312,15 @@ pub async fn run(
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create the data dir {}", data_dir.display()))?;
 
-    let store = JobStore::open(&data_dir, StoreOptions::default())
-        .await
-        .with_context(|| format!("cannot open the job store in {}", data_dir.display()))?;
+    let store = JobStore::open(
+        &data_dir,
+        StoreOptions {
+            retention: config.tiers.retentions(),
+            ..StoreOptions::default()
+        },
+    )
+    .await
+    .with_context(|| format!("cannot open the job store in {}", data_dir.display()))?;
     let recovery = store.recovery().clone();
     if !recovery.requeued.is_empty() || !recovery.failed.is_empty() {
         tracing::warn!(
@@ -536,6 +542,12 @@ pub async fn run(
             None
         }
     };
+    // Retention: deletes this node's expired outputs (its own jobs and its replica copies).
+    let sweeper = crate::results::Sweeper::start(
+        crate::results::Results::new(store.clone()),
+        config.storage.sweep(),
+        crate::results::SweepClock::system(),
+    );
     let runner_stop = CancellationToken::new();
     let runner = tokio::spawn(run_jobs(Runner {
         jobs: jobs.clone(),
@@ -665,6 +677,7 @@ pub async fn run(
     if let Some(worker) = webhook_worker {
         worker.shutdown(Duration::from_secs(2)).await;
     }
+    sweeper.shutdown(Duration::from_secs(2)).await;
     notify.status("stopping ComfyUI");
     if let Err(error) = supervisor.shutdown().await {
         tracing::warn!(%error, "stopping ComfyUI");
@@ -1341,6 +1354,7 @@ pub async fn run_dev(
         },
         watermark: Default::default(),
         webhooks: Default::default(),
+        storage: Default::default(),
     };
     config.validate()?;
 

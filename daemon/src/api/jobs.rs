@@ -520,7 +520,8 @@ fn json_event<T: serde::Serialize>(name: &str, data: &T) -> Event {
 #[utoipa::path(get, path = "/v1/jobs/{id}/outputs/{index}", tag = "jobs",
     params(("id" = String, Path, description = "job id"), ("index" = u32, Path, description = "output index")),
     responses((status = 200, description = "the file, with its content type"),
-               (status = 404, description = "not_found", body = crate::protocol::ErrorBody)),
+               (status = 404, description = "not_found", body = crate::protocol::ErrorBody),
+               (status = 410, description = "gone: the output was deleted (retention or the account's request)", body = crate::protocol::ErrorBody)),
     security(("api_key" = [])))]
 pub(super) async fn output(
     State(state): State<AppState>,
@@ -550,6 +551,24 @@ pub(super) async fn output(
         headers.insert(header::ETAG, value);
     }
     Ok(response)
+}
+
+/// `DELETE /v1/jobs/{id}/outputs`: deletes a finished job's output files on every node that
+/// holds them; the job itself stays, with `outputs_deleted` set. Deleting again is fine.
+#[utoipa::path(delete, path = "/v1/jobs/{id}/outputs", tag = "jobs",
+    params(("id" = String, Path, description = "job id")),
+    responses((status = 204, description = "the outputs are deleted"),
+               (status = 404, description = "not_found", body = crate::protocol::ErrorBody),
+               (status = 409, description = "conflict: the job is not finished", body = crate::protocol::ErrorBody)),
+    security(("api_key" = [])))]
+pub(super) async fn delete_outputs(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<axum::http::StatusCode, ApiError> {
+    let account = authenticate(&state, &headers)?;
+    state.jobs.delete_outputs(&account.id, &id).await?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
 }
 
 #[cfg(test)]

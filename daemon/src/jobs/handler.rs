@@ -307,6 +307,31 @@ async fn handle(
                 Err(error) => Ok(JobResponse::Refused(wire_refusal(&error))),
             }
         }
+        JobRequest::DeleteOutputs { id, account } => {
+            let owned = match inner.store.get(&id).await.map_err(internal)? {
+                Some(job) if job.role == JobRole::Owner && job.account == account => Some(job),
+                _ => None,
+            };
+            let Some(job) = owned else {
+                let refusal = ApiError::not_found(format!("no job {id:?} for this account"));
+                return Ok(JobResponse::Refused(wire_refusal(&refusal)));
+            };
+            match inner.delete_outputs_owned(&job).await {
+                Ok(()) => Ok(JobResponse::Done),
+                Err(error) => Ok(JobResponse::Refused(wire_refusal(&error))),
+            }
+        }
+        JobRequest::DropOutputs {
+            job_id,
+            reason,
+            at_ms,
+        } => match inner
+            .drop_outputs_of_copy(peer, &job_id, reason, at_ms)
+            .await
+        {
+            Ok(()) => Ok(JobResponse::Done),
+            Err(error) => Ok(JobResponse::Refused(wire_refusal(&error))),
+        },
         JobRequest::Interrupt { job_id } => {
             if !inner.live.cancel_if_running(&job_id) {
                 tracing::debug!(job = %job_id, owner = %peer, "asked to interrupt a job that does not run here");

@@ -289,7 +289,8 @@ pub(crate) async fn replicate_with_outputs(
 ) -> Result<(), String> {
     let mut upload_id = None;
     let mut named = Vec::new();
-    if job.status == crate::protocol::JobStatus::Succeeded {
+    // Outputs already deleted are not sent: the copy gets the job without them.
+    if job.status == crate::protocol::JobStatus::Succeeded && job.outputs_deleted.is_none() {
         let stored = inner
             .store
             .outputs(&job.id)
@@ -332,6 +333,9 @@ pub(crate) async fn read_local(
     let Some(output) = outputs.into_iter().find(|o| o.index == index) else {
         return Ok(None);
     };
+    if let Some(deleted) = job.outputs_deleted {
+        return Err(super::outputs::gone(&job.id, index, deleted));
+    }
     let bytes = read_file(store, &output).await?;
     Ok(Some(OutputFile {
         filename: output.filename,
@@ -372,6 +376,10 @@ pub(crate) async fn read_piece(
         .into_iter()
         .find(|o| o.index == index)
         .ok_or_else(|| format!("job {id} has no output {index} here"))?;
+    if let Some(deleted) = job.outputs_deleted {
+        let error = super::outputs::gone(&job.id, index, deleted);
+        return Ok(JobResponse::Refused(super::wire_refusal(&error)));
+    }
     let path = inner.store.output_path(&output);
     let data = read_range(&path, offset, OUTPUT_CHUNK_BYTES)
         .await
@@ -394,6 +402,21 @@ async fn read_range(path: &std::path::Path, offset: u64, max: usize) -> std::io:
     Ok(data)
 }
 
+/// Why a member did not send an output.
+#[derive(Debug)]
+pub(crate) enum FetchError {
+    /// An answer for the user (e.g. the output was deleted: `gone`).
+    Refused(ApiError),
+    /// The member could not be asked, or answered nonsense.
+    Failed(String),
+}
+
+impl From<String> for FetchError {
+    fn from(error: String) -> Self {
+        FetchError::Failed(error)
+    }
+}
+
 /// Reads a whole output from the member at `addr`, chunk by chunk.
 pub(crate) async fn fetch_output(
     inner: &Inner,
@@ -401,7 +424,7 @@ pub(crate) async fn fetch_output(
     id: &str,
     account: &str,
     index: u32,
-) -> Result<Option<OutputFile>, String> {
+) -> Result<Option<OutputFile>, FetchError> {
     let mut bytes = Vec::new();
     let mut meta = None;
     // Bounded: every round adds a non-empty chunk or ends.
@@ -420,7 +443,7 @@ pub(crate) async fn fetch_output(
                 data,
             }) => {
                 if total > MAX_UPLOAD_BYTES {
-                    return Err(format!("an output of {total} bytes is over the limit"));
+                    return Err(format!("an output of {total} bytes is over the limit").into());
                 }
                 let empty = data.is_empty();
                 bytes.extend_from_slice(&data);
@@ -429,14 +452,19 @@ pub(crate) async fn fetch_output(
                     break;
                 }
                 if empty {
-                    return Err("the member sent an empty piece before the end".to_string());
+                    return Err("the member sent an empty piece before the end"
+                        .to_string()
+                        .into());
                 }
             }
-            Ok(other) => return Err(format!("unexpected answer {other:?}")),
+            Ok(JobResponse::Refused(refusal)) => {
+                return Err(FetchError::Refused(super::refusal_error(refusal)));
+            }
+            Ok(other) => return Err(format!("unexpected answer {other:?}").into()),
             Err(RpcError::Remote(error)) if error.kind == PeerErrorKind::NotFound => {
                 return Ok(None);
             }
-            Err(error) => return Err(error.to_string()),
+            Err(error) => return Err(error.to_string().into()),
         }
     }
     let Some((filename, content_type)) = meta else {

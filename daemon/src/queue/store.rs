@@ -22,7 +22,7 @@ use super::{
     CancelOutcome, Finished, Job, JobChange, JobEvent, NewJob, NewOutput, Outcome, Output,
     QueueSummary, Quota, RecoveryReport, StoreError, Submitted, Usage, schema,
 };
-use crate::protocol::{JobError, JobStatus, Tier, WatermarkStatus};
+use crate::protocol::{DeleteReason, JobError, JobStatus, Tier, WatermarkStatus};
 
 /// The database file inside the data dir.
 pub const DB_FILE: &str = "kiln-jobs.sqlite3";
@@ -49,6 +49,10 @@ pub struct StoreOptions {
     pub change_capacity: usize,
     /// The clock (unix ms); the system clock by default.
     pub clock: Clock,
+    /// How long each tier's outputs are kept after the job finishes; a tier not listed keeps
+    /// them for good (the default: none listed). Written to the store at open, where it
+    /// stamps the expiry of every succeeded job whose outputs still exist.
+    pub retention: Vec<(Tier, Duration)>,
 }
 
 impl std::fmt::Debug for StoreOptions {
@@ -58,6 +62,7 @@ impl std::fmt::Debug for StoreOptions {
             .field("channel_capacity", &self.channel_capacity)
             .field("read_connections", &self.read_connections)
             .field("change_capacity", &self.change_capacity)
+            .field("retention", &self.retention)
             .finish_non_exhaustive()
     }
 }
@@ -80,6 +85,7 @@ impl Default for StoreOptions {
             read_connections: 4,
             change_capacity: 4096,
             clock: system_clock(),
+            retention: Vec::new(),
         }
     }
 }
@@ -177,6 +183,7 @@ impl JobStore {
         if from != to {
             tracing::info!(from, to, path = %db_path.display(), "job store: schema migrated");
         }
+        write_retention(&mut conn, &opts.retention)?;
         let (changes, _) = broadcast::channel(opts.change_capacity.max(1));
         let shared = Arc::new(Shared {
             state: Mutex::new(MemState::default()),
@@ -221,6 +228,11 @@ impl JobStore {
     /// What opening did about jobs that were running when the process stopped.
     pub fn recovery(&self) -> &RecoveryReport {
         &self.inner.recovery
+    }
+
+    /// Now by the store's clock (unix ms), as it stamps its rows.
+    pub fn now_ms(&self) -> i64 {
+        self.inner.shared.now()
     }
 
     /// The data dir (output paths are relative to it).
@@ -579,6 +591,78 @@ impl JobStore {
     pub async fn drop_copy(&self, id: &str) -> Result<bool, StoreError> {
         let id = id.to_string();
         self.request(|reply| Request::DropCopy { id, reply }).await
+    }
+
+    /// Succeeded jobs (owner rows and replica copies) whose outputs expired at `now_ms` and
+    /// are not deleted yet, soonest expiry first; at most `limit`.
+    pub async fn expired_outputs(&self, now_ms: i64, limit: usize) -> Result<Vec<Job>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |conn, path| {
+            load_jobs(
+                conn,
+                path,
+                "outputs_expire_at IS NOT NULL AND outputs_deleted_at IS NULL
+                 AND outputs_expire_at <= ?1 ORDER BY outputs_expire_at LIMIT ?2",
+                params![now_ms, limit],
+            )
+        })
+        .await
+    }
+
+    /// Records that a final job's output files are deleted, `reason` at `at_ms`. Remove the
+    /// files first ([`JobStore::remove_output_files`]): a crash between the two leaves a row
+    /// that the next attempt deletes again, never a recorded deletion with files left behind.
+    /// Safe to repeat (the first deletion is kept); a job that is not final is
+    /// [`StoreError::Conflict`], an unknown one [`StoreError::NotFound`].
+    pub async fn mark_outputs_deleted(
+        &self,
+        id: &str,
+        reason: DeleteReason,
+        at_ms: i64,
+    ) -> Result<Job, StoreError> {
+        let id = id.to_string();
+        self.request(|reply| Request::OutputsDeleted {
+            id,
+            reason,
+            at_ms,
+            reply,
+        })
+        .await
+    }
+
+    /// Removes the stored files of `outputs` (those already gone are fine), then the job's
+    /// output folder when that leaves it empty.
+    pub async fn remove_output_files(
+        &self,
+        id: &str,
+        outputs: &[Output],
+    ) -> Result<(), StoreError> {
+        let data_dir = self.inner.shared.data_dir.clone();
+        let paths: Vec<PathBuf> = outputs.iter().map(|o| data_dir.join(&o.path)).collect();
+        let job_dir = data_dir.join(OUTPUTS_DIR).join(id);
+        tokio::task::spawn_blocking(move || {
+            for path in paths {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(StoreError::Io {
+                            context: format!("removing the output file {}", path.display()),
+                            source: e,
+                        });
+                    }
+                }
+            }
+            // Only an empty folder goes: a failed attempt's leftovers are not ours to judge.
+            if let Err(e) = std::fs::remove_dir(&job_dir)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::debug!(dir = %job_dir.display(), error = %e, "keeping a job's output folder");
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| StoreError::WriterGone(format!("removing outputs panicked: {e}")))?
     }
 
     /// Writes output files on a blocking thread (see [`write_outputs`]).
@@ -1001,6 +1085,38 @@ fn safe_filename(name: &str) -> String {
     safe
 }
 
+/// Replaces the stored retention policy and re-stamps the expiry of every succeeded job whose
+/// outputs still exist, so a changed retention applies to jobs that finished before it.
+fn write_retention(
+    conn: &mut Connection,
+    retention: &[(Tier, Duration)],
+) -> Result<(), StoreError> {
+    let tx = conn
+        .transaction()
+        .map_err(StoreError::sqlite("writing the retention policy"))?;
+    tx.execute("DELETE FROM retention_policy", [])
+        .map_err(StoreError::sqlite("writing the retention policy"))?;
+    for (tier, keep) in retention {
+        let keep_ms = i64::try_from(keep.as_millis()).map_err(|_| {
+            StoreError::Invalid(format!("the retention of tier {tier} is too long"))
+        })?;
+        tx.execute(
+            "INSERT OR REPLACE INTO retention_policy (tier, keep_ms) VALUES (?1, ?2)",
+            params![tier.rank(), keep_ms],
+        )
+        .map_err(StoreError::sqlite("writing the retention policy"))?;
+    }
+    tx.execute(
+        "UPDATE jobs SET outputs_expire_at =
+             finished_at + (SELECT keep_ms FROM retention_policy WHERE tier = jobs.tier)
+         WHERE status = 'succeeded' AND finished_at IS NOT NULL AND outputs_deleted_at IS NULL",
+        [],
+    )
+    .map_err(StoreError::sqlite("stamping output expiry"))?;
+    tx.commit()
+        .map_err(StoreError::sqlite("writing the retention policy"))
+}
+
 fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
@@ -1055,7 +1171,8 @@ fn write_outputs(
 
 const JOB_COLUMNS: &str = "id, seq, account, tier, status, workflow, webhook, metadata, \
      idempotency_key, body_hash, created_at, started_at, finished_at, attempts, max_attempts, error, \
-     role, owner, replica, lease_holder, throttled";
+     role, owner, replica, lease_holder, throttled, outputs_expire_at, outputs_deleted_at, \
+     outputs_deleted_reason";
 
 /// The cluster columns of a row: role, owner, replica, lease holder.
 type RawCluster = (
@@ -1065,6 +1182,9 @@ type RawCluster = (
     Option<String>,
     Option<String>,
 );
+
+/// The output retention columns of a row: expiry, deletion time and reason.
+type RawRetention = (Option<i64>, Option<i64>, Option<String>);
 
 type RawJob = (
     String,
@@ -1084,6 +1204,7 @@ type RawJob = (
     i64,
     Option<String>,
     RawCluster,
+    RawRetention,
 );
 
 fn raw_job(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawJob> {
@@ -1111,6 +1232,7 @@ fn raw_job(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawJob> {
             row.get(19)?,
             row.get(20)?,
         ),
+        (row.get(21)?, row.get(22)?, row.get(23)?),
     ))
 }
 
@@ -1163,7 +1285,18 @@ fn job_from_raw(raw: RawJob, path: &Path) -> Result<Job, StoreError> {
         max_attempts,
         error,
         (role, owner, replica, lease_holder, throttled),
+        (outputs_expire_at_ms, deleted_at, deleted_reason),
     ) = raw;
+    let outputs_deleted = match (deleted_at, deleted_reason) {
+        (Some(at), Some(reason)) => {
+            let reason = reason.parse().map_err(|e| StoreError::Corrupt {
+                path: path.to_path_buf(),
+                detail: format!("job {id}: {e}"),
+            })?;
+            Some((at, reason))
+        }
+        _ => None,
+    };
     let role = role.parse().map_err(|e| StoreError::Corrupt {
         path: path.to_path_buf(),
         detail: format!("job {id}: {e}"),
@@ -1201,6 +1334,8 @@ fn job_from_raw(raw: RawJob, path: &Path) -> Result<Job, StoreError> {
         replica,
         lease_holder,
         throttled,
+        outputs_expire_at_ms,
+        outputs_deleted,
         id,
     })
 }
