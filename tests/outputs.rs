@@ -194,3 +194,176 @@ async fn deleting_outputs_on_any_node_removes_the_owners_and_the_replicas_files(
         "{message}"
     );
 }
+
+/// A moto S3 server (`pip install 'moto[server]'`) on a free port, stopped on drop.
+struct Moto {
+    child: std::process::Child,
+    endpoint: String,
+}
+
+impl Moto {
+    /// Starts moto with `bucket`, or prints why not and returns `None`.
+    async fn start(bucket: &str) -> Option<Moto> {
+        let port = kiln_e2e::free_port();
+        let child = match std::process::Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+        {
+            Ok(child) => child,
+            Err(error) => {
+                eprintln!(
+                    "\n*** SKIPPED: moto_server cannot run ({error}); install it with \
+                     `python3 -m pip install --user 'moto[server]'` to test S3 storage ***\n"
+                );
+                return None;
+            }
+        };
+        let moto = Moto {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        };
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(response) = http.put(format!("{}/{bucket}", moto.endpoint)).send().await
+                && response.status().is_success()
+            {
+                return Some(moto);
+            }
+            assert!(Instant::now() < deadline, "moto_server did not start");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The keys in `bucket` (ListObjectsV2).
+    async fn keys(&self, bucket: &str) -> Vec<String> {
+        let body = reqwest::get(format!("{}/{bucket}?list-type=2", self.endpoint))
+            .await
+            .expect("list")
+            .text()
+            .await
+            .expect("list body");
+        body.split("<Key>")
+            .skip(1)
+            .filter_map(|part| part.split("</Key>").next())
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn outputs_in_a_bucket_redirect_to_presigned_urls_and_the_replica_shares_the_object() {
+    let Some(moto) = Moto::start("kiln-e2e").await else {
+        return;
+    };
+    let secrets = tempfile::tempdir().expect("tempdir");
+    let credentials = secrets.path().join("s3.toml");
+    std::fs::write(
+        &credentials,
+        "access_key_id = \"test\"\nsecret_access_key = \"test\"\n",
+    )
+    .expect("credentials");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&credentials, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod");
+    }
+    let storage = format!(
+        "[storage]\nkind = \"s3\"\nbucket = \"kiln-e2e\"\nendpoint = {:?}\nallow_http = true\n\
+         prefix = \"e2e\"\ncredentials_file = {:?}\n",
+        moto.endpoint,
+        credentials.display().to_string()
+    );
+    let mut cluster = TestCluster::start(2, |_| NodeSpec {
+        jobs: "lease_s = 3".into(),
+        extra_config: storage.clone(),
+        ..NodeSpec::default()
+    })
+    .await
+    .expect("cluster starts");
+    let owner = cluster.owner_of("alice");
+    let other = 1 - owner;
+    let at_other = cluster.api(other, "alice");
+    let (status, body) = at_other
+        .submit(&simple_workflow("bucket"))
+        .await
+        .expect("submit");
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_str().expect("id").to_string();
+    let job = at_other
+        .wait_final(&id, Duration::from_secs(60))
+        .await
+        .expect("final");
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let keys = moto.keys("kiln-e2e").await;
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert!(keys[0].starts_with(&format!("e2e/{id}/")), "{keys:?}");
+    assert!(files_of(&cluster.nodes[owner].data_dir(), &id).is_empty());
+
+    // A plain GET redirects to a presigned URL; ?redirect=false streams the same bytes.
+    let no_redirects = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let response = no_redirects
+        .get(format!("{}/v1/jobs/{id}/outputs/0", at_other.url))
+        .bearer_auth(&at_other.key)
+        .send()
+        .await
+        .expect("GET output");
+    assert_eq!(response.status(), 302);
+    let location = response
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .expect("Location")
+        .to_string();
+    assert!(location.starts_with(&moto.endpoint), "{location}");
+    assert!(location.contains("X-Amz-Signature"), "{location}");
+    let presigned = reqwest::get(&location).await.expect("presigned GET");
+    assert_eq!(presigned.status(), 200);
+    let from_bucket = presigned.bytes().await.expect("body").to_vec();
+    let (status, streamed) = fetch_query(&at_other, &id, "?redirect=false").await;
+    assert_eq!(status, 200);
+    assert_eq!(streamed, from_bucket);
+    assert!(!streamed.is_empty());
+
+    // With the owner gone, the replica serves the output from its own record of the same
+    // object: nothing was uploaded twice.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster.nodes[owner].kill9();
+    let (status, again) = fetch_query(&at_other, &id, "?redirect=false").await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&again));
+    assert_eq!(again, from_bucket);
+    assert_eq!(moto.keys("kiln-e2e").await.len(), 1);
+
+    // Once the replica has adopted the job, deleting its outputs deletes the object.
+    wait_until(Duration::from_secs(45), "DELETE answers 204", async || {
+        delete_outputs(&at_other, &id).await.0 == 204
+    })
+    .await;
+    assert!(moto.keys("kiln-e2e").await.is_empty());
+    assert_eq!(fetch_query(&at_other, &id, "").await.0, 410);
+}
+
+/// GET of output 0 with a query string: (status, body bytes).
+async fn fetch_query(api: &Api, id: &str, query: &str) -> (u16, Vec<u8>) {
+    let response = api
+        .http
+        .get(format!("{}/v1/jobs/{id}/outputs/0{query}", api.url))
+        .bearer_auth(&api.key)
+        .send()
+        .await
+        .expect("GET output");
+    let status = response.status().as_u16();
+    (status, response.bytes().await.expect("body").to_vec())
+}

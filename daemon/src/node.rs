@@ -248,6 +248,8 @@ pub struct NodeParts {
     pub notify: Notifier,
     /// How job webhooks are sent; `None` when `[webhooks]` has no secret (webhooks off).
     pub webhooks: Option<crate::webhooks::Settings>,
+    /// The bucket outputs go to (`[storage] kind = "s3"`); `None`: the data dir.
+    pub objects: Option<crate::results::ObjectStorage>,
 }
 
 impl NodeParts {
@@ -262,6 +264,7 @@ impl NodeParts {
             ClusterSettings::from_config(&config.cluster, |name| std::env::var(name).ok())?;
         let watermark = watermark_of(&config)?;
         let webhooks = config.webhooks.settings()?;
+        let objects = objects_of(&config.storage)?;
         Ok(NodeParts {
             config,
             keys,
@@ -271,6 +274,7 @@ impl NodeParts {
             watermark,
             notify: Notifier::disabled(),
             webhooks,
+            objects,
         })
     }
 }
@@ -306,6 +310,7 @@ pub async fn run(
         watermark,
         notify,
         webhooks,
+        objects,
     } = parts;
     let config = Arc::new(config);
     let data_dir = config.node.data_dir.clone();
@@ -316,6 +321,7 @@ pub async fn run(
         &data_dir,
         StoreOptions {
             retention: config.tiers.retentions(),
+            objects,
             ..StoreOptions::default()
         },
     )
@@ -1389,11 +1395,27 @@ pub async fn run_dev(
             watermark,
             notify: options.notify,
             webhooks,
+            objects: None,
         },
         listener,
         shutdown,
     )
     .await
+}
+
+/// The bucket `[storage]` names, with its credentials (from the environment or the owner-only
+/// credentials file); `None` for `kind = "disk"`.
+fn objects_of(
+    storage: &crate::results::StorageConfig,
+) -> anyhow::Result<Option<crate::results::ObjectStorage>> {
+    if storage.kind != crate::results::StorageKind::S3 {
+        return Ok(None);
+    }
+    let credentials = storage
+        .credentials(|name| std::env::var(name).ok())
+        .map_err(|(key, message)| crate::config::ConfigError::Invalid { key, message })?;
+    crate::results::ObjectStorage::from_config(storage, credentials)
+        .map_err(|message| anyhow::anyhow!(message))
 }
 
 fn free_port() -> std::io::Result<u16> {

@@ -264,6 +264,12 @@ async fn owned_job(state: &AppState, account: &Account, id: &str) -> Result<Job,
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub(super) struct OutputQuery {
+    redirect: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct ListQuery {
     status: Option<String>,
     limit: Option<String>,
@@ -518,8 +524,10 @@ fn json_event<T: serde::Serialize>(name: &str, data: &T) -> Event {
 
 /// `GET /v1/jobs/{id}/outputs/{index}`.
 #[utoipa::path(get, path = "/v1/jobs/{id}/outputs/{index}", tag = "jobs",
-    params(("id" = String, Path, description = "job id"), ("index" = u32, Path, description = "output index")),
+    params(("id" = String, Path, description = "job id"), ("index" = u32, Path, description = "output index"),
+           ("redirect" = Option<bool>, Query, description = "with outputs in a bucket: false streams the bytes instead of redirecting (default true)")),
     responses((status = 200, description = "the file, with its content type"),
+               (status = 302, description = "outputs kept in a bucket: `Location` is a presigned GET URL, valid for `[storage] presign_ttl`"),
                (status = 404, description = "not_found", body = crate::protocol::ErrorBody),
                (status = 410, description = "gone: the output was deleted (retention or the account's request)", body = crate::protocol::ErrorBody)),
     security(("api_key" = [])))]
@@ -527,12 +535,44 @@ pub(super) async fn output(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path((id, index)): Path<(String, String)>,
+    query: Result<Query<OutputQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let account = authenticate(&state, &headers)?;
+    let Query(query) = query.map_err(|e| {
+        ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!(
+                "bad query: {} (allowed: redirect=true|false)",
+                e.body_text()
+            ),
+        )
+    })?;
     let index: u32 = index
         .parse()
         .map_err(|_| ApiError::not_found(format!("no output {index:?} for job {id}")))?;
-    let output = state.jobs.output(&account.id, &id, index).await?;
+    let mut output = state.jobs.output(&account.id, &id, index).await?;
+    if let Some(key) = output.object_key.take() {
+        let objects = state.store.objects().ok_or_else(|| {
+            ApiError::internal(format!(
+                "output {index} of job {id} is an object in a bucket, but this node's [storage] names none"
+            ))
+        })?;
+        if query.redirect.unwrap_or(true) {
+            let url = objects
+                .presigned_get(&key)
+                .await
+                .map_err(ApiError::internal)?;
+            let mut response = Response::new(Body::empty());
+            *response.status_mut() = axum::http::StatusCode::FOUND;
+            let location = HeaderValue::from_str(&url).map_err(ApiError::internal)?;
+            response.headers_mut().insert(header::LOCATION, location);
+            response
+                .headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            return Ok(response);
+        }
+        output.bytes = objects.get(&key).await.map_err(ApiError::internal)?;
+    }
     let disposition = format!(
         "inline; filename=\"{}\"",
         output.filename.replace(['"', '\\', '\r', '\n'], "_")

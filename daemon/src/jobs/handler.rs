@@ -111,17 +111,32 @@ async fn handle(
             outputs,
         } => {
             let job = job_from_wire(*job, Some(peer)).map_err(bad)?;
+            let stored = !outputs.is_empty() && outputs.iter().all(|o| o.key.is_some());
             let files = match upload {
-                Some(upload) if !outputs.is_empty() => {
+                Some(upload) if !outputs.is_empty() && !stored => {
                     inner.uploads.take(&upload, &outputs).map_err(bad)?
                 }
                 _ => Vec::new(),
             };
-            match inner.store.put_replica(&job, peer, files.clone()).await {
+            let put = if stored {
+                let objects = super::outputs::stored_outputs(&outputs);
+                inner.store.put_replica_stored(&job, peer, objects).await
+            } else {
+                inner.store.put_replica(&job, peer, files.clone()).await
+            };
+            match put {
                 Ok(_) => Ok(JobResponse::Done),
                 Err(StoreError::Conflict { .. }) if job.status.is_final() => {
                     // This node took the job over from the sender, whose runner has since
                     // finished it: that is the job's final result (unless one came first).
+                    let files = if stored {
+                        // The sender's objects: read them back, to be stored as ours.
+                        super::outputs::read_objects(inner, &outputs)
+                            .await
+                            .map_err(internal)?
+                    } else {
+                        files
+                    };
                     let outcome = match job.status {
                         JobStatus::Succeeded => Outcome::Succeeded { outputs: files },
                         JobStatus::Failed => {

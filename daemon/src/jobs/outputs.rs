@@ -10,9 +10,48 @@ use serde_json::json;
 
 use super::{Inner, JobRole, SHORT_DEADLINE, not_found, refusal_error};
 use crate::api::ApiError;
-use crate::peer::messages::{JobRequest, JobResponse};
+use crate::peer::messages::{JobRequest, JobResponse, WireOutput};
 use crate::protocol::{DeleteReason, ErrorCode, rfc3339_ms};
-use crate::queue::{Job, StoreError};
+use crate::queue::{Job, NewOutput, Output, StoreError};
+
+/// The outputs a replica records for objects its owner put in the bucket (same keys).
+pub(crate) fn stored_outputs(outputs: &[WireOutput]) -> Vec<Output> {
+    outputs
+        .iter()
+        .map(|o| Output {
+            index: o.index,
+            filename: o.filename.clone(),
+            content_type: o.content_type.clone(),
+            bytes: o.bytes,
+            path: std::path::PathBuf::new(),
+            sha256: o.sha256.clone(),
+            watermark: o.watermark.clone(),
+            key: o.key.clone(),
+        })
+        .collect()
+}
+
+/// The contents of outputs kept as objects, read from the bucket.
+pub(crate) async fn read_objects(
+    inner: &Inner,
+    outputs: &[WireOutput],
+) -> Result<Vec<NewOutput>, String> {
+    let objects = inner
+        .store
+        .objects()
+        .ok_or("the outputs are objects in a bucket, but [storage] names none here")?;
+    let mut out = Vec::with_capacity(outputs.len());
+    for o in outputs {
+        let key = o.key.as_deref().ok_or("an output without its object key")?;
+        out.push(NewOutput {
+            filename: o.filename.clone(),
+            content_type: o.content_type.clone(),
+            bytes: objects.get(key).await?,
+            watermark: o.watermark.clone(),
+        });
+    }
+    Ok(out)
+}
 
 /// The 410 answer for output `index` of `job`, deleted at `at_ms` for `reason`.
 pub(crate) fn gone(job: &str, index: u32, (at_ms, reason): (i64, DeleteReason)) -> ApiError {

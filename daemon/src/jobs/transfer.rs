@@ -35,7 +35,11 @@ pub struct OutputFile {
     pub filename: String,
     pub content_type: String,
     pub sha256: Option<String>,
+    /// The content; empty when `object_key` is set.
     pub bytes: Vec<u8>,
+    /// The object in the cluster's bucket that holds the content (`[storage] kind = "s3"`): the
+    /// API answers with a presigned URL or reads it from there.
+    pub object_key: Option<String>,
 }
 
 #[derive(Debug)]
@@ -206,6 +210,7 @@ async fn upload(
             bytes: total,
             sha256: hex::encode(Sha256::digest(bytes)),
             watermark: file.watermark.clone(),
+            key: None,
         });
     }
     Ok(named)
@@ -296,6 +301,22 @@ pub(crate) async fn replicate_with_outputs(
             .outputs(&job.id)
             .await
             .map_err(|e| e.to_string())?;
+        if !stored.is_empty() && stored.iter().all(|o| o.key.is_some()) {
+            // Objects in the bucket: the replica records the same keys, nothing is uploaded.
+            let named = stored
+                .iter()
+                .map(|o| WireOutput {
+                    index: o.index,
+                    filename: o.filename.clone(),
+                    content_type: o.content_type.clone(),
+                    bytes: o.bytes,
+                    sha256: o.sha256.clone(),
+                    watermark: o.watermark.clone(),
+                    key: o.key.clone(),
+                })
+                .collect();
+            return inner.replicate_to(replica, job, None, named).await;
+        }
         if !stored.is_empty() {
             let addr = inner
                 .addr_of(replica)
@@ -336,12 +357,22 @@ pub(crate) async fn read_local(
     if let Some(deleted) = job.outputs_deleted {
         return Err(super::outputs::gone(&job.id, index, deleted));
     }
+    if output.key.is_some() {
+        return Ok(Some(OutputFile {
+            filename: output.filename,
+            content_type: output.content_type,
+            sha256: Some(output.sha256),
+            bytes: Vec::new(),
+            object_key: output.key,
+        }));
+    }
     let bytes = read_file(store, &output).await?;
     Ok(Some(OutputFile {
         filename: output.filename,
         content_type: output.content_type,
         sha256: Some(output.sha256),
         bytes,
+        object_key: None,
     }))
 }
 
@@ -380,6 +411,15 @@ pub(crate) async fn read_piece(
         let error = super::outputs::gone(&job.id, index, deleted);
         return Ok(JobResponse::Refused(super::wire_refusal(&error)));
     }
+    if output.key.is_some() {
+        return Ok(JobResponse::OutputPiece {
+            content_type: output.content_type,
+            filename: output.filename,
+            total: output.bytes,
+            data: Vec::new(),
+            key: output.key,
+        });
+    }
     let path = inner.store.output_path(&output);
     let data = read_range(&path, offset, OUTPUT_CHUNK_BYTES)
         .await
@@ -389,6 +429,7 @@ pub(crate) async fn read_piece(
         filename: output.filename,
         total: output.bytes,
         data,
+        key: None,
     })
 }
 
@@ -439,8 +480,23 @@ pub(crate) async fn fetch_output(
             Ok(JobResponse::OutputPiece {
                 content_type,
                 filename,
+                key: Some(key),
+                ..
+            }) => {
+                return Ok(Some(OutputFile {
+                    filename,
+                    content_type,
+                    sha256: None,
+                    bytes: Vec::new(),
+                    object_key: Some(key),
+                }));
+            }
+            Ok(JobResponse::OutputPiece {
+                content_type,
+                filename,
                 total,
                 data,
+                key: None,
             }) => {
                 if total > MAX_UPLOAD_BYTES {
                     return Err(format!("an output of {total} bytes is over the limit").into());
@@ -475,5 +531,6 @@ pub(crate) async fn fetch_output(
         content_type,
         sha256: None,
         bytes,
+        object_key: None,
     }))
 }

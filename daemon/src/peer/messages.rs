@@ -212,6 +212,10 @@ pub enum JobResponse {
         total: u64,
         #[serde(with = "serde_bytes_compat")]
         data: Vec<u8>,
+        /// Set (with no data) when the output is an object in the cluster's bucket: the reader
+        /// fetches or presigns it there.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        key: Option<String>,
     },
 }
 
@@ -306,6 +310,10 @@ pub struct WireOutput {
     pub sha256: String,
     #[serde(default)]
     pub watermark: Option<WatermarkStatus>,
+    /// The object's key in the cluster's bucket when the output is kept there (nothing was
+    /// uploaded to the receiver then); absent from older members.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 /// How a leased attempt ended.

@@ -241,6 +241,9 @@ pub struct Output {
     /// Hex SHA-256 of the content.
     pub sha256: String,
     pub watermark: Option<WatermarkStatus>,
+    /// The object's key when the output is kept in the bucket (`[storage] kind = "s3"`);
+    /// `path` is empty then.
+    pub key: Option<String>,
 }
 
 impl Output {
@@ -411,6 +414,9 @@ pub enum StoreError {
         "job store schema version {found} is newer than this kilnd supports ({supported}); upgrade kilnd"
     )]
     SchemaTooNew { found: i64, supported: i64 },
+    /// The bucket that keeps outputs refused or failed an operation.
+    #[error("output storage: {0}")]
+    Objects(String),
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -181,6 +181,11 @@ pub const MIGRATIONS: &[&str] = &[
         WHERE seq = NEW.seq;
     END;
     "#,
+    // 7: outputs kept as objects in an S3-compatible bucket: the object's key (NULL for a file
+    // in the data dir, whose `path` is then the file's).
+    r#"
+    ALTER TABLE outputs ADD COLUMN object_key TEXT;
+    "#,
 ];
 
 /// The schema version this code writes.

@@ -23,6 +23,7 @@ use super::{
     QueueSummary, Quota, RecoveryReport, StoreError, Submitted, Usage, schema,
 };
 use crate::protocol::{DeleteReason, JobError, JobStatus, Tier, WatermarkStatus};
+use crate::results::objects::ObjectStorage;
 
 /// The database file inside the data dir.
 pub const DB_FILE: &str = "kiln-jobs.sqlite3";
@@ -53,6 +54,8 @@ pub struct StoreOptions {
     /// them for good (the default: none listed). Written to the store at open, where it
     /// stamps the expiry of every succeeded job whose outputs still exist.
     pub retention: Vec<(Tier, Duration)>,
+    /// The bucket outputs go to (`[storage] kind = "s3"`); none: files in the data dir.
+    pub objects: Option<ObjectStorage>,
 }
 
 impl std::fmt::Debug for StoreOptions {
@@ -63,6 +66,7 @@ impl std::fmt::Debug for StoreOptions {
             .field("read_connections", &self.read_connections)
             .field("change_capacity", &self.change_capacity)
             .field("retention", &self.retention)
+            .field("objects", &self.objects)
             .finish_non_exhaustive()
     }
 }
@@ -86,6 +90,7 @@ impl Default for StoreOptions {
             change_capacity: 4096,
             clock: system_clock(),
             retention: Vec::new(),
+            objects: None,
         }
     }
 }
@@ -137,6 +142,7 @@ struct Inner {
     reads: ReadPool,
     recovery: RecoveryReport,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    objects: Option<ObjectStorage>,
 }
 
 /// The handle on a node's job store. Clone it freely; the writer stops when the last clone is
@@ -221,6 +227,7 @@ impl JobStore {
                 reads,
                 recovery,
                 writer: Mutex::new(Some(handle)),
+                objects: opts.objects,
             }),
         })
     }
@@ -228,6 +235,11 @@ impl JobStore {
     /// What opening did about jobs that were running when the process stopped.
     pub fn recovery(&self) -> &RecoveryReport {
         &self.inner.recovery
+    }
+
+    /// The bucket outputs are kept in, if any (`[storage] kind = "s3"`).
+    pub fn objects(&self) -> Option<&ObjectStorage> {
+        self.inner.objects.as_ref()
     }
 
     /// Now by the store's clock (unix ms), as it stamps its rows.
@@ -413,7 +425,7 @@ impl JobStore {
             Outcome::Requeue { reason } => FinishOp::Requeue(reason),
         };
         let written = match &op {
-            FinishOp::Succeeded(outputs) => outputs.iter().map(|o| o.path.clone()).collect(),
+            FinishOp::Succeeded(outputs) => outputs.clone(),
             _ => Vec::new(),
         };
         let id = id.to_string();
@@ -492,7 +504,7 @@ impl JobStore {
                 written = self.write_outputs(&copy.id, outputs, Some(prefix)).await?;
             }
         }
-        let paths: Vec<PathBuf> = written.iter().map(|o| o.path.clone()).collect();
+        let unrecorded = written.clone();
         let owner = owner.to_string();
         let copy = Box::new(copy.clone());
         let result = self
@@ -510,9 +522,49 @@ impl JobStore {
             Err(_) => false,
         };
         if !recorded {
-            self.remove_files(paths).await;
+            self.remove_files(unrecorded).await;
         }
         result.map(|(job, _)| job)
+    }
+
+    /// [`JobStore::put_replica`] for a copy whose outputs are objects in the bucket the owner
+    /// put them in: the rows record the same keys (nothing is uploaded or written here).
+    pub async fn put_replica_stored(
+        &self,
+        copy: &Job,
+        owner: &str,
+        outputs: Vec<Output>,
+    ) -> Result<Job, StoreError> {
+        validate_fields(
+            &copy.id,
+            &copy.account,
+            copy.idempotency_key.as_deref(),
+            copy.max_attempts,
+        )?;
+        validate_member(owner, "owner")?;
+        if outputs.iter().any(|o| o.key.is_none()) {
+            return Err(StoreError::Invalid(format!(
+                "job {}: a stored copy's outputs must all be objects",
+                copy.id
+            )));
+        }
+        let encoded = encode(&copy.workflow, copy.metadata.as_ref())?;
+        let outputs = if copy.status == JobStatus::Succeeded {
+            outputs
+        } else {
+            Vec::new()
+        };
+        let owner = owner.to_string();
+        let copy = Box::new(copy.clone());
+        self.request(|reply| Request::PutReplica {
+            copy,
+            encoded,
+            owner,
+            outputs,
+            reply,
+        })
+        .await
+        .map(|(job, _)| job)
     }
 
     /// Takes over the jobs of `owner` (a member that died): every replica row it owns becomes
@@ -637,8 +689,20 @@ impl JobStore {
         id: &str,
         outputs: &[Output],
     ) -> Result<(), StoreError> {
+        for key in outputs.iter().filter_map(|o| o.key.as_deref()) {
+            let objects = self.inner.objects.as_ref().ok_or_else(|| {
+                StoreError::Invalid(format!(
+                    "job {id}: output object {key} is in a bucket, but [storage] names none"
+                ))
+            })?;
+            objects.delete(key).await.map_err(StoreError::Objects)?;
+        }
         let data_dir = self.inner.shared.data_dir.clone();
-        let paths: Vec<PathBuf> = outputs.iter().map(|o| data_dir.join(&o.path)).collect();
+        let paths: Vec<PathBuf> = outputs
+            .iter()
+            .filter(|o| o.key.is_none())
+            .map(|o| data_dir.join(&o.path))
+            .collect();
         let job_dir = data_dir.join(OUTPUTS_DIR).join(id);
         tokio::task::spawn_blocking(move || {
             for path in paths {
@@ -672,6 +736,9 @@ impl JobStore {
         outputs: Vec<NewOutput>,
         prefix: Option<String>,
     ) -> Result<Vec<Output>, StoreError> {
+        if let Some(objects) = &self.inner.objects {
+            return put_objects(objects, id, outputs, prefix.as_deref()).await;
+        }
         let data_dir = self.inner.shared.data_dir.clone();
         let job_id = id.to_string();
         tokio::task::spawn_blocking(move || {
@@ -681,16 +748,25 @@ impl JobStore {
         .map_err(|e| StoreError::WriterGone(format!("writing outputs panicked: {e}")))?
     }
 
-    /// Removes output files that were written but not recorded. A file that cannot be removed
-    /// is only logged: it is unreferenced, and nothing serves it.
-    async fn remove_files(&self, paths: Vec<PathBuf>) {
-        if paths.is_empty() {
+    /// Removes outputs that were written (or uploaded) but not recorded. One that cannot be
+    /// removed is only logged: it is unreferenced, and nothing serves it.
+    async fn remove_files(&self, outputs: Vec<Output>) {
+        if outputs.is_empty() {
             return;
+        }
+        let (objects, files): (Vec<Output>, Vec<Output>) =
+            outputs.into_iter().partition(|o| o.key.is_some());
+        if let Some(store) = &self.inner.objects {
+            for key in objects.iter().filter_map(|o| o.key.as_deref()) {
+                if let Err(error) = store.delete(key).await {
+                    tracing::warn!(%key, %error, "job store: cannot delete an unrecorded output object");
+                }
+            }
         }
         let data_dir = self.inner.shared.data_dir.clone();
         let removed = tokio::task::spawn_blocking(move || {
-            for rel in paths {
-                let path = data_dir.join(&rel);
+            for output in files {
+                let path = data_dir.join(&output.path);
                 match std::fs::remove_file(&path) {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -752,7 +828,8 @@ impl JobStore {
         self.read(move |conn, _| {
             let mut st = conn
                 .prepare_cached(
-                    "SELECT idx, filename, content_type, bytes, path, sha256, watermark
+                    "SELECT idx, filename, content_type, bytes, path, sha256, watermark,
+                         object_key
                      FROM outputs WHERE job_id = ?1 ORDER BY idx",
                 )
                 .map_err(StoreError::sqlite("reading outputs"))?;
@@ -768,6 +845,7 @@ impl JobStore {
                         watermark: row
                             .get::<_, Option<String>>(6)?
                             .map(|text| WatermarkStatus::from_text(&text)),
+                        key: row.get(7)?,
                     })
                 })
                 .map_err(StoreError::sqlite("reading outputs"))?;
@@ -1117,6 +1195,45 @@ fn write_retention(
         .map_err(StoreError::sqlite("writing the retention policy"))
 }
 
+/// Uploads a job's outputs to the bucket as `<prefix>/<job id>/<index>-<safe filename>` (with
+/// a `tag`: `<prefix>/<job id>/<tag>-<index>-<safe filename>`, so that a result racing another
+/// attempt's never replaces the winner's objects). Returns the outputs with their keys; the
+/// first failed upload fails the whole call (the caller records nothing then).
+async fn put_objects(
+    objects: &ObjectStorage,
+    job_id: &str,
+    outputs: Vec<NewOutput>,
+    tag: Option<&str>,
+) -> Result<Vec<Output>, StoreError> {
+    let mut stored = Vec::with_capacity(outputs.len());
+    for (i, out) in outputs.into_iter().enumerate() {
+        let index =
+            u32::try_from(i).map_err(|_| StoreError::Invalid("too many outputs".to_string()))?;
+        let name = match tag {
+            Some(tag) => format!("{tag}-{index}-{}", safe_filename(&out.filename)),
+            None => format!("{index}-{}", safe_filename(&out.filename)),
+        };
+        let key = objects.key(job_id, &name);
+        let bytes = out.bytes.len() as u64;
+        let sha256 = hex::encode(Sha256::digest(&out.bytes));
+        objects
+            .put(&key, out.bytes)
+            .await
+            .map_err(StoreError::Objects)?;
+        stored.push(Output {
+            index,
+            filename: out.filename,
+            content_type: out.content_type,
+            bytes,
+            path: PathBuf::new(),
+            sha256,
+            watermark: out.watermark,
+            key: Some(key),
+        });
+    }
+    Ok(stored)
+}
+
 fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
@@ -1162,6 +1279,7 @@ fn write_outputs(
             path: rel_dir.join(&name),
             sha256: hex::encode(Sha256::digest(&out.bytes)),
             watermark: out.watermark,
+            key: None,
         });
     }
     fsync_dir(&dir)?;

@@ -1080,8 +1080,9 @@ fn record_outputs(tx: &Connection, id: &str, outputs: &[Output]) -> Result<(), S
     for o in outputs {
         tx.prepare_cached(
             "INSERT OR REPLACE INTO outputs
-                 (job_id, idx, filename, content_type, bytes, path, sha256, watermark)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                 (job_id, idx, filename, content_type, bytes, path, sha256, watermark,
+                  object_key)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         )
         .and_then(|mut st| {
             st.execute(params![
@@ -1092,7 +1093,8 @@ fn record_outputs(tx: &Connection, id: &str, outputs: &[Output]) -> Result<(), S
                 i64::try_from(o.bytes).unwrap_or(i64::MAX),
                 o.path.to_string_lossy(),
                 o.sha256,
-                o.watermark.as_ref().map(WatermarkStatus::to_text)
+                o.watermark.as_ref().map(WatermarkStatus::to_text),
+                o.key
             ])
         })
         .map_err(StoreError::sqlite("recording an output"))?;

@@ -16,6 +16,7 @@
 //! stay behind. This module never deletes the outputs of a job that is not final.
 
 pub mod config;
+pub mod objects;
 
 use std::time::Duration;
 
@@ -26,7 +27,8 @@ use tokio_util::sync::CancellationToken;
 use crate::protocol::DeleteReason;
 use crate::queue::{Job, JobStore, StoreError};
 
-pub use config::StorageConfig;
+pub use config::{StorageConfig, StorageKind};
+pub use objects::{Credentials, ObjectStorage};
 
 /// Deletes job outputs from where they are stored and records it.
 #[derive(Debug, Clone)]
