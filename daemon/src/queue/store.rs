@@ -1198,7 +1198,8 @@ fn write_retention(
 /// Uploads a job's outputs to the bucket as `<prefix>/<job id>/<index>-<safe filename>` (with
 /// a `tag`: `<prefix>/<job id>/<tag>-<index>-<safe filename>`, so that a result racing another
 /// attempt's never replaces the winner's objects). Returns the outputs with their keys; the
-/// first failed upload fails the whole call (the caller records nothing then).
+/// first failed upload fails the whole call and deletes the objects it already put (the caller
+/// records nothing then).
 async fn put_objects(
     objects: &ObjectStorage,
     job_id: &str,
@@ -1216,10 +1217,15 @@ async fn put_objects(
         let key = objects.key(job_id, &name);
         let bytes = out.bytes.len() as u64;
         let sha256 = hex::encode(Sha256::digest(&out.bytes));
-        objects
-            .put(&key, out.bytes)
-            .await
-            .map_err(StoreError::Objects)?;
+        if let Err(error) = objects.put(&key, out.bytes).await {
+            // Nothing will record the ones already put: take them back (best effort).
+            for key in stored.iter().filter_map(|o: &Output| o.key.as_deref()) {
+                if let Err(error) = objects.delete(key).await {
+                    tracing::warn!(%key, %error, "job store: cannot delete an unrecorded output object");
+                }
+            }
+            return Err(StoreError::Objects(error));
+        }
         stored.push(Output {
             index,
             filename: out.filename,
