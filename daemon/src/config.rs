@@ -36,6 +36,9 @@ pub struct Config {
     /// Job webhooks: the signing secret, private targets, retries.
     #[serde(default)]
     pub webhooks: WebhooksSection,
+    /// Where outputs are kept and how retention runs.
+    #[serde(default)]
+    pub storage: crate::results::StorageConfig,
 }
 
 /// `[webhooks]`: how job webhooks are signed and sent. Without a secret webhooks are off and a
@@ -676,6 +679,9 @@ impl Config {
         self.watermark
             .validate()
             .map_err(|(key, message)| ConfigError::Invalid { key, message })?;
+        self.storage
+            .validate()
+            .map_err(|(key, message)| ConfigError::Invalid { key, message })?;
         self.tiers.validate().map_err(|message| {
             let key = message.split(' ').next().unwrap_or("tiers").to_string();
             ConfigError::Invalid { key, message }
@@ -735,6 +741,35 @@ mod tests {
 [comfy]
 command = ["python", "main.py", "--port", "8188"]
 "#;
+
+    #[test]
+    fn retention_defaults_and_overrides() {
+        let config = Config::parse(MINIMAL).expect("valid");
+        assert_eq!(
+            config.tiers.retention(crate::protocol::Tier::Free),
+            Duration::from_secs(24 * 3600)
+        );
+        assert_eq!(
+            config.tiers.retention(crate::protocol::Tier::Pro),
+            Duration::from_secs(30 * 24 * 3600)
+        );
+        let config = Config::parse(&format!(
+            "{MINIMAL}\n[tiers.pro]\nwait_target_s = 30\nretention = \"90days\"\n"
+        ))
+        .expect("valid");
+        assert_eq!(
+            config.tiers.retention(crate::protocol::Tier::Pro),
+            Duration::from_secs(90 * 24 * 3600)
+        );
+        match Config::parse(&format!(
+            "{MINIMAL}\n[tiers.pro]\nwait_target_s = 30\nretention = \"soon\"\n"
+        )) {
+            Err(ConfigError::Parse { message, .. }) => {
+                assert!(message.contains("invalid duration"), "{message}")
+            }
+            other => panic!("expected a parse error, got {other:?}"),
+        }
+    }
 
     #[test]
     fn minimal_config_gets_defaults() {
@@ -862,6 +897,12 @@ command = ["python", "main.py", "--port", "8188"]
                 "webhooks.backoff_initial_s",
             ),
             ("[webhooks]\nretention_h = 0", "webhooks.retention_h"),
+            ("[storage]\nkind = \"s3\"", "storage.bucket"),
+            ("[storage]\nsweep_batch = 0", "storage.sweep_batch"),
+            (
+                "[tiers.free]\nwait_target_s = 300\nretention = \"0s\"",
+                "tiers.free.retention",
+            ),
         ] {
             match Config::parse(&format!("{MINIMAL}\n{toml}")) {
                 Err(ConfigError::Invalid { key: got, .. }) => assert_eq!(got, key, "{toml}"),

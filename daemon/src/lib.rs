@@ -39,6 +39,7 @@ pub mod peer;
 pub mod pki;
 pub mod protocol;
 pub mod queue;
+pub mod results;
 pub mod sqlite;
 pub mod tiers;
 pub mod watermark;

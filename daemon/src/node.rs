@@ -248,6 +248,8 @@ pub struct NodeParts {
     pub notify: Notifier,
     /// How job webhooks are sent; `None` when `[webhooks]` has no secret (webhooks off).
     pub webhooks: Option<crate::webhooks::Settings>,
+    /// The bucket outputs go to (`[storage] kind = "s3"`); `None`: the data dir.
+    pub objects: Option<crate::results::ObjectStorage>,
 }
 
 impl NodeParts {
@@ -262,6 +264,7 @@ impl NodeParts {
             ClusterSettings::from_config(&config.cluster, |name| std::env::var(name).ok())?;
         let watermark = watermark_of(&config)?;
         let webhooks = config.webhooks.settings()?;
+        let objects = objects_of(&config.storage)?;
         Ok(NodeParts {
             config,
             keys,
@@ -271,6 +274,7 @@ impl NodeParts {
             watermark,
             notify: Notifier::disabled(),
             webhooks,
+            objects,
         })
     }
 }
@@ -306,15 +310,23 @@ pub async fn run(
         watermark,
         notify,
         webhooks,
+        objects,
     } = parts;
     let config = Arc::new(config);
     let data_dir = config.node.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create the data dir {}", data_dir.display()))?;
 
-    let store = JobStore::open(&data_dir, StoreOptions::default())
-        .await
-        .with_context(|| format!("cannot open the job store in {}", data_dir.display()))?;
+    let store = JobStore::open(
+        &data_dir,
+        StoreOptions {
+            retention: config.tiers.retentions(),
+            objects,
+            ..StoreOptions::default()
+        },
+    )
+    .await
+    .with_context(|| format!("cannot open the job store in {}", data_dir.display()))?;
     let recovery = store.recovery().clone();
     if !recovery.requeued.is_empty() || !recovery.failed.is_empty() {
         tracing::warn!(
@@ -536,6 +548,12 @@ pub async fn run(
             None
         }
     };
+    // Retention: deletes this node's expired outputs (its own jobs and its replica copies).
+    let sweeper = crate::results::Sweeper::start(
+        crate::results::Results::new(store.clone()),
+        config.storage.sweep(),
+        crate::results::SweepClock::system(),
+    );
     let runner_stop = CancellationToken::new();
     let runner = tokio::spawn(run_jobs(Runner {
         jobs: jobs.clone(),
@@ -665,6 +683,7 @@ pub async fn run(
     if let Some(worker) = webhook_worker {
         worker.shutdown(Duration::from_secs(2)).await;
     }
+    sweeper.shutdown(Duration::from_secs(2)).await;
     notify.status("stopping ComfyUI");
     if let Err(error) = supervisor.shutdown().await {
         tracing::warn!(%error, "stopping ComfyUI");
@@ -1343,6 +1362,7 @@ pub async fn run_dev(
         },
         watermark: Default::default(),
         webhooks: Default::default(),
+        storage: Default::default(),
     };
     config.validate()?;
 
@@ -1377,11 +1397,27 @@ pub async fn run_dev(
             watermark,
             notify: options.notify,
             webhooks,
+            objects: None,
         },
         listener,
         shutdown,
     )
     .await
+}
+
+/// The bucket `[storage]` names, with its credentials (from the environment or the owner-only
+/// credentials file); `None` for `kind = "disk"`.
+fn objects_of(
+    storage: &crate::results::StorageConfig,
+) -> anyhow::Result<Option<crate::results::ObjectStorage>> {
+    if storage.kind != crate::results::StorageKind::S3 {
+        return Ok(None);
+    }
+    let credentials = storage
+        .credentials(|name| std::env::var(name).ok())
+        .map_err(|(key, message)| crate::config::ConfigError::Invalid { key, message })?;
+    crate::results::ObjectStorage::from_config(storage, credentials)
+        .map_err(|message| anyhow::anyhow!(message))
 }
 
 fn free_port() -> std::io::Result<u16> {

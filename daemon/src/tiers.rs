@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use serde::{Deserialize, Serialize};
@@ -42,6 +42,42 @@ pub struct TierPolicy {
     /// Whether outputs of this tier carry a watermark.
     #[serde(default)]
     pub watermark: bool,
+    /// How long a succeeded job's outputs are kept after it finishes, as a humantime string
+    /// (`"24h"`, `"30days"`); none means the tier's default (free 24 h, paid tiers 30 days).
+    #[serde(
+        default,
+        deserialize_with = "deserialize_retention",
+        serialize_with = "serialize_retention",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub retention: Option<Duration>,
+}
+
+/// The retention of free outputs unless configured.
+pub const FREE_RETENTION: Duration = Duration::from_secs(24 * 3600);
+/// The retention of paid tiers' outputs unless configured.
+pub const PAID_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+/// The longest retention accepted (ten years): longer values overflow nothing, but are typos.
+const MAX_RETENTION: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
+
+fn deserialize_retention<'de, D>(d: D) -> Result<Option<Duration>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text)
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
+}
+
+fn serialize_retention<S>(value: &Option<Duration>, s: S) -> Result<S::Ok, S::Error>
+where
+    S: serde::Serializer,
+{
+    match value {
+        Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+        None => s.serialize_none(),
+    }
 }
 
 /// The tier table: one [`TierPolicy`] per tier.
@@ -77,6 +113,7 @@ impl TierTable {
             monthly_fair_use: None,
             admission_max_wait_s: Some(60),
             watermark: true,
+            retention: None,
         }
     }
     fn default_premium() -> TierPolicy {
@@ -86,6 +123,7 @@ impl TierTable {
             monthly_fair_use: Some(5_000),
             admission_max_wait_s: None,
             watermark: false,
+            retention: None,
         }
     }
     fn default_pro() -> TierPolicy {
@@ -95,6 +133,7 @@ impl TierTable {
             monthly_fair_use: None,
             admission_max_wait_s: None,
             watermark: false,
+            retention: None,
         }
     }
     fn default_enterprise() -> TierPolicy {
@@ -104,6 +143,7 @@ impl TierTable {
             monthly_fair_use: None,
             admission_max_wait_s: None,
             watermark: false,
+            retention: None,
         }
     }
 
@@ -116,10 +156,35 @@ impl TierTable {
         }
     }
 
+    /// How long `tier`'s outputs are kept: its configured `retention`, else free 24 h and
+    /// paid tiers 30 days.
+    pub fn retention(&self, tier: Tier) -> Duration {
+        self.get(tier).retention.unwrap_or(match tier {
+            Tier::Free => FREE_RETENTION,
+            _ => PAID_RETENTION,
+        })
+    }
+
+    /// Every tier's retention, for the job store.
+    pub fn retentions(&self) -> Vec<(Tier, Duration)> {
+        Tier::BY_PRIORITY
+            .into_iter()
+            .map(|tier| (tier, self.retention(tier)))
+            .collect()
+    }
+
     /// Checks the table; the error names the offending key.
     pub fn validate(&self) -> Result<(), String> {
         for tier in Tier::BY_PRIORITY {
             let policy = self.get(tier);
+            if let Some(retention) = policy.retention
+                && (retention < Duration::from_secs(1) || retention > MAX_RETENTION)
+            {
+                return Err(format!(
+                    "tiers.{tier}.retention is {}; it must be between 1 second and 10 years",
+                    humantime::format_duration(retention)
+                ));
+            }
             if policy.daily_quota == Some(0) {
                 return Err(format!(
                     "tiers.{tier}.daily_quota is 0, which refuses every job; omit it for no limit"

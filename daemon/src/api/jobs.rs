@@ -264,6 +264,12 @@ async fn owned_job(state: &AppState, account: &Account, id: &str) -> Result<Job,
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub(super) struct OutputQuery {
+    redirect: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct ListQuery {
     status: Option<String>,
     limit: Option<String>,
@@ -518,20 +524,55 @@ fn json_event<T: serde::Serialize>(name: &str, data: &T) -> Event {
 
 /// `GET /v1/jobs/{id}/outputs/{index}`.
 #[utoipa::path(get, path = "/v1/jobs/{id}/outputs/{index}", tag = "jobs",
-    params(("id" = String, Path, description = "job id"), ("index" = u32, Path, description = "output index")),
+    params(("id" = String, Path, description = "job id"), ("index" = u32, Path, description = "output index"),
+           ("redirect" = Option<bool>, Query, description = "with outputs in a bucket: false streams the bytes instead of redirecting (default true)")),
     responses((status = 200, description = "the file, with its content type"),
-               (status = 404, description = "not_found", body = crate::protocol::ErrorBody)),
+               (status = 302, description = "outputs kept in a bucket: `Location` is a presigned GET URL, valid for `[storage] presign_ttl`"),
+               (status = 404, description = "not_found", body = crate::protocol::ErrorBody),
+               (status = 410, description = "gone: the output was deleted (retention or the account's request)", body = crate::protocol::ErrorBody)),
     security(("api_key" = [])))]
 pub(super) async fn output(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path((id, index)): Path<(String, String)>,
+    query: Result<Query<OutputQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let account = authenticate(&state, &headers)?;
+    let Query(query) = query.map_err(|e| {
+        ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!(
+                "bad query: {} (allowed: redirect=true|false)",
+                e.body_text()
+            ),
+        )
+    })?;
     let index: u32 = index
         .parse()
         .map_err(|_| ApiError::not_found(format!("no output {index:?} for job {id}")))?;
-    let output = state.jobs.output(&account.id, &id, index).await?;
+    let mut output = state.jobs.output(&account.id, &id, index).await?;
+    if let Some(key) = output.object_key.take() {
+        let objects = state.store.objects().ok_or_else(|| {
+            ApiError::internal(format!(
+                "output {index} of job {id} is an object in a bucket, but this node's [storage] names none"
+            ))
+        })?;
+        if query.redirect.unwrap_or(true) {
+            let url = objects
+                .presigned_get(&key)
+                .await
+                .map_err(ApiError::internal)?;
+            let mut response = Response::new(Body::empty());
+            *response.status_mut() = axum::http::StatusCode::FOUND;
+            let location = HeaderValue::from_str(&url).map_err(ApiError::internal)?;
+            response.headers_mut().insert(header::LOCATION, location);
+            response
+                .headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            return Ok(response);
+        }
+        output.bytes = objects.get(&key).await.map_err(ApiError::internal)?;
+    }
     let disposition = format!(
         "inline; filename=\"{}\"",
         output.filename.replace(['"', '\\', '\r', '\n'], "_")
@@ -550,6 +591,24 @@ pub(super) async fn output(
         headers.insert(header::ETAG, value);
     }
     Ok(response)
+}
+
+/// `DELETE /v1/jobs/{id}/outputs`: deletes a finished job's output files on every node that
+/// holds them; the job itself stays, with `outputs_deleted` set. Deleting again is fine.
+#[utoipa::path(delete, path = "/v1/jobs/{id}/outputs", tag = "jobs",
+    params(("id" = String, Path, description = "job id")),
+    responses((status = 204, description = "the outputs are deleted"),
+               (status = 404, description = "not_found", body = crate::protocol::ErrorBody),
+               (status = 409, description = "conflict: the job is not finished", body = crate::protocol::ErrorBody)),
+    security(("api_key" = [])))]
+pub(super) async fn delete_outputs(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<axum::http::StatusCode, ApiError> {
+    let account = authenticate(&state, &headers)?;
+    state.jobs.delete_outputs(&account.id, &id).await?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
 }
 
 #[cfg(test)]

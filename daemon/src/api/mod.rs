@@ -61,6 +61,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs", get(jobs::list).post(jobs::submit))
         .route("/v1/jobs/{id}", get(jobs::get_job).delete(jobs::cancel))
         .route("/v1/jobs/{id}/events", get(jobs::events))
+        .route(
+            "/v1/jobs/{id}/outputs",
+            axum::routing::delete(jobs::delete_outputs),
+        )
         .route("/v1/jobs/{id}/outputs/{index}", get(jobs::output))
         .route("/v1/cluster", get(cluster::view))
         .route("/v1/admin/drain", axum::routing::post(cluster::drain))

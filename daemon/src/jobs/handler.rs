@@ -111,17 +111,32 @@ async fn handle(
             outputs,
         } => {
             let job = job_from_wire(*job, Some(peer)).map_err(bad)?;
+            let stored = !outputs.is_empty() && outputs.iter().all(|o| o.key.is_some());
             let files = match upload {
-                Some(upload) if !outputs.is_empty() => {
+                Some(upload) if !outputs.is_empty() && !stored => {
                     inner.uploads.take(&upload, &outputs).map_err(bad)?
                 }
                 _ => Vec::new(),
             };
-            match inner.store.put_replica(&job, peer, files.clone()).await {
+            let put = if stored {
+                let objects = super::outputs::stored_outputs(&outputs);
+                inner.store.put_replica_stored(&job, peer, objects).await
+            } else {
+                inner.store.put_replica(&job, peer, files.clone()).await
+            };
+            match put {
                 Ok(_) => Ok(JobResponse::Done),
                 Err(StoreError::Conflict { .. }) if job.status.is_final() => {
                     // This node took the job over from the sender, whose runner has since
                     // finished it: that is the job's final result (unless one came first).
+                    let files = if stored {
+                        // The sender's objects: read them back, to be stored as ours.
+                        super::outputs::read_objects(inner, &outputs)
+                            .await
+                            .map_err(internal)?
+                    } else {
+                        files
+                    };
                     let outcome = match job.status {
                         JobStatus::Succeeded => Outcome::Succeeded { outputs: files },
                         JobStatus::Failed => {
@@ -307,6 +322,31 @@ async fn handle(
                 Err(error) => Ok(JobResponse::Refused(wire_refusal(&error))),
             }
         }
+        JobRequest::DeleteOutputs { id, account } => {
+            let owned = match inner.store.get(&id).await.map_err(internal)? {
+                Some(job) if job.role == JobRole::Owner && job.account == account => Some(job),
+                _ => None,
+            };
+            let Some(job) = owned else {
+                let refusal = ApiError::not_found(format!("no job {id:?} for this account"));
+                return Ok(JobResponse::Refused(wire_refusal(&refusal)));
+            };
+            match inner.delete_outputs_owned(&job).await {
+                Ok(()) => Ok(JobResponse::Done),
+                Err(error) => Ok(JobResponse::Refused(wire_refusal(&error))),
+            }
+        }
+        JobRequest::DropOutputs {
+            job_id,
+            reason,
+            at_ms,
+        } => match inner
+            .drop_outputs_of_copy(peer, &job_id, reason, at_ms)
+            .await
+        {
+            Ok(()) => Ok(JobResponse::Done),
+            Err(error) => Ok(JobResponse::Refused(wire_refusal(&error))),
+        },
         JobRequest::Interrupt { job_id } => {
             if !inner.live.cancel_if_running(&job_id) {
                 tracing::debug!(job = %job_id, owner = %peer, "asked to interrupt a job that does not run here");

@@ -25,6 +25,7 @@
 //! the job, and never let a stale attempt undo a final result.
 
 mod handler;
+mod outputs;
 mod transfer;
 
 use std::collections::{HashMap, HashSet};
@@ -207,6 +208,8 @@ impl std::fmt::Debug for Jobs {
 pub(crate) struct Inner {
     name: String,
     store: JobStore,
+    /// Deletes outputs (on request, see [`outputs`]).
+    results: crate::results::Results,
     live: Arc<Live>,
     metrics: Arc<Metrics>,
     cluster: Option<Arc<Cluster>>,
@@ -267,6 +270,7 @@ impl Jobs {
             .collect();
         let inner = Arc::new(Inner {
             name,
+            results: crate::results::Results::new(store.clone()),
             store,
             live,
             metrics,
@@ -649,6 +653,11 @@ impl Jobs {
         }
     }
 
+    /// Deletes a final job's outputs wherever it is owned (and the replica's copies).
+    pub async fn delete_outputs(&self, account: &str, id: &str) -> Result<(), ApiError> {
+        self.inner.delete_outputs(account, id).await
+    }
+
     /// An output file of a job, from wherever it is stored.
     pub async fn output(
         &self,
@@ -679,7 +688,10 @@ impl Jobs {
             match transfer::fetch_output(inner, addr, id, account, index).await {
                 Ok(Some(file)) => return Ok(file),
                 Ok(None) => {}
-                Err(error) => tracing::debug!(member = %name, %error, "fetching an output"),
+                Err(transfer::FetchError::Refused(error)) => return Err(error),
+                Err(transfer::FetchError::Failed(error)) => {
+                    tracing::debug!(member = %name, %error, "fetching an output")
+                }
             }
         }
         Err(ApiError::not_found(format!(
@@ -2098,6 +2110,9 @@ fn job_from_wire(wire: WireJob, owner: Option<&str>) -> Result<Job, String> {
         replica: wire.replica,
         lease_holder: wire.lease_holder,
         throttled: wire.throttled,
+        // The receiving store keeps its own retention state (stamped from the finish time).
+        outputs_expire_at_ms: None,
+        outputs_deleted: None,
     })
 }
 

@@ -35,7 +35,11 @@ pub struct OutputFile {
     pub filename: String,
     pub content_type: String,
     pub sha256: Option<String>,
+    /// The content; empty when `object_key` is set.
     pub bytes: Vec<u8>,
+    /// The object in the cluster's bucket that holds the content (`[storage] kind = "s3"`): the
+    /// API answers with a presigned URL or reads it from there.
+    pub object_key: Option<String>,
 }
 
 #[derive(Debug)]
@@ -206,6 +210,7 @@ async fn upload(
             bytes: total,
             sha256: hex::encode(Sha256::digest(bytes)),
             watermark: file.watermark.clone(),
+            key: None,
         });
     }
     Ok(named)
@@ -289,12 +294,29 @@ pub(crate) async fn replicate_with_outputs(
 ) -> Result<(), String> {
     let mut upload_id = None;
     let mut named = Vec::new();
-    if job.status == crate::protocol::JobStatus::Succeeded {
+    // Outputs already deleted are not sent: the copy gets the job without them.
+    if job.status == crate::protocol::JobStatus::Succeeded && job.outputs_deleted.is_none() {
         let stored = inner
             .store
             .outputs(&job.id)
             .await
             .map_err(|e| e.to_string())?;
+        if !stored.is_empty() && stored.iter().all(|o| o.key.is_some()) {
+            // Objects in the bucket: the replica records the same keys, nothing is uploaded.
+            let named = stored
+                .iter()
+                .map(|o| WireOutput {
+                    index: o.index,
+                    filename: o.filename.clone(),
+                    content_type: o.content_type.clone(),
+                    bytes: o.bytes,
+                    sha256: o.sha256.clone(),
+                    watermark: o.watermark.clone(),
+                    key: o.key.clone(),
+                })
+                .collect();
+            return inner.replicate_to(replica, job, None, named).await;
+        }
         if !stored.is_empty() {
             let addr = inner
                 .addr_of(replica)
@@ -332,12 +354,25 @@ pub(crate) async fn read_local(
     let Some(output) = outputs.into_iter().find(|o| o.index == index) else {
         return Ok(None);
     };
+    if let Some(deleted) = job.outputs_deleted {
+        return Err(super::outputs::gone(&job.id, index, deleted));
+    }
+    if output.key.is_some() {
+        return Ok(Some(OutputFile {
+            filename: output.filename,
+            content_type: output.content_type,
+            sha256: Some(output.sha256),
+            bytes: Vec::new(),
+            object_key: output.key,
+        }));
+    }
     let bytes = read_file(store, &output).await?;
     Ok(Some(OutputFile {
         filename: output.filename,
         content_type: output.content_type,
         sha256: Some(output.sha256),
         bytes,
+        object_key: None,
     }))
 }
 
@@ -372,6 +407,19 @@ pub(crate) async fn read_piece(
         .into_iter()
         .find(|o| o.index == index)
         .ok_or_else(|| format!("job {id} has no output {index} here"))?;
+    if let Some(deleted) = job.outputs_deleted {
+        let error = super::outputs::gone(&job.id, index, deleted);
+        return Ok(JobResponse::Refused(super::wire_refusal(&error)));
+    }
+    if output.key.is_some() {
+        return Ok(JobResponse::OutputPiece {
+            content_type: output.content_type,
+            filename: output.filename,
+            total: output.bytes,
+            data: Vec::new(),
+            key: output.key,
+        });
+    }
     let path = inner.store.output_path(&output);
     let data = read_range(&path, offset, OUTPUT_CHUNK_BYTES)
         .await
@@ -381,6 +429,7 @@ pub(crate) async fn read_piece(
         filename: output.filename,
         total: output.bytes,
         data,
+        key: None,
     })
 }
 
@@ -394,6 +443,21 @@ async fn read_range(path: &std::path::Path, offset: u64, max: usize) -> std::io:
     Ok(data)
 }
 
+/// Why a member did not send an output.
+#[derive(Debug)]
+pub(crate) enum FetchError {
+    /// An answer for the user (e.g. the output was deleted: `gone`).
+    Refused(ApiError),
+    /// The member could not be asked, or answered nonsense.
+    Failed(String),
+}
+
+impl From<String> for FetchError {
+    fn from(error: String) -> Self {
+        FetchError::Failed(error)
+    }
+}
+
 /// Reads a whole output from the member at `addr`, chunk by chunk.
 pub(crate) async fn fetch_output(
     inner: &Inner,
@@ -401,7 +465,7 @@ pub(crate) async fn fetch_output(
     id: &str,
     account: &str,
     index: u32,
-) -> Result<Option<OutputFile>, String> {
+) -> Result<Option<OutputFile>, FetchError> {
     let mut bytes = Vec::new();
     let mut meta = None;
     // Bounded: every round adds a non-empty chunk or ends.
@@ -416,11 +480,26 @@ pub(crate) async fn fetch_output(
             Ok(JobResponse::OutputPiece {
                 content_type,
                 filename,
+                key: Some(key),
+                ..
+            }) => {
+                return Ok(Some(OutputFile {
+                    filename,
+                    content_type,
+                    sha256: None,
+                    bytes: Vec::new(),
+                    object_key: Some(key),
+                }));
+            }
+            Ok(JobResponse::OutputPiece {
+                content_type,
+                filename,
                 total,
                 data,
+                key: None,
             }) => {
                 if total > MAX_UPLOAD_BYTES {
-                    return Err(format!("an output of {total} bytes is over the limit"));
+                    return Err(format!("an output of {total} bytes is over the limit").into());
                 }
                 let empty = data.is_empty();
                 bytes.extend_from_slice(&data);
@@ -429,14 +508,19 @@ pub(crate) async fn fetch_output(
                     break;
                 }
                 if empty {
-                    return Err("the member sent an empty piece before the end".to_string());
+                    return Err("the member sent an empty piece before the end"
+                        .to_string()
+                        .into());
                 }
             }
-            Ok(other) => return Err(format!("unexpected answer {other:?}")),
+            Ok(JobResponse::Refused(refusal)) => {
+                return Err(FetchError::Refused(super::refusal_error(refusal)));
+            }
+            Ok(other) => return Err(format!("unexpected answer {other:?}").into()),
             Err(RpcError::Remote(error)) if error.kind == PeerErrorKind::NotFound => {
                 return Ok(None);
             }
-            Err(error) => return Err(error.to_string()),
+            Err(error) => return Err(error.to_string().into()),
         }
     }
     let Some((filename, content_type)) = meta else {
@@ -447,5 +531,6 @@ pub(crate) async fn fetch_output(
         content_type,
         sha256: None,
         bytes,
+        object_key: None,
     }))
 }

@@ -17,7 +17,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::{ErrorCode, JobError, JobStatus, JobView, Progress, Tier, WatermarkStatus};
+use crate::protocol::{
+    DeleteReason, ErrorCode, JobError, JobStatus, JobView, Progress, Tier, WatermarkStatus,
+};
 
 /// How much of an output one `PutOutput` or `ReadOutput` answer carries.
 pub const OUTPUT_CHUNK_BYTES: usize = 1024 * 1024;
@@ -129,6 +131,16 @@ pub enum JobRequest {
     /// Every account's usage per UTC day in `[from_day, to_day)` that the receiver counted as
     /// owner. Answer: `Usage`.
     OwnerUsage { from_day: i64, to_day: i64 },
+    /// Delete the outputs of a finished job the receiver owns (and its replica's copies).
+    /// Answer: `Done` or `Refused`.
+    DeleteOutputs { id: String, account: String },
+    /// The sender owns this job and deleted its outputs: delete the receiver's copies and
+    /// record the same deletion. Answer: `Done` or `Refused`.
+    DropOutputs {
+        job_id: String,
+        reason: DeleteReason,
+        at_ms: i64,
+    },
     /// The sender has queued work and the receiver looked idle: pull now. Answer: `Done`.
     Nudge {
         /// The best tier waiting at the sender.
@@ -206,6 +218,10 @@ pub enum JobResponse {
         total: u64,
         #[serde(with = "serde_bytes_compat")]
         data: Vec<u8>,
+        /// Set (with no data) when the output is an object in the cluster's bucket: the reader
+        /// fetches or presigns it there.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        key: Option<String>,
     },
 }
 
@@ -300,6 +316,10 @@ pub struct WireOutput {
     pub sha256: String,
     #[serde(default)]
     pub watermark: Option<WatermarkStatus>,
+    /// The object's key in the cluster's bucket when the output is kept there (nothing was
+    /// uploaded to the receiver then); absent from older members.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 /// How a leased attempt ended.

@@ -157,6 +157,8 @@ pub enum ErrorCode {
     PayloadTooLarge,
     NotFound,
     Conflict,
+    /// The thing existed but was deleted (an output removed by retention or by its owner).
+    Gone,
     QuotaExceeded,
     Busy,
     Unavailable,
@@ -174,6 +176,7 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::NotFound => "not_found",
             ErrorCode::Conflict => "conflict",
+            ErrorCode::Gone => "gone",
             ErrorCode::QuotaExceeded => "quota_exceeded",
             ErrorCode::Busy => "busy",
             ErrorCode::Unavailable => "unavailable",
@@ -190,6 +193,7 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::NotFound => 404,
             ErrorCode::Conflict => 409,
+            ErrorCode::Gone => 410,
             ErrorCode::QuotaExceeded => 429,
             ErrorCode::Busy | ErrorCode::Unavailable => 503,
             ErrorCode::Internal => 500,
@@ -357,6 +361,58 @@ pub struct JobView {
     /// Set when the job waits at a lower priority than its tier's (premium fair use passed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub throttled: Option<Throttled>,
+    /// When the retention of the job's tier deletes its outputs (RFC 3339), while they exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outputs_expire_at: Option<String>,
+    /// Set once the job's output files are deleted; `outputs` still names them, and fetching
+    /// one answers 410 `gone`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outputs_deleted: Option<OutputsDeleted>,
+}
+
+/// When and why a job's output files were deleted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct OutputsDeleted {
+    /// RFC 3339.
+    pub at: String,
+    pub reason: DeleteReason,
+}
+
+/// Why a job's outputs were deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DeleteReason {
+    /// The tier's retention period passed.
+    Retention,
+    /// The job's account asked (`DELETE /v1/jobs/{id}/outputs`).
+    User,
+}
+
+impl DeleteReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeleteReason::Retention => "retention",
+            DeleteReason::User => "user",
+        }
+    }
+}
+
+impl FromStr for DeleteReason {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "retention" => Ok(DeleteReason::Retention),
+            "user" => Ok(DeleteReason::User),
+            other => Err(format!("unknown deletion reason {other:?}")),
+        }
+    }
+}
+
+impl fmt::Display for DeleteReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Why a job is served at a lower priority than its tier's.

@@ -38,7 +38,8 @@ use std::path::PathBuf;
 use serde_json::Value;
 
 use crate::protocol::{
-    JobError, JobStatus, JobView, OutputView, Throttled, Tier, WatermarkStatus, rfc3339_ms,
+    DeleteReason, JobError, JobStatus, JobView, OutputView, OutputsDeleted, Throttled, Tier,
+    WatermarkStatus, rfc3339_ms,
 };
 
 pub use outbox::{Attempted, OutboxRow, OutboxState};
@@ -156,6 +157,11 @@ pub struct Job {
     /// Why the job waits at free priority instead of its tier's (premium fair use passed);
     /// decided at submission by the owner and kept with the job.
     pub throttled: Option<String>,
+    /// Unix ms when retention deletes the outputs of a succeeded job (its finish time plus its
+    /// tier's retention, see [`StoreOptions::retention`]); `None` when kept for good.
+    pub outputs_expire_at_ms: Option<i64>,
+    /// When and why this store deleted the job's output files.
+    pub outputs_deleted: Option<(i64, DeleteReason)>,
 }
 
 impl Job {
@@ -198,6 +204,14 @@ impl Job {
                 reason: reason.clone(),
                 priority: Tier::Free,
             }),
+            outputs_expire_at: self
+                .outputs_expire_at_ms
+                .filter(|_| self.outputs_deleted.is_none())
+                .map(rfc3339_ms),
+            outputs_deleted: self.outputs_deleted.map(|(at_ms, reason)| OutputsDeleted {
+                at: rfc3339_ms(at_ms),
+                reason,
+            }),
         }
     }
 }
@@ -227,6 +241,9 @@ pub struct Output {
     /// Hex SHA-256 of the content.
     pub sha256: String,
     pub watermark: Option<WatermarkStatus>,
+    /// The object's key when the output is kept in the bucket (`[storage] kind = "s3"`);
+    /// `path` is empty then.
+    pub key: Option<String>,
 }
 
 impl Output {
@@ -397,6 +414,9 @@ pub enum StoreError {
         "job store schema version {found} is newer than this kilnd supports ({supported}); upgrade kilnd"
     )]
     SchemaTooNew { found: i64, supported: i64 },
+    /// The bucket that keeps outputs refused or failed an operation.
+    #[error("output storage: {0}")]
+    Objects(String),
     #[error("{context}: {source}")]
     Io {
         context: String,

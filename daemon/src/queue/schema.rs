@@ -147,6 +147,45 @@ pub const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX webhook_outbox_due ON webhook_outbox (next_at) WHERE state = 'due';
     "#,
+    // 6: output retention and deletion. `retention_policy` holds how long each tier's outputs
+    // are kept (rewritten from the config each time the store opens; a tier without a row keeps
+    // them for good). The triggers stamp `outputs_expire_at` (finish time + retention) whenever
+    // a row is stored or changes status or finish time, so every path that finishes a job or
+    // copies a finished one (owner, replica, adoption) gets it without code of its own.
+    // `outputs_deleted_at`/`_reason` record that the files (or objects) are gone.
+    r#"
+    CREATE TABLE retention_policy (
+        tier     INTEGER PRIMARY KEY CHECK (tier BETWEEN 0 AND 3),
+        keep_ms  INTEGER NOT NULL CHECK (keep_ms >= 0)
+    );
+    ALTER TABLE jobs ADD COLUMN outputs_expire_at INTEGER;
+    ALTER TABLE jobs ADD COLUMN outputs_deleted_at INTEGER;
+    ALTER TABLE jobs ADD COLUMN outputs_deleted_reason TEXT
+        CHECK (outputs_deleted_reason IN ('retention', 'user'));
+    CREATE INDEX jobs_outputs_expiry ON jobs (outputs_expire_at)
+        WHERE outputs_expire_at IS NOT NULL AND outputs_deleted_at IS NULL;
+    CREATE TRIGGER jobs_outputs_expiry_insert AFTER INSERT ON jobs
+    BEGIN
+        UPDATE jobs SET outputs_expire_at = CASE
+            WHEN NEW.status = 'succeeded' AND NEW.finished_at IS NOT NULL
+            THEN NEW.finished_at + (SELECT keep_ms FROM retention_policy WHERE tier = NEW.tier)
+        END
+        WHERE seq = NEW.seq;
+    END;
+    CREATE TRIGGER jobs_outputs_expiry_update AFTER UPDATE OF status, finished_at ON jobs
+    BEGIN
+        UPDATE jobs SET outputs_expire_at = CASE
+            WHEN NEW.status = 'succeeded' AND NEW.finished_at IS NOT NULL
+            THEN NEW.finished_at + (SELECT keep_ms FROM retention_policy WHERE tier = NEW.tier)
+        END
+        WHERE seq = NEW.seq;
+    END;
+    "#,
+    // 7: outputs kept as objects in an S3-compatible bucket: the object's key (NULL for a file
+    // in the data dir, whose `path` is then the file's).
+    r#"
+    ALTER TABLE outputs ADD COLUMN object_key TEXT;
+    "#,
 ];
 
 /// The schema version this code writes.

@@ -22,7 +22,8 @@ use super::{
     CancelOutcome, Finished, Job, JobChange, JobEvent, NewJob, NewOutput, Outcome, Output,
     QueueSummary, Quota, RecoveryReport, StoreError, Submitted, Usage, schema,
 };
-use crate::protocol::{JobError, JobStatus, Tier, WatermarkStatus};
+use crate::protocol::{DeleteReason, JobError, JobStatus, Tier, WatermarkStatus};
+use crate::results::objects::ObjectStorage;
 
 /// The database file inside the data dir.
 pub const DB_FILE: &str = "kiln-jobs.sqlite3";
@@ -49,6 +50,12 @@ pub struct StoreOptions {
     pub change_capacity: usize,
     /// The clock (unix ms); the system clock by default.
     pub clock: Clock,
+    /// How long each tier's outputs are kept after the job finishes; a tier not listed keeps
+    /// them for good (the default: none listed). Written to the store at open, where it
+    /// stamps the expiry of every succeeded job whose outputs still exist.
+    pub retention: Vec<(Tier, Duration)>,
+    /// The bucket outputs go to (`[storage] kind = "s3"`); none: files in the data dir.
+    pub objects: Option<ObjectStorage>,
 }
 
 impl std::fmt::Debug for StoreOptions {
@@ -58,6 +65,8 @@ impl std::fmt::Debug for StoreOptions {
             .field("channel_capacity", &self.channel_capacity)
             .field("read_connections", &self.read_connections)
             .field("change_capacity", &self.change_capacity)
+            .field("retention", &self.retention)
+            .field("objects", &self.objects)
             .finish_non_exhaustive()
     }
 }
@@ -80,6 +89,8 @@ impl Default for StoreOptions {
             read_connections: 4,
             change_capacity: 4096,
             clock: system_clock(),
+            retention: Vec::new(),
+            objects: None,
         }
     }
 }
@@ -131,6 +142,7 @@ struct Inner {
     reads: ReadPool,
     recovery: RecoveryReport,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    objects: Option<ObjectStorage>,
 }
 
 /// The handle on a node's job store. Clone it freely; the writer stops when the last clone is
@@ -177,6 +189,7 @@ impl JobStore {
         if from != to {
             tracing::info!(from, to, path = %db_path.display(), "job store: schema migrated");
         }
+        write_retention(&mut conn, &opts.retention)?;
         let (changes, _) = broadcast::channel(opts.change_capacity.max(1));
         let shared = Arc::new(Shared {
             state: Mutex::new(MemState::default()),
@@ -214,6 +227,7 @@ impl JobStore {
                 reads,
                 recovery,
                 writer: Mutex::new(Some(handle)),
+                objects: opts.objects,
             }),
         })
     }
@@ -221,6 +235,16 @@ impl JobStore {
     /// What opening did about jobs that were running when the process stopped.
     pub fn recovery(&self) -> &RecoveryReport {
         &self.inner.recovery
+    }
+
+    /// The bucket outputs are kept in, if any (`[storage] kind = "s3"`).
+    pub fn objects(&self) -> Option<&ObjectStorage> {
+        self.inner.objects.as_ref()
+    }
+
+    /// Now by the store's clock (unix ms), as it stamps its rows.
+    pub fn now_ms(&self) -> i64 {
+        self.inner.shared.now()
     }
 
     /// The data dir (output paths are relative to it).
@@ -401,7 +425,7 @@ impl JobStore {
             Outcome::Requeue { reason } => FinishOp::Requeue(reason),
         };
         let written = match &op {
-            FinishOp::Succeeded(outputs) => outputs.iter().map(|o| o.path.clone()).collect(),
+            FinishOp::Succeeded(outputs) => outputs.clone(),
             _ => Vec::new(),
         };
         let id = id.to_string();
@@ -480,7 +504,7 @@ impl JobStore {
                 written = self.write_outputs(&copy.id, outputs, Some(prefix)).await?;
             }
         }
-        let paths: Vec<PathBuf> = written.iter().map(|o| o.path.clone()).collect();
+        let unrecorded = written.clone();
         let owner = owner.to_string();
         let copy = Box::new(copy.clone());
         let result = self
@@ -498,9 +522,49 @@ impl JobStore {
             Err(_) => false,
         };
         if !recorded {
-            self.remove_files(paths).await;
+            self.remove_files(unrecorded).await;
         }
         result.map(|(job, _)| job)
+    }
+
+    /// [`JobStore::put_replica`] for a copy whose outputs are objects in the bucket the owner
+    /// put them in: the rows record the same keys (nothing is uploaded or written here).
+    pub async fn put_replica_stored(
+        &self,
+        copy: &Job,
+        owner: &str,
+        outputs: Vec<Output>,
+    ) -> Result<Job, StoreError> {
+        validate_fields(
+            &copy.id,
+            &copy.account,
+            copy.idempotency_key.as_deref(),
+            copy.max_attempts,
+        )?;
+        validate_member(owner, "owner")?;
+        if outputs.iter().any(|o| o.key.is_none()) {
+            return Err(StoreError::Invalid(format!(
+                "job {}: a stored copy's outputs must all be objects",
+                copy.id
+            )));
+        }
+        let encoded = encode(&copy.workflow, copy.metadata.as_ref())?;
+        let outputs = if copy.status == JobStatus::Succeeded {
+            outputs
+        } else {
+            Vec::new()
+        };
+        let owner = owner.to_string();
+        let copy = Box::new(copy.clone());
+        self.request(|reply| Request::PutReplica {
+            copy,
+            encoded,
+            owner,
+            outputs,
+            reply,
+        })
+        .await
+        .map(|(job, _)| job)
     }
 
     /// Takes over the jobs of `owner` (a member that died): every replica row it owns becomes
@@ -581,6 +645,90 @@ impl JobStore {
         self.request(|reply| Request::DropCopy { id, reply }).await
     }
 
+    /// Succeeded jobs (owner rows and replica copies) whose outputs expired at `now_ms` and
+    /// are not deleted yet, soonest expiry first; at most `limit`.
+    pub async fn expired_outputs(&self, now_ms: i64, limit: usize) -> Result<Vec<Job>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |conn, path| {
+            load_jobs(
+                conn,
+                path,
+                "outputs_expire_at IS NOT NULL AND outputs_deleted_at IS NULL
+                 AND outputs_expire_at <= ?1 ORDER BY outputs_expire_at LIMIT ?2",
+                params![now_ms, limit],
+            )
+        })
+        .await
+    }
+
+    /// Records that a final job's output files are deleted, `reason` at `at_ms`. Remove the
+    /// files first ([`JobStore::remove_output_files`]): a crash between the two leaves a row
+    /// that the next attempt deletes again, never a recorded deletion with files left behind.
+    /// Safe to repeat (the first deletion is kept); a job that is not final is
+    /// [`StoreError::Conflict`], an unknown one [`StoreError::NotFound`].
+    pub async fn mark_outputs_deleted(
+        &self,
+        id: &str,
+        reason: DeleteReason,
+        at_ms: i64,
+    ) -> Result<Job, StoreError> {
+        let id = id.to_string();
+        self.request(|reply| Request::OutputsDeleted {
+            id,
+            reason,
+            at_ms,
+            reply,
+        })
+        .await
+    }
+
+    /// Removes the stored files of `outputs` (those already gone are fine), then the job's
+    /// output folder when that leaves it empty.
+    pub async fn remove_output_files(
+        &self,
+        id: &str,
+        outputs: &[Output],
+    ) -> Result<(), StoreError> {
+        for key in outputs.iter().filter_map(|o| o.key.as_deref()) {
+            let objects = self.inner.objects.as_ref().ok_or_else(|| {
+                StoreError::Invalid(format!(
+                    "job {id}: output object {key} is in a bucket, but [storage] names none"
+                ))
+            })?;
+            objects.delete(key).await.map_err(StoreError::Objects)?;
+        }
+        let data_dir = self.inner.shared.data_dir.clone();
+        let paths: Vec<PathBuf> = outputs
+            .iter()
+            .filter(|o| o.key.is_none())
+            .map(|o| data_dir.join(&o.path))
+            .collect();
+        let job_dir = data_dir.join(OUTPUTS_DIR).join(id);
+        tokio::task::spawn_blocking(move || {
+            for path in paths {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(StoreError::Io {
+                            context: format!("removing the output file {}", path.display()),
+                            source: e,
+                        });
+                    }
+                }
+            }
+            // Only an empty folder goes: a failed attempt's leftovers are not ours to judge.
+            if let Err(e) = std::fs::remove_dir(&job_dir)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::debug!(dir = %job_dir.display(), error = %e, "keeping a job's output folder");
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| StoreError::WriterGone(format!("removing outputs panicked: {e}")))?
+    }
+
     /// Writes output files on a blocking thread (see [`write_outputs`]).
     async fn write_outputs(
         &self,
@@ -588,6 +736,9 @@ impl JobStore {
         outputs: Vec<NewOutput>,
         prefix: Option<String>,
     ) -> Result<Vec<Output>, StoreError> {
+        if let Some(objects) = &self.inner.objects {
+            return put_objects(objects, id, outputs, prefix.as_deref()).await;
+        }
         let data_dir = self.inner.shared.data_dir.clone();
         let job_id = id.to_string();
         tokio::task::spawn_blocking(move || {
@@ -597,16 +748,25 @@ impl JobStore {
         .map_err(|e| StoreError::WriterGone(format!("writing outputs panicked: {e}")))?
     }
 
-    /// Removes output files that were written but not recorded. A file that cannot be removed
-    /// is only logged: it is unreferenced, and nothing serves it.
-    async fn remove_files(&self, paths: Vec<PathBuf>) {
-        if paths.is_empty() {
+    /// Removes outputs that were written (or uploaded) but not recorded. One that cannot be
+    /// removed is only logged: it is unreferenced, and nothing serves it.
+    async fn remove_files(&self, outputs: Vec<Output>) {
+        if outputs.is_empty() {
             return;
+        }
+        let (objects, files): (Vec<Output>, Vec<Output>) =
+            outputs.into_iter().partition(|o| o.key.is_some());
+        if let Some(store) = &self.inner.objects {
+            for key in objects.iter().filter_map(|o| o.key.as_deref()) {
+                if let Err(error) = store.delete(key).await {
+                    tracing::warn!(%key, %error, "job store: cannot delete an unrecorded output object");
+                }
+            }
         }
         let data_dir = self.inner.shared.data_dir.clone();
         let removed = tokio::task::spawn_blocking(move || {
-            for rel in paths {
-                let path = data_dir.join(&rel);
+            for output in files {
+                let path = data_dir.join(&output.path);
                 match std::fs::remove_file(&path) {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -668,7 +828,8 @@ impl JobStore {
         self.read(move |conn, _| {
             let mut st = conn
                 .prepare_cached(
-                    "SELECT idx, filename, content_type, bytes, path, sha256, watermark
+                    "SELECT idx, filename, content_type, bytes, path, sha256, watermark,
+                         object_key
                      FROM outputs WHERE job_id = ?1 ORDER BY idx",
                 )
                 .map_err(StoreError::sqlite("reading outputs"))?;
@@ -684,6 +845,7 @@ impl JobStore {
                         watermark: row
                             .get::<_, Option<String>>(6)?
                             .map(|text| WatermarkStatus::from_text(&text)),
+                        key: row.get(7)?,
                     })
                 })
                 .map_err(StoreError::sqlite("reading outputs"))?;
@@ -1001,6 +1163,83 @@ fn safe_filename(name: &str) -> String {
     safe
 }
 
+/// Replaces the stored retention policy and re-stamps the expiry of every succeeded job whose
+/// outputs still exist, so a changed retention applies to jobs that finished before it.
+fn write_retention(
+    conn: &mut Connection,
+    retention: &[(Tier, Duration)],
+) -> Result<(), StoreError> {
+    let tx = conn
+        .transaction()
+        .map_err(StoreError::sqlite("writing the retention policy"))?;
+    tx.execute("DELETE FROM retention_policy", [])
+        .map_err(StoreError::sqlite("writing the retention policy"))?;
+    for (tier, keep) in retention {
+        let keep_ms = i64::try_from(keep.as_millis()).map_err(|_| {
+            StoreError::Invalid(format!("the retention of tier {tier} is too long"))
+        })?;
+        tx.execute(
+            "INSERT OR REPLACE INTO retention_policy (tier, keep_ms) VALUES (?1, ?2)",
+            params![tier.rank(), keep_ms],
+        )
+        .map_err(StoreError::sqlite("writing the retention policy"))?;
+    }
+    tx.execute(
+        "UPDATE jobs SET outputs_expire_at =
+             finished_at + (SELECT keep_ms FROM retention_policy WHERE tier = jobs.tier)
+         WHERE status = 'succeeded' AND finished_at IS NOT NULL AND outputs_deleted_at IS NULL",
+        [],
+    )
+    .map_err(StoreError::sqlite("stamping output expiry"))?;
+    tx.commit()
+        .map_err(StoreError::sqlite("writing the retention policy"))
+}
+
+/// Uploads a job's outputs to the bucket as `<prefix>/<job id>/<index>-<safe filename>` (with
+/// a `tag`: `<prefix>/<job id>/<tag>-<index>-<safe filename>`, so that a result racing another
+/// attempt's never replaces the winner's objects). Returns the outputs with their keys; the
+/// first failed upload fails the whole call and deletes the objects it already put (the caller
+/// records nothing then).
+async fn put_objects(
+    objects: &ObjectStorage,
+    job_id: &str,
+    outputs: Vec<NewOutput>,
+    tag: Option<&str>,
+) -> Result<Vec<Output>, StoreError> {
+    let mut stored = Vec::with_capacity(outputs.len());
+    for (i, out) in outputs.into_iter().enumerate() {
+        let index =
+            u32::try_from(i).map_err(|_| StoreError::Invalid("too many outputs".to_string()))?;
+        let name = match tag {
+            Some(tag) => format!("{tag}-{index}-{}", safe_filename(&out.filename)),
+            None => format!("{index}-{}", safe_filename(&out.filename)),
+        };
+        let key = objects.key(job_id, &name);
+        let bytes = out.bytes.len() as u64;
+        let sha256 = hex::encode(Sha256::digest(&out.bytes));
+        if let Err(error) = objects.put(&key, out.bytes).await {
+            // Nothing will record the ones already put: take them back (best effort).
+            for key in stored.iter().filter_map(|o: &Output| o.key.as_deref()) {
+                if let Err(error) = objects.delete(key).await {
+                    tracing::warn!(%key, %error, "job store: cannot delete an unrecorded output object");
+                }
+            }
+            return Err(StoreError::Objects(error));
+        }
+        stored.push(Output {
+            index,
+            filename: out.filename,
+            content_type: out.content_type,
+            bytes,
+            path: PathBuf::new(),
+            sha256,
+            watermark: out.watermark,
+            key: Some(key),
+        });
+    }
+    Ok(stored)
+}
+
 fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
@@ -1046,6 +1285,7 @@ fn write_outputs(
             path: rel_dir.join(&name),
             sha256: hex::encode(Sha256::digest(&out.bytes)),
             watermark: out.watermark,
+            key: None,
         });
     }
     fsync_dir(&dir)?;
@@ -1055,7 +1295,8 @@ fn write_outputs(
 
 const JOB_COLUMNS: &str = "id, seq, account, tier, status, workflow, webhook, metadata, \
      idempotency_key, body_hash, created_at, started_at, finished_at, attempts, max_attempts, error, \
-     role, owner, replica, lease_holder, throttled";
+     role, owner, replica, lease_holder, throttled, outputs_expire_at, outputs_deleted_at, \
+     outputs_deleted_reason";
 
 /// The cluster columns of a row: role, owner, replica, lease holder.
 type RawCluster = (
@@ -1065,6 +1306,9 @@ type RawCluster = (
     Option<String>,
     Option<String>,
 );
+
+/// The output retention columns of a row: expiry, deletion time and reason.
+type RawRetention = (Option<i64>, Option<i64>, Option<String>);
 
 type RawJob = (
     String,
@@ -1084,6 +1328,7 @@ type RawJob = (
     i64,
     Option<String>,
     RawCluster,
+    RawRetention,
 );
 
 fn raw_job(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawJob> {
@@ -1111,6 +1356,7 @@ fn raw_job(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawJob> {
             row.get(19)?,
             row.get(20)?,
         ),
+        (row.get(21)?, row.get(22)?, row.get(23)?),
     ))
 }
 
@@ -1163,7 +1409,18 @@ fn job_from_raw(raw: RawJob, path: &Path) -> Result<Job, StoreError> {
         max_attempts,
         error,
         (role, owner, replica, lease_holder, throttled),
+        (outputs_expire_at_ms, deleted_at, deleted_reason),
     ) = raw;
+    let outputs_deleted = match (deleted_at, deleted_reason) {
+        (Some(at), Some(reason)) => {
+            let reason = reason.parse().map_err(|e| StoreError::Corrupt {
+                path: path.to_path_buf(),
+                detail: format!("job {id}: {e}"),
+            })?;
+            Some((at, reason))
+        }
+        _ => None,
+    };
     let role = role.parse().map_err(|e| StoreError::Corrupt {
         path: path.to_path_buf(),
         detail: format!("job {id}: {e}"),
@@ -1201,6 +1458,8 @@ fn job_from_raw(raw: RawJob, path: &Path) -> Result<Job, StoreError> {
         replica,
         lease_holder,
         throttled,
+        outputs_expire_at_ms,
+        outputs_deleted,
         id,
     })
 }

@@ -27,7 +27,7 @@ use super::{
     CancelOutcome, Finished, Job, JobChange, JobRole, Lease, NewJob, Output, Quota, QuotaPeriod,
     RecoveryReport, StoreError, Submitted, utc_day, utc_month_bounds,
 };
-use crate::protocol::{JobError, JobStatus, Tier, WatermarkStatus};
+use crate::protocol::{DeleteReason, JobError, JobStatus, Tier, WatermarkStatus};
 
 /// Milliseconds since the Unix epoch; injectable so tests can move days.
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
@@ -140,6 +140,13 @@ pub(crate) enum Request {
         op: super::outbox::OutboxOp,
         reply: Reply<usize>,
     },
+    /// Records that a final job's output files are deleted (they are removed before this).
+    OutputsDeleted {
+        id: String,
+        reason: DeleteReason,
+        at_ms: i64,
+        reply: Reply<Job>,
+    },
 }
 
 impl Request {
@@ -158,6 +165,7 @@ impl Request {
             Request::HandOver { reply, .. } => drop(reply.send(Err(err))),
             Request::DropCopy { reply, .. } => drop(reply.send(Err(err))),
             Request::Outbox { reply, .. } => drop(reply.send(Err(err))),
+            Request::OutputsDeleted { reply, .. } => drop(reply.send(Err(err))),
         }
     }
 }
@@ -378,6 +386,12 @@ fn apply_one(
             answer_all_or_nothing(reply, drop_copy(&sp, shared, &id))
         }
         Request::Outbox { op, reply } => answer_all_or_nothing(reply, outbox::apply(&sp, op, now)),
+        Request::OutputsDeleted {
+            id,
+            reason,
+            at_ms,
+            reply,
+        } => answer(reply, outputs_deleted(&sp, shared, &id, reason, at_ms)),
     };
     let released = if ok {
         sp.commit().map_err(|e| e.to_string())
@@ -794,6 +808,8 @@ fn submit(
             replica,
             lease_holder: None,
             throttled,
+            outputs_expire_at_ms: None,
+            outputs_deleted: None,
         },
         created: true,
     })
@@ -1064,8 +1080,9 @@ fn record_outputs(tx: &Connection, id: &str, outputs: &[Output]) -> Result<(), S
     for o in outputs {
         tx.prepare_cached(
             "INSERT OR REPLACE INTO outputs
-                 (job_id, idx, filename, content_type, bytes, path, sha256, watermark)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                 (job_id, idx, filename, content_type, bytes, path, sha256, watermark,
+                  object_key)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         )
         .and_then(|mut st| {
             st.execute(params![
@@ -1076,7 +1093,8 @@ fn record_outputs(tx: &Connection, id: &str, outputs: &[Output]) -> Result<(), S
                 i64::try_from(o.bytes).unwrap_or(i64::MAX),
                 o.path.to_string_lossy(),
                 o.sha256,
-                o.watermark.as_ref().map(WatermarkStatus::to_text)
+                o.watermark.as_ref().map(WatermarkStatus::to_text),
+                o.key
             ])
         })
         .map_err(StoreError::sqlite("recording an output"))?;
@@ -1304,6 +1322,37 @@ fn set_replica(
 /// Forgets an unfinished replica row its owner disowned (the job has another replica, or
 /// another owner): it must never be adopted. Final rows and owner rows are kept; `false` when
 /// there was nothing to forget.
+/// Marks a final job's outputs deleted (owner and replica rows alike); a job already marked
+/// keeps its first deletion. A job that is not final is [`StoreError::Conflict`].
+fn outputs_deleted(
+    tx: &Connection,
+    shared: &Shared,
+    id: &str,
+    reason: DeleteReason,
+    at_ms: i64,
+) -> Result<Job, StoreError> {
+    let job =
+        load_job(tx, &shared.db_path, id)?.ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+    if !job.status.is_final() {
+        return Err(StoreError::Conflict {
+            id: id.to_string(),
+            status: job.status,
+        });
+    }
+    if job.outputs_deleted.is_some() {
+        return Ok(job);
+    }
+    tx.prepare_cached(
+        "UPDATE jobs SET outputs_deleted_at = ?2, outputs_deleted_reason = ?3 WHERE id = ?1",
+    )
+    .and_then(|mut st| st.execute(params![id, at_ms, reason.as_str()]))
+    .map_err(StoreError::sqlite("recording deleted outputs"))?;
+    Ok(Job {
+        outputs_deleted: Some((at_ms, reason)),
+        ..job
+    })
+}
+
 fn drop_copy(tx: &Connection, shared: &Shared, id: &str) -> Result<bool, StoreError> {
     let Some(job) = load_job(tx, &shared.db_path, id)? else {
         return Ok(false);
