@@ -679,6 +679,42 @@ async fn replica_attempts_only_grow() {
 }
 
 #[tokio::test]
+async fn only_the_owner_of_a_copy_makes_it_forgotten() {
+    let owner_dir = tempfile::tempdir().expect("tempdir");
+    let replica_dir = tempfile::tempdir().expect("tempdir");
+    let a = open(owner_dir.path()).await;
+    let b = open(replica_dir.path()).await;
+    let queued = submit(&a, new_job("q", "alice", Tier::Free)).await;
+    b.put_replica(&queued, "node-a", Vec::new())
+        .await
+        .expect("put");
+    // Another member cannot make node-a's copy go.
+    assert!(!b.drop_copy("q", "node-c").await.expect("drop"));
+    assert_eq!(get(&b, "q").await.status, JobStatus::Queued);
+    assert!(b.drop_copy("q", "node-a").await.expect("drop"));
+    assert!(b.get("q").await.expect("get").is_none());
+    assert!(b.adopt("node-a").await.expect("adopt").is_empty());
+    // Gone already: nothing to forget; a bad member name is refused.
+    assert!(!b.drop_copy("q", "node-a").await.expect("drop again"));
+    assert!(b.drop_copy("q", "").await.is_err());
+    // A final copy is kept: it still answers for the job's result.
+    let done = submit(&a, new_job("d", "alice", Tier::Free)).await;
+    b.put_replica(&done, "node-a", Vec::new())
+        .await
+        .expect("put");
+    // Leases go oldest first: q, then d.
+    for _ in 0..2 {
+        a.next_job().await.expect("next").expect("job");
+    }
+    let failed_job = a.finish("d", failed("boom")).await.expect("fail");
+    b.put_replica(&failed_job, "node-a", Vec::new())
+        .await
+        .expect("put final");
+    assert!(!b.drop_copy("d", "node-a").await.expect("drop final"));
+    assert_eq!(get(&b, "d").await.status, JobStatus::Failed);
+}
+
+#[tokio::test]
 async fn adopt_takes_over_a_dead_members_jobs() {
     let owner_dir = tempfile::tempdir().expect("tempdir");
     let replica_dir = tempfile::tempdir().expect("tempdir");

@@ -405,5 +405,20 @@ async fn handle(
         JobRequest::Holds { job_id, attempt } => Ok(JobResponse::Holds {
             held: inner.holds(&job_id, attempt),
         }),
+        JobRequest::Disown { ids } => {
+            if ids.len() > 10_000 {
+                return Err(bad("at most 10000 ids per question"));
+            }
+            let mut dropped = 0;
+            for id in &ids {
+                if inner.store.drop_copy(id, peer).await.map_err(internal)? {
+                    dropped += 1;
+                }
+            }
+            if dropped > 0 {
+                tracing::info!(owner = %peer, copies = dropped, "forgot copies their owner keeps elsewhere now");
+            }
+            Ok(JobResponse::Done)
+        }
     }
 }

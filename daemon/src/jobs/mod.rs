@@ -25,6 +25,7 @@
 //! the job, and never let a stale attempt undo a final result.
 
 mod handler;
+mod liveness;
 mod outputs;
 mod transfer;
 
@@ -69,10 +70,9 @@ const NUDGE_EVERY: Duration = Duration::from_millis(500);
 const HINT_FOR: Duration = Duration::from_secs(3);
 /// Job ids per `Whose` or `Refresh` question.
 const IDS_PER_QUESTION: usize = 1000;
-/// How long a member gossip lists must stay not live, never having been seen live by this
-/// node, before it counts as dead (a member learnt of at start is not live until its
-/// heartbeats have been sampled).
-const UNSEEN_DEAD_AFTER: Duration = Duration::from_secs(10);
+/// How many times an update that did not reach a job's replica is sent again (once a
+/// second) before it is left to the next change of the job.
+const LAGGING_RETRIES: u32 = 30;
 /// Extra time an adopted lease gets before it expires.
 const ADOPTED_LEASE_GRACE: Duration = Duration::from_secs(10);
 /// How long a lease waits for the replica to learn of it before it is answered anyway.
@@ -234,6 +234,13 @@ pub(crate) struct Inner {
     /// of a drain takes it exclusively once, so that none still in flight changes a job after
     /// its state was copied to the new owner.
     owner_ops: tokio::sync::RwLock<()>,
+    /// What this node saw of its peers' liveness (see [`liveness`]).
+    liveness: Mutex<liveness::Liveness>,
+    /// Owned jobs whose replica missed their last update, with how often it was sent again.
+    lagging: Mutex<HashMap<String, u32>>,
+    /// Owners of copies this node keeps that it has not asked, since it started, which copies
+    /// are still current (see [`Inner::refresh_copies`]).
+    unrefreshed: Mutex<HashSet<String>>,
     /// Set once this node knows which of its stored jobs are still its own (see
     /// [`Jobs::reconcile`]); until then it neither runs nor leases its queue.
     reconciled: CancellationToken,
@@ -286,6 +293,9 @@ impl Jobs {
             nudged: Mutex::new(HashMap::new()),
             draining: CancellationToken::new(),
             owner_ops: tokio::sync::RwLock::new(()),
+            liveness: Mutex::new(liveness::Liveness::default()),
+            lagging: Mutex::new(HashMap::new()),
+            unrefreshed: Mutex::new(HashSet::new()),
             reconciled: CancellationToken::new(),
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -303,6 +313,7 @@ impl Jobs {
             let _ = inner.rpc.set(rpc);
             inner.tasks.spawn(expire_leases(inner.clone()));
             inner.tasks.spawn(follow_members(inner.clone()));
+            inner.tasks.spawn(resend_lagging(inner.clone()));
         } else {
             inner.reconciled.cancel();
         }
@@ -1366,23 +1377,43 @@ impl Inner {
     }
 
     /// See [`Jobs::replicate`]. A replica that is gone or leaving is replaced by the next
-    /// member in the account's order that takes the copy.
+    /// member in the account's order that takes the copy, and told to forget its old copy
+    /// (so that it never adopts it). An update the replica missed is sent again later.
     async fn sync_replica(&self, job: &Job) {
         if job.role != JobRole::Owner {
             return;
         }
         let current = job.replica.as_deref();
         if let Some(replica) = current
-            && self.serving(replica)
+            && !self.gone(replica)
         {
             match transfer::replicate_with_outputs(self, replica, job).await {
-                Ok(()) => return,
-                Err(error) => {
-                    tracing::warn!(job = %job.id, %replica, %error, "cannot bring the replica up to date");
+                Ok(()) => {
+                    lock(&self.lagging).remove(&job.id);
                     return;
+                }
+                // A member not known to be gone (live, or not yet sampled) keeps the copy;
+                // the update goes again until it lands.
+                Err(error) if !self.gone(replica) => {
+                    let mut lagging = lock(&self.lagging);
+                    let tries = lagging.entry(job.id.clone()).or_insert(0);
+                    *tries += 1;
+                    if *tries > LAGGING_RETRIES {
+                        lagging.remove(&job.id);
+                        tracing::error!(job = %job.id, %replica, %error,
+                            "the replica missed the job's updates too often; it stays behind until the next change");
+                    } else if *tries == 1 {
+                        tracing::warn!(job = %job.id, %replica, %error,
+                            "cannot bring the replica up to date; trying again");
+                    }
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(job = %job.id, %replica, %error, "the replica is gone; choosing another");
                 }
             }
         }
+        lock(&self.lagging).remove(&job.id);
         // No replica yet (alone when it was stored), or it is gone: find another.
         let candidates: Vec<String> = self
             .ranked(&job.account)
@@ -1405,6 +1436,86 @@ impl Inner {
             }
             if let Err(error) = self.store.set_replica(&job.id, chosen.as_deref()).await {
                 tracing::warn!(job = %job.id, %error, "cannot record the job's new replica");
+            }
+            if let Some(old) = current {
+                self.disown(old, vec![job.id.clone()]).await;
+            }
+        }
+    }
+
+    /// Whether `name` no longer keeps copies: absent from the cluster view, leaving, or dead
+    /// (see [`liveness`]). A member not yet sampled by the failure detector is not gone.
+    fn gone(&self, name: &str) -> bool {
+        let Some(snapshot) = self.snapshot() else {
+            return true;
+        };
+        let Some(member) = snapshot.members.get(name) else {
+            return true;
+        };
+        member.status.state == MemberState::Draining
+            || lock(&self.liveness).is_dead(member, Instant::now())
+    }
+
+    /// Tells a former replica to forget its unfinished copies of `ids` (best effort). A dead
+    /// one is not asked: it learns it when it comes back (see [`Inner::refresh_copies`]).
+    async fn disown(&self, member: &str, ids: Vec<String>) {
+        let reachable = self
+            .snapshot()
+            .and_then(|s| {
+                s.members
+                    .get(member)
+                    .map(|m| !lock(&self.liveness).is_dead(m, Instant::now()))
+            })
+            .unwrap_or(false);
+        let Some(addr) = self.addr_of(member).filter(|_| reachable) else {
+            return;
+        };
+        for chunk in ids.chunks(IDS_PER_QUESTION) {
+            let request = JobRequest::Disown {
+                ids: chunk.to_vec(),
+            };
+            match self.request(addr, request, SHORT_DEADLINE).await {
+                Ok(JobResponse::Done) => {}
+                Ok(other) => {
+                    tracing::warn!(%member, answer = ?other, "unexpected answer to a disown")
+                }
+                Err(error) => {
+                    tracing::info!(%member, %error, jobs = chunk.len(),
+                        "a former replica was not told to forget its copies; it asks when it is back");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Sends again the updates replicas missed (see [`Inner::sync_replica`]). A replica that
+    /// misses one again is skipped for the rest of the pass.
+    async fn resend_lagging(&self) {
+        let ids: Vec<String> = lock(&self.lagging).keys().cloned().collect();
+        let mut unreachable: HashSet<String> = HashSet::new();
+        for id in ids {
+            match self.store.get(&id).await {
+                Ok(Some(job)) if job.role == JobRole::Owner => {
+                    if job
+                        .replica
+                        .as_ref()
+                        .is_some_and(|r| unreachable.contains(r))
+                    {
+                        continue;
+                    }
+                    self.sync_replica(&job).await;
+                    if let Some(replica) = job.replica
+                        && lock(&self.lagging).contains_key(&id)
+                    {
+                        unreachable.insert(replica);
+                    }
+                }
+                Ok(_) => {
+                    lock(&self.lagging).remove(&id);
+                }
+                Err(error) => {
+                    tracing::warn!(job = %id, %error, "cannot read a job whose replica lags");
+                }
             }
         }
     }
@@ -1452,37 +1563,101 @@ impl Inner {
 
     /// Brings the unfinished copies this node keeps up to date with their owners (it may have
     /// missed changes while it was away), and forgets those an owner disowned, so that a stale
-    /// copy is never adopted. Returns how many were forgotten.
+    /// copy is never adopted. An owner not reached now stays pending and is asked once gossip
+    /// shows it live (see [`Inner::refresh_pending`]). Returns how many copies were forgotten.
     async fn refresh_copies(&self) -> Result<usize, StoreError> {
         let by_owner = ids_by(self.store.held_copies().await?, |job| job.owner.clone());
+        lock(&self.unrefreshed).extend(by_owner.keys().cloned());
         let mut dropped = 0;
         for (owner, ids) in by_owner {
             // A dead owner's copies are adopted instead (see `follow_members`).
             let Some(addr) = self.addr_of_when_known(&owner).await else {
+                tracing::info!(%owner, copies = ids.len(),
+                    "the owner of some copies is not live yet; they are refreshed once it is");
                 continue;
             };
-            for chunk in ids.chunks(IDS_PER_QUESTION) {
-                let request = JobRequest::Refresh {
-                    ids: chunk.to_vec(),
-                };
-                match self.request(addr, request, REPLICATE_DEADLINE * 4).await {
-                    Ok(JobResponse::Refreshed { stale }) => {
-                        for id in stale {
-                            if self.store.drop_copy(&id).await? {
-                                dropped += 1;
-                            }
-                        }
-                    }
-                    Ok(other) => {
-                        tracing::warn!(%owner, answer = ?other, "unexpected answer to a refresh")
-                    }
-                    Err(error) => {
-                        tracing::warn!(%owner, %error, "cannot refresh the copies kept for a member")
-                    }
-                }
+            if let Some(n) = self.refresh_from(&owner, addr, ids).await? {
+                dropped += n;
+                lock(&self.unrefreshed).remove(&owner);
             }
         }
         Ok(dropped)
+    }
+
+    /// Refreshes the copies kept for owners [`Inner::refresh_copies`] could not reach, once
+    /// each is live; an owner that is dead or gone is left to adoption.
+    async fn refresh_pending(&self) -> Result<(), StoreError> {
+        let pending: Vec<String> = lock(&self.unrefreshed).iter().cloned().collect();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let Some(snapshot) = self.snapshot() else {
+            return Ok(());
+        };
+        for owner in pending {
+            let member = snapshot.members.get(&owner);
+            if member.is_none_or(|m| lock(&self.liveness).is_dead(m, Instant::now())) {
+                lock(&self.unrefreshed).remove(&owner);
+                tracing::warn!(%owner, "the owner of some copies died before they were refreshed");
+                continue;
+            }
+            let Some(addr) = self
+                .addr_of(&owner)
+                .filter(|_| member.is_some_and(|m| m.live))
+            else {
+                continue;
+            };
+            let ids: Vec<String> = self
+                .store
+                .held_copies()
+                .await?
+                .into_iter()
+                .filter(|job| job.owner.as_deref() == Some(owner.as_str()))
+                .map(|job| job.id)
+                .collect();
+            if let Some(dropped) = self.refresh_from(&owner, addr, ids).await? {
+                lock(&self.unrefreshed).remove(&owner);
+                if dropped > 0 {
+                    tracing::warn!(%owner, copies = dropped,
+                        "copies whose owner moved them elsewhere while this node was away were forgotten");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks `owner` about the copies `ids` and forgets those it disowned: how many, or `None`
+    /// when it did not answer for all of them.
+    async fn refresh_from(
+        &self,
+        owner: &str,
+        addr: SocketAddr,
+        ids: Vec<String>,
+    ) -> Result<Option<usize>, StoreError> {
+        let mut dropped = 0;
+        for chunk in ids.chunks(IDS_PER_QUESTION) {
+            let request = JobRequest::Refresh {
+                ids: chunk.to_vec(),
+            };
+            match self.request(addr, request, REPLICATE_DEADLINE * 4).await {
+                Ok(JobResponse::Refreshed { stale }) => {
+                    for id in stale {
+                        if self.store.drop_copy(&id, owner).await? {
+                            dropped += 1;
+                        }
+                    }
+                }
+                Ok(other) => {
+                    tracing::warn!(%owner, answer = ?other, "unexpected answer to a refresh");
+                    return Ok(None);
+                }
+                Err(error) => {
+                    tracing::warn!(%owner, %error, "cannot refresh the copies kept for a member");
+                    return Ok(None);
+                }
+            }
+        }
+        Ok(Some(dropped))
     }
 
     /// A member's address, waiting a little for gossip to show it (at start).
@@ -1545,6 +1720,7 @@ impl Inner {
             }
         }
         let mut handed = 0;
+        let mut disowned: HashMap<String, Vec<String>> = HashMap::new();
         for (target, jobs) in by_target {
             // Bring the copies up to date first, so the new owner takes over the latest state.
             let mut copied = Vec::new();
@@ -1579,13 +1755,23 @@ impl Inner {
             for job in copied {
                 lock(&self.leases).remove(&job.id);
                 match self.store.hand_over(&job.id, &target).await {
-                    Ok(_) => handed += 1,
+                    Ok(_) => {
+                        handed += 1;
+                        // A replica that is not the new owner must not adopt its copy when
+                        // this node is gone: the new owner has the job now.
+                        if let Some(replica) = job.replica.filter(|r| *r != target) {
+                            disowned.entry(replica).or_default().push(job.id);
+                        }
+                    }
                     Err(error) => {
                         tracing::warn!(job = %job.id, %target, %error, "cannot mark a job handed over")
                     }
                 }
             }
             tracing::info!(%target, "jobs handed over");
+        }
+        for (replica, ids) in disowned {
+            self.disown(&replica, ids).await;
         }
         handed
     }
@@ -1627,6 +1813,7 @@ impl Inner {
             .is_err()
         {
             tracing::warn!(job = %job.id, "the replica did not learn of the lease in time");
+            lock(&self.lagging).entry(job.id.clone()).or_insert(0);
         }
         Ok(Some(job))
     }
@@ -1828,14 +2015,25 @@ async fn expire_leases(inner: Arc<Inner>) {
     }
 }
 
+/// Sends missed replica updates again every second, apart from [`follow_members`] so that
+/// a slow replica never delays an adoption.
+async fn resend_lagging(inner: Arc<Inner>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = inner.stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        inner.resend_lagging().await;
+    }
+}
+
 /// Adopts the jobs of members the failure detector marks dead, when this node keeps their
 /// copies. Rescans every second: a copy in flight when the owner died may land late.
 async fn follow_members(inner: Arc<Inner>) {
     // Members (by name and incarnation) whose copies of this node's jobs were moved.
     let mut rehomed: HashSet<(String, u64)> = HashSet::new();
-    // Members (by name and incarnation) seen live, and when each one not live was first seen so.
-    let mut seen_live: HashSet<(String, u64)> = HashSet::new();
-    let mut not_live_since: HashMap<(String, u64), Instant> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -1847,53 +2045,28 @@ async fn follow_members(inner: Arc<Inner>) {
             return;
         };
         let now = Instant::now();
-        for m in snapshot.members.values() {
-            let key = (m.status.name.clone(), m.generation);
-            if m.live {
-                not_live_since.remove(&key);
-                seen_live.insert(key);
-            } else {
-                not_live_since.entry(key).or_insert(now);
-            }
-        }
-        seen_live.retain(|(name, generation)| {
-            snapshot
-                .members
-                .get(name)
-                .is_some_and(|m| m.generation == *generation)
-        });
-        not_live_since.retain(|(name, generation), _| {
-            snapshot
-                .members
-                .get(name)
-                .is_some_and(|m| m.generation == *generation)
-        });
-        // A member gossip lists but has not yet shown live (this node just started, or the
-        // member just restarted) is not dead: its heartbeats have not been sampled yet.
-        // Adopting its jobs then would run them beside it. Dead is live before and not now,
-        // or never live for `UNSEEN_DEAD_AFTER`.
-        let is_dead = |m: &crate::protocol::cluster::ClusterMember| {
-            let key = (m.status.name.clone(), m.generation);
-            !m.live
-                && (seen_live.contains(&key)
-                    || not_live_since
-                        .get(&key)
-                        .is_some_and(|since| now.duration_since(*since) >= UNSEEN_DEAD_AFTER))
+        // A member gossip lists but has not yet shown live is not dead (see [`liveness`]).
+        let (dead, gone) = {
+            let mut liveness = lock(&inner.liveness);
+            liveness.observe(snapshot.members.values(), now);
+            let peers = || {
+                snapshot
+                    .members
+                    .values()
+                    .filter(|m| m.status.role == Role::Node && m.status.name != inner.name)
+            };
+            let dead: Vec<String> = peers()
+                .filter(|m| liveness.is_dead(m, now))
+                .map(|m| m.status.name.clone())
+                .collect();
+            let gone: Vec<(String, u64)> = peers()
+                .filter(|m| {
+                    liveness.is_dead(m, now) || (m.live && m.status.state == MemberState::Draining)
+                })
+                .map(|m| (m.status.name.clone(), m.generation))
+                .collect();
+            (dead, gone)
         };
-        let dead: Vec<String> = snapshot
-            .members
-            .values()
-            .filter(|m| m.status.role == Role::Node && m.status.name != inner.name)
-            .filter(|m| is_dead(m))
-            .map(|m| m.status.name.clone())
-            .collect();
-        let gone: Vec<(String, u64)> = snapshot
-            .members
-            .values()
-            .filter(|m| m.status.role == Role::Node && m.status.name != inner.name)
-            .filter(|m| is_dead(m) || (m.live && m.status.state == MemberState::Draining))
-            .map(|m| (m.status.name.clone(), m.generation))
-            .collect();
         for key in gone {
             if rehomed.contains(&key) {
                 continue;
@@ -1912,6 +2085,9 @@ async fn follow_members(inner: Arc<Inner>) {
                     tracing::error!(%error, "cannot read this node's jobs to move their copies")
                 }
             }
+        }
+        if let Err(error) = inner.refresh_pending().await {
+            tracing::error!(%error, "cannot read the copies this node keeps");
         }
         for name in dead {
             match inner.store.replicas_of(&name).await {

@@ -150,6 +150,10 @@ pub enum JobRequest {
     /// The owner's timer of this lease ran out without a renewal: does the receiver still run
     /// (or report) this attempt? Answer: `Holds`.
     Holds { job_id: String, attempt: u32 },
+    /// The sender owns these jobs and no longer keeps their copies on the receiver (it chose
+    /// another replica, or handed the jobs to another member): forget unfinished copies, so
+    /// that they are never adopted. Answer: `Done`.
+    Disown { ids: Vec<String> },
 }
 
 /// The answer to a [`JobRequest`].
@@ -411,6 +415,9 @@ mod tests {
         roundtrip(JobRequest::Holds {
             job_id: "j1".into(),
             attempt: 2,
+        });
+        roundtrip(JobRequest::Disown {
+            ids: vec!["j1".into(), "j2".into()],
         });
         roundtrip(JobRequest::Lease {
             min_tier: Some(Tier::Pro),

@@ -637,12 +637,15 @@ impl JobStore {
         .await
     }
 
-    /// Forgets an unfinished copy whose owner disowned it (it has another replica now, or the
-    /// job another owner), so that it is never adopted. Final copies and owned jobs are kept;
-    /// returns whether a copy was forgotten.
-    pub async fn drop_copy(&self, id: &str) -> Result<bool, StoreError> {
+    /// Forgets an unfinished copy that `owner` disowned (it has another replica now, or the
+    /// job another owner), so that it is never adopted. Final copies, owned jobs and copies
+    /// of another member's job are kept; returns whether a copy was forgotten.
+    pub async fn drop_copy(&self, id: &str, owner: &str) -> Result<bool, StoreError> {
+        validate_member(owner, "owner")?;
         let id = id.to_string();
-        self.request(|reply| Request::DropCopy { id, reply }).await
+        let owner = owner.to_string();
+        self.request(|reply| Request::DropCopy { id, owner, reply })
+            .await
     }
 
     /// Succeeded jobs (owner rows and replica copies) whose outputs expired at `now_ms` and

@@ -134,6 +134,7 @@ pub(crate) enum Request {
     },
     DropCopy {
         id: String,
+        owner: String,
         reply: Reply<bool>,
     },
     Outbox {
@@ -382,8 +383,8 @@ fn apply_one(
             reply,
             hand_over(&sp, shared, (&id, &new_owner), now, fx, touched),
         ),
-        Request::DropCopy { id, reply } => {
-            answer_all_or_nothing(reply, drop_copy(&sp, shared, &id))
+        Request::DropCopy { id, owner, reply } => {
+            answer_all_or_nothing(reply, drop_copy(&sp, shared, &id, &owner))
         }
         Request::Outbox { op, reply } => answer_all_or_nothing(reply, outbox::apply(&sp, op, now)),
         Request::OutputsDeleted {
@@ -1353,11 +1354,12 @@ fn outputs_deleted(
     })
 }
 
-fn drop_copy(tx: &Connection, shared: &Shared, id: &str) -> Result<bool, StoreError> {
+fn drop_copy(tx: &Connection, shared: &Shared, id: &str, owner: &str) -> Result<bool, StoreError> {
     let Some(job) = load_job(tx, &shared.db_path, id)? else {
         return Ok(false);
     };
-    if job.role != JobRole::Replica || job.status.is_final() {
+    if job.role != JobRole::Replica || job.status.is_final() || job.owner.as_deref() != Some(owner)
+    {
         return Ok(false);
     }
     for sql in [
