@@ -654,14 +654,7 @@ impl Jobs {
                 Err(error) => tracing::debug!(member = %name, %error, "cancelling a job"),
             }
         }
-        match local {
-            Some(_) => Err(ApiError::new(
-                ErrorCode::Unavailable,
-                format!("the member that owns job {id} cannot be reached; try again shortly"),
-            )
-            .retry_after(5)),
-            None => Err(not_found(id)),
-        }
+        Err(no_owner_answered(id, local.is_some()))
     }
 
     /// Deletes a final job's outputs wherever it is owned (and the replica's copies).
@@ -2119,6 +2112,20 @@ fn ids_by(jobs: Vec<Job>, member: impl Fn(&Job) -> Option<String>) -> HashMap<St
 
 fn not_found(id: &str) -> ApiError {
     ApiError::not_found(format!("no job {id:?} for this account"))
+}
+
+/// No member answered for job `id`: it exists (this node keeps a copy naming its owner) but
+/// cannot be reached now, or it is not known at all.
+pub(crate) fn no_owner_answered(id: &str, known_here: bool) -> ApiError {
+    if known_here {
+        ApiError::new(
+            ErrorCode::Unavailable,
+            format!("the member that owns job {id} cannot be reached; try again shortly"),
+        )
+        .retry_after(5)
+    } else {
+        not_found(id)
+    }
 }
 
 fn refusal_error(refusal: WireRefusal) -> ApiError {

@@ -95,14 +95,7 @@ impl Inner {
                 Err(error) => tracing::debug!(member = %name, %error, "deleting outputs"),
             }
         }
-        match local {
-            Some(_) => Err(ApiError::new(
-                ErrorCode::Unavailable,
-                format!("the member that owns job {id} cannot be reached; try again shortly"),
-            )
-            .retry_after(5)),
-            None => Err(not_found(id)),
-        }
+        Err(super::no_owner_answered(id, local.is_some()))
     }
 
     /// Deletes the outputs of a job this node owns, then those of its replica.
