@@ -1513,66 +1513,76 @@ impl Inner {
         }
     }
 
-    /// See [`Jobs::reconcile`]. Returns how many jobs were handed over.
+    /// See [`Jobs::reconcile`]. Asks every replica at once. Returns how many jobs were handed
+    /// over.
     async fn reconcile_with_replicas(&self) -> Result<usize, StoreError> {
         let by_replica = ids_by(self.store.owned_active().await?, |job| job.replica.clone());
-        let mut handed = 0;
-        for (replica, ids) in by_replica {
-            let Some(addr) = self.addr_of_when_known(&replica).await else {
-                tracing::warn!(%replica, "the replica of some jobs is not in the cluster view; keeping them");
-                continue;
-            };
-            let mut adopted = Vec::new();
-            for chunk in ids.chunks(IDS_PER_QUESTION) {
-                for _ in 0..5 {
-                    let request = JobRequest::Whose {
-                        ids: chunk.to_vec(),
-                    };
-                    match self.request(addr, request, SHORT_DEADLINE).await {
-                        Ok(JobResponse::Owned { ids }) => {
-                            adopted.extend(ids);
-                            break;
-                        }
-                        Ok(other) => {
-                            tracing::warn!(%replica, answer = ?other, "unexpected answer to whose")
-                        }
-                        Err(error) => {
-                            tracing::warn!(%replica, %error, "asking a replica which jobs it adopted")
-                        }
+        let asked = by_replica
+            .into_iter()
+            .map(|(replica, ids)| self.reconcile_with(replica, ids));
+        Ok(futures::future::join_all(asked).await.into_iter().sum())
+    }
+
+    /// Hands over those of `ids` that `replica` adopted; returns how many.
+    async fn reconcile_with(&self, replica: String, ids: Vec<String>) -> usize {
+        let Some(addr) = self.addr_of_when_known(&replica).await else {
+            tracing::warn!(%replica, jobs = ids.len(),
+                "the replica of some jobs did not show live in the cluster view; keeping them");
+            return 0;
+        };
+        let mut adopted = Vec::new();
+        for chunk in ids.chunks(IDS_PER_QUESTION) {
+            for _ in 0..5 {
+                let request = JobRequest::Whose {
+                    ids: chunk.to_vec(),
+                };
+                match self.request(addr, request, SHORT_DEADLINE).await {
+                    Ok(JobResponse::Owned { ids }) => {
+                        adopted.extend(ids);
+                        break;
                     }
-                }
-            }
-            for id in adopted {
-                match self.store.hand_over(&id, &replica).await {
-                    Ok(_) => handed += 1,
+                    Ok(other) => {
+                        tracing::warn!(%replica, answer = ?other, "unexpected answer to whose")
+                    }
                     Err(error) => {
-                        tracing::warn!(job = %id, %replica, %error, "cannot hand over an adopted job")
+                        tracing::warn!(%replica, %error, "asking a replica which jobs it adopted")
                     }
                 }
             }
         }
-        Ok(handed)
+        let mut handed = 0;
+        for id in adopted {
+            match self.store.hand_over(&id, &replica).await {
+                Ok(_) => handed += 1,
+                Err(error) => {
+                    tracing::warn!(job = %id, %replica, %error, "cannot hand over an adopted job")
+                }
+            }
+        }
+        handed
     }
 
     /// Brings the unfinished copies this node keeps up to date with their owners (it may have
     /// missed changes while it was away), and forgets those an owner disowned, so that a stale
-    /// copy is never adopted. An owner not reached now stays pending and is asked once gossip
-    /// shows it live (see [`Inner::refresh_pending`]). Returns how many copies were forgotten.
+    /// copy is never adopted. Owners gossip shows live now are asked at once; the others stay
+    /// pending and are asked once they show live (see [`Inner::refresh_pending`]). Returns how
+    /// many copies were forgotten.
     async fn refresh_copies(&self) -> Result<usize, StoreError> {
         let by_owner = ids_by(self.store.held_copies().await?, |job| job.owner.clone());
         lock(&self.unrefreshed).extend(by_owner.keys().cloned());
+        let asked = by_owner.into_iter().filter_map(|(owner, ids)| {
+            let addr = self.addr_of(&owner).filter(|_| self.is_live(&owner))?;
+            Some(async move {
+                let answer = self.refresh_from(&owner, addr, ids).await;
+                if let Ok(Some(_)) = answer {
+                    lock(&self.unrefreshed).remove(&owner);
+                }
+                answer
+            })
+        });
         let mut dropped = 0;
-        for (owner, ids) in by_owner {
-            // A dead owner's copies are adopted instead (see `follow_members`).
-            let Some(addr) = self.addr_of_when_known(&owner).await else {
-                tracing::info!(%owner, copies = ids.len(),
-                    "the owner of some copies is not live yet; they are refreshed once it is");
-                continue;
-            };
-            if let Some(n) = self.refresh_from(&owner, addr, ids).await? {
-                dropped += n;
-                lock(&self.unrefreshed).remove(&owner);
-            }
+        for answer in futures::future::join_all(asked).await {
+            dropped += answer?.unwrap_or(0);
         }
         Ok(dropped)
     }
@@ -1653,20 +1663,26 @@ impl Inner {
         Ok(Some(dropped))
     }
 
-    /// A member's address, waiting a little for gossip to show it (at start).
+    /// A member's address once gossip shows it live, waiting as long as an unseen member
+    /// takes to count as dead (at start, peers show live only once sampled).
     async fn addr_of_when_known(&self, name: &str) -> Option<SocketAddr> {
-        for _ in 0..20 {
-            if let Some(addr) = self.addr_of(name)
-                && self
-                    .snapshot()
-                    .and_then(|s| s.members.get(name).map(|m| m.live))
-                    .unwrap_or(false)
-            {
+        let deadline = Instant::now() + liveness::UNSEEN_DEAD_AFTER;
+        loop {
+            if let Some(addr) = self.addr_of(name).filter(|_| self.is_live(name)) {
                 return Some(addr);
+            }
+            if Instant::now() >= deadline {
+                return None;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        None
+    }
+
+    /// Whether gossip shows `name` live now.
+    fn is_live(&self, name: &str) -> bool {
+        self.snapshot()
+            .and_then(|s| s.members.get(name).map(|m| m.live))
+            .unwrap_or(false)
     }
 
     /// See [`Jobs::drain`].
@@ -1822,11 +1838,10 @@ impl Inner {
         if entry.holder == self.name {
             return self.holds(job_id, entry.attempt);
         }
-        let live = self
-            .snapshot()
-            .and_then(|s| s.members.get(&entry.holder).map(|m| m.live))
-            .unwrap_or(false);
-        let Some(addr) = self.addr_of(&entry.holder).filter(|_| live) else {
+        let Some(addr) = self
+            .addr_of(&entry.holder)
+            .filter(|_| self.is_live(&entry.holder))
+        else {
             return false;
         };
         let request = JobRequest::Holds {
