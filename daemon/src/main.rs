@@ -61,6 +61,12 @@ enum Command {
     Gpu(kiln_daemon::gpu::GpuArgs),
 }
 
+/// mimalloc instead of glibc's malloc: kilnd allocates many small, short-lived buffers (JSON
+/// values, peer frames) across threads, where glibc's arenas spent about a tenth of the
+/// cluster's CPU (see BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
