@@ -409,14 +409,14 @@ async fn handle(
             if ids.len() > 10_000 {
                 return Err(bad("at most 10000 ids per question"));
             }
-            let mut dropped = 0;
+            let mut dropped = Vec::new();
             for id in &ids {
                 if inner.store.drop_copy(id, peer).await.map_err(internal)? {
-                    dropped += 1;
+                    dropped.push(id.as_str());
                 }
             }
-            if dropped > 0 {
-                tracing::info!(owner = %peer, copies = dropped, "forgot copies their owner keeps elsewhere now");
+            if !dropped.is_empty() {
+                tracing::info!(owner = %peer, copies = ?dropped, "forgot copies their owner keeps elsewhere now");
             }
             Ok(JobResponse::Done)
         }

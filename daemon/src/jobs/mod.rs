@@ -234,6 +234,8 @@ pub(crate) struct Inner {
     /// of a drain takes it exclusively once, so that none still in flight changes a job after
     /// its state was copied to the new owner.
     owner_ops: tokio::sync::RwLock<()>,
+    /// When the job layer started.
+    started: Instant,
     /// What this node saw of its peers' liveness (see [`liveness`]).
     liveness: Mutex<liveness::Liveness>,
     /// Owned jobs whose replica missed their last update, with how often it was sent again.
@@ -293,6 +295,7 @@ impl Jobs {
             nudged: Mutex::new(HashMap::new()),
             draining: CancellationToken::new(),
             owner_ops: tokio::sync::RwLock::new(()),
+            started: now,
             liveness: Mutex::new(liveness::Liveness::default()),
             lagging: Mutex::new(HashMap::new()),
             unrefreshed: Mutex::new(HashSet::new()),
@@ -1376,6 +1379,18 @@ impl Inner {
         if job.role != JobRole::Owner {
             return;
         }
+        // Work from the stored row, not the caller's copy: that may be older than a change
+        // made meanwhile (a lease, a new replica chosen by another sync), and sending it to a
+        // former replica would leave that member a stale copy it could adopt.
+        let job = match self.store.get(&job.id).await {
+            Ok(Some(stored)) if stored.role == JobRole::Owner => stored,
+            Ok(_) => return,
+            Err(error) => {
+                tracing::warn!(job = %job.id, %error, "cannot read a job to copy it to its replica");
+                return;
+            }
+        };
+        let job = &job;
         let current = job.replica.as_deref();
         if let Some(replica) = current
             && !self.gone(replica)
@@ -1443,7 +1458,9 @@ impl Inner {
             return true;
         };
         let Some(member) = snapshot.members.get(name) else {
-            return true;
+            // Gossip forgets dead members after a while; right after this node started it
+            // just has not heard of every member yet.
+            return self.started.elapsed() >= liveness::UNSEEN_DEAD_AFTER;
         };
         member.status.state == MemberState::Draining
             || lock(&self.liveness).is_dead(member, Instant::now())
@@ -1588,7 +1605,7 @@ impl Inner {
     }
 
     /// Refreshes the copies kept for owners [`Inner::refresh_copies`] could not reach, once
-    /// each is live; an owner that is dead or gone is left to adoption.
+    /// each is live; an owner that is dead is left to adoption.
     async fn refresh_pending(&self) -> Result<(), StoreError> {
         let pending: Vec<String> = lock(&self.unrefreshed).iter().cloned().collect();
         if pending.is_empty() {
@@ -1598,8 +1615,9 @@ impl Inner {
             return Ok(());
         };
         for owner in pending {
+            // A member gossip does not list yet (this node just started) is not dead either.
             let member = snapshot.members.get(&owner);
-            if member.is_none_or(|m| lock(&self.liveness).is_dead(m, Instant::now())) {
+            if member.is_some_and(|m| lock(&self.liveness).is_dead(m, Instant::now())) {
                 lock(&self.unrefreshed).remove(&owner);
                 tracing::warn!(%owner, "the owner of some copies died before they were refreshed");
                 continue;
