@@ -388,20 +388,17 @@ pub async fn push(
         let idempotency_key = format!("{}-{started}", planned.identifier);
         let sent = client.send(&event, &idempotency_key).await;
         let at_ms = now_ms();
+        let pushed = |message: Option<String>| Record {
+            status: RecordStatus::Pushed,
+            customer: planned.customer.clone(),
+            value: planned.value.clone(),
+            event_name: settings.event_name.clone(),
+            message,
+            at_ms,
+        };
         match sent {
             Ok(Sent::Accepted) => {
-                store(
-                    inventory,
-                    &planned.identifier,
-                    &Record {
-                        status: RecordStatus::Pushed,
-                        customer: planned.customer.clone(),
-                        value: planned.value.clone(),
-                        event_name: settings.event_name.clone(),
-                        message: None,
-                        at_ms,
-                    },
-                )?;
+                store(inventory, &planned.identifier, &pushed(None))?;
                 report.pushed.push(planned);
             }
             // Stripe already has this identifier: an earlier push got through but its record
@@ -414,18 +411,8 @@ pub async fn push(
             }) if param == "identifier" => {
                 let existing = record(inventory, &planned.identifier)?;
                 if existing.is_none_or(|r| r.status != RecordStatus::Pushed) {
-                    store(
-                        inventory,
-                        &planned.identifier,
-                        &Record {
-                            status: RecordStatus::Pushed,
-                            customer: planned.customer.clone(),
-                            value: planned.value.clone(),
-                            event_name: settings.event_name.clone(),
-                            message: Some(format!("Stripe already had it: {message}")),
-                            at_ms,
-                        },
-                    )?;
+                    let note = format!("Stripe already had it: {message}");
+                    store(inventory, &planned.identifier, &pushed(Some(note)))?;
                 }
                 report.already_pushed += 1;
             }

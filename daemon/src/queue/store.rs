@@ -475,13 +475,7 @@ impl JobStore {
         owner: &str,
         outputs: Vec<NewOutput>,
     ) -> Result<Job, StoreError> {
-        validate_fields(
-            &copy.id,
-            &copy.account,
-            copy.idempotency_key.as_deref(),
-            copy.max_attempts,
-        )?;
-        validate_member(owner, "owner")?;
+        validate_copy(copy, owner)?;
         let encoded = encode(&copy.workflow, copy.metadata.as_ref())?;
         let mut written = Vec::new();
         if copy.status == JobStatus::Succeeded && !outputs.is_empty() {
@@ -535,13 +529,7 @@ impl JobStore {
         owner: &str,
         outputs: Vec<Output>,
     ) -> Result<Job, StoreError> {
-        validate_fields(
-            &copy.id,
-            &copy.account,
-            copy.idempotency_key.as_deref(),
-            copy.max_attempts,
-        )?;
-        validate_member(owner, "owner")?;
+        validate_copy(copy, owner)?;
         if outputs.iter().any(|o| o.key.is_none()) {
             return Err(StoreError::Invalid(format!(
                 "job {}: a stored copy's outputs must all be objects",
@@ -1115,6 +1103,17 @@ fn validate_fields(
         ));
     }
     Ok(())
+}
+
+/// The checks every replica copy passes before it is stored.
+fn validate_copy(copy: &Job, owner: &str) -> Result<(), StoreError> {
+    validate_fields(
+        &copy.id,
+        &copy.account,
+        copy.idempotency_key.as_deref(),
+        copy.max_attempts,
+    )?;
+    validate_member(owner, "owner")
 }
 
 /// A cluster member's name as the store keeps it (owner, replica, lease holder).
