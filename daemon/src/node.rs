@@ -901,9 +901,28 @@ struct Runner {
     stop: CancellationToken,
 }
 
+/// Job ends recorded at once in the background (stored and copied to the replica, or reported
+/// to the owner) while the runner already runs the next job. The runner waits for a slot when
+/// all are taken, so a slow owner or store slows the runner instead of piling up results.
+const RECORDING_AT_ONCE: usize = 4;
+
 /// Takes the best waiting job of the cluster (its own queue's or a peer's) whenever ComfyUI is
-/// ready and idle, and runs it. Exactly one prompt at a time goes to ComfyUI.
+/// ready and idle, and runs it. Exactly one prompt at a time goes to ComfyUI. How a job ended is
+/// recorded in the background, so ComfyUI gets the next prompt without waiting for the fsyncs
+/// and peer round trips of the last one; every such recording ends before this returns.
 async fn run_jobs(mut runner: Runner) {
+    let recording = TaskTracker::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(RECORDING_AT_ONCE));
+    take_jobs(&mut runner, &recording, &slots).await;
+    recording.close();
+    recording.wait().await;
+}
+
+async fn take_jobs(
+    runner: &mut Runner,
+    recording: &TaskTracker,
+    slots: &Arc<tokio::sync::Semaphore>,
+) {
     loop {
         // Wait until ComfyUI is ready.
         loop {
@@ -936,11 +955,107 @@ async fn run_jobs(mut runner: Runner) {
                 continue;
             }
         };
-        run_one(&runner, work).await;
+        let ended = run_one(runner, work).await;
+        let recorder = Recorder::of(runner);
+        match slots.clone().acquire_owned().await {
+            Ok(slot) => {
+                recording.spawn(async move {
+                    recorder.record(ended).await;
+                    drop(slot);
+                });
+            }
+            // The semaphore is never closed; recorded inline should that ever change.
+            Err(_) => recorder.record(ended).await,
+        }
     }
 }
 
-async fn run_one(runner: &Runner, work: Work) {
+/// A job whose prompt ended, to be recorded.
+struct Ended {
+    job: crate::queue::Job,
+    remote: Option<crate::jobs::RemoteJob>,
+    outcome: Outcome,
+    elapsed: Duration,
+    /// Stops the lease renewal of a leased job once its owner has the result.
+    renewed: CancellationToken,
+    renewal: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// What recording a job's end needs of the runner.
+struct Recorder {
+    jobs: Jobs,
+    store: JobStore,
+    metrics: Arc<Metrics>,
+    tiers: TierTable,
+    watermark: Option<Arc<Watermark>>,
+}
+
+impl Recorder {
+    fn of(runner: &Runner) -> Recorder {
+        Recorder {
+            jobs: runner.jobs.clone(),
+            store: runner.store.clone(),
+            metrics: runner.metrics.clone(),
+            tiers: runner.tiers.clone(),
+            watermark: runner.watermark.clone(),
+        }
+    }
+
+    /// Watermarks the outputs where the job's tier wants it, then stores the end and copies it
+    /// to the replica (this node's job) or reports it to the owner (a leased job), renewing the
+    /// lease until the owner has it.
+    async fn record(self, ended: Ended) {
+        let Ended {
+            job,
+            remote,
+            mut outcome,
+            elapsed,
+            renewed,
+            renewal,
+        } = ended;
+        if let (Outcome::Succeeded { outputs }, Some(mark)) = (&mut outcome, &self.watermark)
+            && self.tiers.get(job.tier).watermark
+        {
+            *outputs = mark_outputs(mark, &job.id, std::mem::take(outputs)).await;
+        }
+        match &remote {
+            None => match self.store.finish(&job.id, outcome).await {
+                Ok(finished) => {
+                    self.jobs.replicate(&finished).await;
+                    tracing::info!(job = %job.id, status = %finished.status, secs = elapsed.as_secs_f64(), "job ended");
+                    if finished.status.is_final() {
+                        self.metrics.finished(job.tier, finished.status);
+                    }
+                    if finished.status == JobStatus::Succeeded {
+                        self.metrics
+                            .job_duration_seconds
+                            .observe(elapsed.as_secs_f64());
+                    }
+                }
+                Err(error) => tracing::error!(job = %job.id, %error, "cannot record the job's end"),
+            },
+            Some(remote) => {
+                let succeeded = matches!(outcome, Outcome::Succeeded { .. });
+                let applied = self.jobs.report(remote, outcome).await;
+                // The lease is renewed until the owner has the result: a report slowed past the
+                // lease would otherwise see the job queued again and run twice.
+                renewed.cancel();
+                if let Some(renewal) = renewal {
+                    let _ = renewal.await;
+                }
+                tracing::info!(job = %job.id, owner = %remote.owner(), applied, secs = elapsed.as_secs_f64(), "leased job ended");
+                if succeeded && applied {
+                    self.metrics
+                        .job_duration_seconds
+                        .observe(elapsed.as_secs_f64());
+                }
+            }
+        }
+    }
+}
+
+/// Runs one job's prompt to its end; ComfyUI is idle again when this returns.
+async fn run_one(runner: &Runner, work: Work) -> Ended {
     let job = work.job().clone();
     let remote = match &work {
         Work::Remote(remote) => Some(remote.clone()),
@@ -1005,31 +1120,33 @@ async fn run_one(runner: &Runner, work: Work) {
     // On shutdown the running job gets the drain deadline to finish, then it is interrupted
     // and handed back to the queue.
     let shutdown_interrupt = CancellationToken::new();
-    let run = executor::run_prompt(
-        &runner.client,
-        runner.control.as_ref(),
-        &prompt_id,
-        &job.workflow,
-        Some(&extra_data),
-        &options,
-        events_tx,
-        cancel.clone(),
-    );
-    tokio::pin!(run);
-    let mut shutting_down = false;
-    let outcome = loop {
-        tokio::select! {
-            outcome = &mut run => break outcome,
-            _ = runner.stop.cancelled(), if !shutting_down => {
-                shutting_down = true;
-                let interrupt = shutdown_interrupt.clone();
-                let cancel = cancel.clone();
-                let drain = runner.config.drain_timeout();
-                tokio::spawn(async move {
-                    tokio::time::sleep(drain).await;
-                    interrupt.cancel();
-                    cancel.cancel();
-                });
+    let outcome = {
+        let run = executor::run_prompt(
+            &runner.client,
+            runner.control.as_ref(),
+            &prompt_id,
+            &job.workflow,
+            Some(&extra_data),
+            &options,
+            events_tx,
+            cancel.clone(),
+        );
+        tokio::pin!(run);
+        let mut shutting_down = false;
+        loop {
+            tokio::select! {
+                outcome = &mut run => break outcome,
+                _ = runner.stop.cancelled(), if !shutting_down => {
+                    shutting_down = true;
+                    let interrupt = shutdown_interrupt.clone();
+                    let cancel = cancel.clone();
+                    let drain = runner.config.drain_timeout();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(drain).await;
+                        interrupt.cancel();
+                        cancel.cancel();
+                    });
+                }
             }
         }
     };
@@ -1047,12 +1164,6 @@ async fn run_one(runner: &Runner, work: Work) {
                     watermark: None,
                 })
                 .collect();
-            let outputs = match &runner.watermark {
-                Some(mark) if runner.tiers.get(job.tier).watermark => {
-                    mark_outputs(mark, &job.id, outputs).await
-                }
-                _ => outputs,
-            };
             (Outcome::Succeeded { outputs }, Some(elapsed))
         }
         RunOutcome::Interrupted { .. } if handed_back => (
@@ -1089,42 +1200,15 @@ async fn run_one(runner: &Runner, work: Work) {
             ),
         },
     };
-    match &remote {
-        None => match runner.store.finish(&job.id, store_outcome).await {
-            Ok(finished) => {
-                runner.jobs.replicate(&finished).await;
-                tracing::info!(job = %job.id, status = %finished.status, secs = elapsed.as_secs_f64(), "job ended");
-                if finished.status.is_final() {
-                    runner.metrics.finished(job.tier, finished.status);
-                }
-                if finished.status == JobStatus::Succeeded {
-                    runner
-                        .metrics
-                        .job_duration_seconds
-                        .observe(elapsed.as_secs_f64());
-                }
-            }
-            Err(error) => tracing::error!(job = %job.id, %error, "cannot record the job's end"),
-        },
-        Some(remote) => {
-            let succeeded = matches!(store_outcome, Outcome::Succeeded { .. });
-            let applied = runner.jobs.report(remote, store_outcome).await;
-            // The lease is renewed until the owner has the result: a report slowed past the
-            // lease would otherwise see the job queued again and run twice.
-            renewed.cancel();
-            if let Some(renewal) = renewal {
-                let _ = renewal.await;
-            }
-            tracing::info!(job = %job.id, owner = %remote.owner(), applied, secs = elapsed.as_secs_f64(), "leased job ended");
-            if succeeded && applied {
-                runner
-                    .metrics
-                    .job_duration_seconds
-                    .observe(elapsed.as_secs_f64());
-            }
-        }
-    }
     runner.live.end(&job.id, duration);
+    Ended {
+        job,
+        remote,
+        outcome: store_outcome,
+        elapsed,
+        renewed,
+        renewal,
+    }
 }
 
 /// The job's own error when ComfyUI refused or failed the prompt itself; `None` when the fault
