@@ -2,22 +2,11 @@
 //! its period has passed (410 `gone` after that, other tiers untouched), and
 //! `DELETE /v1/jobs/{id}/outputs` on any node deletes the files on the owner and on the replica.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
+use kiln_daemon::queue::output_files_on_disk as files_of;
 use kiln_e2e::{Api, Node, NodeSpec, TestCluster, sdxl_workflow, simple_workflow};
 use serde_json::Value;
-
-/// Files kept for job `id` in a node's data dir.
-fn files_of(data_dir: &Path, id: &str) -> Vec<String> {
-    match std::fs::read_dir(data_dir.join("outputs").join(id)) {
-        Ok(entries) => entries
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect(),
-        Err(_) => Vec::new(),
-    }
-}
 
 /// GET of output `index`: (status, body bytes).
 async fn fetch(api: &Api, id: &str, index: u32) -> (u16, Vec<u8>) {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use kiln_daemon::protocol::{JobError, JobStatus, Tier};
+use kiln_daemon::queue::output_files_on_disk as files_of;
 use kiln_daemon::queue::{
     CancelOutcome, Finished, Job, JobRole, JobStore, Lease, NewJob, NewOutput, Outcome, StoreError,
     StoreOptions, utc_day,
@@ -91,23 +92,6 @@ async fn output_contents(store: &JobStore, id: &str) -> Vec<Vec<u8>> {
         .iter()
         .map(|o| std::fs::read(store.output_path(o)).expect("output file"))
         .collect()
-}
-
-/// Every file under `outputs/<id>/`.
-fn files_of(dir: &Path, id: &str) -> Vec<String> {
-    let mut names: Vec<String> = match std::fs::read_dir(dir.join("outputs").join(id)) {
-        Ok(entries) => entries
-            .map(|e| {
-                e.expect("dir entry")
-                    .file_name()
-                    .to_string_lossy()
-                    .into_owned()
-            })
-            .collect(),
-        Err(_) => Vec::new(),
-    };
-    names.sort();
-    names
 }
 
 /// The attempts rows of a job: (n, ended, outcome).

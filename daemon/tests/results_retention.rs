@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_daemon::protocol::{DeleteReason, JobStatus, Tier};
+use kiln_daemon::queue::output_files_on_disk as files_of;
 use kiln_daemon::queue::{Job, JobStore, NewJob, NewOutput, Outcome, StoreError, StoreOptions};
 use kiln_daemon::results::{Results, SweepClock, SweepSettings, Sweeper};
 use kiln_daemon::tiers::TierTable;
@@ -65,17 +66,6 @@ async fn succeed(store: &JobStore, id: &str, tier: Tier) -> Job {
 
 async fn get(store: &JobStore, id: &str) -> Job {
     store.get(id).await.expect("get").expect("stored")
-}
-
-/// The files stored for a job (output folder contents; none when the folder is gone).
-fn files_of(dir: &Path, id: &str) -> Vec<String> {
-    match std::fs::read_dir(dir.join("outputs").join(id)) {
-        Ok(entries) => entries
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect(),
-        Err(_) => Vec::new(),
-    }
 }
 
 /// Waits (paused time: each sleep lets the sweeper run) until `id`'s outputs are deleted.

@@ -44,7 +44,7 @@ use crate::protocol::{
 
 pub use outbox::{Attempted, OutboxRow, OutboxState};
 pub use scheduler::{QueuedJob, RingPos, Scheduler, TierCount};
-pub use store::{JobStore, StoreOptions, system_clock};
+pub use store::{JobStore, StoreOptions, output_files_on_disk, output_folder, system_clock};
 pub use writer::Clock;
 
 /// A job to store, as the API accepted it.
@@ -234,9 +234,11 @@ pub struct Output {
     pub filename: String,
     pub content_type: String,
     pub bytes: u64,
-    /// Relative to the data dir: `outputs/<job id>/<index>-<safe filename>`; results of
-    /// [`JobStore::finish_attempt`] and [`JobStore::put_replica`] carry a prefix unique to the
-    /// call: `outputs/<job id>/<prefix>-<index>-<safe filename>`.
+    /// Relative to the data dir: `<output folder>/<job id>.<index>-<safe filename>` (see
+    /// [`output_folder`]); results of [`JobStore::finish_attempt`] and
+    /// [`JobStore::put_replica`] carry a prefix unique to the call:
+    /// `<output folder>/<job id>.<prefix>-<index>-<safe filename>`. Rows written before the
+    /// shared folders name `outputs/<job id>/…`.
     pub path: PathBuf,
     /// Hex SHA-256 of the content.
     pub sha256: String,

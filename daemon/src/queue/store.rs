@@ -345,8 +345,8 @@ impl JobStore {
         self.request(|reply| Request::Cancel { id, reply }).await
     }
 
-    /// Ends a running job. For `Succeeded`, output files are written under
-    /// `outputs/<job id>/` and fsync'd before the commit; the job is reported succeeded only
+    /// Ends a running job. For `Succeeded`, output files are written into the job's
+    /// [`output_folder`] and fsync'd before the commit; the job is reported succeeded only
     /// after both. `Requeue` puts it back at its old place or fails it with `max_attempts`.
     /// A job that is not running is a [`StoreError::Conflict`].
     pub async fn finish(&self, id: &str, outcome: Outcome) -> Result<Job, StoreError> {
@@ -694,7 +694,9 @@ impl JobStore {
             .filter(|o| o.key.is_none())
             .map(|o| data_dir.join(&o.path))
             .collect();
+        // Stores before the shared output folders kept a folder per job.
         let job_dir = data_dir.join(OUTPUTS_DIR).join(id);
+        let legacy = paths.iter().any(|p| p.parent() == Some(job_dir.as_path()));
         tokio::task::spawn_blocking(move || {
             for path in paths {
                 match std::fs::remove_file(&path) {
@@ -709,7 +711,8 @@ impl JobStore {
                 }
             }
             // Only an empty folder goes: a failed attempt's leftovers are not ours to judge.
-            if let Err(e) = std::fs::remove_dir(&job_dir)
+            if legacy
+                && let Err(e) = std::fs::remove_dir(&job_dir)
                 && e.kind() != std::io::ErrorKind::NotFound
             {
                 tracing::debug!(dir = %job_dir.display(), error = %e, "keeping a job's output folder");
@@ -1248,10 +1251,46 @@ fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(StoreError::io(format!("syncing {}", dir.display())))
 }
 
-/// Writes a job's outputs as `outputs/<job id>/<index>-<safe filename>` (with a `prefix`:
-/// `outputs/<job id>/<prefix>-<index>-<safe filename>`, so that concurrent writers of one job
-/// never replace each other's files), each through a temporary file that is fsync'd and
-/// renamed, then fsyncs the folders.
+/// The folder, relative to the data dir, that holds a job's output files:
+/// `outputs/<two hex digits of the job id's SHA-256>`. There are 256 of them, made when first
+/// needed, so storing a result creates no folder per job (on ext4 a `mkdir` and its inode cost
+/// about as much CPU as the file itself), and no folder holds more than about 1/256 of a
+/// node's files. A job's files in it are those whose names start with `<job id>.` (job ids
+/// hold no dot). Older stores kept `outputs/<job id>/`; their rows keep those paths.
+pub fn output_folder(job_id: &str) -> PathBuf {
+    let digest = Sha256::digest(job_id.as_bytes());
+    Path::new(OUTPUTS_DIR).join(hex::encode(&digest[..1]))
+}
+
+/// The names of the files a job has on disk in its output folder, recorded or not (and in its
+/// folder of an older store), sorted. For checks and tooling; the store goes by its rows.
+pub fn output_files_on_disk(data_dir: &Path, job_id: &str) -> Vec<String> {
+    let names_in = |dir: PathBuf| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mine = format!("{job_id}.");
+    let mut names: Vec<String> = names_in(data_dir.join(output_folder(job_id)))
+        .into_iter()
+        .filter(|name| name.starts_with(&mine))
+        .chain(names_in(data_dir.join(OUTPUTS_DIR).join(job_id)))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Writes a job's outputs into its [`output_folder`] as `<job id>.<index>-<safe filename>`
+/// (with a `prefix`: `<job id>.<prefix>-<index>-<safe filename>`, so that concurrent writers of
+/// one job never replace each other's files), fsyncs each file, then the folder (and
+/// `outputs/` when the folder is new), so the names are durable before a commit records them.
+/// The files are written under their final names: a row names them only after this returns,
+/// so a file cut short by a crash is never served (and nothing records it).
 fn write_outputs(
     data_dir: &Path,
     job_id: &str,
@@ -1259,26 +1298,37 @@ fn write_outputs(
     prefix: Option<&str>,
 ) -> Result<Vec<Output>, StoreError> {
     use std::io::Write;
-    let rel_dir = Path::new(OUTPUTS_DIR).join(job_id);
+    let rel_dir = output_folder(job_id);
     let dir = data_dir.join(&rel_dir);
-    std::fs::create_dir_all(&dir).map_err(StoreError::io(format!("creating {}", dir.display())))?;
+    let new_folder = match std::fs::create_dir(&dir) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(&dir)
+                .map_err(StoreError::io(format!("creating {}", dir.display())))?;
+            true
+        }
+        Err(e) => {
+            return Err(StoreError::Io {
+                context: format!("creating {}", dir.display()),
+                source: e,
+            });
+        }
+    };
     let mut written = Vec::with_capacity(outputs.len());
     for (i, out) in outputs.into_iter().enumerate() {
         let index =
             u32::try_from(i).map_err(|_| StoreError::Invalid("too many outputs".to_string()))?;
         let name = match prefix {
-            Some(prefix) => format!("{prefix}-{index}-{}", safe_filename(&out.filename)),
-            None => format!("{index}-{}", safe_filename(&out.filename)),
+            Some(prefix) => format!("{job_id}.{prefix}-{index}-{}", safe_filename(&out.filename)),
+            None => format!("{job_id}.{index}-{}", safe_filename(&out.filename)),
         };
-        let tmp = dir.join(format!(".{name}.tmp"));
         let path = dir.join(&name);
-        let mut file = std::fs::File::create(&tmp)
-            .map_err(StoreError::io(format!("creating {}", tmp.display())))?;
+        let mut file = std::fs::File::create(&path)
+            .map_err(StoreError::io(format!("creating {}", path.display())))?;
         file.write_all(&out.bytes)
             .and_then(|()| file.sync_all())
-            .map_err(StoreError::io(format!("writing {}", tmp.display())))?;
-        std::fs::rename(&tmp, &path)
-            .map_err(StoreError::io(format!("renaming {}", tmp.display())))?;
+            .map_err(StoreError::io(format!("writing {}", path.display())))?;
         written.push(Output {
             index,
             filename: out.filename,
@@ -1291,7 +1341,9 @@ fn write_outputs(
         });
     }
     fsync_dir(&dir)?;
-    fsync_dir(&data_dir.join(OUTPUTS_DIR))?;
+    if new_folder {
+        fsync_dir(&data_dir.join(OUTPUTS_DIR))?;
+    }
     Ok(written)
 }
 
