@@ -14,6 +14,10 @@
 //!   2048² images) are not replayed as recorded; the same behaviours (interrupt at a progress
 //!   tick, queue order, delete/clear, reconnect) are tested with a simulated KSampler, whose
 //!   speed the simulator controls.
+//! - SaveImage's file counter: ComfyUI lists the output folder on every save and takes the
+//!   highest counter plus one; the simulator lists it once per folder and prefix, then counts
+//!   on (listing again when the name it would use is taken), so a file someone else puts
+//!   further up is passed only when its name comes up.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -676,7 +676,7 @@ fn save_images(
     std::fs::create_dir_all(&full).map_err(|e| {
         NodeError::failed("OSError", format!("cannot create {}: {e}", full.display()))
     })?;
-    let first = next_counter(&full, &filename);
+    let first = claim_counters(&full, &filename, images.len() as u64);
     let mut results = Vec::new();
     for (counter, img) in (first..).zip(images.iter()) {
         let file = format!("{filename}_{counter:05}_.png");
@@ -688,6 +688,32 @@ fn save_images(
         results.push(json!({"filename": file, "subfolder": subfolder, "type": kind}));
     }
     Ok(results)
+}
+
+/// The next file counter per (folder, filename prefix), learned from one listing of the folder
+/// and counted on from there: ComfyUI lists the folder on every save, which costs a listing of
+/// every earlier image per save once thousands are there.
+static NEXT_COUNTERS: std::sync::LazyLock<std::sync::Mutex<HashMap<(PathBuf, String), u64>>> =
+    std::sync::LazyLock::new(|| std::sync::Mutex::new(HashMap::new()));
+
+/// The first of `count` file counters for `filename` in `dir`, as ComfyUI's
+/// `get_save_image_path` would give them (the highest counter there plus one) while only the
+/// simulator writes there. A file someone else puts further up is noticed when its name comes
+/// up: a name found taken sends it back to listing the folder.
+fn claim_counters(dir: &Path, filename: &str, count: u64) -> u64 {
+    let mut counters = NEXT_COUNTERS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let key = (dir.to_path_buf(), filename.to_string());
+    let taken = |first: u64| {
+        (first..first + count).any(|c| dir.join(format!("{filename}_{c:05}_.png")).exists())
+    };
+    let first = match counters.get(&key) {
+        Some(&next) if !taken(next) => next,
+        _ => next_counter(dir, filename),
+    };
+    counters.insert(key, first + count);
+    first
 }
 
 /// The next file counter for `filename` in `dir`, from the files already there.
@@ -810,9 +836,30 @@ mod tests {
         .expect("save");
         assert_eq!(a[0]["filename"], "p_00001_.png");
         assert_eq!(a[0]["subfolder"], "sub");
-        let b = save_images(dir.path(), "sub/p", "output", &[img.clone(), img], &[]).expect("save");
+        let b = save_images(
+            dir.path(),
+            "sub/p",
+            "output",
+            &[img.clone(), img.clone()],
+            &[],
+        )
+        .expect("save");
         assert_eq!(b[0]["filename"], "p_00002_.png");
         assert_eq!(b[1]["filename"], "p_00003_.png");
+        // Files put there by someone else: the counter goes past one when its name comes up.
+        std::fs::write(dir.path().join("sub").join("p_00007_.png"), b"x").expect("write");
+        let c = save_images(
+            dir.path(),
+            "sub/p",
+            "output",
+            std::slice::from_ref(&img),
+            &[],
+        )
+        .expect("save");
+        assert_eq!(c[0]["filename"], "p_00004_.png");
+        std::fs::write(dir.path().join("sub").join("p_00005_.png"), b"x").expect("write");
+        let d = save_images(dir.path(), "sub/p", "output", &[img], &[]).expect("save");
+        assert_eq!(d[0]["filename"], "p_00008_.png");
     }
 
     #[test]
