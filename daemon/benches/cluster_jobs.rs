@@ -193,9 +193,11 @@ async fn cluster_throughput(nodes: usize, total: usize, clients: usize) -> anyho
             ))
         })
         .collect::<anyhow::Result<_>>()?;
+    let messages_before = cluster_messages(&http, &cluster).await?;
     let run = submit_many(&http, total, clients, targets).await;
     let ids: HashSet<String> = run.accepted.iter().map(|j| j.id.clone()).collect();
     let executed = wait_all_executed(&cluster, &ids, Duration::from_secs(900)).await?;
+    let messages_after = cluster_messages(&http, &cluster).await?;
     // Read each job back from its owner (a local read there, not a relayed one).
     let owner_url: HashMap<&str, &str> = cluster
         .accounts
@@ -246,6 +248,12 @@ async fn cluster_throughput(nodes: usize, total: usize, clients: usize) -> anyho
         "   ran per node: {}; {} jobs ran more than once",
         executed.per_node_summary(&cluster.names),
         executed.extra_runs
+    );
+    let per_job = |after: f64, before: f64| (after - before) / run.accepted.len().max(1) as f64;
+    println!(
+        "   cluster messages (peer requests, answers and gossip) per job: {:.1} sent, {:.0} bytes",
+        per_job(messages_after.0, messages_before.0),
+        per_job(messages_after.1, messages_before.1),
     );
     println!(
         "   afterwards, {} jobs read back with GET /v1/jobs/{{id}} at their owners, {READ_BACK_CONCURRENCY} \
@@ -447,6 +455,36 @@ impl BenchCluster {
 }
 
 /// How many members `member`'s `/v1/cluster` shows live and `ready` (0 until it answers).
+/// Cluster messages (frames) and their bytes sent by all members so far, from their metrics.
+async fn cluster_messages(
+    http: &reqwest::Client,
+    cluster: &BenchCluster,
+) -> anyhow::Result<(f64, f64)> {
+    let (mut frames, mut bytes) = (0.0, 0.0);
+    for member in &cluster.members {
+        let text = http
+            .get(format!("{}/metrics", member.url))
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        for line in text.lines() {
+            let mut parts = line.split_whitespace();
+            let (Some(name), Some(value)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let value: f64 = value.parse().unwrap_or(0.0);
+            match name {
+                "kiln_gossip_frames_sent_total" => frames += value,
+                "kiln_gossip_bytes_sent_total" => bytes += value,
+                _ => {}
+            }
+        }
+    }
+    Ok((frames, bytes))
+}
+
 async fn ready_members(http: &reqwest::Client, member: &Member) -> anyhow::Result<usize> {
     let ready = http.get(format!("{}/readyz", member.url)).send().await?;
     if !ready.status().is_success() {
