@@ -816,49 +816,25 @@ mod tests {
     fn escaping_prefix_is_refused_and_counter_continues() {
         let dir = tempfile::tempdir().expect("temp dir");
         let img = RgbImage::from_pixel(4, 3, Rgb([1, 2, 3]));
-        let err = save_images(
-            dir.path(),
-            "../escape",
-            "output",
-            std::slice::from_ref(&img),
-            &[],
-        );
+        let save = |prefix: &str, count: usize| {
+            save_images(dir.path(), prefix, "output", &vec![img.clone(); count], &[])
+        };
+        let err = save("../escape", 1);
         assert!(
             matches!(err, Err(NodeError::Failed { ref exception_type, .. }) if exception_type == "Exception")
         );
-        let a = save_images(
-            dir.path(),
-            "sub/p",
-            "output",
-            std::slice::from_ref(&img),
-            &[],
-        )
-        .expect("save");
+        let a = save("sub/p", 1).expect("save");
         assert_eq!(a[0]["filename"], "p_00001_.png");
         assert_eq!(a[0]["subfolder"], "sub");
-        let b = save_images(
-            dir.path(),
-            "sub/p",
-            "output",
-            &[img.clone(), img.clone()],
-            &[],
-        )
-        .expect("save");
+        let b = save("sub/p", 2).expect("save");
         assert_eq!(b[0]["filename"], "p_00002_.png");
         assert_eq!(b[1]["filename"], "p_00003_.png");
         // Files put there by someone else: the counter goes past one when its name comes up.
         std::fs::write(dir.path().join("sub").join("p_00007_.png"), b"x").expect("write");
-        let c = save_images(
-            dir.path(),
-            "sub/p",
-            "output",
-            std::slice::from_ref(&img),
-            &[],
-        )
-        .expect("save");
+        let c = save("sub/p", 1).expect("save");
         assert_eq!(c[0]["filename"], "p_00004_.png");
         std::fs::write(dir.path().join("sub").join("p_00005_.png"), b"x").expect("write");
-        let d = save_images(dir.path(), "sub/p", "output", &[img], &[]).expect("save");
+        let d = save("sub/p", 1).expect("save");
         assert_eq!(d[0]["filename"], "p_00008_.png");
     }
 
