@@ -41,6 +41,7 @@ async fn bench() -> anyhow::Result<()> {
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
         "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "kiln", "images": ["8", 0]}}
     });
+    let workflow = kiln_daemon::queue::JsonText::from(workflow);
     let deadline = Instant::now() + Duration::from_secs(secs);
     let started = Instant::now();
     let mut tasks = Vec::new();

@@ -1125,7 +1125,7 @@ async fn run_one(runner: &Runner, work: Work) -> Ended {
             &runner.client,
             runner.control.as_ref(),
             &prompt_id,
-            &job.workflow,
+            job.workflow.as_raw(),
             Some(&extra_data),
             &options,
             events_tx,

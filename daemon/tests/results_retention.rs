@@ -22,7 +22,7 @@ fn new_job(id: &str, account: &str, tier: Tier) -> NewJob {
         id: id.to_string(),
         account: account.to_string(),
         tier,
-        workflow: json!({"3": {"class_type": "KSampler", "inputs": {"seed": 1}}}),
+        workflow: json!({"3": {"class_type": "KSampler", "inputs": {"seed": 1}}}).into(),
         webhook: None,
         metadata: None,
         idempotency_key: None,

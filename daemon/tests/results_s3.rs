@@ -133,7 +133,7 @@ fn new_job(id: &str, tier: Tier) -> NewJob {
         id: id.to_string(),
         account: format!("acct-{id}"),
         tier,
-        workflow: json!({"3": {"class_type": "KSampler", "inputs": {"seed": 1}}}),
+        workflow: json!({"3": {"class_type": "KSampler", "inputs": {"seed": 1}}}).into(),
         webhook: None,
         metadata: None,
         idempotency_key: None,

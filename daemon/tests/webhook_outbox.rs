@@ -16,7 +16,7 @@ fn new_job(id: &str, webhook: Option<&str>) -> NewJob {
         id: id.to_string(),
         account: "alice".to_string(),
         tier: Tier::Pro,
-        workflow: json!({"3": {"class_type": "KSampler", "inputs": {"seed": 1}}}),
+        workflow: json!({"3": {"class_type": "KSampler", "inputs": {"seed": 1}}}).into(),
         webhook: webhook.map(str::to_string),
         metadata: None,
         idempotency_key: None,

@@ -18,7 +18,7 @@ use super::{ApiError, AppState, authenticate};
 use crate::comfy::workflow::{WorkflowError, validate};
 use crate::metrics::Metrics;
 use crate::protocol::{ErrorCode, JobList, JobStatus, JobView, StatusEvent, SubmitRequest, sse};
-use crate::queue::{Job, JobRole, NewJob, Quota};
+use crate::queue::{Job, JobRole, JsonText, NewJob, Quota};
 use crate::tiers::Account;
 
 /// Longest accepted `Idempotency-Key`.
@@ -136,7 +136,7 @@ pub(super) async fn submit(
         id: uuid::Uuid::new_v4().to_string(),
         account: account.id.clone(),
         tier: account.tier,
-        workflow: request.workflow,
+        workflow: JsonText::from(&request.workflow),
         webhook: request.webhook,
         metadata: request.metadata,
         idempotency_key,

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
@@ -377,10 +378,10 @@ impl ComfyClient {
     /// `POST /prompt` with Kiln's `prompt_id` and this client's id. A 400 is
     /// [`ComfyError::Rejected`]; a 200 with `node_errors` is a success that runs only the valid
     /// output branches (see [`Submitted::node_errors`]).
-    pub async fn submit(
+    pub async fn submit<W: Serialize + ?Sized + Sync>(
         &self,
         prompt_id: &str,
-        workflow: &Value,
+        workflow: &W,
         extra_data: Option<&Value>,
     ) -> Result<Submitted, ComfyError> {
         let what = "POST /prompt";

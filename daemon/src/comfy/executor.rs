@@ -110,11 +110,11 @@ impl Stop {
 /// relayed to `progress` (best effort, never blocking). Output files are downloaded before
 /// [`RunOutcome::Succeeded`] is returned.
 #[allow(clippy::too_many_arguments)]
-pub async fn run_prompt(
+pub async fn run_prompt<W: serde::Serialize + ?Sized + Sync>(
     client: &ComfyClient,
     control: &dyn ComfyControl,
     prompt_id: &str,
-    workflow: &Value,
+    workflow: &W,
     extra_data: Option<&Value>,
     opts: &RunOptions,
     progress: mpsc::Sender<RunEvent>,

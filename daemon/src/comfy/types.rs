@@ -16,9 +16,10 @@ use serde_json::{Map, Value};
 /// The body of `POST /prompt`. Kiln always sends its own `prompt_id` and a `client_id`:
 /// without a `client_id` ComfyUI sends no per-prompt WebSocket events at all.
 #[derive(Debug, Clone, Serialize)]
-pub struct PromptRequest<'a> {
-    /// The API-format graph: node id → `{class_type, inputs}`.
-    pub prompt: &'a Value,
+pub struct PromptRequest<'a, W: ?Sized = Value> {
+    /// The API-format graph: node id → `{class_type, inputs}` (a tree of values, or a job's
+    /// workflow as its stored JSON text).
+    pub prompt: &'a W,
     pub client_id: &'a str,
     pub prompt_id: &'a str,
     /// Kept by ComfyUI in the history entry (and handed to nodes as `EXTRA_PNGINFO`).
@@ -325,39 +326,42 @@ pub enum WsMessage {
     Other { kind: String, data: Value },
 }
 
+/// A frame's `type` and its `data` left unparsed, so each known type's data is read once,
+/// straight into its own struct.
 #[derive(Deserialize)]
-struct RawWsMessage {
-    #[serde(rename = "type")]
-    kind: String,
-    #[serde(default)]
-    data: Value,
+struct RawWsMessage<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    #[serde(default, borrow)]
+    data: Option<&'a serde_json::value::RawValue>,
 }
 
 impl WsMessage {
     /// Parses one text frame. A frame that is not `{"type": ..., "data": ...}`, or a known
     /// type whose data does not have the expected shape, is an error naming the type.
     pub fn parse(text: &str) -> Result<WsMessage, String> {
-        let raw: RawWsMessage = serde_json::from_str(text)
+        let raw: RawWsMessage<'_> = serde_json::from_str(text)
             .map_err(|e| format!("websocket frame is not a {{type, data}} object: {e}"))?;
-        fn data<T: serde::de::DeserializeOwned>(kind: &str, data: Value) -> Result<T, String> {
-            serde_json::from_value(data).map_err(|e| format!("bad {kind} message: {e}"))
+        fn data<T: serde::de::DeserializeOwned>(kind: &str, text: &str) -> Result<T, String> {
+            serde_json::from_str(text).map_err(|e| format!("bad {kind} message: {e}"))
         }
-        let kind = raw.kind.as_str();
+        let text = raw.data.map_or("null", |d| d.get());
+        let kind: &str = &raw.kind;
         Ok(match kind {
-            "status" => WsMessage::Status(data(kind, raw.data)?),
-            "execution_start" => WsMessage::ExecutionStart(data(kind, raw.data)?),
-            "execution_cached" => WsMessage::ExecutionCached(data(kind, raw.data)?),
-            "executing" => WsMessage::Executing(data(kind, raw.data)?),
-            "progress" => WsMessage::Progress(data(kind, raw.data)?),
-            "progress_state" => WsMessage::ProgressState(data(kind, raw.data)?),
-            "executed" => WsMessage::Executed(data(kind, raw.data)?),
-            "execution_success" => WsMessage::ExecutionSuccess(data(kind, raw.data)?),
-            "execution_error" => WsMessage::ExecutionError(data(kind, raw.data)?),
-            "execution_interrupted" => WsMessage::ExecutionInterrupted(data(kind, raw.data)?),
-            "feature_flags" => WsMessage::FeatureFlags(raw.data),
+            "status" => WsMessage::Status(data(kind, text)?),
+            "execution_start" => WsMessage::ExecutionStart(data(kind, text)?),
+            "execution_cached" => WsMessage::ExecutionCached(data(kind, text)?),
+            "executing" => WsMessage::Executing(data(kind, text)?),
+            "progress" => WsMessage::Progress(data(kind, text)?),
+            "progress_state" => WsMessage::ProgressState(data(kind, text)?),
+            "executed" => WsMessage::Executed(data(kind, text)?),
+            "execution_success" => WsMessage::ExecutionSuccess(data(kind, text)?),
+            "execution_error" => WsMessage::ExecutionError(data(kind, text)?),
+            "execution_interrupted" => WsMessage::ExecutionInterrupted(data(kind, text)?),
+            "feature_flags" => WsMessage::FeatureFlags(data(kind, text)?),
             _ => WsMessage::Other {
-                kind: raw.kind,
-                data: raw.data,
+                data: data(kind, text)?,
+                kind: raw.kind.into_owned(),
             },
         })
     }

@@ -54,8 +54,8 @@ use crate::peer::{PeerRpc, RpcConfig, RpcError, placement};
 use crate::protocol::cluster::{MemberState, Role};
 use crate::protocol::{ErrorCode, JobStatus, JobView, Progress, Tier};
 use crate::queue::{
-    AccountUsage, CancelOutcome, Finished, Job, JobRole, JobStore, NewJob, NewOutput, Outcome,
-    Quota, StoreError, Usage,
+    AccountUsage, CancelOutcome, Finished, Job, JobRole, JobStore, JsonText, NewJob, NewOutput,
+    Outcome, Quota, StoreError, Usage,
 };
 
 pub use transfer::OutputFile;
@@ -2220,24 +2220,24 @@ fn store_refusal(error: StoreError, tier: Tier) -> ApiError {
 
 /// The peer protocol carries a workflow and its metadata as JSON text, so they arrive exactly
 /// as the owner stored them.
-type JsonText = (String, Option<String>);
+type JsonPair = (String, Option<String>);
 
 fn json_to_text(
-    workflow: &serde_json::Value,
+    workflow: &JsonText,
     metadata: Option<&serde_json::Value>,
-) -> Result<JsonText, serde_json::Error> {
+) -> Result<JsonPair, serde_json::Error> {
     Ok((
-        serde_json::to_string(workflow)?,
+        workflow.as_str().to_owned(),
         metadata.map(serde_json::to_string).transpose()?,
     ))
 }
 
 fn json_from_text(
-    workflow: &str,
+    workflow: String,
     metadata: Option<&str>,
-) -> Result<(serde_json::Value, Option<serde_json::Value>), String> {
+) -> Result<(JsonText, Option<serde_json::Value>), String> {
     Ok((
-        serde_json::from_str(workflow).map_err(|e| format!("workflow is not JSON: {e}"))?,
+        JsonText::parse(workflow).map_err(|e| format!("workflow is not JSON: {e}"))?,
         metadata
             .map(serde_json::from_str)
             .transpose()
@@ -2262,7 +2262,7 @@ fn wire_new_job(new: &NewJob) -> Result<WireNewJob, ApiError> {
 }
 
 fn new_job_from_wire(wire: WireNewJob) -> Result<NewJob, String> {
-    let (workflow, metadata) = json_from_text(&wire.workflow, wire.metadata.as_deref())?;
+    let (workflow, metadata) = json_from_text(wire.workflow, wire.metadata.as_deref())?;
     Ok(NewJob {
         workflow,
         metadata,
@@ -2303,7 +2303,7 @@ fn wire_job(job: &Job) -> Result<WireJob, serde_json::Error> {
 
 /// A job sent by `owner` (a copy to keep, or a job leased to run).
 fn job_from_wire(wire: WireJob, owner: Option<&str>) -> Result<Job, String> {
-    let (workflow, metadata) = json_from_text(&wire.workflow, wire.metadata.as_deref())?;
+    let (workflow, metadata) = json_from_text(wire.workflow, wire.metadata.as_deref())?;
     Ok(Job {
         workflow,
         metadata,

@@ -47,6 +47,66 @@ pub use scheduler::{QueuedJob, RingPos, Scheduler, TierCount};
 pub use store::{JobStore, StoreOptions, output_files_on_disk, output_folder, system_clock};
 pub use writer::Clock;
 
+/// JSON kept as text. A job's workflow is only ever stored, sent to peers and handed to
+/// ComfyUI, so it is checked once where it comes in (from a row or a peer) and never built
+/// into a tree of values again: parsing it into one on every row read and every peer message
+/// was a measurable part of a job's CPU time.
+#[derive(Clone)]
+pub struct JsonText(Box<serde_json::value::RawValue>);
+
+impl JsonText {
+    /// Checks that `text` is one JSON value and keeps it as it is.
+    pub fn parse(text: String) -> Result<JsonText, serde_json::Error> {
+        serde_json::value::RawValue::from_string(text).map(JsonText)
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0.get()
+    }
+
+    pub fn as_raw(&self) -> &serde_json::value::RawValue {
+        &self.0
+    }
+
+    /// The value as a tree, for code that looks inside it.
+    pub fn to_value(&self) -> Result<Value, serde_json::Error> {
+        serde_json::from_str(self.as_str())
+    }
+}
+
+impl From<&Value> for JsonText {
+    fn from(value: &Value) -> JsonText {
+        // A `Value` always serializes: its map keys are strings and its numbers finite.
+        JsonText(serde_json::value::to_raw_value(value).expect("a JSON value serializes"))
+    }
+}
+
+impl From<Value> for JsonText {
+    fn from(value: Value) -> JsonText {
+        JsonText::from(&value)
+    }
+}
+
+impl PartialEq for JsonText {
+    fn eq(&self, other: &JsonText) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for JsonText {}
+
+impl std::fmt::Debug for JsonText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl serde::Serialize for JsonText {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
 /// A job to store, as the API accepted it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewJob {
@@ -55,7 +115,7 @@ pub struct NewJob {
     pub account: String,
     pub tier: Tier,
     /// The ComfyUI API-format prompt.
-    pub workflow: Value,
+    pub workflow: JsonText,
     pub webhook: Option<String>,
     pub metadata: Option<Value>,
     /// The `Idempotency-Key` header, if any: same account + key + body hash → the same job.
@@ -134,7 +194,7 @@ pub struct Job {
     pub account: String,
     pub tier: Tier,
     pub status: JobStatus,
-    pub workflow: Value,
+    pub workflow: JsonText,
     pub webhook: Option<String>,
     pub metadata: Option<Value>,
     pub idempotency_key: Option<String>,

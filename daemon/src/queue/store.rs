@@ -19,8 +19,8 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use super::scheduler::{QueuedJob, RingPos};
 use super::writer::{self, Clock, Encoded, FinishOp, MemState, Request, Shared, tier_from_rank};
 use super::{
-    CancelOutcome, Finished, Job, JobChange, JobEvent, NewJob, NewOutput, Outcome, Output,
-    QueueSummary, Quota, RecoveryReport, StoreError, Submitted, Usage, schema,
+    CancelOutcome, Finished, Job, JobChange, JobEvent, JsonText, NewJob, NewOutput, Outcome,
+    Output, QueueSummary, Quota, RecoveryReport, StoreError, Submitted, Usage, schema,
 };
 use crate::protocol::{DeleteReason, JobError, JobStatus, Tier, WatermarkStatus};
 use crate::results::objects::ObjectStorage;
@@ -1132,12 +1132,11 @@ fn validate_member(name: &str, what: &str) -> Result<(), StoreError> {
 
 /// Encodes a job's JSON columns (off the writer thread).
 fn encode(
-    workflow: &serde_json::Value,
+    workflow: &JsonText,
     metadata: Option<&serde_json::Value>,
 ) -> Result<Encoded, StoreError> {
     Ok(Encoded {
-        workflow: serde_json::to_string(workflow)
-            .map_err(|e| StoreError::Invalid(format!("workflow cannot be stored: {e}")))?,
+        workflow: workflow.as_str().to_owned(),
         metadata: metadata
             .map(|m| {
                 serde_json::to_string(m)
@@ -1479,8 +1478,7 @@ fn job_from_raw(raw: RawJob, path: &Path) -> Result<Job, StoreError> {
         path: path.to_path_buf(),
         detail: format!("job {id}: {e}"),
     })?;
-    let workflow =
-        serde_json::from_str(&workflow).map_err(|e| corrupt_json(path, &id, "workflow", e))?;
+    let workflow = JsonText::parse(workflow).map_err(|e| corrupt_json(path, &id, "workflow", e))?;
     let metadata = match metadata {
         Some(m) => {
             Some(serde_json::from_str(&m).map_err(|e| corrupt_json(path, &id, "metadata", e))?)
