@@ -542,3 +542,131 @@ async fn a_pro_job_starts_before_free_jobs_queued_anywhere() {
         logs(&cluster)
     );
 }
+
+/// Waits until `node`'s log has a line with all of `words`.
+async fn wait_log(cluster: &TestCluster, node: usize, words: &[&str], timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let log = cluster.nodes[node].log();
+        if log
+            .lines()
+            .any(|line| words.iter().all(|w| line.contains(w)))
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gpu-{node} logged no line with {words:?} within {timeout:?}\n{}",
+            logs(cluster)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_returning_owner_whose_replica_died_too_finds_the_jobs_new_owner() {
+    let mut cluster = TestCluster::start(3, spec(40))
+        .await
+        .expect("cluster starts");
+    // alice's jobs: owned by `a`, copied to `b`; `c` is the third member.
+    let ranked = kiln_daemon::peer::placement::rank("alice", &cluster.names);
+    let index = |name: &str| {
+        cluster
+            .names
+            .iter()
+            .position(|n| n == name)
+            .expect("a member")
+    };
+    let (a, b, c) = (index(ranked[0]), index(ranked[1]), index(ranked[2]));
+    let mut jobs = Vec::new();
+    for i in 0..30 {
+        let (status, body) = cluster
+            .api(c, "alice")
+            .submit(&sdxl_workflow(25, i))
+            .await
+            .expect("submit");
+        assert_eq!(status, 202, "{body}");
+        assert_eq!(body["replicas"], 1, "{body}");
+        jobs.push((
+            body["id"].as_str().expect("id").to_string(),
+            "alice".to_string(),
+        ));
+    }
+    let ran_at_a = |cluster: &TestCluster| {
+        executed(cluster)
+            .into_iter()
+            .filter(|(node, _, status)| *node == a && status == "success")
+            .count()
+    };
+    // The owner dies; its replica adopts the jobs (copying them to `c`) and dies in turn;
+    // `c` adopts them from it and runs them.
+    cluster.nodes[a].kill9();
+    wait_log(
+        &cluster,
+        b,
+        &[
+            "adopted the jobs of a member that is gone",
+            &cluster.names[a],
+        ],
+        Duration::from_secs(30),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster.nodes[b].kill9();
+    wait_log(
+        &cluster,
+        c,
+        &[
+            "adopted the jobs of a member that is gone",
+            &cluster.names[b],
+        ],
+        Duration::from_secs(30),
+    )
+    .await;
+    let finals = wait_all_final(&cluster, &jobs).await;
+    for job in &finals {
+        assert_eq!(job["status"], "succeeded", "{job}\n{}", logs(&cluster));
+    }
+    // The old owner comes back while its jobs' replica is still dead: it finds their new
+    // owner and hands them over instead of running them again.
+    let before = ran_at_a(&cluster);
+    cluster.nodes[a]
+        .restart()
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs(&cluster)));
+    cluster
+        .wait_all_ready(Duration::from_secs(45))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs(&cluster)));
+    let api = cluster.api(a, "alice");
+    let (status, body) = api.submit(&simple_workflow("back")).await.expect("submit");
+    assert_eq!(status, 202, "{body}");
+    let fresh = body["id"].as_str().expect("id").to_string();
+    let job = api
+        .wait_final(&fresh, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs(&cluster)));
+    assert_eq!(job["status"], "succeeded");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let fresh_at_a = executed(&cluster)
+        .iter()
+        .filter(|(node, id, _)| *node == a && *id == fresh)
+        .count();
+    assert_eq!(
+        ran_at_a(&cluster),
+        before + fresh_at_a,
+        "the returning owner ran none of its old jobs again\n{}",
+        logs(&cluster)
+    );
+    for (id, _) in &jobs {
+        let view = api.job(id).await.expect("job");
+        assert_eq!(view["status"], "succeeded", "{view}");
+    }
+    assert!(
+        cluster.nodes[a]
+            .log()
+            .contains("jobs adopted by their replicas while this node was away were handed over"),
+        "{}",
+        cluster.nodes[a].log()
+    );
+}

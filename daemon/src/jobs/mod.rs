@@ -1540,14 +1540,40 @@ impl Inner {
         Ok(futures::future::join_all(asked).await.into_iter().sum())
     }
 
-    /// Hands over those of `ids` that `replica` adopted; returns how many.
+    /// Hands over those of `ids` that `replica` adopted; returns how many. A replica that does
+    /// not show live may have adopted them and died in turn, and then its own replica adopted
+    /// them: every live member is asked instead, and each hands over what it owns now.
     async fn reconcile_with(&self, replica: String, ids: Vec<String>) -> usize {
         let Some(addr) = self.addr_of_when_known(&replica).await else {
-            tracing::warn!(%replica, jobs = ids.len(),
-                "the replica of some jobs did not show live in the cluster view; keeping them");
-            return 0;
+            let mut left: HashSet<String> = ids.into_iter().collect();
+            let mut handed = 0;
+            for peer in self.live_peers() {
+                if left.is_empty() {
+                    break;
+                }
+                let Some(addr) = self.addr_of(&peer) else {
+                    continue;
+                };
+                let asked: Vec<String> = left.iter().cloned().collect();
+                let owned = self.owned_by(&peer, addr, &asked).await;
+                for id in &owned {
+                    left.remove(id);
+                }
+                handed += self.hand_over_to(&peer, owned).await;
+            }
+            if !left.is_empty() {
+                tracing::warn!(%replica, jobs = left.len(),
+                    "the replica of some jobs did not show live and no live member owns them; keeping them");
+            }
+            return handed;
         };
-        let mut adopted = Vec::new();
+        let adopted = self.owned_by(&replica, addr, &ids).await;
+        self.hand_over_to(&replica, adopted).await
+    }
+
+    /// Which of `ids` member `name` (at `addr`) owns now, by its own answer.
+    async fn owned_by(&self, name: &str, addr: SocketAddr, ids: &[String]) -> Vec<String> {
+        let mut owned = Vec::new();
         for chunk in ids.chunks(IDS_PER_QUESTION) {
             for _ in 0..5 {
                 let request = JobRequest::Whose {
@@ -1555,24 +1581,29 @@ impl Inner {
                 };
                 match self.request(addr, request, SHORT_DEADLINE).await {
                     Ok(JobResponse::Owned { ids }) => {
-                        adopted.extend(ids);
+                        owned.extend(ids);
                         break;
                     }
                     Ok(other) => {
-                        tracing::warn!(%replica, answer = ?other, "unexpected answer to whose")
+                        tracing::warn!(member = %name, answer = ?other, "unexpected answer to whose")
                     }
                     Err(error) => {
-                        tracing::warn!(%replica, %error, "asking a replica which jobs it adopted")
+                        tracing::warn!(member = %name, %error, "asking a member which jobs it owns")
                     }
                 }
             }
         }
+        owned
+    }
+
+    /// Makes `ids` copies of `new_owner`'s jobs here; returns how many were handed over.
+    async fn hand_over_to(&self, new_owner: &str, ids: Vec<String>) -> usize {
         let mut handed = 0;
-        for id in adopted {
-            match self.store.hand_over(&id, &replica).await {
+        for id in ids {
+            match self.store.hand_over(&id, new_owner).await {
                 Ok(_) => handed += 1,
                 Err(error) => {
-                    tracing::warn!(job = %id, %replica, %error, "cannot hand over an adopted job")
+                    tracing::warn!(job = %id, %new_owner, %error, "cannot hand over an adopted job")
                 }
             }
         }
