@@ -19,7 +19,7 @@
 
 mod common;
 
-use common::{env_or, quantile, unix_ms_f64};
+use common::{TICKS_PER_SECOND, env_or, proc_stat, quantile, unix_ms_f64};
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
@@ -47,7 +47,25 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let root = tempfile::Builder::new().prefix("kiln-bench-").tempdir()?;
+    RUN_DIR
+        .set(root.path().to_path_buf())
+        .map_err(|_| anyhow::anyhow!("the bench's directory was set twice"))?;
     runtime.block_on(run())
+    // `root` goes here, with every member's files.
+}
+
+/// Where every member of the whole run keeps its files, until the run ends. Deleting a part's
+/// tens of thousands of files before the next part would put that clean-up into the next
+/// part's figures: on an ext4 without a journal (as on the machine these figures come from),
+/// creating a file soon after many deletions scans the recently freed inodes.
+static RUN_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+fn run_dir() -> anyhow::Result<&'static Path> {
+    RUN_DIR
+        .get()
+        .map(PathBuf::as_path)
+        .context("the bench's directory is not set")
 }
 
 async fn run() -> anyhow::Result<()> {
@@ -194,9 +212,11 @@ async fn cluster_throughput(nodes: usize, total: usize, clients: usize) -> anyho
         })
         .collect::<anyhow::Result<_>>()?;
     let messages_before = cluster_messages(&http, &cluster).await?;
+    let cpu_before = cluster.cpu_time();
     let run = submit_many(&http, total, clients, targets).await;
     let ids: HashSet<String> = run.accepted.iter().map(|j| j.id.clone()).collect();
     let executed = wait_all_executed(&cluster, &ids, Duration::from_secs(900)).await?;
+    let cpu_after = cluster.cpu_time();
     let messages_after = cluster_messages(&http, &cluster).await?;
     // Read each job back from its owner (a local read there, not a relayed one).
     let owner_url: HashMap<&str, &str> = cluster
@@ -254,6 +274,15 @@ async fn cluster_throughput(nodes: usize, total: usize, clients: usize) -> anyho
         "   cluster messages (peer requests, answers and gossip) per job: {:.1} sent, {:.0} bytes",
         per_job(messages_after.0, messages_before.0),
         per_job(messages_after.1, messages_before.1),
+    );
+    let cpu_ms = |after: f64, before: f64| per_job(after, before) * 1000.0;
+    println!(
+        "   CPU per job (user + system, from /proc): kilnd {:.2} ms, simulators {:.2} ms, \
+         this bench's clients {:.2} ms; {:.2} ms in all",
+        cpu_ms(cpu_after.kilnd, cpu_before.kilnd),
+        cpu_ms(cpu_after.simulators, cpu_before.simulators),
+        cpu_ms(cpu_after.bench, cpu_before.bench),
+        cpu_ms(cpu_after.total(), cpu_before.total()),
     );
     println!(
         "   afterwards, {} jobs read back with GET /v1/jobs/{{id}} at their owners, {READ_BACK_CONCURRENCY} \
@@ -454,7 +483,60 @@ impl BenchCluster {
     }
 }
 
-/// How many members `member`'s `/v1/cluster` shows live and `ready` (0 until it answers).
+/// CPU seconds (user + system) used so far by the members' kilnd processes, by their
+/// simulators (the rest of each member's process group) and by this bench process.
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuTime {
+    kilnd: f64,
+    simulators: f64,
+    bench: f64,
+}
+
+impl CpuTime {
+    fn total(&self) -> f64 {
+        self.kilnd + self.simulators + self.bench
+    }
+}
+
+impl BenchCluster {
+    /// Reads every process's `/proc/<pid>/stat`; a child of a member's kilnd (the supervisor
+    /// starts its simulator in a process group of its own) or another process of its group
+    /// counts as its simulator. A process that exits between listing and reading is skipped.
+    fn cpu_time(&self) -> CpuTime {
+        let kilnds: HashSet<u64> = self
+            .members
+            .iter()
+            .map(|m| u64::from(m.child.id()))
+            .collect();
+        let own = u64::from(std::process::id());
+        let mut cpu = CpuTime::default();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return cpu;
+        };
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let Some(stat) = proc_stat(&format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            let seconds = stat.ticks as f64 / TICKS_PER_SECOND;
+            if pid == own {
+                cpu.bench += seconds;
+            } else if kilnds.contains(&pid) {
+                cpu.kilnd += seconds;
+            } else if kilnds.contains(&stat.ppid) || kilnds.contains(&stat.pgrp) {
+                cpu.simulators += seconds;
+            }
+        }
+        cpu
+    }
+}
+
 /// Cluster messages (frames) and their bytes sent by all members so far, from their metrics.
 async fn cluster_messages(
     http: &reqwest::Client,
@@ -485,6 +567,7 @@ async fn cluster_messages(
     Ok((frames, bytes))
 }
 
+/// How many members `member`'s `/v1/cluster` shows live and `ready` (0 until it answers).
 async fn ready_members(http: &reqwest::Client, member: &Member) -> anyhow::Result<usize> {
     let ready = http.get(format!("{}/readyz", member.url)).send().await?;
     if !ready.status().is_success() {
@@ -518,7 +601,10 @@ fn launch(
     keys_file: &Path,
     sim_args: &[String],
 ) -> anyhow::Result<Member> {
-    let dir = tempfile::Builder::new().prefix("kiln-bench-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("{name}-"))
+        .disable_cleanup(true)
+        .tempdir_in(run_dir()?)?;
     let api_port = free_port()?;
     let comfy_port = free_port()?;
     let kilnd = env!("CARGO_BIN_EXE_kilnd");

@@ -33,12 +33,32 @@ pub fn proc_sample(pid: u32) -> anyhow::Result<(u64, u64)> {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| anyhow::anyhow!("no VmRSS for process {pid}"))?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after = stat.rsplit_once(')').map(|(_, s)| s).unwrap_or("");
+    let stat = proc_stat(&format!("/proc/{pid}/stat"))
+        .ok_or_else(|| anyhow::anyhow!("cannot read /proc/{pid}/stat"))?;
+    Ok((rss, stat.ticks))
+}
+
+/// What the benches read from a process's `/proc/<pid>/stat`.
+pub struct ProcStat {
+    pub ppid: u64,
+    /// Process group.
+    pub pgrp: u64,
+    /// utime + stime, in clock ticks ([`TICKS_PER_SECOND`]).
+    pub ticks: u64,
+}
+
+/// Reads a `/proc/<pid>/stat` file; `None` when it is gone (the process exited) or garbled.
+pub fn proc_stat(path: &str) -> Option<ProcStat> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    // After the command name in parentheses: state, ppid, pgrp, … utime (11), stime (12).
+    let (_, after) = stat.rsplit_once(')')?;
     let fields: Vec<&str> = after.split_whitespace().collect();
-    let utime: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
-    let stime: u64 = fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    Ok((rss, utime + stime))
+    let field = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok());
+    Some(ProcStat {
+        ppid: field(1)?,
+        pgrp: field(2)?,
+        ticks: field(11)? + field(12)?,
+    })
 }
 
 /// Wall-clock time in milliseconds since the Unix epoch (to compare with times other processes
