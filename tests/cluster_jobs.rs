@@ -430,20 +430,7 @@ async fn a_dead_owners_jobs_are_adopted_and_not_run_again_when_it_returns() {
     let owner = cluster.owner_of("alice");
     let others: Vec<usize> = (0..3).filter(|i| *i != owner).collect();
     // Twenty slow jobs of one account, all owned by `owner`, submitted through the others.
-    let mut jobs = Vec::new();
-    for i in 0..20 {
-        let api = cluster.api(others[i % 2], "alice");
-        let (status, body) = api
-            .submit(&sdxl_workflow(15, i as u64))
-            .await
-            .expect("submit");
-        assert_eq!(status, 202, "{body}");
-        assert_eq!(body["replicas"], 1, "{body}");
-        jobs.push((
-            body["id"].as_str().expect("id").to_string(),
-            "alice".to_string(),
-        ));
-    }
+    let jobs = submit_alice(&cluster, &others, 20, 15).await;
     cluster.nodes[owner].kill9();
     let finals = wait_all_final(&cluster, &jobs).await;
     for job in &finals {
@@ -461,25 +448,9 @@ async fn a_dead_owners_jobs_are_adopted_and_not_run_again_when_it_returns() {
     // The old owner comes back with its old data: it hands the adopted jobs over instead of
     // running them again.
     let before: usize = ran.values().sum();
-    cluster.nodes[owner]
-        .restart()
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", logs(&cluster)));
-    cluster
-        .wait_all_ready(Duration::from_secs(45))
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", logs(&cluster)));
     // A new job through the returning node runs, and nothing old runs again.
     let api = cluster.api(owner, "alice");
-    let (status, body) = api.submit(&simple_workflow("back")).await.expect("submit");
-    assert_eq!(status, 202, "{body}");
-    let fresh = body["id"].as_str().expect("id").to_string();
-    let job = api
-        .wait_final(&fresh, Duration::from_secs(60))
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", logs(&cluster)));
-    assert_eq!(job["status"], "succeeded");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    restart_and_run_one(&mut cluster, owner).await;
     let after = successes(&cluster);
     assert_eq!(
         after.values().sum::<usize>(),
@@ -543,20 +514,70 @@ async fn a_pro_job_starts_before_free_jobs_queued_anywhere() {
     );
 }
 
-/// Waits until `node`'s log has a line with all of `words`.
-async fn wait_log(cluster: &TestCluster, node: usize, words: &[&str], timeout: Duration) {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let log = cluster.nodes[node].log();
-        if log
-            .lines()
-            .any(|line| words.iter().all(|w| line.contains(w)))
-        {
-            return;
-        }
+/// Submits `n` SDXL jobs of `steps` steps for alice, round robin through the nodes `through`;
+/// each must be accepted with one replica. Returns (id, account).
+async fn submit_alice(
+    cluster: &TestCluster,
+    through: &[usize],
+    n: usize,
+    steps: u32,
+) -> Vec<(String, String)> {
+    let mut jobs = Vec::new();
+    for i in 0..n {
+        let api = cluster.api(through[i % through.len()], "alice");
+        let (status, body) = api
+            .submit(&sdxl_workflow(steps, i as u64))
+            .await
+            .expect("submit");
+        assert_eq!(status, 202, "{body}");
+        assert_eq!(body["replicas"], 1, "{body}");
+        jobs.push((
+            body["id"].as_str().expect("id").to_string(),
+            "alice".to_string(),
+        ));
+    }
+    jobs
+}
+
+/// Restarts node `i` on its old data, waits until the cluster is ready, then runs one new job
+/// of alice's through it (and gives any job it should not run 2 s to show); returns its id.
+async fn restart_and_run_one(cluster: &mut TestCluster, i: usize) -> String {
+    cluster.nodes[i]
+        .restart()
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs(cluster)));
+    cluster
+        .wait_all_ready(Duration::from_secs(45))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs(cluster)));
+    let api = cluster.api(i, "alice");
+    let (status, body) = api.submit(&simple_workflow("back")).await.expect("submit");
+    assert_eq!(status, 202, "{body}");
+    let fresh = body["id"].as_str().expect("id").to_string();
+    let job = api
+        .wait_final(&fresh, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs(cluster)));
+    assert_eq!(job["status"], "succeeded");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    fresh
+}
+
+/// Waits (up to 30 s) until node `adopter` logs that it adopted the jobs of node `from`.
+async fn wait_adopted(cluster: &TestCluster, adopter: usize, from: usize) {
+    let words = [
+        "adopted the jobs of a member that is gone",
+        cluster.names[from].as_str(),
+    ];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !cluster.nodes[adopter]
+        .log()
+        .lines()
+        .any(|line| words.iter().all(|w| line.contains(w)))
+    {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "gpu-{node} logged no line with {words:?} within {timeout:?}\n{}",
+            "gpu-{adopter} did not adopt the jobs of gpu-{from} within 30 s\n{}",
             logs(cluster)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -578,20 +599,7 @@ async fn a_returning_owner_whose_replica_died_too_finds_the_jobs_new_owner() {
             .expect("a member")
     };
     let (a, b, c) = (index(ranked[0]), index(ranked[1]), index(ranked[2]));
-    let mut jobs = Vec::new();
-    for i in 0..30 {
-        let (status, body) = cluster
-            .api(c, "alice")
-            .submit(&sdxl_workflow(25, i))
-            .await
-            .expect("submit");
-        assert_eq!(status, 202, "{body}");
-        assert_eq!(body["replicas"], 1, "{body}");
-        jobs.push((
-            body["id"].as_str().expect("id").to_string(),
-            "alice".to_string(),
-        ));
-    }
+    let jobs = submit_alice(&cluster, &[c], 30, 25).await;
     let ran_at_a = |cluster: &TestCluster| {
         executed(cluster)
             .into_iter()
@@ -601,28 +609,10 @@ async fn a_returning_owner_whose_replica_died_too_finds_the_jobs_new_owner() {
     // The owner dies; its replica adopts the jobs (copying them to `c`) and dies in turn;
     // `c` adopts them from it and runs them.
     cluster.nodes[a].kill9();
-    wait_log(
-        &cluster,
-        b,
-        &[
-            "adopted the jobs of a member that is gone",
-            &cluster.names[a],
-        ],
-        Duration::from_secs(30),
-    )
-    .await;
+    wait_adopted(&cluster, b, a).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     cluster.nodes[b].kill9();
-    wait_log(
-        &cluster,
-        c,
-        &[
-            "adopted the jobs of a member that is gone",
-            &cluster.names[b],
-        ],
-        Duration::from_secs(30),
-    )
-    .await;
+    wait_adopted(&cluster, c, b).await;
     let finals = wait_all_final(&cluster, &jobs).await;
     for job in &finals {
         assert_eq!(job["status"], "succeeded", "{job}\n{}", logs(&cluster));
@@ -630,24 +620,8 @@ async fn a_returning_owner_whose_replica_died_too_finds_the_jobs_new_owner() {
     // The old owner comes back while its jobs' replica is still dead: it finds their new
     // owner and hands them over instead of running them again.
     let before = ran_at_a(&cluster);
-    cluster.nodes[a]
-        .restart()
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", logs(&cluster)));
-    cluster
-        .wait_all_ready(Duration::from_secs(45))
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", logs(&cluster)));
     let api = cluster.api(a, "alice");
-    let (status, body) = api.submit(&simple_workflow("back")).await.expect("submit");
-    assert_eq!(status, 202, "{body}");
-    let fresh = body["id"].as_str().expect("id").to_string();
-    let job = api
-        .wait_final(&fresh, Duration::from_secs(60))
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", logs(&cluster)));
-    assert_eq!(job["status"], "succeeded");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let fresh = restart_and_run_one(&mut cluster, a).await;
     let fresh_at_a = executed(&cluster)
         .iter()
         .filter(|(node, id, _)| *node == a && *id == fresh)
