@@ -169,6 +169,16 @@ async fn handle(
         }
         JobRequest::Lease { min_tier } => {
             let job = inner.lease_to(peer, min_tier).await.map_err(internal)?;
+            {
+                // Only an idle runner asks: one sent away empty-handed takes the next nudge
+                // as idle, even while gossip still shows it busy.
+                let mut asked_idle = super::lock(&inner.asked_idle);
+                if job.is_some() {
+                    asked_idle.remove(peer);
+                } else {
+                    asked_idle.insert(peer.to_string(), tokio::time::Instant::now());
+                }
+            }
             let job = match job {
                 Some(job) => Some(Box::new(wire_job(&job).map_err(internal)?)),
                 None => None,

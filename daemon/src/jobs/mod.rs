@@ -68,6 +68,9 @@ const REPLICATE_DEADLINE: Duration = Duration::from_secs(3);
 const NUDGE_EVERY: Duration = Duration::from_millis(500);
 /// How long a nudge makes its sender worth asking for a lease.
 const HINT_FOR: Duration = Duration::from_secs(3);
+/// How long a peer that asked for a lease and got none counts as idle, whatever gossip (a round
+/// or two behind) says.
+const ASKED_IDLE_FOR: Duration = Duration::from_secs(1);
 /// Job ids per `Whose` or `Refresh` question.
 const IDS_PER_QUESTION: usize = 1000;
 /// How many times an update that did not reach a job's replica is sent again (once a
@@ -228,6 +231,9 @@ pub(crate) struct Inner {
     hints: Mutex<HashMap<String, (Option<Tier>, Instant)>>,
     /// Busy peers nudged about a paid tier recently, and when.
     nudged: Mutex<HashMap<(String, Tier), Instant>>,
+    /// Peers whose idle runner asked this node for a lease and got none, and when: idle now,
+    /// though gossip may still show the job they ran last (see [`ASKED_IDLE_FOR`]).
+    asked_idle: Mutex<HashMap<String, Instant>>,
     /// Set while the node drains: no leases handed out, no submissions taken as owner.
     draining: CancellationToken,
     /// Held (shared) by every lease and submission this node handles as owner; the hand-over
@@ -293,6 +299,7 @@ impl Jobs {
             pull: Notify::new(),
             hints: Mutex::new(HashMap::new()),
             nudged: Mutex::new(HashMap::new()),
+            asked_idle: Mutex::new(HashMap::new()),
             draining: CancellationToken::new(),
             owner_ops: tokio::sync::RwLock::new(()),
             started: now,
@@ -1106,8 +1113,9 @@ impl Inner {
         Ok((view, submitted.created))
     }
 
-    /// When this node's runner is busy, tells peers that work waits here: idle ones, so they
-    /// pull it now rather than a gossip round later, and, for a paid tier, busy ones too, so
+    /// When this node's runner is busy, tells peers that work waits here: idle ones (by gossip,
+    /// or because they just asked for a lease and got none), so they pull it now rather than a
+    /// gossip round later, and, for a paid tier, busy ones too, so
     /// that whoever finishes first takes it before any lower tier job (each peer at most every
     /// [`NUDGE_EVERY`] per tier).
     fn nudge_peers(&self, new_tier: Tier) {
@@ -1132,10 +1140,13 @@ impl Inner {
         let now = Instant::now();
         let mut targets = Vec::new();
         {
+            let mut asked_idle = lock(&self.asked_idle);
+            asked_idle.retain(|_, at| now.duration_since(*at) < ASKED_IDLE_FOR);
             let mut nudged = lock(&self.nudged);
             nudged.retain(|_, at| now.duration_since(*at) < NUDGE_EVERY);
             for member in peers {
-                let is_idle = member.status.state == MemberState::Ready;
+                let is_idle = member.status.state == MemberState::Ready
+                    || asked_idle.contains_key(&member.status.name);
                 let wanted = if is_idle {
                     idle < queued.max(1)
                 } else {
