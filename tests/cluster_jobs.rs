@@ -569,19 +569,20 @@ async fn wait_adopted(cluster: &TestCluster, adopter: usize, from: usize) {
         "adopted the jobs of a member that is gone",
         cluster.names[from].as_str(),
     ];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !cluster.nodes[adopter]
-        .log()
-        .lines()
-        .any(|line| words.iter().all(|w| line.contains(w)))
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "gpu-{adopter} did not adopt the jobs of gpu-{from} within 30 s\n{}",
-            logs(cluster)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_logged(cluster, adopter, &words, 30).await;
+}
+
+/// alice's members in rendezvous order: her jobs' owner, their replica, the third member.
+fn alice_order(cluster: &TestCluster) -> (usize, usize, usize) {
+    let ranked = kiln_daemon::peer::placement::rank("alice", &cluster.names);
+    let index = |k: usize| {
+        cluster
+            .names
+            .iter()
+            .position(|n| n == ranked[k])
+            .expect("a member")
+    };
+    (index(0), index(1), index(2))
 }
 
 #[tokio::test]
@@ -590,15 +591,7 @@ async fn a_returning_owner_whose_replica_died_too_finds_the_jobs_new_owner() {
         .await
         .expect("cluster starts");
     // alice's jobs: owned by `a`, copied to `b`; `c` is the third member.
-    let ranked = kiln_daemon::peer::placement::rank("alice", &cluster.names);
-    let index = |name: &str| {
-        cluster
-            .names
-            .iter()
-            .position(|n| n == name)
-            .expect("a member")
-    };
-    let (a, b, c) = (index(ranked[0]), index(ranked[1]), index(ranked[2]));
+    let (a, b, c) = alice_order(&cluster);
     let jobs = submit_alice(&cluster, &[c], 30, 25).await;
     let ran_at_a = |cluster: &TestCluster| {
         executed(cluster)
@@ -643,4 +636,82 @@ async fn a_returning_owner_whose_replica_died_too_finds_the_jobs_new_owner() {
         "{}",
         cluster.nodes[a].log()
     );
+}
+
+/// Waits (up to `secs`) until node `i`'s log has a line with every one of `words`.
+async fn wait_logged(cluster: &TestCluster, i: usize, words: &[&str], secs: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !cluster.nodes[i]
+        .log()
+        .lines()
+        .any(|line| words.iter().all(|w| line.contains(w)))
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gpu-{i} logged no line with {words:?} within {secs} s\n{}",
+            logs(cluster)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn stale_copies_of_an_owner_that_died_before_they_were_refreshed_are_not_run() {
+    let mut cluster = TestCluster::start(3, spec(40))
+        .await
+        .expect("cluster starts");
+    // alice's jobs: owned by `o`, copied to `r`; `x` is the third member.
+    let (o, r, x) = alice_order(&cluster);
+    let jobs = submit_alice(&cluster, &[x], 40, 40).await;
+    // The replica goes away; the owner gives the jobs' copies to `x` instead, so the copies `r`
+    // keeps go stale.
+    cluster.nodes[r].kill9();
+    let x_name = format!("replica={}", cluster.names[x]);
+    wait_logged(&cluster, o, &["the job has a new replica", &x_name], 30).await;
+    // Every job's copy moves in the same second (finished ones whose end `r` missed with the
+    // next resend): wait until no more move.
+    let moved = |cluster: &TestCluster| {
+        cluster.nodes[o]
+            .log()
+            .lines()
+            .filter(|l| l.contains("the job has a new replica") && l.contains(&x_name))
+            .count()
+    };
+    let mut last = moved(&cluster);
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = moved(&cluster);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    // The owner dies as `r` comes back, before `r` can refresh its copies: `x` adopts the
+    // jobs, and `r` must forget its stale copies instead of adopting and running them.
+    cluster.nodes[o].kill9();
+    cluster.nodes[r]
+        .restart()
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs(&cluster)));
+    wait_logged(&cluster, r, &["stale copies of a dead owner's jobs"], 90).await;
+    let finals = wait_all_final(&cluster, &jobs).await;
+    for job in &finals {
+        assert_eq!(job["status"], "succeeded", "{job}\n{}", logs(&cluster));
+    }
+    let o_name = format!("from={}", cluster.names[o]);
+    let r_log = cluster.nodes[r].log();
+    assert!(
+        !r_log
+            .lines()
+            .any(|l| l.contains("adopted the jobs of a member that is gone") && l.contains(&o_name)),
+        "the returning node adopted stale copies\n{}",
+        logs(&cluster)
+    );
+    // A job may succeed twice only where a killed node's simulator ran it to the end.
+    let ran = successes(&cluster);
+    let twice = jobs
+        .iter()
+        .filter(|(id, _)| ran.get(id).copied().unwrap_or(0) > 1)
+        .count();
+    assert!(twice <= 2, "{twice} jobs succeeded twice: {ran:?}");
 }

@@ -71,6 +71,10 @@ const HINT_FOR: Duration = Duration::from_secs(3);
 /// How long a peer that asked for a lease and got none counts as idle, whatever gossip (a round
 /// or two behind) says.
 const ASKED_IDLE_FOR: Duration = Duration::from_secs(1);
+/// How long copies of an owner that died before they were refreshed wait before they are
+/// adopted: time for the member that held the owner's current copies (this node was away) to
+/// see the death too and adopt those, so that asking who owns the jobs finds it.
+const STALE_ADOPT_AFTER: Duration = Duration::from_secs(10);
 /// Job ids per `Whose` or `Refresh` question.
 const IDS_PER_QUESTION: usize = 1000;
 /// How many times an update that did not reach a job's replica is sent again (once a
@@ -249,6 +253,10 @@ pub(crate) struct Inner {
     /// Owners of copies this node keeps that it has not asked, since it started, which copies
     /// are still current (see [`Inner::refresh_copies`]).
     unrefreshed: Mutex<HashSet<String>>,
+    /// Owners that died before this node could refresh their copies, and when that was seen:
+    /// their copies may be stale, so they are adopted only after [`STALE_ADOPT_AFTER`], and
+    /// only those no live member owns by then.
+    died_unrefreshed: Mutex<HashMap<String, Instant>>,
     /// Set once this node knows which of its stored jobs are still its own (see
     /// [`Jobs::reconcile`]); until then it neither runs nor leases its queue.
     reconciled: CancellationToken,
@@ -306,6 +314,7 @@ impl Jobs {
             liveness: Mutex::new(liveness::Liveness::default()),
             lagging: Mutex::new(HashMap::new()),
             unrefreshed: Mutex::new(HashSet::new()),
+            died_unrefreshed: Mutex::new(HashMap::new()),
             reconciled: CancellationToken::new(),
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -1556,30 +1565,43 @@ impl Inner {
     /// them: every live member is asked instead, and each hands over what it owns now.
     async fn reconcile_with(&self, replica: String, ids: Vec<String>) -> usize {
         let Some(addr) = self.addr_of_when_known(&replica).await else {
-            let mut left: HashSet<String> = ids.into_iter().collect();
+            let (claimed, left) = self.owners_among_live(ids).await;
             let mut handed = 0;
-            for peer in self.live_peers() {
-                if left.is_empty() {
-                    break;
-                }
-                let Some(addr) = self.addr_of(&peer) else {
-                    continue;
-                };
-                let asked: Vec<String> = left.iter().cloned().collect();
-                let owned = self.owned_by(&peer, addr, &asked).await;
-                for id in &owned {
-                    left.remove(id);
-                }
+            for (peer, owned) in claimed {
                 handed += self.hand_over_to(&peer, owned).await;
             }
-            if !left.is_empty() {
-                tracing::warn!(%replica, jobs = left.len(),
+            if left > 0 {
+                tracing::warn!(%replica, jobs = left,
                     "the replica of some jobs did not show live and no live member owns them; keeping them");
             }
             return handed;
         };
         let adopted = self.owned_by(&replica, addr, &ids).await;
         self.hand_over_to(&replica, adopted).await
+    }
+
+    /// Asks the live members in turn which of `ids` each owns now (each id is asked until one
+    /// claims it): the claims by member, and how many ids nobody claimed.
+    async fn owners_among_live(&self, ids: Vec<String>) -> (Vec<(String, Vec<String>)>, usize) {
+        let mut left: HashSet<String> = ids.into_iter().collect();
+        let mut claimed = Vec::new();
+        for peer in self.live_peers() {
+            if left.is_empty() {
+                break;
+            }
+            let Some(addr) = self.addr_of(&peer) else {
+                continue;
+            };
+            let asked: Vec<String> = left.iter().cloned().collect();
+            let owned = self.owned_by(&peer, addr, &asked).await;
+            for id in &owned {
+                left.remove(id);
+            }
+            if !owned.is_empty() {
+                claimed.push((peer, owned));
+            }
+        }
+        (claimed, left.len())
     }
 
     /// Which of `ids` member `name` (at `addr`) owns now, by its own answer.
@@ -1647,7 +1669,8 @@ impl Inner {
     }
 
     /// Refreshes the copies kept for owners [`Inner::refresh_copies`] could not reach, once
-    /// each is live; an owner that is dead is left to adoption.
+    /// each is live; an owner that is dead is left to adoption (see
+    /// [`Inner::forget_claimed_copies`]).
     async fn refresh_pending(&self) -> Result<(), StoreError> {
         let pending: Vec<String> = lock(&self.unrefreshed).iter().cloned().collect();
         if pending.is_empty() {
@@ -1661,6 +1684,7 @@ impl Inner {
             let member = snapshot.members.get(&owner);
             if member.is_some_and(|m| lock(&self.liveness).is_dead(m, Instant::now())) {
                 lock(&self.unrefreshed).remove(&owner);
+                lock(&self.died_unrefreshed).insert(owner.clone(), Instant::now());
                 tracing::warn!(%owner, "the owner of some copies died before they were refreshed");
                 continue;
             }
@@ -1687,6 +1711,42 @@ impl Inner {
             }
         }
         Ok(())
+    }
+
+    /// Before adopting the copies of `owner`, which died before this node refreshed them:
+    /// `false` while [`STALE_ADOPT_AFTER`] has not passed since that was seen; then asks every
+    /// live member which of those jobs it owns (one that held the owner's current copies while
+    /// this node was away has adopted them) and forgets those copies here.
+    async fn forget_claimed_copies(&self, owner: &str) -> Result<bool, StoreError> {
+        let seen = lock(&self.died_unrefreshed).get(owner).copied();
+        let Some(seen) = seen else {
+            return Ok(true);
+        };
+        if seen.elapsed() < STALE_ADOPT_AFTER {
+            return Ok(false);
+        }
+        let copies: Vec<String> = self
+            .store
+            .replicas_of(owner)
+            .await?
+            .into_iter()
+            .filter(|job| !job.status.is_final())
+            .map(|job| job.id)
+            .collect();
+        let mut forgotten = 0;
+        for (_, owned) in self.owners_among_live(copies).await.0 {
+            for id in owned {
+                if self.store.drop_copy(&id, owner).await? {
+                    forgotten += 1;
+                }
+            }
+        }
+        if forgotten > 0 {
+            tracing::warn!(%owner, copies = forgotten,
+                "stale copies of a dead owner's jobs that another member owns now were forgotten");
+        }
+        lock(&self.died_unrefreshed).remove(owner);
+        Ok(true)
     }
 
     /// Asks `owner` about the copies `ids` and forgets those it disowned: how many, or `None`
@@ -2160,11 +2220,17 @@ async fn follow_members(inner: Arc<Inner>) {
         for name in dead {
             match inner.store.replicas_of(&name).await {
                 Ok(copies) if copies.is_empty() => {}
-                Ok(_) => {
-                    if let Err(error) = inner.adopt_from(&name).await {
-                        tracing::error!(member = %name, %error, "cannot adopt the jobs of a dead member");
+                Ok(_) => match inner.forget_claimed_copies(&name).await {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        if let Err(error) = inner.adopt_from(&name).await {
+                            tracing::error!(member = %name, %error, "cannot adopt the jobs of a dead member");
+                        }
                     }
-                }
+                    Err(error) => {
+                        tracing::error!(member = %name, %error, "cannot read the copies kept for a dead member")
+                    }
+                },
                 Err(error) => {
                     tracing::error!(member = %name, %error, "cannot read the copies kept for a dead member")
                 }
