@@ -239,3 +239,60 @@ async fn a_changed_retention_applies_to_finished_jobs_at_reopen() {
         Some(finished + 2 * 3_600_000)
     );
 }
+
+/// Moves `id`'s stored output into the folder of its own that stores before the shared output
+/// folders used (`outputs/<id>/0-<name>`), and points its row there, as such a store left it.
+fn into_legacy_folder(data_dir: &Path, id: &str) -> std::path::PathBuf {
+    let db = rusqlite::Connection::open(data_dir.join("kiln-jobs.sqlite3")).expect("open db");
+    db.busy_timeout(Duration::from_secs(10))
+        .expect("busy timeout");
+    let current: String = db
+        .query_row("SELECT path FROM outputs WHERE job_id = ?1", [id], |row| {
+            row.get(0)
+        })
+        .expect("the output row");
+    let relative = format!("outputs/{id}/0-ComfyUI_00001_.png");
+    std::fs::create_dir_all(data_dir.join("outputs").join(id)).expect("legacy folder");
+    std::fs::rename(data_dir.join(&current), data_dir.join(&relative)).expect("move the file");
+    db.execute(
+        "UPDATE outputs SET path = ?2 WHERE job_id = ?1",
+        [id, relative.as_str()],
+    )
+    .expect("point the row at it");
+    data_dir.join(relative)
+}
+
+#[tokio::test(start_paused = true)]
+async fn outputs_in_an_older_stores_folder_per_job_are_deleted_with_that_folder() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = SweepClock::starting_at(T0);
+    let store = open(dir.path(), clock, TierTable::default().retentions()).await;
+    let results = Results::new(store.clone());
+    succeed(&store, "old", Tier::Pro).await;
+    succeed(&store, "shared", Tier::Pro).await;
+    let old_file = into_legacy_folder(dir.path(), "old");
+    let shared_file = into_legacy_folder(dir.path(), "shared");
+    // Something that is not a recorded output sits in the second folder.
+    let stray = dir.path().join("outputs/shared/not-an-output.txt");
+    std::fs::write(&stray, b"kept").expect("stray file");
+
+    for id in ["old", "shared"] {
+        let job = results
+            .delete_outputs(id, DeleteReason::User, clock.now_ms())
+            .await
+            .expect("delete");
+        assert!(job.outputs_deleted.is_some(), "{id}: deletion recorded");
+    }
+    assert!(
+        !old_file.exists() && !shared_file.exists(),
+        "the files are gone"
+    );
+    assert!(
+        !dir.path().join("outputs/old").exists(),
+        "the emptied folder is gone"
+    );
+    assert!(
+        stray.exists(),
+        "a folder still holding other files stays, with them"
+    );
+}
