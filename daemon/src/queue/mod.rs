@@ -67,11 +67,6 @@ impl JsonText {
     pub fn as_raw(&self) -> &serde_json::value::RawValue {
         &self.0
     }
-
-    /// The value as a tree, for code that looks inside it.
-    pub fn to_value(&self) -> Result<Value, serde_json::Error> {
-        serde_json::from_str(self.as_str())
-    }
 }
 
 impl From<&Value> for JsonText {
