@@ -16,6 +16,7 @@
 //!
 //! This module must never copy or patch chitchat's code: it uses the crate's public API only.
 
+use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,10 +41,41 @@ pub const MAX_DECOMPRESSED: usize = 128 * 1024;
 /// repetition that makes digests big.
 const ZSTD_LEVEL: i32 = 1;
 
+thread_local! {
+    // zstd contexts are costly to set up (hundreds of KiB, zeroed) and gossip runs many
+    // rounds a second: each thread keeps one of each.
+    static COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { RefCell::new(None) };
+}
+
+fn compress(message: &[u8]) -> std::io::Result<Vec<u8>> {
+    COMPRESSOR.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let compressor = match cell.as_mut() {
+            Some(compressor) => compressor,
+            None => cell.insert(zstd::bulk::Compressor::new(ZSTD_LEVEL)?),
+        };
+        compressor.compress(message)
+    })
+}
+
+fn decompress(data: &[u8]) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let decompressor = match cell.as_mut() {
+            Some(decompressor) => decompressor,
+            None => cell.insert(zstd::bulk::Decompressor::new()?),
+        };
+        decompressor.decompress(data, MAX_DECOMPRESSED)
+    })
+}
+
 /// Encodes a chitchat message as a gossip payload.
 pub fn encode_payload(message: &[u8]) -> Vec<u8> {
     if message.len() >= COMPRESS_FROM
-        && let Ok(compressed) = zstd::bulk::compress(message, ZSTD_LEVEL)
+        && let Ok(compressed) = compress(message)
         && compressed.len() < message.len()
     {
         let mut out = Vec::with_capacity(compressed.len() + 1);
@@ -61,7 +93,7 @@ pub fn encode_payload(message: &[u8]) -> Vec<u8> {
 pub fn decode_payload(payload: &[u8]) -> anyhow::Result<std::borrow::Cow<'_, [u8]>> {
     match payload.split_first() {
         Some((&RAW, rest)) => Ok(std::borrow::Cow::Borrowed(rest)),
-        Some((&ZSTD, rest)) => zstd::bulk::decompress(rest, MAX_DECOMPRESSED)
+        Some((&ZSTD, rest)) => decompress(rest)
             .map(std::borrow::Cow::Owned)
             .map_err(|e| anyhow::anyhow!("bad zstd gossip payload: {e}")),
         Some((other, _)) => anyhow::bail!("unknown gossip payload encoding {other}"),
@@ -194,6 +226,9 @@ mod tests {
         let mut framed = vec![ZSTD];
         framed.extend_from_slice(&bomb);
         assert!(decode_payload(&framed).is_err());
+        // This thread's decompressor still works after refusing a bomb.
+        let decoded = decode_payload(&payload).expect("a good payload after a bad one");
+        assert_eq!(decoded.as_ref(), &digest[..]);
         assert!(decode_payload(&[9, 1, 2]).is_err());
         assert!(decode_payload(&[]).is_err());
     }
