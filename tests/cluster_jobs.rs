@@ -45,9 +45,17 @@ fn logs(cluster: &TestCluster) -> String {
 
 #[tokio::test]
 async fn jobs_submitted_anywhere_run_once_and_any_node_answers() {
-    let cluster = TestCluster::start(3, spec(20))
-        .await
-        .expect("cluster starts");
+    // gpu-0 always uploads outputs in chunks; the others send small ones inside the message.
+    let cluster = TestCluster::start(3, |i| NodeSpec {
+        cluster: if i == 0 {
+            "inline_outputs_kib = 0".into()
+        } else {
+            String::new()
+        },
+        ..spec(20)(i)
+    })
+    .await
+    .expect("cluster starts");
     // 36 jobs, round robin over nodes and accounts; SDXL jobs take ~10 steps × 20 ms.
     let mut submitted: Vec<(String, String, usize)> = Vec::new();
     for i in 0..36usize {
@@ -104,27 +112,72 @@ async fn jobs_submitted_anywhere_run_once_and_any_node_answers() {
             .collect::<Vec<_>>()
     );
 
-    // Outputs are served by every node, identical.
-    let (id, account, _) = &submitted[0];
-    let mut bodies = Vec::new();
-    for node in 0..3 {
-        let api = cluster.api(node, account);
-        let response = api
-            .http
-            .get(format!("{}/v1/jobs/{id}/outputs/0", api.url))
-            .bearer_auth(&api.key)
-            .send()
-            .await
-            .expect("output");
-        assert_eq!(response.status(), 200, "output on gpu-{node}");
-        let bytes = response.bytes().await.expect("bytes");
-        assert!(bytes.starts_with(b"\x89PNG"), "a PNG from gpu-{node}");
-        bodies.push(bytes);
+    // Every output is served by every node (the owner's file, the replica's copy, or fetched
+    // from one of them), identical and as long as the job says, whichever way it travelled.
+    for (id, account, _) in &submitted {
+        let mut bodies = Vec::new();
+        for node in 0..3 {
+            let api = cluster.api(node, account);
+            let response = api
+                .http
+                .get(format!("{}/v1/jobs/{id}/outputs/0", api.url))
+                .bearer_auth(&api.key)
+                .send()
+                .await
+                .expect("output");
+            assert_eq!(response.status(), 200, "output of {id} on gpu-{node}");
+            let bytes = response.bytes().await.expect("bytes");
+            assert!(bytes.starts_with(b"\x89PNG"), "a PNG from gpu-{node}");
+            bodies.push(bytes);
+        }
+        assert!(
+            bodies.windows(2).all(|w| w[0] == w[1]),
+            "the same file of {id} everywhere"
+        );
+        let job = cluster.api(0, account).job(id).await.expect("job");
+        assert_eq!(
+            job["outputs"][0]["bytes"].as_u64(),
+            Some(bodies[0].len() as u64),
+            "{job}"
+        );
     }
-    assert!(
-        bodies.windows(2).all(|w| w[0] == w[1]),
-        "the same file everywhere"
-    );
+    // gpu-0 uploaded every output it sent; the others sent theirs inline.
+    let mut sent = Vec::new();
+    for node in &cluster.nodes {
+        let inline = node
+            .metric("kiln_peer_outputs_sent_total{how=\"inline\"}")
+            .await
+            .expect("metrics");
+        let chunked = node
+            .metric("kiln_peer_outputs_sent_total{how=\"chunked\"}")
+            .await
+            .expect("metrics");
+        sent.push((inline, chunked));
+    }
+    println!("outputs sent (inline, chunked) per node: {sent:?}");
+    assert_eq!(sent[0].0, 0.0, "gpu-0 sends no output inline: {sent:?}");
+    // A member sends outputs when it owns jobs (copies to their replicas) or runs another
+    // member's jobs (results to their owners).
+    let account_of: HashMap<&str, &str> = submitted
+        .iter()
+        .map(|(id, account, _)| (id.as_str(), account.as_str()))
+        .collect();
+    let sends = |node: usize| {
+        submitted
+            .iter()
+            .any(|(_, account, _)| cluster.owner_of(account) == node)
+            || runs.iter().any(|(runner, id, _)| {
+                *runner == node && cluster.owner_of(account_of[id.as_str()]) != node
+            })
+    };
+    if sends(0) {
+        assert!(sent[0].1 > 0.0, "gpu-0 uploads its outputs: {sent:?}");
+    }
+    for node in 1..3 {
+        if sends(node) {
+            assert!(sent[node].0 > 0.0, "gpu-{node} sends inline: {sent:?}");
+        }
+    }
 
     // Any node lists all of an account's jobs; another account sees none of them.
     for node in 0..3 {

@@ -376,6 +376,10 @@ pub enum TransportKind {
     Tcp,
 }
 
+/// The most `cluster.inline_outputs_kib` may be: a message with inline outputs must still fit
+/// a peer frame, which is sized for the largest API body (4 MiB by default).
+pub const MAX_INLINE_OUTPUTS_KIB: u64 = 2048;
+
 /// `[cluster]`: membership of a Kiln cluster (gossip over QUIC or TLS over TCP, mutual TLS).
 /// Without `certs_dir` the node runs alone.
 #[derive(Debug, Clone, Deserialize)]
@@ -426,6 +430,11 @@ pub struct ClusterSection {
     /// What this host costs per hour, USD.
     #[serde(default)]
     pub price_per_hour: Option<f64>,
+    /// A job's output files up to this many KiB in all ride inside the result (and replica)
+    /// message to a member that speaks peer protocol 1.1; larger ones, or any to older
+    /// members, go in 1 MiB chunks first. 0 always sends chunks.
+    #[serde(default = "ClusterSection::default_inline_outputs_kib")]
+    pub inline_outputs_kib: u64,
 }
 
 impl Default for ClusterSection {
@@ -445,6 +454,7 @@ impl Default for ClusterSection {
             provider: None,
             instance_id: None,
             price_per_hour: None,
+            inline_outputs_kib: Self::default_inline_outputs_kib(),
         }
     }
 }
@@ -467,6 +477,14 @@ impl ClusterSection {
     }
     fn default_deleted_key_grace_s() -> u64 {
         300
+    }
+    fn default_inline_outputs_kib() -> u64 {
+        1024
+    }
+
+    /// [`Self::inline_outputs_kib`] in bytes.
+    pub fn inline_outputs_bytes(&self) -> usize {
+        usize::try_from(self.inline_outputs_kib.saturating_mul(1024)).unwrap_or(usize::MAX)
     }
 
     pub fn gossip_interval(&self) -> Duration {
@@ -494,6 +512,14 @@ impl ClusterSection {
         }
         if self.deleted_key_grace_s == 0 {
             return Err(invalid("cluster.deleted_key_grace_s", "must be at least 1"));
+        }
+        if self.inline_outputs_kib > MAX_INLINE_OUTPUTS_KIB {
+            return Err(invalid(
+                "cluster.inline_outputs_kib",
+                format!(
+                    "must be between 0 and {MAX_INLINE_OUTPUTS_KIB} (larger outputs go in chunks)"
+                ),
+            ));
         }
         if let Some(price) = self.price_per_hour
             && !(price.is_finite() && (0.0..1000.0).contains(&price))
@@ -815,6 +841,7 @@ command = ["python", "main.py", "--port", "8188"]
         ))
         .expect("valid cluster section");
         assert_eq!(ok.cluster.transports.len(), 2);
+        assert_eq!(ok.cluster.inline_outputs_bytes(), 1024 * 1024);
         for (extra, key) in [
             ("[cluster]\ntransports = []\n", "cluster.transports"),
             (
@@ -830,6 +857,10 @@ command = ["python", "main.py", "--port", "8188"]
                 "cluster.advertise_tcp",
             ),
             ("[cluster]\napi_url = \"ftp://x\"\n", "cluster.api_url"),
+            (
+                "[cluster]\ninline_outputs_kib = 4096\n",
+                "cluster.inline_outputs_kib",
+            ),
             (
                 "[cluster]\ncerts_dir = \"/c\"\nlisten = \"0.0.0.0:7946\"\n",
                 "cluster.advertise",

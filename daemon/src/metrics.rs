@@ -66,6 +66,14 @@ pub struct Metrics {
     pub http_requests: Family<HttpLabels, Counter>,
     pub gossip: GossipMetrics,
     pub webhooks: WebhookMetrics,
+    /// Output files sent to other members (results to owners, copies to replicas) by how they
+    /// went: `inline` in the message, or `chunked` (uploaded first).
+    pub outputs_sent: Family<HowLabels, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HowLabels {
+    pub how: String,
 }
 
 /// The cluster transport's counters, copied from the endpoint's statistics at each scrape.
@@ -122,6 +130,16 @@ fn wait_histogram() -> Histogram {
 }
 
 impl Metrics {
+    /// Counts `files` output files sent to another member, `inline` or in chunks.
+    pub fn count_outputs_sent(&self, files: usize, inline: bool) {
+        let how = if inline { "inline" } else { "chunked" };
+        self.outputs_sent
+            .get_or_create(&HowLabels {
+                how: how.to_string(),
+            })
+            .inc_by(files as u64);
+    }
+
     pub fn new() -> Arc<Metrics> {
         let mut registry = Registry::with_prefix("kiln");
         let queue_depth = Family::<TierLabels, Gauge>::default();
@@ -192,6 +210,12 @@ impl Metrics {
             "Webhooks waiting to be sent",
             webhooks.outbox_depth.clone(),
         );
+        let outputs_sent = Family::<HowLabels, Counter>::default();
+        registry.register(
+            "peer_outputs_sent",
+            "Job output files sent to other members (results to owners, copies to replicas), inline in the message or chunked",
+            outputs_sent.clone(),
+        );
         let gossip = GossipMetrics::default();
         registry.register(
             "gossip_members",
@@ -246,6 +270,7 @@ impl Metrics {
             http_requests,
             gossip,
             webhooks,
+            outputs_sent,
         })
     }
 

@@ -511,6 +511,7 @@ pub async fn run(
                 .as_ref()
                 .map(|c| c.endpoint().max_frame_bytes())
                 .unwrap_or(config.api.max_body_bytes + PEER_FRAME_MARGIN),
+            inline_outputs_bytes: config.cluster.inline_outputs_bytes(),
         },
     )?;
     if let Some(cluster) = &cluster {

@@ -507,6 +507,59 @@ async fn mem_other_versions_and_bad_bodies_get_clear_errors() {
 }
 
 #[tokio::test]
+async fn mem_each_peers_protocol_version_is_learned_from_its_frames() {
+    let mem = Mem::new();
+    let a = mem.node("a", RpcConfig::default()).await;
+    let b = mem.node("b", RpcConfig::default()).await;
+    assert_eq!(a.rpc.peer_version(b.addr), None, "nothing heard from b yet");
+    assert_eq!(
+        a.rpc.request(b.addr, echo("hi"), WAIT).await,
+        Ok(echo("hi"))
+    );
+    // a heard b's answer, b heard a's request.
+    assert_eq!(a.rpc.peer_version(b.addr), Some(wire::PROTOCOL_VERSION));
+    assert_eq!(b.rpc.peer_version(a.addr), Some(wire::PROTOCOL_VERSION));
+
+    // An older member (protocol 1.0) is remembered as such.
+    let raw = mem.endpoint("raw").await;
+    let mut inbox = raw.take_receiver(Channel::Peer).expect("the peer receiver");
+    #[derive(Serialize)]
+    struct Old<'a> {
+        v: u16,
+        id: u64,
+        t: wire::Kind,
+        deadline_ms: u32,
+        body: &'a Msg,
+    }
+    let old = rmp_serde::to_vec_named(&Old {
+        v: 0x0100,
+        id: 5,
+        t: wire::Kind::Request,
+        deadline_ms: 1000,
+        body: &echo("from 1.0"),
+    })
+    .expect("encodes");
+    raw.try_send(b.addr, Channel::Peer, Bytes::from(old))
+        .expect("queued");
+    let answer = timeout(WAIT, inbox.recv())
+        .await
+        .expect("answered")
+        .expect("a frame");
+    let max = NetConfig::default().max_frame_bytes;
+    match wire::decode::<Msg, Msg>(&answer.payload, max) {
+        Ok(Envelope::Response(wire::Response { id: 5, body })) => {
+            assert_eq!(body, Ok(echo("from 1.0")));
+        }
+        other => panic!("expected the echo for id 5, got {other:?}"),
+    }
+    assert_eq!(
+        b.rpc.peer_version(raw.advertise().addr),
+        Some(0x0100),
+        "the older member's version"
+    );
+}
+
+#[tokio::test]
 async fn quic_echo_errors_and_timeouts_with_real_certificates() {
     let ca = Ca::generate("peer-rpc-test", 2).expect("a CA");
     let bind = |name: &'static str| {

@@ -93,6 +93,8 @@ pub struct NodeSpec {
     pub extra_config: String,
     /// `[jobs]` keys (without the header).
     pub jobs: String,
+    /// Extra `[cluster]` keys (without the header) for a member of a [`TestCluster`].
+    pub cluster: String,
     /// Accounts to create keys for: (account, tier).
     pub accounts: Vec<(String, String)>,
     /// A keys file (and its keys by account) to use instead of making one: the members of a
@@ -129,6 +131,7 @@ impl Default for NodeSpec {
             sim_args: Vec::new(),
             extra_config: String::new(),
             jobs: String::new(),
+            cluster: String::new(),
             accounts: vec![
                 ("alice".into(), "pro".into()),
                 ("bob".into(), "pro".into()),
@@ -370,6 +373,22 @@ drain_timeout_s = 5
     }
 
     /// `GET /v1/cluster` with the operator token.
+    /// The value of the Prometheus sample `name` (with its labels, e.g.
+    /// `kiln_peer_outputs_sent_total{how="inline"}`) at `/metrics`; 0 when absent.
+    pub async fn metric(&self, name: &str) -> anyhow::Result<f64> {
+        let text = reqwest::get(format!("{}/metrics", self.url))
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        for line in text.lines() {
+            if let Some(value) = line.strip_prefix(name).and_then(|r| r.strip_prefix(' ')) {
+                return Ok(value.trim().parse()?);
+            }
+        }
+        Ok(0.0)
+    }
+
     pub async fn cluster_view(&self) -> anyhow::Result<Value> {
         let response = reqwest::Client::new()
             .get(format!("{}/v1/cluster", self.url))
@@ -608,6 +627,8 @@ impl TestCluster {
                 r#"["quic"]"#,
                 &seeds,
             ));
+            node_spec.extra_config.push_str(&node_spec.cluster.clone());
+            node_spec.extra_config.push('\n');
             node_spec.shared_keys = Some(keys.clone());
             nodes.push(Node::launch(node_spec)?);
         }

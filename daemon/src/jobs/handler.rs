@@ -112,11 +112,13 @@ async fn handle(
         } => {
             let job = job_from_wire(*job, Some(peer)).map_err(bad)?;
             let stored = !outputs.is_empty() && outputs.iter().all(|o| o.key.is_some());
-            let files = match upload {
-                Some(upload) if !outputs.is_empty() && !stored => {
-                    inner.uploads.take(&upload, &outputs).map_err(bad)?
-                }
-                _ => Vec::new(),
+            let files = if stored {
+                Vec::new()
+            } else {
+                inner
+                    .uploads
+                    .files(upload.as_deref(), &outputs)
+                    .map_err(bad)?
             };
             let put = if stored {
                 let objects = super::outputs::stored_outputs(&outputs);
@@ -228,17 +230,11 @@ async fn handle(
             result,
             upload,
         } => {
-            let files = match (&result, upload) {
-                (crate::peer::messages::WireResult::Succeeded { outputs }, Some(upload))
-                    if !outputs.is_empty() =>
-                {
-                    inner.uploads.take(&upload, outputs).map_err(bad)?
-                }
-                (crate::peer::messages::WireResult::Succeeded { outputs }, None)
-                    if !outputs.is_empty() =>
-                {
-                    return Err(bad("a result with outputs names no upload"));
-                }
+            let files = match &result {
+                crate::peer::messages::WireResult::Succeeded { outputs } => inner
+                    .uploads
+                    .files(upload.as_deref(), outputs)
+                    .map_err(bad)?,
                 _ => Vec::new(),
             };
             match inner

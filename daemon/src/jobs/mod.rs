@@ -100,6 +100,9 @@ pub struct JobsSettings {
     pub cancel_wait: Duration,
     /// The largest peer message (keep it equal to the endpoint's `max_frame_bytes`).
     pub max_frame_bytes: usize,
+    /// Outputs up to this many bytes in all ride inside result and replica messages (to
+    /// members that speak protocol 1.1); 0 always uploads them in chunks first.
+    pub inline_outputs_bytes: usize,
 }
 
 /// A job this node's runner took: its own, or leased from its owner.

@@ -1,9 +1,14 @@
 //! Output files between members: a runner's results to the owner, the owner's to its replica,
 //! and any member's reads of a stored file, in chunks that fit a peer message.
 //!
-//! Uploads are assembled in memory, bounded per upload and in total, checked against the
-//! length and SHA-256 the final message names, and dropped when idle. Chunks are sent one at a
-//! time and must arrive in order; a repeated chunk (its answer was lost) is accepted again.
+//! Outputs that are small in all (`cluster.inline_outputs_kib`, 1 MiB by default) ride inside
+//! the result or replica message itself, to members known to speak peer protocol 1.1; others
+//! are uploaded first. Either way each file is checked against the length and SHA-256 the
+//! message names before anything is stored.
+//!
+//! Uploads are assembled in memory, bounded per upload and in total, and dropped when idle.
+//! Chunks are sent one at a time and must arrive in order; a repeated chunk (its answer was
+//! lost) is accepted again.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -15,7 +20,10 @@ use tokio::time::Instant;
 
 use super::{Inner, RemoteJob, lock};
 use crate::api::ApiError;
-use crate::peer::messages::{JobRequest, JobResponse, OUTPUT_CHUNK_BYTES, WireOutput, WireResult};
+use crate::peer::messages::{
+    JobRequest, JobResponse, OUTPUT_CHUNK_BYTES, WireBytes, WireOutput, WireResult,
+};
+use crate::peer::wire::{self, PROTOCOL_VERSION};
 use crate::peer::{PeerErrorKind, RpcError};
 use crate::queue::{Job, NewOutput, Outcome, Output};
 
@@ -28,6 +36,8 @@ const REPORT_FOR: Duration = Duration::from_secs(60);
 const CHUNK_DEADLINE: Duration = Duration::from_secs(10);
 /// A result message: the owner stores it and copies it to the replica before it answers.
 const FINISH_DEADLINE: Duration = Duration::from_secs(3);
+/// Room a message with inline outputs keeps for everything else in it (names, metadata).
+const MESSAGE_ROOM: usize = 64 * 1024;
 
 /// An output file as the API serves it.
 #[derive(Debug, Clone)]
@@ -113,11 +123,7 @@ impl Uploads {
     }
 
     /// Takes a finished upload, checking each named output's length and hash.
-    pub(crate) fn take(
-        &self,
-        upload: &str,
-        outputs: &[WireOutput],
-    ) -> Result<Vec<NewOutput>, String> {
+    fn take(&self, upload: &str, outputs: &[WireOutput]) -> Result<Vec<NewOutput>, String> {
         let mut map = lock(&self.map);
         let entry = map
             .get(upload)
@@ -127,21 +133,7 @@ impl Uploads {
                 .files
                 .get(&output.index)
                 .ok_or_else(|| format!("upload {upload} has no output {}", output.index))?;
-            if data.len() as u64 != output.bytes {
-                return Err(format!(
-                    "output {} has {} bytes, {} expected",
-                    output.index,
-                    data.len(),
-                    output.bytes
-                ));
-            }
-            let sha = hex::encode(Sha256::digest(data));
-            if sha != output.sha256 {
-                return Err(format!(
-                    "output {} does not match its SHA-256",
-                    output.index
-                ));
-            }
+            check_content(output, data)?;
         }
         let mut entry = map
             .remove(upload)
@@ -159,6 +151,50 @@ impl Uploads {
         Ok(files)
     }
 
+    /// The files a result or replica message names: carried inline (every one of them), or
+    /// uploaded before as `upload`. Nothing is taken unless every file checks out.
+    pub(crate) fn files(
+        &self,
+        upload: Option<&str>,
+        outputs: &[WireOutput],
+    ) -> Result<Vec<NewOutput>, String> {
+        if outputs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let inline = outputs.iter().filter(|o| o.data.is_some()).count();
+        if inline == 0 {
+            let upload = upload.ok_or("a result with outputs names no upload")?;
+            return self.take(upload, outputs);
+        }
+        if inline != outputs.len() {
+            return Err(format!(
+                "{inline} of {} outputs carry their content; all or none must",
+                outputs.len()
+            ));
+        }
+        if let Some(upload) = upload {
+            return Err(format!(
+                "the outputs carry their content, yet upload {upload} is named too"
+            ));
+        }
+        let mut files = Vec::with_capacity(outputs.len());
+        for output in outputs {
+            let data = output
+                .data
+                .as_ref()
+                .map(|d| d.0.as_slice())
+                .unwrap_or_default();
+            check_content(output, data)?;
+            files.push(NewOutput {
+                filename: output.filename.clone(),
+                content_type: output.content_type.clone(),
+                bytes: data.to_vec(),
+                watermark: output.watermark.clone(),
+            });
+        }
+        Ok(files)
+    }
+
     /// Drops uploads untouched for `idle`.
     pub(crate) fn drop_idle(&self, idle: Duration) {
         let now = Instant::now();
@@ -170,6 +206,66 @@ impl Uploads {
             keep
         });
     }
+}
+
+/// Checks a received file against the length and SHA-256 its message names.
+fn check_content(output: &WireOutput, data: &[u8]) -> Result<(), String> {
+    if data.len() as u64 != output.bytes {
+        return Err(format!(
+            "output {} has {} bytes, {} expected",
+            output.index,
+            data.len(),
+            output.bytes
+        ));
+    }
+    if hex::encode(Sha256::digest(data)) != output.sha256 {
+        return Err(format!(
+            "output {} does not match its SHA-256",
+            output.index
+        ));
+    }
+    Ok(())
+}
+
+/// What names output `index` in a message, with its content when `inline`.
+fn describe(index: u32, file: &NewOutput, inline: bool) -> WireOutput {
+    WireOutput {
+        index,
+        filename: file.filename.clone(),
+        content_type: file.content_type.clone(),
+        bytes: file.bytes.len() as u64,
+        sha256: hex::encode(Sha256::digest(&file.bytes)),
+        watermark: file.watermark.clone(),
+        key: None,
+        data: inline.then(|| WireBytes(file.bytes.clone())),
+    }
+}
+
+impl Inner {
+    /// Whether `files` may ride inside a message to `addr` that holds `beside` bytes more: they
+    /// are small enough in all, the message fits a frame, and the member speaks protocol 1.1
+    /// (known from a message it sent here).
+    fn may_inline(&self, addr: SocketAddr, files: &[(u32, NewOutput)], beside: usize) -> bool {
+        let total: usize = files.iter().map(|(_, f)| f.bytes.len()).sum();
+        let speaks = |version: u16| {
+            wire::major(version) == wire::major(PROTOCOL_VERSION) && wire::minor(version) >= 1
+        };
+        !files.is_empty()
+            && total <= self.settings.inline_outputs_bytes
+            && total + beside + MESSAGE_ROOM <= self.settings.max_frame_bytes
+            && self
+                .rpc()
+                .and_then(|rpc| rpc.peer_version(addr))
+                .is_some_and(speaks)
+    }
+}
+
+/// Names `files` with their content inside, for a message to a member that takes them so.
+fn inline(files: &[(u32, NewOutput)]) -> Vec<WireOutput> {
+    files
+        .iter()
+        .map(|(index, file)| describe(*index, file, true))
+        .collect()
 }
 
 /// Sends `files` to `addr` as upload `upload`, one chunk at a time; returns what names them.
@@ -203,15 +299,7 @@ async fn upload(
                 break;
             }
         }
-        named.push(WireOutput {
-            index: *index,
-            filename: file.filename.clone(),
-            content_type: file.content_type.clone(),
-            bytes: total,
-            sha256: hex::encode(Sha256::digest(bytes)),
-            watermark: file.watermark.clone(),
-            key: None,
-        });
+        named.push(describe(*index, file, false));
     }
     Ok(named)
 }
@@ -235,14 +323,22 @@ pub(crate) async fn report(inner: &Inner, remote: &RemoteJob, outcome: Outcome) 
     };
     let give_up = Instant::now() + REPORT_FOR;
     let mut backoff = Duration::from_millis(200);
+    // Cleared when a message with the outputs inside does not fit: they are uploaded then.
+    let mut inline_ok = true;
     loop {
         let target = inner.owner_of(remote);
+        let mut sent_inline = false;
         let attempt = async {
             let (owner, addr) = target.ok_or_else(|| {
                 "neither the owner nor the replica of the job is known".to_string()
             })?;
             let (result, upload) = match &result {
                 Some(result) => (result.clone(), None),
+                None if inline_ok && inner.may_inline(addr, &files, 0) => {
+                    sent_inline = true;
+                    let outputs = inline(&files);
+                    (WireResult::Succeeded { outputs }, None)
+                }
                 None => {
                     let outputs = upload(inner, addr, &upload_id, &files).await?;
                     let upload = (!outputs.is_empty()).then(|| upload_id.clone());
@@ -270,8 +366,17 @@ pub(crate) async fn report(inner: &Inner, remote: &RemoteJob, outcome: Outcome) 
                 Err(error) => Err(error.to_string()),
             }
         };
-        match attempt.await {
-            Ok(applied) => return applied,
+        let answer = attempt.await;
+        if sent_inline && answer.is_err() {
+            // Whatever went wrong, the next try uploads: an owner that refuses inline content
+            // (or a frame it cannot take) still gets the result.
+            inline_ok = false;
+        }
+        match answer {
+            Ok(applied) => {
+                inner.metrics.count_outputs_sent(files.len(), sent_inline);
+                return applied;
+            }
             Err(error) => {
                 if Instant::now() + backoff >= give_up {
                     tracing::error!(job = %remote.job.id, owner = %remote.owner(), %error,
@@ -313,6 +418,7 @@ pub(crate) async fn replicate_with_outputs(
                     sha256: o.sha256.clone(),
                     watermark: o.watermark.clone(),
                     key: o.key.clone(),
+                    data: None,
                 })
                 .collect();
             return inner.replicate_to(replica, job, None, named).await;
@@ -336,12 +442,27 @@ pub(crate) async fn replicate_with_outputs(
                     },
                 ));
             }
+            if inner.may_inline(addr, &files, job.workflow.as_str().len()) {
+                match inner.replicate_to(replica, job, None, inline(&files)).await {
+                    Ok(()) => {
+                        inner.metrics.count_outputs_sent(files.len(), true);
+                        return Ok(());
+                    }
+                    Err(error) => {
+                        tracing::debug!(job = %job.id, %replica, %error,
+                            "a copy with its outputs inside was not taken; uploading them");
+                    }
+                }
+            }
             let id = format!("{}-replica-{}", job.id, uuid::Uuid::new_v4().simple());
             named = upload(inner, addr, &id, &files).await?;
             upload_id = Some(id);
         }
     }
-    inner.replicate_to(replica, job, upload_id, named).await
+    let sent = upload_id.as_ref().map_or(0, |_| named.len());
+    inner.replicate_to(replica, job, upload_id, named).await?;
+    inner.metrics.count_outputs_sent(sent, false);
+    Ok(())
 }
 
 /// An output stored here, if this node has the file.
@@ -533,4 +654,85 @@ pub(crate) async fn fetch_output(
         bytes,
         object_key: None,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(content: &[u8]) -> NewOutput {
+        NewOutput {
+            filename: "out.png".to_string(),
+            content_type: "image/png".to_string(),
+            bytes: content.to_vec(),
+            watermark: None,
+        }
+    }
+
+    #[test]
+    fn inline_outputs_are_checked_and_taken() {
+        let uploads = Uploads::default();
+        let named = inline(&[(0, file(b"first")), (1, file(b"second"))]);
+        let files = uploads.files(None, &named).expect("inline outputs");
+        assert_eq!(files.len(), 2);
+        assert_eq!(files[0].bytes, b"first");
+        assert_eq!(files[1].bytes, b"second");
+        assert!(uploads.files(None, &[]).expect("no outputs").is_empty());
+    }
+
+    #[test]
+    fn bad_inline_outputs_are_refused_with_the_reason() {
+        let uploads = Uploads::default();
+        let mut named = inline(&[(0, file(b"first")), (1, file(b"second"))]);
+
+        let mut corrupt = named.clone();
+        corrupt[1].data = Some(WireBytes(b"secand".to_vec()));
+        let err = uploads.files(None, &corrupt).expect_err("hash mismatch");
+        assert!(err.contains("output 1 does not match its SHA-256"), "{err}");
+
+        let mut short = named.clone();
+        short[0].data = Some(WireBytes(b"firs".to_vec()));
+        let err = uploads.files(None, &short).expect_err("length mismatch");
+        assert!(err.contains("output 0 has 4 bytes, 5 expected"), "{err}");
+
+        let err = uploads
+            .files(Some("u1"), &named)
+            .expect_err("inline and an upload");
+        assert!(err.contains("upload u1 is named too"), "{err}");
+
+        named[1].data = None;
+        let err = uploads.files(None, &named).expect_err("mixed");
+        assert!(err.contains("1 of 2 outputs carry their content"), "{err}");
+
+        named[0].data = None;
+        let err = uploads.files(None, &named).expect_err("neither");
+        assert!(err.contains("names no upload"), "{err}");
+    }
+
+    #[test]
+    fn uploaded_outputs_are_taken_once_checked() {
+        let uploads = Uploads::default();
+        let content = file(b"chunked content");
+        let named = vec![describe(0, &content, false)];
+        assert!(named[0].data.is_none());
+        let total = content.bytes.len() as u64;
+        uploads
+            .put("runner", "u1", 0, 0, total, &content.bytes[..7])
+            .expect("first chunk");
+        // A repeated chunk (its answer was lost) is accepted again.
+        uploads
+            .put("runner", "u1", 0, 0, total, &content.bytes[..7])
+            .expect("repeated chunk");
+        let err = uploads.files(Some("u1"), &named).expect_err("incomplete");
+        assert!(err.contains("has 7 bytes, 15 expected"), "{err}");
+        uploads
+            .put("runner", "u1", 0, 7, total, &content.bytes[7..])
+            .expect("second chunk");
+        let files = uploads.files(Some("u1"), &named).expect("complete");
+        assert_eq!(files[0].bytes, content.bytes);
+        let err = uploads
+            .files(Some("u1"), &named)
+            .expect_err("taken already");
+        assert!(err.contains("no upload u1"), "{err}");
+    }
 }

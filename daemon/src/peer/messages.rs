@@ -309,7 +309,8 @@ pub struct WireUsage {
     pub gpu_ms: u64,
 }
 
-/// An output file named by a `Finish` or `Replicate`; its bytes came in `PutOutput` chunks.
+/// An output file named by a `Finish` or `Replicate`; its bytes came in `PutOutput` chunks,
+/// or (protocol minor 1) inline in `data`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WireOutput {
     pub index: u32,
@@ -324,6 +325,21 @@ pub struct WireOutput {
     /// uploaded to the receiver then); absent from older members.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// The content itself, when it is small enough to ride in the message (then nothing was
+    /// uploaded for it); absent from members before protocol 1.1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<WireBytes>,
+}
+
+/// Bytes carried as a MessagePack binary; `Debug` shows only their length.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct WireBytes(#[serde(with = "serde_bytes_compat")] pub Vec<u8>);
+
+impl std::fmt::Debug for WireBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "<{} bytes>", self.0.len())
+    }
 }
 
 /// How a leased attempt ended.
@@ -441,6 +457,40 @@ mod tests {
             },
             upload: None,
         });
+    }
+
+    #[test]
+    fn inline_outputs_roundtrip_as_binary() {
+        let data = vec![0xffu8; 4096];
+        let req = JobRequest::Finish {
+            job_id: "j".into(),
+            attempt: 1,
+            result: WireResult::Succeeded {
+                outputs: vec![WireOutput {
+                    index: 0,
+                    filename: "a.png".into(),
+                    content_type: "image/png".into(),
+                    bytes: 4096,
+                    sha256: "00".into(),
+                    watermark: None,
+                    key: None,
+                    data: Some(WireBytes(data)),
+                }],
+            },
+            upload: None,
+        };
+        roundtrip(req.clone());
+        let frame = wire::encode_request(
+            &Request {
+                id: 1,
+                deadline_ms: 1,
+                body: req,
+            },
+            1 << 20,
+        )
+        .expect("encode");
+        assert!(frame.len() < 4096 + 512, "frame is {} bytes", frame.len());
+        assert_eq!(format!("{:?}", WireBytes(vec![1, 2, 3])), "<3 bytes>");
     }
 
     #[test]

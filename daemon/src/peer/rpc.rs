@@ -190,7 +190,13 @@ struct Inner<Req, Resp> {
     cancel: CancellationToken,
     tracker: TaskTracker,
     bad_frame_log: Mutex<LogLimiter>,
+    /// The protocol version each peer (by advertised address) last spoke.
+    versions: Mutex<HashMap<SocketAddr, u16>>,
 }
+
+/// Peers whose protocol version is remembered; past this the map starts over (a cluster has
+/// far fewer members, so only address churn gets there).
+const MAX_KNOWN_VERSIONS: usize = 4096;
 
 /// Lets one log line per peer through per period; remembers only peers logged within it.
 #[derive(Debug)]
@@ -293,6 +299,7 @@ where
             cancel: cancel.clone(),
             tracker: TaskTracker::new(),
             bad_frame_log: Mutex::new(LogLimiter::new(BAD_FRAME_LOG_PERIOD)),
+            versions: Mutex::new(HashMap::new()),
         });
         inner.tracker.spawn(inner.clone().receive_loop(receiver));
         Ok(PeerRpc {
@@ -381,6 +388,12 @@ impl<Req, Resp> PeerRpc<Req, Resp> {
         }
     }
 
+    /// The protocol version the peer at `addr` spoke in its last frame here; `None` before it
+    /// sent one. Optional features of a newer minor version go only to peers known to speak it.
+    pub fn peer_version(&self, addr: SocketAddr) -> Option<u16> {
+        lock(&self.inner.versions).get(&addr).copied()
+    }
+
     /// The endpoint this layer sends on.
     pub fn endpoint(&self) -> &Endpoint {
         &self.inner.endpoint
@@ -439,7 +452,13 @@ where
 
     fn on_frame(self: &Arc<Self>, inbound: Inbound) {
         let max = self.config.max_frame_bytes;
-        match wire::decode::<Req, Resp>(&inbound.payload, max) {
+        let decoded = wire::decode_versioned::<Req, Resp>(&inbound.payload, max).map(
+            |(version, envelope)| {
+                self.remember_version(inbound.from, version);
+                envelope
+            },
+        );
+        match decoded {
             Ok(Envelope::Request(request)) => self.on_request(inbound, request),
             Ok(Envelope::Response(response)) => {
                 self.complete(response.id, response.body.map_err(RpcError::Remote));
@@ -480,6 +499,16 @@ where
                 }
             }
             Err(error) => self.bad_frame(&inbound, &error.to_string()),
+        }
+    }
+
+    fn remember_version(&self, from: SocketAddr, version: u16) {
+        let mut versions = lock(&self.versions);
+        if versions.get(&from) != Some(&version) {
+            if versions.len() >= MAX_KNOWN_VERSIONS {
+                versions.clear();
+            }
+            versions.insert(from, version);
         }
     }
 

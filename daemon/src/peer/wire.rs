@@ -27,8 +27,11 @@ use std::io;
 use serde::de::{DeserializeOwned, IgnoredAny};
 use serde::{Deserialize, Serialize};
 
-/// The protocol version this build speaks: major 1, minor 0.
-pub const PROTOCOL_VERSION: u16 = 0x0100;
+/// The protocol version this build speaks: major 1, minor 1.
+///
+/// Minor 1 lets a result or a replica carry small output files inline (`WireOutput::data`)
+/// instead of in `PutOutput` chunks; members send that only to peers known to speak it.
+pub const PROTOCOL_VERSION: u16 = 0x0101;
 
 /// The major part of a protocol version.
 pub fn major(version: u16) -> u8 {
@@ -316,6 +319,14 @@ pub fn decode<Req: DeserializeOwned, Resp: DeserializeOwned>(
     bytes: &[u8],
     max_frame_bytes: usize,
 ) -> Result<Envelope<Req, Resp>, WireError> {
+    decode_versioned(bytes, max_frame_bytes).map(|(_, envelope)| envelope)
+}
+
+/// [`decode`], also giving the protocol version the sender speaks.
+pub fn decode_versioned<Req: DeserializeOwned, Resp: DeserializeOwned>(
+    bytes: &[u8],
+    max_frame_bytes: usize,
+) -> Result<(u16, Envelope<Req, Resp>), WireError> {
     if bytes.len() > max_frame_bytes {
         return Err(WireError::TooLarge {
             len: bytes.len(),
@@ -339,19 +350,25 @@ pub fn decode<Req: DeserializeOwned, Resp: DeserializeOwned>(
     match head.t {
         Kind::Request => {
             let request = RequestIn::<Req>::deserialize(&mut decoder(bytes)).map_err(body_error)?;
-            Ok(Envelope::Request(Request {
-                id: head.id,
-                deadline_ms: request.deadline_ms,
-                body: request.body,
-            }))
+            Ok((
+                head.v,
+                Envelope::Request(Request {
+                    id: head.id,
+                    deadline_ms: request.deadline_ms,
+                    body: request.body,
+                }),
+            ))
         }
         Kind::Response => {
             let response =
                 ResponseIn::<Resp>::deserialize(&mut decoder(bytes)).map_err(body_error)?;
-            Ok(Envelope::Response(Response {
-                id: head.id,
-                body: response.body,
-            }))
+            Ok((
+                head.v,
+                Envelope::Response(Response {
+                    id: head.id,
+                    body: response.body,
+                }),
+            ))
         }
     }
 }
@@ -544,7 +561,9 @@ mod tests {
             extra: 1,
         })
         .expect("encodes");
-        let decoded = decode::<String, String>(&bytes, MAX).expect("same major");
+        let (version, decoded) =
+            decode_versioned::<String, String>(&bytes, MAX).expect("same major");
+        assert_eq!(version, 0x0105);
         assert_eq!(
             decoded,
             Envelope::Request(Request {
