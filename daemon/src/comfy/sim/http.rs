@@ -677,6 +677,7 @@ async fn ws(
         .filter(|c| !c.is_empty())
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     upgrade
+        .read_buffer_size(crate::comfy::client::WS_READ_BUFFER)
         .on_upgrade(move |socket| ws_session(s, sid, socket))
         .into_response()
 }
