@@ -443,15 +443,27 @@ pub(crate) async fn replicate_with_outputs(
                 ));
             }
             if inner.may_inline(addr, &files, job.workflow.as_str().len()) {
-                match inner.replicate_to(replica, job, None, inline(&files)).await {
-                    Ok(()) => {
+                let request = JobRequest::Replicate {
+                    job: Box::new(super::wire_job(job).map_err(|e| e.to_string())?),
+                    upload: None,
+                    outputs: inline(&files),
+                };
+                match inner
+                    .request(addr, request, super::REPLICATE_DEADLINE)
+                    .await
+                {
+                    Ok(JobResponse::Done) => {
                         inner.metrics.count_outputs_sent(files.len(), true);
                         return Ok(());
                     }
-                    Err(error) => {
-                        tracing::debug!(job = %job.id, %replica, %error,
+                    // Refused or too big for a frame: the outputs go in chunks instead. A
+                    // member that did not answer would not take chunks either: the caller
+                    // tries again later.
+                    Ok(_) | Err(RpcError::Remote(_) | RpcError::TooLarge { .. }) => {
+                        tracing::debug!(job = %job.id, %replica,
                             "a copy with its outputs inside was not taken; uploading them");
                     }
+                    Err(error) => return Err(format!("{replica}: {error}")),
                 }
             }
             let id = format!("{}-replica-{}", job.id, uuid::Uuid::new_v4().simple());
