@@ -117,16 +117,12 @@ async fn jobs_submitted_anywhere_run_once_and_any_node_answers() {
     for (id, account, _) in &submitted {
         let mut bodies = Vec::new();
         for node in 0..3 {
-            let api = cluster.api(node, account);
-            let response = api
-                .http
-                .get(format!("{}/v1/jobs/{id}/outputs/0", api.url))
-                .bearer_auth(&api.key)
-                .send()
+            let (status, bytes) = cluster
+                .api(node, account)
+                .output(id, 0)
                 .await
                 .expect("output");
-            assert_eq!(response.status(), 200, "output of {id} on gpu-{node}");
-            let bytes = response.bytes().await.expect("bytes");
+            assert_eq!(status, 200, "output of {id} on gpu-{node}");
             assert!(bytes.starts_with(b"\x89PNG"), "a PNG from gpu-{node}");
             bodies.push(bytes);
         }

@@ -10,15 +10,7 @@ use serde_json::Value;
 
 /// GET of output `index`: (status, body bytes).
 async fn fetch(api: &Api, id: &str, index: u32) -> (u16, Vec<u8>) {
-    let response = api
-        .http
-        .get(format!("{}/v1/jobs/{id}/outputs/{index}", api.url))
-        .bearer_auth(&api.key)
-        .send()
-        .await
-        .expect("GET output");
-    let status = response.status().as_u16();
-    (status, response.bytes().await.expect("body").to_vec())
+    api.output(id, index).await.expect("GET output")
 }
 
 async fn delete_outputs(api: &Api, id: &str) -> (u16, Value) {

@@ -446,6 +446,18 @@ impl Api {
         Ok((status, response.json().await.unwrap_or(Value::Null)))
     }
 
+    /// GET of output `index` of job `id`: (status, body bytes).
+    pub async fn output(&self, id: &str, index: u32) -> anyhow::Result<(u16, Vec<u8>)> {
+        let response = self
+            .http
+            .get(format!("{}/v1/jobs/{id}/outputs/{index}", self.url))
+            .bearer_auth(&self.key)
+            .send()
+            .await?;
+        let status = response.status().as_u16();
+        Ok((status, response.bytes().await?.to_vec()))
+    }
+
     pub async fn get(&self, path: &str) -> anyhow::Result<(u16, Value)> {
         let response = self
             .http
