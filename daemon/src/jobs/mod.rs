@@ -1414,6 +1414,11 @@ impl Inner {
             }
         };
         let job = &job;
+        // Marked until the update lands or the copy moves: a caller dropped half-way (a peer
+        // request past its deadline drops its handler) leaves the mark, and the update goes
+        // again within a second. A replica left with a running copy of a finished job would
+        // run it again after adopting it.
+        lock(&self.lagging).entry(job.id.clone()).or_insert(0);
         let current = job.replica.as_deref();
         if let Some(replica) = current
             && !self.gone(replica)
@@ -1444,7 +1449,6 @@ impl Inner {
                 }
             }
         }
-        lock(&self.lagging).remove(&job.id);
         // No replica yet (alone when it was stored), or it is gone: find another.
         let candidates: Vec<String> = self
             .ranked(&job.account)
@@ -1472,6 +1476,7 @@ impl Inner {
                 self.disown(old, vec![job.id.clone()]).await;
             }
         }
+        lock(&self.lagging).remove(&job.id);
     }
 
     /// Whether `name` no longer keeps copies: absent from the cluster view, leaving, or dead
