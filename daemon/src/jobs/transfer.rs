@@ -323,7 +323,7 @@ pub(crate) async fn report(inner: &Inner, remote: &RemoteJob, outcome: Outcome) 
     };
     let give_up = Instant::now() + REPORT_FOR;
     let mut backoff = Duration::from_millis(200);
-    // Cleared when a message with the outputs inside does not fit: they are uploaded then.
+    // Cleared when a try with the outputs inside fails: later tries upload them first.
     let mut inline_ok = true;
     loop {
         let target = inner.owner_of(remote);
