@@ -1202,16 +1202,27 @@ impl Inner {
         let addr = self
             .addr_of(name)
             .ok_or_else(|| format!("{name} has no known address"))?;
-        let request = JobRequest::Replicate {
-            job: Box::new(wire_job(job).map_err(|e| e.to_string())?),
-            upload,
-            outputs,
-        };
-        match self.request(addr, request, REPLICATE_DEADLINE).await {
+        match self.send_copy(addr, job, upload, outputs).await {
             Ok(JobResponse::Done) => Ok(()),
             Ok(other) => Err(format!("{name} answered {other:?}")),
             Err(error) => Err(format!("{name}: {error}")),
         }
+    }
+
+    /// Sends one `Replicate` of `job` to the member at `addr`; the answer as it came.
+    async fn send_copy(
+        &self,
+        addr: SocketAddr,
+        job: &Job,
+        upload: Option<String>,
+        outputs: Vec<WireOutput>,
+    ) -> Result<JobResponse, RpcError> {
+        let request = JobRequest::Replicate {
+            job: Box::new(wire_job(job).map_err(|e| RpcError::Encode(e.to_string()))?),
+            upload,
+            outputs,
+        };
+        self.request(addr, request, REPLICATE_DEADLINE).await
     }
 
     /// Cancels a job this node owns.

@@ -443,15 +443,7 @@ pub(crate) async fn replicate_with_outputs(
                 ));
             }
             if inner.may_inline(addr, &files, job.workflow.as_str().len()) {
-                let request = JobRequest::Replicate {
-                    job: Box::new(super::wire_job(job).map_err(|e| e.to_string())?),
-                    upload: None,
-                    outputs: inline(&files),
-                };
-                match inner
-                    .request(addr, request, super::REPLICATE_DEADLINE)
-                    .await
-                {
+                match inner.send_copy(addr, job, None, inline(&files)).await {
                     Ok(JobResponse::Done) => {
                         inner.metrics.count_outputs_sent(files.len(), true);
                         return Ok(());
