@@ -415,7 +415,7 @@ async fn a_drained_node_hands_its_queue_on_and_nothing_runs_twice() {
     let cluster = TestCluster::start(3, spec(30))
         .await
         .expect("cluster starts");
-    let jobs = submit_many(&cluster, 30, 10).await;
+    let mut jobs = submit_many(&cluster, 30, 10).await;
     // Drain the node that owns the most of them, while most still wait.
     let drained = cluster.owner_of(ACCOUNTS[0]);
     let response = reqwest::Client::new()
@@ -427,8 +427,22 @@ async fn a_drained_node_hands_its_queue_on_and_nothing_runs_twice() {
     assert_eq!(response.status(), 202);
     let body: Value = response.json().await.expect("json");
     assert_eq!(body["status"], "draining");
-    // A wrong token drains nothing.
+    // Submissions for its accounts go on through another member before gossip shows it
+    // draining: the draining owner refuses them, and the next member in order stores them.
     let other = (drained + 1) % 3;
+    let api = cluster.api(other, ACCOUNTS[0]);
+    for i in 0..5u64 {
+        let (status, body) = api
+            .submit(&sdxl_workflow(10, 100 + i))
+            .await
+            .expect("submit");
+        assert_eq!(status, 202, "submit {i} while its owner drains: {body}");
+        jobs.push((
+            body["id"].as_str().expect("id").to_string(),
+            ACCOUNTS[0].to_string(),
+        ));
+    }
+    // A wrong token drains nothing.
     let refused = reqwest::Client::new()
         .post(format!("{}/v1/admin/drain", cluster.nodes[other].url))
         .bearer_auth("not-the-operator-token")
@@ -461,7 +475,8 @@ async fn a_drained_node_hands_its_queue_on_and_nothing_runs_twice() {
         );
     }
     println!(
-        "drain: 30 jobs, each succeeded once; executed per node {:?}",
+        "drain: {} jobs, each succeeded once; executed per node {:?}",
+        jobs.len(),
         (0..3)
             .map(|n| executed(&cluster)
                 .iter()

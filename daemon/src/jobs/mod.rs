@@ -404,9 +404,21 @@ impl Jobs {
                     let view = parse_view(&view).map_err(ApiError::internal)?;
                     return Ok((view, created || retrying));
                 }
+                // A member that takes no jobs now (it is draining, and gossip has not shown
+                // it yet): the next one in the account's order is the owner instead.
+                Ok(JobResponse::Refused(refusal)) if refusal.code == ErrorCode::Unavailable => {
+                    last_error = Some(format!("{name}: {}", refusal.message));
+                }
                 Ok(JobResponse::Refused(refusal)) => return Err(refusal_error(refusal)),
                 Ok(other) => {
                     last_error = Some(format!("{name} answered {other:?}"));
+                }
+                Err(RpcError::Closed) => {
+                    return Err(ApiError::new(
+                        ErrorCode::Unavailable,
+                        "this node is shutting down; submit to another member",
+                    )
+                    .retry_after(1));
                 }
                 Err(error) => {
                     tracing::warn!(owner = %name, %error, job = %new.id, "forwarding a submission failed; trying the next member");
