@@ -689,6 +689,15 @@ pub async fn run(
     if let Err(error) = supervisor.shutdown().await {
         tracing::warn!(%error, "stopping ComfyUI");
     }
+    // The API stops before the peer layer: every request it took can still reach the other
+    // members (a submission is forwarded, not refused); event streams ended with `stop`.
+    http_stop.cancel();
+    match tokio::time::timeout(Duration::from_secs(5), http).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(error))) => tracing::warn!(%error, "HTTP server"),
+        Ok(Err(error)) => tracing::warn!(%error, "HTTP server task"),
+        Err(_) => tracing::warn!("HTTP connections still open at shutdown; dropped"),
+    }
     publisher_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(2), publisher).await;
     jobs.shutdown().await;
@@ -696,13 +705,6 @@ pub async fn run(
         // One more round so peers see `draining` before this member goes quiet.
         tokio::time::sleep(Duration::from_millis(200)).await;
         cluster.shutdown().await;
-    }
-    http_stop.cancel();
-    match tokio::time::timeout(Duration::from_secs(5), http).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(error))) => tracing::warn!(%error, "HTTP server"),
-        Ok(Err(error)) => tracing::warn!(%error, "HTTP server task"),
-        Err(_) => tracing::warn!("HTTP connections still open at shutdown; dropped"),
     }
     tasks.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
