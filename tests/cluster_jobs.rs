@@ -779,3 +779,83 @@ async fn stale_copies_of_an_owner_that_died_before_they_were_refreshed_are_not_r
         .count();
     assert!(twice <= 2, "{twice} jobs succeeded twice: {ran:?}");
 }
+
+#[tokio::test]
+async fn an_idempotency_key_names_one_job_when_the_owner_changes() {
+    let mut cluster = TestCluster::start(3, spec(20))
+        .await
+        .expect("cluster starts");
+    // An account that gpu-2 owns while it is a member: while it is away, another node owns it.
+    let account = ACCOUNTS
+        .iter()
+        .copied()
+        .find(|a| cluster.owner_of(a) == 2)
+        .expect("one of the accounts ranks gpu-2 first");
+    cluster.nodes[2].stop().expect("gpu-2 stops");
+    cluster
+        .wait_all_ready(Duration::from_secs(45))
+        .await
+        .expect("the others see gpu-2 gone");
+    let workflow = sdxl_workflow(4, 7);
+    let (status, first) = cluster
+        .api(0, account)
+        .submit_keyed(&workflow, "order-7")
+        .await
+        .expect("submit");
+    assert_eq!(status, 202, "{first}\n{}", logs(&cluster));
+    let id = first["id"].as_str().expect("id").to_string();
+
+    // gpu-2 comes back and owns the account's new jobs again; it never saw the key.
+    cluster.nodes[2].restart().await.expect("gpu-2 restarts");
+    cluster
+        .wait_all_ready(Duration::from_secs(45))
+        .await
+        .expect("all ready again");
+    for node in [0usize, 1, 2] {
+        let (status, again) = cluster
+            .api(node, account)
+            .submit_keyed(&workflow, "order-7")
+            .await
+            .expect("replay");
+        assert_eq!(status, 202, "{again}\n{}", logs(&cluster));
+        assert_eq!(
+            again["id"].as_str(),
+            Some(id.as_str()),
+            "a replay through gpu-{node} made another job\n{}",
+            logs(&cluster)
+        );
+    }
+    // The same key with another body is a conflict, wherever it is sent.
+    let (status, body) = cluster
+        .api(1, account)
+        .submit_keyed(&sdxl_workflow(4, 8), "order-7")
+        .await
+        .expect("conflicting submit");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("conflict")),
+        "{body}"
+    );
+    // A new key is a new job, owned by gpu-2.
+    let (status, other) = cluster
+        .api(0, account)
+        .submit_keyed(&workflow, "order-8")
+        .await
+        .expect("submit");
+    assert_eq!(status, 202, "{other}");
+    assert_ne!(other["id"].as_str(), Some(id.as_str()));
+    // One job ran for the first key.
+    let job = cluster
+        .api(2, account)
+        .wait_final(&id, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs(&cluster)));
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let (_, list) = cluster
+        .api(1, account)
+        .get("/v1/jobs?limit=50")
+        .await
+        .expect("list");
+    let jobs = list["jobs"].as_array().cloned().unwrap_or_default();
+    assert_eq!(jobs.len(), 2, "two keys, two jobs: {list}");
+}

@@ -446,6 +446,20 @@ impl Api {
         Ok((status, response.json().await.unwrap_or(Value::Null)))
     }
 
+    /// A submission with an `Idempotency-Key` header.
+    pub async fn submit_keyed(&self, workflow: &Value, key: &str) -> anyhow::Result<(u16, Value)> {
+        let response = self
+            .http
+            .post(format!("{}/v1/jobs", self.url))
+            .bearer_auth(&self.key)
+            .header("idempotency-key", key)
+            .json(&json!({"workflow": workflow}))
+            .send()
+            .await?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await.unwrap_or(Value::Null)))
+    }
+
     /// GET of output `index` of job `id`: (status, body bytes).
     pub async fn output(&self, id: &str, index: u32) -> anyhow::Result<(u16, Vec<u8>)> {
         let response = self

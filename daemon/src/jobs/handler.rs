@@ -9,7 +9,8 @@ use std::sync::{Arc, Weak};
 use async_trait::async_trait;
 
 use super::{
-    Inner, job_from_wire, new_job_from_wire, outcome_of, transfer, wire_job, wire_refusal,
+    Inner, job_from_wire, new_job_from_wire, outcome_of, store_refusal, transfer, wire_job,
+    wire_refusal,
 };
 use crate::api::ApiError;
 use crate::peer::messages::{JobRequest, JobResponse};
@@ -265,6 +266,36 @@ async fn handle(
                 None => None,
             };
             Ok(JobResponse::Job { view })
+        }
+        JobRequest::FindKey {
+            account,
+            key,
+            body_hash,
+        } => {
+            let job = inner
+                .store
+                .find_key(&account, &key)
+                .await
+                .map_err(internal)?;
+            let Some(job) = job.filter(|j| j.account == account) else {
+                return Ok(JobResponse::Job { view: None });
+            };
+            if job.body_hash != body_hash {
+                let refusal = store_refusal(
+                    StoreError::IdempotencyConflict {
+                        key,
+                        job_id: job.id.clone(),
+                    },
+                    job.tier,
+                );
+                return Ok(JobResponse::Refused(wire_refusal(&refusal)));
+            }
+            let view = serde_json::to_string(&inner.view(&job).await.map_err(internal)?)
+                .map_err(internal)?;
+            Ok(JobResponse::Submitted {
+                view,
+                created: false,
+            })
         }
         JobRequest::List {
             account,

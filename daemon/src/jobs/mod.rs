@@ -1081,6 +1081,9 @@ impl Inner {
         quota: Quota,
         ranked: &[String],
     ) -> Result<(JobView, bool), ApiError> {
+        if let Some(earlier) = self.find_key_elsewhere(&new).await? {
+            return Ok((earlier, false));
+        }
         let _owner_op = self.owner_ops.read().await;
         if self.draining.is_cancelled() {
             return Err(ApiError::new(
@@ -1135,6 +1138,69 @@ impl Inner {
         }
         let view = self.view(&job).await.map_err(ApiError::internal)?;
         Ok((view, submitted.created))
+    }
+
+    /// The job an earlier submission with `new`'s idempotency key made, when a member that
+    /// owned the account's jobs before this one (or keeps their copies) recorded the key and
+    /// this node did not: the same key then names the same job across a change of owner (a
+    /// member joined ahead of the old owner, or the old owner drains or died). A key reused
+    /// with another body is refused as it would be by the old owner. A member that does not
+    /// answer in time counts as not knowing the key: the submission is stored rather than
+    /// refused.
+    async fn find_key_elsewhere(&self, new: &NewJob) -> Result<Option<JobView>, ApiError> {
+        let Some(key) = new.idempotency_key.as_deref() else {
+            return Ok(None);
+        };
+        if self.cluster.is_none() {
+            return Ok(None);
+        }
+        let here = self
+            .store
+            .find_key(&new.account, key)
+            .await
+            .map_err(ApiError::internal)?;
+        if here.is_some() {
+            // The store answers the replay (or the conflict) itself.
+            return Ok(None);
+        }
+        let live = self.live_peers();
+        let asks = placement::key_holders(&new.account, &live, &self.name)
+            .into_iter()
+            .filter_map(|name| self.addr_of(name).map(|addr| (name.to_string(), addr)))
+            // A member known to speak an older protocol cannot be asked (it has no such
+            // request); one not heard from yet is asked.
+            .filter(|(_, addr)| {
+                self.rpc()
+                    .and_then(|rpc| rpc.peer_version(*addr))
+                    .is_none_or(|v| crate::peer::wire::speaks(v, 2))
+            })
+            .map(|(name, addr)| async move {
+                let request = JobRequest::FindKey {
+                    account: new.account.clone(),
+                    key: key.to_string(),
+                    body_hash: new.body_hash.clone(),
+                };
+                (name, self.request(addr, request, SHORT_DEADLINE).await)
+            });
+        for (name, answer) in futures::future::join_all(asks).await {
+            match answer {
+                Ok(JobResponse::Submitted { view, .. }) => {
+                    let view = parse_view(&view).map_err(ApiError::internal)?;
+                    tracing::info!(job = %view.id, member = %name,
+                        "an idempotency key recorded by another member names an earlier job");
+                    return Ok(Some(view));
+                }
+                Ok(JobResponse::Refused(refusal)) => return Err(refusal_error(refusal)),
+                Ok(JobResponse::Job { view: None }) => {}
+                Ok(other) => {
+                    tracing::warn!(member = %name, answer = ?other, "unexpected answer to an idempotency key lookup")
+                }
+                Err(error) => {
+                    tracing::warn!(member = %name, %error, "asking about an idempotency key failed; storing the job as new")
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// When this node's runner is busy, tells peers that work waits here: idle ones (by gossip,

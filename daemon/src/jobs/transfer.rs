@@ -23,7 +23,7 @@ use crate::api::ApiError;
 use crate::peer::messages::{
     JobRequest, JobResponse, OUTPUT_CHUNK_BYTES, WireBytes, WireOutput, WireResult,
 };
-use crate::peer::wire::{self, PROTOCOL_VERSION};
+use crate::peer::wire;
 use crate::peer::{PeerErrorKind, RpcError};
 use crate::queue::{Job, NewOutput, Outcome, Output};
 
@@ -247,16 +247,13 @@ impl Inner {
     /// (known from a message it sent here).
     fn may_inline(&self, addr: SocketAddr, files: &[(u32, NewOutput)], beside: usize) -> bool {
         let total: usize = files.iter().map(|(_, f)| f.bytes.len()).sum();
-        let speaks = |version: u16| {
-            wire::major(version) == wire::major(PROTOCOL_VERSION) && wire::minor(version) >= 1
-        };
         !files.is_empty()
             && total <= self.settings.inline_outputs_bytes
             && total + beside + MESSAGE_ROOM <= self.settings.max_frame_bytes
             && self
                 .rpc()
                 .and_then(|rpc| rpc.peer_version(addr))
-                .is_some_and(speaks)
+                .is_some_and(|version| wire::speaks(version, 1))
     }
 }
 

@@ -154,6 +154,16 @@ pub enum JobRequest {
     /// another replica, or handed the jobs to another member): forget unfinished copies, so
     /// that they are never adopted. Answer: `Done`.
     Disown { ids: Vec<String> },
+    /// Whether the receiver recorded this idempotency key of the account (it owned the
+    /// account's jobs before the sender, or keeps copies of them), asked by a new owner before
+    /// it stores a keyed submission (protocol 1.2). Answer: `Submitted` (`created: false`) with
+    /// the job the key names when `body_hash` matches, `Refused` (`conflict`) when it does
+    /// not, `Job` with no view when the key is unknown.
+    FindKey {
+        account: String,
+        key: String,
+        body_hash: String,
+    },
 }
 
 /// The answer to a [`JobRequest`].
@@ -434,6 +444,11 @@ mod tests {
         });
         roundtrip(JobRequest::Disown {
             ids: vec!["j1".into(), "j2".into()],
+        });
+        roundtrip(JobRequest::FindKey {
+            account: "acct".into(),
+            key: "order-42".into(),
+            body_hash: "ab".repeat(32),
         });
         roundtrip(JobRequest::Lease {
             min_tier: Some(Tier::Pro),

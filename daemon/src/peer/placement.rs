@@ -64,6 +64,32 @@ pub fn owner_and_replica<'a, S: AsRef<str>>(
     (owner.map(|o| o.1), replica.map(|r| r.1))
 }
 
+/// Whom `me`, about to store a new job of `account` with an idempotency key, asks whether an
+/// earlier job of the account already took that key: the members of `live` (every live GPU
+/// member, ready or not; `me` may be among them) that rank ahead of `me` (owners that take no
+/// jobs now, such as one that drains), and the first one that ranks after `me` (the owner
+/// before `me` joined, or the replica of an owner that has gone). Between them they recorded
+/// every key of the account as long as ownership changed once since: a member that joined, or
+/// one that drained or died. Heaviest first.
+pub fn key_holders<'a, S: AsRef<str>>(account: &str, live: &'a [S], me: &str) -> Vec<&'a str> {
+    let mine = weight(account, me);
+    let mut out = Vec::new();
+    for member in rank(account, live) {
+        if member == me {
+            continue;
+        }
+        let ahead = weight(account, member)
+            .cmp(&mine)
+            .then_with(|| me.cmp(member))
+            .is_gt();
+        out.push(member);
+        if !ahead {
+            break;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,7 +172,59 @@ mod tests {
         }
     }
 
+    #[test]
+    fn key_holders_are_those_ahead_and_the_next() {
+        let all = members(6);
+        for account in accounts(200) {
+            let ranked = rank(&account, &all);
+            for (i, me) in ranked.iter().enumerate() {
+                let mut expected: Vec<&str> = ranked[..i].to_vec();
+                expected.extend(ranked.get(i + 1).copied());
+                assert_eq!(key_holders(&account, &all, me), expected, "{account} {me}");
+            }
+            // A member not in the list (one that just joined) is placed by its weight.
+            let newcomer = "gpu-new";
+            let with: Vec<String> = all.iter().cloned().chain([newcomer.to_string()]).collect();
+            assert_eq!(
+                key_holders(&account, &all, newcomer),
+                key_holders(&account, &with, newcomer),
+                "{account}"
+            );
+        }
+        let none: [&str; 0] = [];
+        assert!(key_holders("a", &none, "me").is_empty());
+        assert!(key_holders("a", &["me"], "me").is_empty());
+    }
+
     proptest! {
+        /// Whatever single change made `me` the owner (a member joined, or the old owner
+        /// drained or died), the members `me` asks include one that recorded the account's
+        /// keys: the old owner when it is still live, else the replica that adopted its jobs.
+        #[test]
+        fn after_one_change_a_key_holder_is_asked(
+            members in prop::collection::btree_set("[a-z0-9-]{1,12}", 2..10),
+            joined in "[a-z0-9-]{1,12}",
+            account in ".{0,16}",
+        ) {
+            let before: Vec<&String> = members.iter().collect();
+            let (old_owner, old_replica) = owner_and_replica(&account, &before);
+            let (old_owner, old_replica) = (old_owner.unwrap_or_default(), old_replica.unwrap_or_default());
+            // A member joins (and owns the account if it is heavier).
+            if !members.contains(&joined) {
+                let mut after = before.clone();
+                after.push(&joined);
+                if owner_and_replica(&account, &after).0 == Some(joined.as_str()) {
+                    prop_assert!(key_holders(&account, &after, &joined).contains(&old_owner));
+                }
+            }
+            // The owner drains: still live, it ranks ahead of the new owner.
+            let rest: Vec<&&String> = before.iter().filter(|m| m.as_str() != old_owner).collect();
+            let new_owner = owner_and_replica(&account, &rest).0.unwrap_or_default();
+            prop_assert!(key_holders(&account, &before, new_owner).contains(&old_owner));
+            // The owner died: its replica adopted the jobs, and is the new owner itself.
+            prop_assert_eq!(new_owner, old_replica);
+        }
+
         #[test]
         fn owner_and_replica_are_the_top_of_rank(
             account in ".{0,16}",

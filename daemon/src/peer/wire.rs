@@ -27,11 +27,13 @@ use std::io;
 use serde::de::{DeserializeOwned, IgnoredAny};
 use serde::{Deserialize, Serialize};
 
-/// The protocol version this build speaks: major 1, minor 1.
+/// The protocol version this build speaks: major 1, minor 2.
 ///
 /// Minor 1 lets a result or a replica carry small output files inline (`WireOutput::data`)
 /// instead of in `PutOutput` chunks; members send that only to peers known to speak it.
-pub const PROTOCOL_VERSION: u16 = 0x0101;
+/// Minor 2 adds the `find_key` request; a member before it answers `bad_request`, which the
+/// asker takes as "key not known here".
+pub const PROTOCOL_VERSION: u16 = 0x0102;
 
 /// The major part of a protocol version.
 pub fn major(version: u16) -> u8 {
@@ -41,6 +43,12 @@ pub fn major(version: u16) -> u8 {
 /// The minor part of a protocol version.
 pub fn minor(version: u16) -> u8 {
     version.to_be_bytes()[1]
+}
+
+/// Whether a peer that speaks `version` understands what this build's major version added in
+/// minor `since`.
+pub fn speaks(version: u16, since: u8) -> bool {
+    major(version) == major(PROTOCOL_VERSION) && minor(version) >= since
 }
 
 /// `major.minor`, for messages.

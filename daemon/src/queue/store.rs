@@ -784,6 +784,29 @@ impl JobStore {
         self.read(move |conn, path| load_job(conn, path, &id)).await
     }
 
+    /// The job (owned or a copy) that the account's idempotency key names, if this store
+    /// recorded the key.
+    pub async fn find_key(&self, account: &str, key: &str) -> Result<Option<Job>, StoreError> {
+        let account = account.to_string();
+        let key = key.to_string();
+        self.read(move |conn, path| {
+            let id: Option<String> = conn
+                .prepare_cached(
+                    "SELECT job_id FROM idempotency_keys WHERE account = ?1 AND key = ?2",
+                )
+                .and_then(|mut st| {
+                    st.query_row(params![account, key], |row| row.get(0))
+                        .optional()
+                })
+                .map_err(StoreError::sqlite("reading idempotency keys"))?;
+            match id {
+                Some(id) => load_job(conn, path, &id),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
     /// An account's jobs, newest first, optionally only those in `status`; at most `limit`.
     pub async fn list(
         &self,
