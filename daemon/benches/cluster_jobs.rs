@@ -8,13 +8,16 @@
 //!    accepting the prompt (its `--executed-log` records `received_at_ms`).
 //! 2. **Durable submits with replication.** Two members; many concurrent clients submit to one
 //!    member, first for accounts it owns (the 202 waits for its fsync and the replica's copy),
-//!    then for accounts the other member owns (forwarded, then replicated back).
+//!    then for accounts the other member owns (forwarded, then replicated back), then again for
+//!    accounts it owns with an `Idempotency-Key` on each (a new key also costs a question to the
+//!    other member, which may have recorded it).
 //! 3. **Cluster throughput.** Five members; small jobs submitted round robin to all of them; from
 //!    the first submit to the last job's `finished_at`, and how many ran on each member.
 //!
 //! Knobs (environment): `CLUSTER_JOBS_LATENCY_N` (100), `CLUSTER_JOBS_SUBMITS` (4000),
 //! `CLUSTER_JOBS_CLIENTS` (64), `CLUSTER_JOBS_THROUGHPUT_JOBS` (3000),
-//! `CLUSTER_JOBS_NODES` (5). Figures are printed, never asserted. Every process started here is
+//! `CLUSTER_JOBS_NODES` (5), `CLUSTER_JOBS_PARTS` (`123`: which parts to run). Figures are
+//! printed, never asserted. Every process started here is
 //! killed with its process group when its handle drops (the simulators die with their kilnd).
 
 mod common;
@@ -75,9 +78,16 @@ async fn run() -> anyhow::Result<()> {
     let throughput_jobs = env_or("CLUSTER_JOBS_THROUGHPUT_JOBS", 3000) as usize;
     let nodes = env_or("CLUSTER_JOBS_NODES", 5).max(1) as usize;
 
-    busy_owner_latency(latency_n).await?;
-    durable_submits(submits, clients).await?;
-    cluster_throughput(nodes, throughput_jobs, clients).await?;
+    let parts = std::env::var("CLUSTER_JOBS_PARTS").unwrap_or_else(|_| "123".to_string());
+    if parts.contains('1') {
+        busy_owner_latency(latency_n).await?;
+    }
+    if parts.contains('2') {
+        durable_submits(submits, clients).await?;
+    }
+    if parts.contains('3') {
+        cluster_throughput(nodes, throughput_jobs, clients).await?;
+    }
     Ok(())
 }
 
@@ -103,6 +113,7 @@ async fn busy_owner_latency(n: usize) -> anyhow::Result<()> {
         &a.url,
         cluster.key(&account)?,
         &sdxl_workflow(1000, 1),
+        None,
     )
     .await?;
     wait_running_on(&http, a, &long, Duration::from_secs(30)).await?;
@@ -115,7 +126,14 @@ async fn busy_owner_latency(n: usize) -> anyhow::Result<()> {
     let mut missed = 0usize;
     for i in 0..n {
         let before_ms = unix_ms_f64();
-        let (_, id) = submit(&http, &a.url, cluster.key(&account)?, &small_workflow(i)).await?;
+        let (_, id) = submit(
+            &http,
+            &a.url,
+            cluster.key(&account)?,
+            &small_workflow(i),
+            None,
+        )
+        .await?;
         match wait_executed_record(b, &id, Duration::from_secs(10)).await? {
             Some(received_ms) => latencies.push(received_ms - before_ms),
             None => missed += 1,
@@ -143,14 +161,21 @@ async fn busy_owner_latency(n: usize) -> anyhow::Result<()> {
 async fn durable_submits(total: usize, clients: usize) -> anyhow::Result<()> {
     let cluster = BenchCluster::start(&["node-a", "node-b"], |_| sim_args("0")).await?;
     let http = client()?;
-    for (owner, label) in [
+    for (owner, keyed, label) in [
         (
             0,
+            None,
             "accounts node-a owns (stored on node-a, copied to node-b)",
         ),
         (
             1,
+            None,
             "accounts node-b owns (forwarded node-a → node-b, copied back to node-a)",
+        ),
+        (
+            0,
+            Some("bench"),
+            "accounts node-a owns, each with a new Idempotency-Key (node-b asked, then copied)",
         ),
     ] {
         let accounts = cluster.accounts_owned_by(owner);
@@ -163,7 +188,9 @@ async fn durable_submits(total: usize, clients: usize) -> anyhow::Result<()> {
             .iter()
             .map(|a| Ok((cluster.members[0].url.clone(), cluster.key(a)?.to_string())))
             .collect::<anyhow::Result<_>>()?;
-        let run = submit_many(&http, total, clients, targets).await;
+        let cpu_before = cluster.cpu_time();
+        let run = submit_many(&http, total, clients, targets, keyed).await;
+        let cpu_after = cluster.cpu_time();
         let mut latencies = run.latencies_ms.clone();
         latencies.sort_by(f64::total_cmp);
         println!(
@@ -177,6 +204,14 @@ async fn durable_submits(total: usize, clients: usize) -> anyhow::Result<()> {
             quantile(&latencies, 1.0),
             run.replicas_summary(),
             run.failures_summary(),
+        );
+        println!(
+            "   CPU per accepted submit while submitting (the members also run jobs meanwhile): \
+             kilnd {:.2} ms, simulators {:.2} ms, bench {:.2} ms",
+            (cpu_after.kilnd - cpu_before.kilnd) * 1000.0 / run.accepted.len().max(1) as f64,
+            (cpu_after.simulators - cpu_before.simulators) * 1000.0
+                / run.accepted.len().max(1) as f64,
+            (cpu_after.bench - cpu_before.bench) * 1000.0 / run.accepted.len().max(1) as f64,
         );
         // Let both members run the jobs before the next round measures.
         let ids: HashSet<String> = run.accepted.iter().map(|j| j.id.clone()).collect();
@@ -213,7 +248,7 @@ async fn cluster_throughput(nodes: usize, total: usize, clients: usize) -> anyho
         .collect::<anyhow::Result<_>>()?;
     let messages_before = cluster_messages(&http, &cluster).await?;
     let cpu_before = cluster.cpu_time();
-    let run = submit_many(&http, total, clients, targets).await;
+    let run = submit_many(&http, total, clients, targets, None).await;
     let ids: HashSet<String> = run.accepted.iter().map(|j| j.id.clone()).collect();
     let executed = wait_all_executed(&cluster, &ids, Duration::from_secs(900)).await?;
     let cpu_after = cluster.cpu_time();
@@ -746,13 +781,16 @@ async fn submit(
     url: &str,
     key: &str,
     workflow: &Value,
+    idempotency_key: Option<&str>,
 ) -> anyhow::Result<(u64, String)> {
-    let response = http
+    let mut request = http
         .post(format!("{url}/v1/jobs"))
         .bearer_auth(key)
-        .json(&json!({"workflow": workflow}))
-        .send()
-        .await?;
+        .json(&json!({"workflow": workflow}));
+    if let Some(idempotency_key) = idempotency_key {
+        request = request.header("idempotency-key", idempotency_key);
+    }
+    let response = request.send().await?;
     let status = response.status();
     let body: Value = response.json().await.unwrap_or(Value::Null);
     ensure!(status == 202, "submit to {url}: {status} {body}");
@@ -802,12 +840,14 @@ impl SubmitRun {
 }
 
 /// `total` submissions from `clients` concurrent tasks; submission `k` goes to
-/// `targets[k % targets.len()]` (API URL, key).
+/// `targets[k % targets.len()]` (API URL, key), with the `Idempotency-Key` `{keyed}-{k}` when
+/// `keyed` is set.
 async fn submit_many(
     http: &reqwest::Client,
     total: usize,
     clients: usize,
     targets: Vec<(String, String)>,
+    keyed: Option<&'static str>,
 ) -> SubmitRun {
     let targets = Arc::new(targets);
     let next = Arc::new(AtomicUsize::new(0));
@@ -825,7 +865,15 @@ async fn submit_many(
                 }
                 let (url, key) = &targets[k % targets.len()];
                 let t0 = Instant::now();
-                let result = submit(&http, url, key, &small_workflow(k)).await;
+                let idempotency_key = keyed.map(|prefix| format!("{prefix}-{k}"));
+                let result = submit(
+                    &http,
+                    url,
+                    key,
+                    &small_workflow(k),
+                    idempotency_key.as_deref(),
+                )
+                .await;
                 let ms = t0.elapsed().as_secs_f64() * 1000.0;
                 out.push((result, ms, url.clone(), key.clone()));
             }

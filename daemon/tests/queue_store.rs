@@ -219,6 +219,13 @@ async fn idempotency_same_and_different_body() {
     other.account = "bob".into();
     assert!(store.submit(other, None).await.expect("submit").created);
     assert_eq!(store.get("k2").await.expect("get"), None);
+    // A key is found by account: what another member's new owner asks before storing.
+    let found = store.find_key("alice", "key-1").await.expect("find");
+    assert_eq!(found.map(|j| j.id), Some("k1".to_string()));
+    let found = store.find_key("bob", "key-1").await.expect("find");
+    assert_eq!(found.map(|j| j.id), Some("k3".to_string()));
+    assert_eq!(store.find_key("alice", "key-2").await.expect("find"), None);
+    assert_eq!(store.find_key("carol", "key-1").await.expect("find"), None);
     let usage = store
         .usage("alice", utc_day(a.job.created_at_ms))
         .await
@@ -589,4 +596,67 @@ async fn migrates_an_empty_file_and_refuses_newer_or_garbage() {
         .expect_err("garbage");
     assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
     assert!(err.to_string().contains("kiln-jobs.sqlite3"), "{err}");
+}
+
+/// Open file descriptors of this process that name `path`.
+fn fds_on(path: &std::path::Path) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| std::fs::read_link(e.path()).is_ok_and(|target| target == path))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_reads_share_a_bounded_set_of_connections() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = StoreOptions {
+        read_connections: 2,
+        ..StoreOptions::default()
+    };
+    let store = JobStore::open(dir.path(), opts).await.expect("open");
+    for i in 0..20 {
+        store
+            .submit(new_job(&format!("r{i}"), "alice", Tier::Pro), None)
+            .await
+            .expect("submit");
+    }
+    let db = dir
+        .path()
+        .join(kiln_daemon::queue::DB_FILE)
+        .canonicalize()
+        .expect("db path");
+    let baseline = fds_on(&db);
+    // Watch the descriptors on the database while 400 reads run 200 at a time.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (stop, db) = (stop.clone(), db.clone());
+        std::thread::spawn(move || {
+            let mut most = 0;
+            while !stop.load(Ordering::Relaxed) {
+                most = most.max(fds_on(&db));
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            most
+        })
+    };
+    for round in 0..2 {
+        let reads = (0..200).map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { store.get(&format!("r{}", (i + round) % 20)).await })
+        });
+        for read in futures::future::join_all(reads).await {
+            let job = read.expect("task").expect("read");
+            assert!(job.is_some());
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let most = watcher.join().expect("watcher");
+    // The writer's descriptor(s) and at most two readers'.
+    assert!(
+        most <= baseline + 2,
+        "{most} descriptors on the database at once, {baseline} before the reads"
+    );
 }

@@ -1154,15 +1154,6 @@ impl Inner {
         if self.cluster.is_none() {
             return Ok(None);
         }
-        let here = self
-            .store
-            .find_key(&new.account, key)
-            .await
-            .map_err(ApiError::internal)?;
-        if here.is_some() {
-            // The store answers the replay (or the conflict) itself.
-            return Ok(None);
-        }
         let live = self.live_peers();
         let asks = placement::key_holders(&new.account, &live, &self.name)
             .into_iter()
@@ -1183,6 +1174,22 @@ impl Inner {
                 (name, self.request(addr, request, SHORT_DEADLINE).await)
             });
         for (name, answer) in futures::future::join_all(asks).await {
+            if matches!(
+                answer,
+                Ok(JobResponse::Submitted { .. } | JobResponse::Refused(_))
+            ) {
+                // A key this store recorded too (the member asked keeps a copy of this node's
+                // job) is answered by the store itself, from this node's own row. Read only
+                // now: a new key, the common case, costs no read here.
+                let here = self
+                    .store
+                    .find_key(&new.account, key)
+                    .await
+                    .map_err(ApiError::internal)?;
+                if here.is_some() {
+                    return Ok(None);
+                }
+            }
             match answer {
                 Ok(JobResponse::Submitted { view, .. }) => {
                     let view = parse_view(&view).map_err(ApiError::internal)?;

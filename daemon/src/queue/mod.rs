@@ -44,7 +44,9 @@ use crate::protocol::{
 
 pub use outbox::{Attempted, OutboxRow, OutboxState};
 pub use scheduler::{QueuedJob, RingPos, Scheduler, TierCount};
-pub use store::{JobStore, StoreOptions, output_files_on_disk, output_folder, system_clock};
+pub use store::{
+    DB_FILE, JobStore, StoreOptions, output_files_on_disk, output_folder, system_clock,
+};
 pub use writer::Clock;
 
 /// JSON kept as text. A job's workflow is only ever stored, sent to peers and handed to

@@ -43,7 +43,7 @@ pub struct StoreOptions {
     pub max_batch: usize,
     /// Requests waiting for the writer before senders wait.
     pub channel_capacity: usize,
-    /// Read connections kept open.
+    /// Most read connections open at once (a read waits for a free one); they stay open.
     pub read_connections: usize,
     /// Capacity of the change broadcast; a subscriber that lags more than this misses changes
     /// (and is told so by `RecvError::Lagged`).
@@ -86,7 +86,8 @@ impl Default for StoreOptions {
         StoreOptions {
             max_batch: 1024,
             channel_capacity: 8192,
-            read_connections: 4,
+            read_connections: std::thread::available_parallelism()
+                .map_or(4, |n| n.get().clamp(4, 16)),
             change_capacity: 4096,
             clock: system_clock(),
             retention: Vec::new(),
@@ -95,10 +96,14 @@ impl Default for StoreOptions {
     }
 }
 
+/// At most `keep` read connections, opened when first needed and kept: a read waits for a free
+/// one (without holding a thread) rather than opening another, since opening a connection and
+/// loading its schema costs more than most reads.
 struct ReadPool {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
     keep: usize,
+    permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl ReadPool {
@@ -219,6 +224,7 @@ impl JobStore {
             path: db_path,
             idle: Mutex::new(Vec::new()),
             keep: opts.read_connections.max(1),
+            permits: Arc::new(tokio::sync::Semaphore::new(opts.read_connections.max(1))),
         };
         Ok(JobStore {
             inner: Arc::new(Inner {
@@ -277,10 +283,18 @@ impl JobStore {
         f: impl FnOnce(&Connection, &Path) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let inner = self.inner.clone();
+        let permit = inner
+            .reads
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::WriterGone("the store is closed".to_string()))?;
         tokio::task::spawn_blocking(move || {
             let conn = inner.reads.take()?;
             let out = f(&conn, &inner.shared.db_path);
             inner.reads.give(conn);
+            drop(permit);
             out
         })
         .await
