@@ -96,13 +96,12 @@ impl Default for StoreOptions {
     }
 }
 
-/// At most `keep` read connections, opened when first needed and kept: a read waits for a free
-/// one (without holding a thread) rather than opening another, since opening a connection and
-/// loading its schema costs more than most reads.
+/// Read connections, opened when first needed and kept; `permits` bounds how many exist: a
+/// read waits for a free one (without holding a thread) rather than opening another, since
+/// opening a connection and loading its schema costs more than most reads.
 struct ReadPool {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
-    keep: usize,
     permits: Arc<tokio::sync::Semaphore>,
 }
 
@@ -120,13 +119,10 @@ impl ReadPool {
     }
 
     fn give(&self, conn: Connection) {
-        let mut idle = self
-            .idle
+        self.idle
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if idle.len() < self.keep {
-            idle.push(conn);
-        }
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(conn);
     }
 }
 
@@ -223,7 +219,6 @@ impl JobStore {
         let reads = ReadPool {
             path: db_path,
             idle: Mutex::new(Vec::new()),
-            keep: opts.read_connections.max(1),
             permits: Arc::new(tokio::sync::Semaphore::new(opts.read_connections.max(1))),
         };
         Ok(JobStore {
