@@ -435,27 +435,24 @@ impl Api {
     }
 
     pub async fn submit(&self, workflow: &Value) -> anyhow::Result<(u16, Value)> {
-        let response = self
-            .http
-            .post(format!("{}/v1/jobs", self.url))
-            .bearer_auth(&self.key)
-            .json(&json!({"workflow": workflow}))
-            .send()
-            .await?;
-        let status = response.status().as_u16();
-        Ok((status, response.json().await.unwrap_or(Value::Null)))
+        self.post_job(workflow, None).await
     }
 
     /// A submission with an `Idempotency-Key` header.
     pub async fn submit_keyed(&self, workflow: &Value, key: &str) -> anyhow::Result<(u16, Value)> {
-        let response = self
+        self.post_job(workflow, Some(key)).await
+    }
+
+    async fn post_job(&self, workflow: &Value, key: Option<&str>) -> anyhow::Result<(u16, Value)> {
+        let mut request = self
             .http
             .post(format!("{}/v1/jobs", self.url))
             .bearer_auth(&self.key)
-            .header("idempotency-key", key)
-            .json(&json!({"workflow": workflow}))
-            .send()
-            .await?;
+            .json(&json!({"workflow": workflow}));
+        if let Some(key) = key {
+            request = request.header("idempotency-key", key);
+        }
+        let response = request.send().await?;
         let status = response.status().as_u16();
         Ok((status, response.json().await.unwrap_or(Value::Null)))
     }
