@@ -188,9 +188,15 @@ async fn durable_submits(total: usize, clients: usize) -> anyhow::Result<()> {
             .iter()
             .map(|a| Ok((cluster.members[0].url.clone(), cluster.key(a)?.to_string())))
             .collect::<anyhow::Result<_>>()?;
+        let key_metrics = [
+            "kiln_peer_key_lookups_total",
+            "kiln_peer_key_lookup_messages_total",
+        ];
+        let lookups_before = metric_sums(&http, &cluster.members, &key_metrics).await?;
         let cpu_before = cluster.cpu_time();
         let run = submit_many(&http, total, clients, targets, keyed).await;
         let cpu_after = cluster.cpu_time();
+        let lookups_after = metric_sums(&http, &cluster.members, &key_metrics).await?;
         let mut latencies = run.latencies_ms.clone();
         latencies.sort_by(f64::total_cmp);
         println!(
@@ -213,6 +219,15 @@ async fn durable_submits(total: usize, clients: usize) -> anyhow::Result<()> {
                 / run.accepted.len().max(1) as f64,
             (cpu_after.bench - cpu_before.bench) * 1000.0 / run.accepted.len().max(1) as f64,
         );
+        let lookups = lookups_after[0] - lookups_before[0];
+        if lookups > 0.0 {
+            let messages = lookups_after[1] - lookups_before[1];
+            println!(
+                "   idempotency-key lookups asked of node-b: {lookups:.0} in {messages:.0} \
+                 messages ({:.1} per message)",
+                lookups / messages.max(1.0)
+            );
+        }
         // Let both members run the jobs before the next round measures.
         let ids: HashSet<String> = run.accepted.iter().map(|j| j.id.clone()).collect();
         let drained = wait_all_executed(&cluster, &ids, Duration::from_secs(600)).await?;
@@ -572,13 +587,31 @@ impl BenchCluster {
     }
 }
 
-/// Cluster messages (frames) and their bytes sent by all members so far, from their metrics.
+/// Frames and bytes the members sent on the cluster endpoint (peer requests, answers, gossip).
 async fn cluster_messages(
     http: &reqwest::Client,
     cluster: &BenchCluster,
 ) -> anyhow::Result<(f64, f64)> {
-    let (mut frames, mut bytes) = (0.0, 0.0);
-    for member in &cluster.members {
+    let sums = metric_sums(
+        http,
+        &cluster.members,
+        &[
+            "kiln_gossip_frames_sent_total",
+            "kiln_gossip_bytes_sent_total",
+        ],
+    )
+    .await?;
+    Ok((sums[0], sums[1]))
+}
+
+/// The sums over `members` of the named metrics, in order.
+async fn metric_sums(
+    http: &reqwest::Client,
+    members: &[Member],
+    names: &[&str],
+) -> anyhow::Result<Vec<f64>> {
+    let mut sums = vec![0.0; names.len()];
+    for member in members {
         let text = http
             .get(format!("{}/metrics", member.url))
             .send()
@@ -591,15 +624,12 @@ async fn cluster_messages(
             let (Some(name), Some(value)) = (parts.next(), parts.next()) else {
                 continue;
             };
-            let value: f64 = value.parse().unwrap_or(0.0);
-            match name {
-                "kiln_gossip_frames_sent_total" => frames += value,
-                "kiln_gossip_bytes_sent_total" => bytes += value,
-                _ => {}
+            if let Some(i) = names.iter().position(|n| *n == name) {
+                sums[i] += value.parse::<f64>().unwrap_or(0.0);
             }
         }
     }
-    Ok((frames, bytes))
+    Ok(sums)
 }
 
 /// How many members `member`'s `/v1/cluster` shows live and `ready` (0 until it answers).

@@ -69,6 +69,10 @@ pub struct Metrics {
     /// Output files sent to other members (results to owners, copies to replicas) by how they
     /// went: `inline` in the message, or `chunked` (uploaded first).
     pub outputs_sent: Family<HowLabels, Counter>,
+    /// Idempotency-key lookups this node asked of other members before storing a keyed
+    /// submission, and the messages that carried them (several lookups share one under load).
+    pub key_lookups: Counter,
+    pub key_lookup_messages: Counter,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -216,6 +220,18 @@ impl Metrics {
             "Job output files sent to other members (results to owners, copies to replicas), inline in the message or chunked",
             outputs_sent.clone(),
         );
+        let key_lookups = Counter::default();
+        registry.register(
+            "peer_key_lookups",
+            "Idempotency-key lookups asked of other members before storing a keyed submission",
+            key_lookups.clone(),
+        );
+        let key_lookup_messages = Counter::default();
+        registry.register(
+            "peer_key_lookup_messages",
+            "Messages that carried idempotency-key lookups to other members",
+            key_lookup_messages.clone(),
+        );
         let gossip = GossipMetrics::default();
         registry.register(
             "gossip_members",
@@ -271,6 +287,8 @@ impl Metrics {
             gossip,
             webhooks,
             outputs_sent,
+            key_lookups,
+            key_lookup_messages,
         })
     }
 

@@ -226,6 +226,19 @@ async fn idempotency_same_and_different_body() {
     assert_eq!(found.map(|j| j.id), Some("k3".to_string()));
     assert_eq!(store.find_key("alice", "key-2").await.expect("find"), None);
     assert_eq!(store.find_key("carol", "key-1").await.expect("find"), None);
+    // Several keys in one read answer in the order asked.
+    let found = store
+        .find_keys(vec![
+            ("carol".into(), "key-1".into()),
+            ("bob".into(), "key-1".into()),
+            ("alice".into(), "key-2".into()),
+            ("alice".into(), "key-1".into()),
+        ])
+        .await
+        .expect("find");
+    let ids: Vec<Option<String>> = found.into_iter().map(|j| j.map(|j| j.id)).collect();
+    assert_eq!(ids, [None, Some("k3".into()), None, Some("k1".into())]);
+    assert!(store.find_keys(Vec::new()).await.expect("find").is_empty());
     let usage = store
         .usage("alice", utc_day(a.job.created_at_ms))
         .await

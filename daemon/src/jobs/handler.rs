@@ -13,10 +13,10 @@ use super::{
     wire_refusal,
 };
 use crate::api::ApiError;
-use crate::peer::messages::{JobRequest, JobResponse};
+use crate::peer::messages::{JobRequest, JobResponse, KeyAnswer, KeyLookup, MAX_KEY_LOOKUPS};
 use crate::peer::{Caller, Handler, PeerError, PeerErrorKind};
 use crate::protocol::{ErrorCode, JobStatus};
-use crate::queue::{JobRole, Outcome, Quota, StoreError};
+use crate::queue::{Job, JobRole, Outcome, Quota, StoreError};
 
 /// The peer job protocol's handler. Holds the job layer weakly: a request that arrives while
 /// the node stops is answered `internal`.
@@ -272,30 +272,42 @@ async fn handle(
             key,
             body_hash,
         } => {
+            let lookup = KeyLookup {
+                account,
+                key,
+                body_hash,
+            };
             let job = inner
                 .store
-                .find_key(&account, &key)
+                .find_key(&lookup.account, &lookup.key)
                 .await
                 .map_err(internal)?;
-            let Some(job) = job.filter(|j| j.account == account) else {
-                return Ok(JobResponse::Job { view: None });
-            };
-            if job.body_hash != body_hash {
-                let refusal = store_refusal(
-                    StoreError::IdempotencyConflict {
-                        key,
-                        job_id: job.id.clone(),
-                    },
-                    job.tier,
-                );
-                return Ok(JobResponse::Refused(wire_refusal(&refusal)));
-            }
-            let view = serde_json::to_string(&inner.view(&job).await.map_err(internal)?)
-                .map_err(internal)?;
-            Ok(JobResponse::Submitted {
-                view,
-                created: false,
+            Ok(match key_answer(inner, lookup, job).await? {
+                KeyAnswer::Unknown => JobResponse::Job { view: None },
+                KeyAnswer::Same { view } => JobResponse::Submitted {
+                    view,
+                    created: false,
+                },
+                KeyAnswer::Conflict(refusal) => JobResponse::Refused(refusal),
             })
+        }
+        JobRequest::FindKeys { lookups } => {
+            if lookups.len() > MAX_KEY_LOOKUPS {
+                return Err(bad(format!(
+                    "{} key lookups in one request; at most {MAX_KEY_LOOKUPS}",
+                    lookups.len()
+                )));
+            }
+            let keys = lookups
+                .iter()
+                .map(|l| (l.account.clone(), l.key.clone()))
+                .collect();
+            let found = inner.store.find_keys(keys).await.map_err(internal)?;
+            let mut answers = Vec::with_capacity(lookups.len());
+            for (lookup, job) in lookups.into_iter().zip(found) {
+                answers.push(key_answer(inner, lookup, job).await?);
+            }
+            Ok(JobResponse::Keys { answers })
         }
         JobRequest::List {
             account,
@@ -458,4 +470,29 @@ async fn handle(
             Ok(JobResponse::Done)
         }
     }
+}
+
+/// What this store's `job`, found under `lookup`'s key, says to an owner about to store a
+/// keyed submission: the same body names the job, another body is a conflict.
+async fn key_answer(
+    inner: &Arc<Inner>,
+    lookup: KeyLookup,
+    job: Option<Job>,
+) -> Result<KeyAnswer, PeerError> {
+    let Some(job) = job.filter(|j| j.account == lookup.account) else {
+        return Ok(KeyAnswer::Unknown);
+    };
+    if job.body_hash != lookup.body_hash {
+        let refusal = store_refusal(
+            StoreError::IdempotencyConflict {
+                key: lookup.key,
+                job_id: job.id.clone(),
+            },
+            job.tier,
+        );
+        return Ok(KeyAnswer::Conflict(wire_refusal(&refusal)));
+    }
+    let view =
+        serde_json::to_string(&inner.view(&job).await.map_err(internal)?).map_err(internal)?;
+    Ok(KeyAnswer::Same { view })
 }

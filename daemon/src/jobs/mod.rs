@@ -25,6 +25,7 @@
 //! the job, and never let a stale attempt undo a final result.
 
 mod handler;
+mod keys;
 mod liveness;
 mod outputs;
 mod transfer;
@@ -47,10 +48,10 @@ use crate::metrics::Metrics;
 use crate::net::PeerAddr;
 use crate::node::Live;
 use crate::peer::messages::{
-    JobRequest, JobResponse, WireJob, WireNewJob, WireOutput, WireRefusal, WireResult, WireUsage,
-    parse_view,
+    JobRequest, JobResponse, KeyAnswer, KeyLookup, WireJob, WireNewJob, WireOutput, WireRefusal,
+    WireResult, WireUsage, parse_view,
 };
-use crate::peer::{PeerRpc, RpcConfig, RpcError, placement};
+use crate::peer::{PeerRpc, RpcConfig, RpcError, placement, wire};
 use crate::protocol::cluster::{MemberState, Role};
 use crate::protocol::{ErrorCode, JobStatus, JobView, Progress, Tier};
 use crate::queue::{
@@ -241,6 +242,8 @@ pub(crate) struct Inner {
     /// Peers whose idle runner asked this node for a lease and got none, and when: idle now,
     /// though gossip may still show the job they ran last (see [`ASKED_IDLE_FOR`]).
     asked_idle: Mutex<HashMap<String, Instant>>,
+    /// Idempotency-key questions waiting to go to each member (see [`keys`]).
+    key_questions: Arc<keys::KeyQuestions>,
     /// Set while the node drains: no leases handed out, no submissions taken as owner.
     draining: CancellationToken,
     /// Held (shared) by every lease and submission this node handles as owner; the hand-over
@@ -294,6 +297,10 @@ impl Jobs {
                 )
             })
             .collect();
+        let key_questions = Arc::new(keys::KeyQuestions::new(
+            metrics.key_lookups.clone(),
+            metrics.key_lookup_messages.clone(),
+        ));
         let inner = Arc::new(Inner {
             name,
             results: crate::results::Results::new(store.clone()),
@@ -311,6 +318,7 @@ impl Jobs {
             hints: Mutex::new(HashMap::new()),
             nudged: Mutex::new(HashMap::new()),
             asked_idle: Mutex::new(HashMap::new()),
+            key_questions,
             draining: CancellationToken::new(),
             owner_ops: tokio::sync::RwLock::new(()),
             started: now,
@@ -1155,29 +1163,38 @@ impl Inner {
             return Ok(None);
         }
         let live = self.live_peers();
+        let Some(rpc) = self.rpc() else {
+            return Ok(None);
+        };
         let asks = placement::key_holders(&new.account, &live, &self.name)
             .into_iter()
             .filter_map(|name| self.addr_of(name).map(|addr| (name.to_string(), addr)))
-            // A member known to speak an older protocol cannot be asked (it has no such
-            // request); one not heard from yet is asked.
-            .filter(|(_, addr)| {
-                self.rpc()
-                    .and_then(|rpc| rpc.peer_version(*addr))
-                    .is_none_or(|v| crate::peer::wire::speaks(v, 2))
-            })
-            .map(|(name, addr)| async move {
-                let request = JobRequest::FindKey {
+            .filter_map(|(name, addr)| {
+                // A member known to speak an older protocol cannot be asked (it has no such
+                // request); one not heard from yet is asked the one-key question.
+                let version = rpc.peer_version(addr);
+                if version.is_some_and(|v| !wire::speaks(v, 2)) {
+                    return None;
+                }
+                let batched = version.is_some_and(|v| wire::speaks(v, 3));
+                let lookup = KeyLookup {
                     account: new.account.clone(),
                     key: key.to_string(),
                     body_hash: new.body_hash.clone(),
                 };
-                (name, self.request(addr, request, SHORT_DEADLINE).await)
+                Some(async move {
+                    let answer = if batched {
+                        self.key_questions
+                            .ask(rpc, addr, lookup, SHORT_DEADLINE)
+                            .await
+                    } else {
+                        self.find_key_at(addr, lookup).await
+                    };
+                    (name, answer)
+                })
             });
         for (name, answer) in futures::future::join_all(asks).await {
-            if matches!(
-                answer,
-                Ok(JobResponse::Submitted { .. } | JobResponse::Refused(_))
-            ) {
+            if matches!(answer, Ok(KeyAnswer::Same { .. } | KeyAnswer::Conflict(_))) {
                 // A key this store recorded too (the member asked keeps a copy of this node's
                 // job) is answered by the store itself, from this node's own row. Read only
                 // now: a new key, the common case, costs no read here.
@@ -1191,23 +1208,38 @@ impl Inner {
                 }
             }
             match answer {
-                Ok(JobResponse::Submitted { view, .. }) => {
+                Ok(KeyAnswer::Same { view }) => {
                     let view = parse_view(&view).map_err(ApiError::internal)?;
                     tracing::info!(job = %view.id, member = %name,
                         "an idempotency key recorded by another member names an earlier job");
                     return Ok(Some(view));
                 }
-                Ok(JobResponse::Refused(refusal)) => return Err(refusal_error(refusal)),
-                Ok(JobResponse::Job { view: None }) => {}
-                Ok(other) => {
-                    tracing::warn!(member = %name, answer = ?other, "unexpected answer to an idempotency key lookup")
-                }
+                Ok(KeyAnswer::Conflict(refusal)) => return Err(refusal_error(refusal)),
+                Ok(KeyAnswer::Unknown) => {}
                 Err(error) => {
                     tracing::warn!(member = %name, %error, "asking about an idempotency key failed; storing the job as new")
                 }
             }
         }
         Ok(None)
+    }
+
+    /// The one-key question, to a member that may not speak protocol 1.3.
+    async fn find_key_at(&self, addr: SocketAddr, lookup: KeyLookup) -> Result<KeyAnswer, String> {
+        let request = JobRequest::FindKey {
+            account: lookup.account,
+            key: lookup.key,
+            body_hash: lookup.body_hash,
+        };
+        self.metrics.key_lookups.inc();
+        self.metrics.key_lookup_messages.inc();
+        match self.request(addr, request, SHORT_DEADLINE).await {
+            Ok(JobResponse::Submitted { view, .. }) => Ok(KeyAnswer::Same { view }),
+            Ok(JobResponse::Refused(refusal)) => Ok(KeyAnswer::Conflict(refusal)),
+            Ok(JobResponse::Job { view: None }) => Ok(KeyAnswer::Unknown),
+            Ok(other) => Err(format!("unexpected answer {other:?}")),
+            Err(error) => Err(error.to_string()),
+        }
     }
 
     /// When this node's runner is busy, tells peers that work waits here: idle ones (by gossip,

@@ -164,6 +164,33 @@ pub enum JobRequest {
         key: String,
         body_hash: String,
     },
+    /// The questions of [`JobRequest::FindKey`] for several submissions at once, asked by an
+    /// owner whose keyed submissions arrive faster than one question's round trip (protocol
+    /// 1.3). Answer: `Keys`, one answer per lookup, in order.
+    FindKeys { lookups: Vec<KeyLookup> },
+}
+
+/// The most lookups one `FindKeys` may carry.
+pub const MAX_KEY_LOOKUPS: usize = 256;
+
+/// One idempotency key to look up: a keyed submission's account, key and body hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyLookup {
+    pub account: String,
+    pub key: String,
+    pub body_hash: String,
+}
+
+/// What a member knows of one idempotency key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "known", rename_all = "snake_case")]
+pub enum KeyAnswer {
+    /// The member did not record the key.
+    Unknown,
+    /// The key names this job (as the API shows it, JSON text), submitted with the same body.
+    Same { view: String },
+    /// The key names a job submitted with another body: the API's `conflict`.
+    Conflict(WireRefusal),
 }
 
 /// The answer to a [`JobRequest`].
@@ -223,6 +250,10 @@ pub enum JobResponse {
     },
     Usage {
         rows: Vec<WireUsage>,
+    },
+    /// Answers to `FindKeys`, one per lookup, in order.
+    Keys {
+        answers: Vec<KeyAnswer>,
     },
     OutputPiece {
         #[serde(default)]
@@ -450,6 +481,20 @@ mod tests {
             key: "order-42".into(),
             body_hash: "ab".repeat(32),
         });
+        roundtrip(JobRequest::FindKeys {
+            lookups: vec![
+                KeyLookup {
+                    account: "acct".into(),
+                    key: "order-42".into(),
+                    body_hash: "ab".repeat(32),
+                },
+                KeyLookup {
+                    account: "other".into(),
+                    key: "order-43".into(),
+                    body_hash: "cd".repeat(32),
+                },
+            ],
+        });
         roundtrip(JobRequest::Lease {
             min_tier: Some(Tier::Pro),
         });
@@ -472,6 +517,36 @@ mod tests {
             },
             upload: None,
         });
+    }
+
+    #[test]
+    fn key_answers_roundtrip() {
+        let body = JobResponse::Keys {
+            answers: vec![
+                KeyAnswer::Unknown,
+                KeyAnswer::Same {
+                    view: r#"{"id":"j1"}"#.into(),
+                },
+                KeyAnswer::Conflict(WireRefusal {
+                    code: ErrorCode::Conflict,
+                    message: "key used".into(),
+                    details: Some(r#"{"job_id":"j0"}"#.into()),
+                    retry_after: None,
+                }),
+            ],
+        };
+        let frame = wire::encode_response(
+            &wire::Response {
+                id: 9,
+                body: Ok(body.clone()),
+            },
+            8 << 20,
+        )
+        .expect("encode");
+        match wire::decode::<JobRequest, JobResponse>(&frame, 8 << 20).expect("decode") {
+            Envelope::Response(r) => assert_eq!(r.body, Ok(body)),
+            other => panic!("not a response: {other:?}"),
+        }
     }
 
     #[test]

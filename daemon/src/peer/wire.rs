@@ -27,13 +27,14 @@ use std::io;
 use serde::de::{DeserializeOwned, IgnoredAny};
 use serde::{Deserialize, Serialize};
 
-/// The protocol version this build speaks: major 1, minor 2.
+/// The protocol version this build speaks: major 1, minor 3.
 ///
 /// Minor 1 lets a result or a replica carry small output files inline (`WireOutput::data`)
 /// instead of in `PutOutput` chunks; members send that only to peers known to speak it.
 /// Minor 2 adds the `find_key` request; a member before it answers `bad_request`, which the
-/// asker takes as "key not known here".
-pub const PROTOCOL_VERSION: u16 = 0x0102;
+/// asker takes as "key not known here". Minor 3 adds `find_keys` (several lookups in one
+/// message), sent only to peers known to speak it.
+pub const PROTOCOL_VERSION: u16 = 0x0103;
 
 /// The major part of a protocol version.
 pub fn major(version: u16) -> u8 {

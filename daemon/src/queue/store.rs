@@ -796,22 +796,35 @@ impl JobStore {
     /// The job (owned or a copy) that the account's idempotency key names, if this store
     /// recorded the key.
     pub async fn find_key(&self, account: &str, key: &str) -> Result<Option<Job>, StoreError> {
-        let account = account.to_string();
-        let key = key.to_string();
+        let mut found = self
+            .find_keys(vec![(account.to_string(), key.to_string())])
+            .await?;
+        Ok(found.pop().flatten())
+    }
+
+    /// [`JobStore::find_key`] for each `(account, key)`, in order, in one read.
+    pub async fn find_keys(
+        &self,
+        lookups: Vec<(String, String)>,
+    ) -> Result<Vec<Option<Job>>, StoreError> {
         self.read(move |conn, path| {
-            let id: Option<String> = conn
-                .prepare_cached(
-                    "SELECT job_id FROM idempotency_keys WHERE account = ?1 AND key = ?2",
-                )
-                .and_then(|mut st| {
-                    st.query_row(params![account, key], |row| row.get(0))
-                        .optional()
-                })
-                .map_err(StoreError::sqlite("reading idempotency keys"))?;
-            match id {
-                Some(id) => load_job(conn, path, &id),
-                None => Ok(None),
+            let mut found = Vec::with_capacity(lookups.len());
+            for (account, key) in &lookups {
+                let id: Option<String> = conn
+                    .prepare_cached(
+                        "SELECT job_id FROM idempotency_keys WHERE account = ?1 AND key = ?2",
+                    )
+                    .and_then(|mut st| {
+                        st.query_row(params![account, key], |row| row.get(0))
+                            .optional()
+                    })
+                    .map_err(StoreError::sqlite("reading idempotency keys"))?;
+                found.push(match id {
+                    Some(id) => load_job(conn, path, &id)?,
+                    None => None,
+                });
             }
+            Ok(found)
         })
         .await
     }

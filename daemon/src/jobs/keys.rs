@@ -1,0 +1,297 @@
+//! Idempotency-key questions to other members, gathered per member.
+//!
+//! Before it stores a keyed submission, an owner asks the members that may have recorded the
+//! key ([`crate::peer::placement::key_holders`]). Under load many submissions ask the same
+//! member at once (in a steady cluster, the account's replica). One `FindKeys` message carries
+//! every question that came up while the previous message to that member was out, much as the
+//! store's writer commits whatever waits in one transaction: a lone question goes at once and
+//! waits on no timer, and a burst costs the member one message and one store read instead of
+//! one of each per submission.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::oneshot;
+
+use crate::peer::PeerRpc;
+use crate::peer::messages::{JobRequest, JobResponse, KeyAnswer, KeyLookup, MAX_KEY_LOOKUPS};
+
+type Reply = oneshot::Sender<Result<KeyAnswer, String>>;
+
+/// Questions waiting per member. A member has an entry exactly while a task sends its
+/// questions.
+pub(super) struct KeyQuestions {
+    waiting: Mutex<HashMap<SocketAddr, Vec<(KeyLookup, Reply)>>>,
+    /// Lookups sent, and the messages that carried them.
+    lookups: Counter,
+    messages: Counter,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl KeyQuestions {
+    /// Counts lookups sent in `lookups` and their messages in `messages`.
+    pub(super) fn new(lookups: Counter, messages: Counter) -> KeyQuestions {
+        KeyQuestions {
+            waiting: Mutex::new(HashMap::new()),
+            lookups,
+            messages,
+        }
+    }
+
+    /// What the member at `to` knows of `lookup`'s key, asked in a `FindKeys` (the member must
+    /// speak protocol 1.3). An error when it does not answer within `deadline` of this call.
+    pub(super) async fn ask(
+        self: &Arc<Self>,
+        rpc: &PeerRpc<JobRequest, JobResponse>,
+        to: SocketAddr,
+        lookup: KeyLookup,
+        deadline: Duration,
+    ) -> Result<KeyAnswer, String> {
+        let (reply, answer) = oneshot::channel();
+        let start = {
+            let mut waiting = lock(&self.waiting);
+            let start = !waiting.contains_key(&to);
+            waiting.entry(to).or_default().push((lookup, reply));
+            start
+        };
+        if start {
+            tokio::spawn(Arc::clone(self).send(rpc.clone(), to, deadline));
+        }
+        match tokio::time::timeout(deadline, answer).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err("the question was dropped unanswered".to_string()),
+            Err(_) => Err(format!("no answer within {deadline:?}")),
+        }
+    }
+
+    /// Sends `to`'s waiting questions, one message at a time, until none wait.
+    async fn send(
+        self: Arc<Self>,
+        rpc: PeerRpc<JobRequest, JobResponse>,
+        to: SocketAddr,
+        deadline: Duration,
+    ) {
+        loop {
+            let batch: Vec<(KeyLookup, Reply)> = {
+                let mut waiting = lock(&self.waiting);
+                let Some(queue) = waiting.get_mut(&to) else {
+                    return;
+                };
+                // Askers that gave up are not asked about.
+                queue.retain(|(_, reply)| !reply.is_closed());
+                if queue.is_empty() {
+                    waiting.remove(&to);
+                    return;
+                }
+                let n = queue.len().min(MAX_KEY_LOOKUPS);
+                queue.drain(..n).collect()
+            };
+            let (lookups, replies): (Vec<KeyLookup>, Vec<Reply>) = batch.into_iter().unzip();
+            let asked = lookups.len();
+            self.lookups.inc_by(asked as u64);
+            self.messages.inc();
+            let answers = match rpc
+                .request(to, JobRequest::FindKeys { lookups }, deadline)
+                .await
+            {
+                Ok(JobResponse::Keys { answers }) if answers.len() == asked => Ok(answers),
+                Ok(JobResponse::Keys { answers }) => {
+                    Err(format!("{} answers to {asked} key lookups", answers.len()))
+                }
+                Ok(other) => Err(format!("unexpected answer {other:?}")),
+                Err(error) => Err(error.to_string()),
+            };
+            match answers {
+                Ok(answers) => {
+                    for (reply, answer) in replies.into_iter().zip(answers) {
+                        let _ = reply.send(Ok(answer));
+                    }
+                }
+                Err(error) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(error.clone()));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::net::{Endpoint, MemNetwork, NetConfig};
+    use crate::peer::{Caller, Handler, PeerError, RpcConfig};
+
+    /// Answers `FindKeys` after a pause, knowing the keys that end in an even digit; counts
+    /// messages and the largest one.
+    #[derive(Default)]
+    struct Member {
+        messages: AtomicUsize,
+        largest: AtomicUsize,
+    }
+
+    struct Answers(Arc<Member>);
+
+    #[async_trait]
+    impl Handler<JobRequest, JobResponse> for Answers {
+        async fn handle(&self, _: &Caller, req: JobRequest) -> Result<JobResponse, PeerError> {
+            let JobRequest::FindKeys { lookups } = req else {
+                return Err(PeerError::internal("only key lookups here"));
+            };
+            self.0.messages.fetch_add(1, Ordering::SeqCst);
+            self.0.largest.fetch_max(lookups.len(), Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let answers = lookups
+                .into_iter()
+                .map(|l| {
+                    if l.key.ends_with(['0', '2', '4', '6', '8']) {
+                        KeyAnswer::Same {
+                            view: format!("{}/{}", l.account, l.key),
+                        }
+                    } else {
+                        KeyAnswer::Unknown
+                    }
+                })
+                .collect();
+            Ok(JobResponse::Keys { answers })
+        }
+    }
+
+    async fn endpoint(net: &MemNetwork, name: &str, port: u16) -> Endpoint {
+        Endpoint::bind_mem(
+            net,
+            name,
+            SocketAddr::from(([10, 0, 0, 1], port)),
+            NetConfig {
+                peer_queue_len: 1024,
+                connect_timeout: Duration::from_millis(200),
+                send_timeout: Duration::from_millis(500),
+                ..NetConfig::default()
+            },
+        )
+        .await
+        .expect("the endpoint binds")
+    }
+
+    fn lookup(i: usize) -> KeyLookup {
+        KeyLookup {
+            account: format!("acct-{}", i % 3),
+            key: format!("key-{i}"),
+            body_hash: "h".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn questions_asked_together_share_messages_and_get_their_own_answers() {
+        let net = MemNetwork::new();
+        let member = Arc::new(Member::default());
+        let asker = PeerRpc::start(
+            endpoint(&net, "owner", 7001).await,
+            Answers(Arc::default()),
+            RpcConfig::default(),
+        )
+        .expect("rpc");
+        let answering = endpoint(&net, "replica", 7002).await;
+        let to = answering.advertise().addr;
+        let _replica =
+            PeerRpc::start(answering, Answers(member.clone()), RpcConfig::default()).expect("rpc");
+        let questions = Arc::new(KeyQuestions::new(Counter::default(), Counter::default()));
+
+        // One question alone goes at once, in a message of its own.
+        let alone = questions
+            .ask(&asker, to, lookup(4), Duration::from_secs(5))
+            .await;
+        assert_eq!(
+            alone,
+            Ok(KeyAnswer::Same {
+                view: "acct-1/key-4".into()
+            })
+        );
+        assert_eq!(member.messages.load(Ordering::SeqCst), 1);
+
+        // 600 at once: the first goes alone, the rest wait for it and go together, at most
+        // MAX_KEY_LOOKUPS to a message.
+        let asks = (0..600).map(|i| {
+            let questions = &questions;
+            let asker = &asker;
+            async move {
+                let answer = questions
+                    .ask(asker, to, lookup(i), Duration::from_secs(5))
+                    .await;
+                (i, answer)
+            }
+        });
+        for (i, answer) in futures::future::join_all(asks).await {
+            let want = if i % 2 == 0 {
+                KeyAnswer::Same {
+                    view: format!("acct-{}/key-{i}", i % 3),
+                }
+            } else {
+                KeyAnswer::Unknown
+            };
+            assert_eq!(answer, Ok(want), "question {i}");
+        }
+        let messages = member.messages.load(Ordering::SeqCst) - 1;
+        assert!(
+            (3..=10).contains(&messages),
+            "600 questions went in {messages} messages"
+        );
+        assert_eq!(member.largest.load(Ordering::SeqCst), MAX_KEY_LOOKUPS);
+        assert!(lock(&questions.waiting).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_member_out_of_reach_fails_the_questions_in_time_and_leaves_nothing_waiting() {
+        let net = MemNetwork::new();
+        let asking = endpoint(&net, "owner", 7101).await;
+        let from = asking.advertise().addr;
+        let asker =
+            PeerRpc::start(asking, Answers(Arc::default()), RpcConfig::default()).expect("rpc");
+        let answering = endpoint(&net, "replica", 7102).await;
+        let to = answering.advertise().addr;
+        let member = Arc::new(Member::default());
+        let _replica =
+            PeerRpc::start(answering, Answers(member.clone()), RpcConfig::default()).expect("rpc");
+        net.cut(from, to);
+        let questions = Arc::new(KeyQuestions::new(Counter::default(), Counter::default()));
+        let started = tokio::time::Instant::now();
+        let asks =
+            (0..20).map(|i| questions.ask(&asker, to, lookup(i), Duration::from_millis(300)));
+        for answer in futures::future::join_all(asks).await {
+            assert!(answer.is_err(), "{answer:?}");
+        }
+        assert!(started.elapsed() < Duration::from_secs(3));
+        // The sender gives up on its message too, and then has nothing left to send.
+        let mut end = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !lock(&questions.waiting).is_empty() {
+            assert!(tokio::time::Instant::now() < end, "questions still waiting");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(member.messages.load(Ordering::SeqCst), 0);
+        end = tokio::time::Instant::now() + Duration::from_secs(5);
+
+        // Once the link is back, a new question is answered (the endpoint backs off a
+        // destination for a while after a failed send: asked until then).
+        net.heal(from, to);
+        loop {
+            let answer = questions
+                .ask(&asker, to, lookup(1), Duration::from_millis(300))
+                .await;
+            if answer.is_ok() || tokio::time::Instant::now() > end {
+                assert_eq!(answer, Ok(KeyAnswer::Unknown));
+                break;
+            }
+        }
+    }
+}
