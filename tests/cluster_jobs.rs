@@ -6,6 +6,8 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use kiln_daemon::peer::messages::{JobRequest, JobResponse, KeyAnswer, KeyLookup};
+use kiln_daemon::protocol::ErrorCode;
 use kiln_e2e::{NodeSpec, TestCluster, sdxl_workflow, simple_workflow};
 use serde_json::Value;
 
@@ -858,4 +860,93 @@ async fn an_idempotency_key_names_one_job_when_the_owner_changes() {
         .expect("list");
     let jobs = list["jobs"].as_array().cloned().unwrap_or_default();
     assert_eq!(jobs.len(), 2, "two keys, two jobs: {list}");
+}
+
+/// What the owner answers other members about an idempotency key while it is still storing a
+/// submission with that key, and once it stored it.
+#[tokio::test]
+async fn a_key_the_owner_is_storing_is_in_progress_to_other_members() {
+    let cluster = TestCluster::start(2, spec(20))
+        .await
+        .expect("cluster starts");
+    let account = ACCOUNTS
+        .iter()
+        .copied()
+        .find(|a| cluster.owner_of(a) == 0)
+        .expect("one of the accounts ranks gpu-0 first");
+    let probe = cluster.probe("probe").await.expect("the probe starts");
+    let lookup = |key: &str| KeyLookup {
+        account: account.to_string(),
+        key: key.to_string(),
+        body_hash: "another body".to_string(),
+    };
+    let ask = |keys: &[&str]| {
+        probe.ask(
+            0,
+            JobRequest::FindKeys {
+                lookups: keys.iter().map(|k| lookup(k)).collect(),
+            },
+        )
+    };
+
+    // gpu-1, which gpu-0 asks about the account's keys before storing one, stalls: a keyed
+    // submission to gpu-0 waits up to 2 s for its answer, and is in progress meanwhile.
+    cluster.nodes[1].pause();
+    let api = cluster.api(0, account);
+    let first =
+        tokio::spawn(async move { api.submit_keyed(&sdxl_workflow(4, 7), "order-9").await });
+    let until = tokio::time::Instant::now() + Duration::from_millis(1500);
+    let answers = loop {
+        let answer = ask(&["order-9", "order-10"]).await;
+        let Ok(JobResponse::Keys { answers }) = answer else {
+            cluster.nodes[1].resume();
+            panic!("{answer:?}\n{}", logs(&cluster));
+        };
+        if answers[0] != KeyAnswer::Unknown || tokio::time::Instant::now() > until {
+            break answers;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // A member before protocol 1.3 asks one key and hears a conflict to retry.
+    let one = probe
+        .ask(
+            0,
+            JobRequest::FindKey {
+                account: account.to_string(),
+                key: "order-9".to_string(),
+                body_hash: "another body".to_string(),
+            },
+        )
+        .await;
+    cluster.nodes[1].resume();
+    assert_eq!(
+        answers,
+        [KeyAnswer::InProgress, KeyAnswer::Unknown],
+        "{}",
+        logs(&cluster)
+    );
+    match one {
+        Ok(JobResponse::Refused(refusal)) => {
+            assert_eq!(refusal.code, ErrorCode::Conflict, "{refusal:?}");
+            assert_eq!(refusal.retry_after, Some(1), "{refusal:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+
+    let (status, job) = first.await.expect("joins").expect("submit");
+    assert_eq!(status, 202, "{job}\n{}", logs(&cluster));
+    let id = job["id"].as_str().expect("id");
+    // Stored now: the key names the job (here with another body, so a conflict naming it).
+    match ask(&["order-9"]).await {
+        Ok(JobResponse::Keys { answers }) => match answers.as_slice() {
+            [KeyAnswer::Conflict(refusal)] => {
+                let details: Value =
+                    serde_json::from_str(refusal.details.as_deref().unwrap_or("null"))
+                        .expect("details are JSON");
+                assert_eq!(details["job_id"].as_str(), Some(id), "{refusal:?}");
+            }
+            other => panic!("{other:?}"),
+        },
+        other => panic!("{other:?}"),
+    }
 }

@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use kiln_daemon::peer::messages::{JobRequest, JobResponse};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -367,6 +368,23 @@ drain_timeout_s = 5
         }
     }
 
+    /// SIGSTOP to kilnd alone (its simulator runs on): it holds its sockets and answers
+    /// nothing until [`Node::resume`], as a member stalled by its host would.
+    pub fn pause(&self) {
+        if let Some(child) = &self.child {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP);
+        }
+    }
+
+    /// SIGCONT to kilnd after [`Node::pause`].
+    pub fn resume(&self) {
+        if let Some(child) = &self.child {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+
     /// Whether this process was started and not killed or stopped.
     pub fn is_running(&self) -> bool {
         self.child.is_some()
@@ -619,6 +637,8 @@ price_per_hour = 0.4
 pub struct TestCluster {
     pub nodes: Vec<Node>,
     pub names: Vec<String>,
+    /// Each member's cluster (QUIC) port on 127.0.0.1.
+    pub ports: Vec<u16>,
     pub keys: SharedKeys,
     pub pki: tempfile::TempDir,
 }
@@ -658,6 +678,7 @@ impl TestCluster {
         let cluster = TestCluster {
             nodes,
             names,
+            ports,
             keys,
             pki,
         };
@@ -703,6 +724,29 @@ impl TestCluster {
         Api::new(&self.nodes[i], account)
     }
 
+    /// A peer-protocol client named `name` with a certificate from the cluster's CA.
+    pub async fn probe(&self, name: &str) -> anyhow::Result<PeerProbe> {
+        let certs = issue(&self.pki.path().join("ca"), name, self.pki.path());
+        let identity = kiln_daemon::pki::Identity::load_dir(&certs)?;
+        let endpoint = kiln_daemon::net::Endpoint::bind(
+            &identity,
+            kiln_daemon::net::NetConfig {
+                quic_listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
+                ..kiln_daemon::net::NetConfig::default()
+            },
+        )
+        .await?;
+        let rpc = kiln_daemon::peer::PeerRpc::start(
+            endpoint,
+            AnswersNothing,
+            kiln_daemon::peer::RpcConfig::default(),
+        )?;
+        Ok(PeerProbe {
+            rpc,
+            ports: self.ports.clone(),
+        })
+    }
+
     /// Which node owns `account`'s new jobs while all members are ready.
     pub fn owner_of(&self, account: &str) -> usize {
         let ranked = kiln_daemon::peer::placement::rank(account, &self.names);
@@ -710,5 +754,38 @@ impl TestCluster {
             .iter()
             .position(|n| n == ranked[0])
             .expect("owner is a member")
+    }
+}
+
+/// Asks cluster members what a member would ([`TestCluster::probe`]); it joins no gossip and
+/// answers no request.
+pub struct PeerProbe {
+    rpc: kiln_daemon::peer::PeerRpc<JobRequest, JobResponse>,
+    ports: Vec<u16>,
+}
+
+impl PeerProbe {
+    /// Sends `request` to member `i` and waits up to 5 s for its answer.
+    pub async fn ask(&self, i: usize, request: JobRequest) -> anyhow::Result<JobResponse> {
+        let to = std::net::SocketAddr::from(([127, 0, 0, 1], self.ports[i]));
+        Ok(self
+            .rpc
+            .request(to, request, Duration::from_secs(5))
+            .await?)
+    }
+}
+
+struct AnswersNothing;
+
+#[async_trait::async_trait]
+impl kiln_daemon::peer::Handler<JobRequest, JobResponse> for AnswersNothing {
+    async fn handle(
+        &self,
+        _: &kiln_daemon::peer::Caller,
+        _: JobRequest,
+    ) -> Result<JobResponse, kiln_daemon::peer::PeerError> {
+        Err(kiln_daemon::peer::PeerError::internal(
+            "a test probe answers nothing",
+        ))
     }
 }

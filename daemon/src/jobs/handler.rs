@@ -277,18 +277,25 @@ async fn handle(
                 key,
                 body_hash,
             };
+            // Whether it is being stored is looked at before the store is read: a submission
+            // that commits in between is then found in the store.
+            let storing = inner.storing_key(&lookup.account, &lookup.key);
             let job = inner
                 .store
                 .find_key(&lookup.account, &lookup.key)
                 .await
                 .map_err(internal)?;
-            Ok(match key_answer(inner, lookup, job).await? {
+            let key = lookup.key.clone();
+            Ok(match key_answer(inner, lookup, job, storing).await? {
                 KeyAnswer::Unknown => JobResponse::Job { view: None },
                 KeyAnswer::Same { view } => JobResponse::Submitted {
                     view,
                     created: false,
                 },
                 KeyAnswer::Conflict(refusal) => JobResponse::Refused(refusal),
+                KeyAnswer::InProgress => {
+                    JobResponse::Refused(wire_refusal(&super::key_in_progress(&key, &inner.name)))
+                }
             })
         }
         JobRequest::FindKeys { lookups } => {
@@ -298,14 +305,19 @@ async fn handle(
                     lookups.len()
                 )));
             }
+            // As for one key: looked at before the store is read.
+            let storing: Vec<bool> = lookups
+                .iter()
+                .map(|l| inner.storing_key(&l.account, &l.key))
+                .collect();
             let keys = lookups
                 .iter()
                 .map(|l| (l.account.clone(), l.key.clone()))
                 .collect();
             let found = inner.store.find_keys(keys).await.map_err(internal)?;
             let mut answers = Vec::with_capacity(lookups.len());
-            for (lookup, job) in lookups.into_iter().zip(found) {
-                answers.push(key_answer(inner, lookup, job).await?);
+            for ((lookup, job), storing) in lookups.into_iter().zip(found).zip(storing) {
+                answers.push(key_answer(inner, lookup, job, storing).await?);
             }
             Ok(JobResponse::Keys { answers })
         }
@@ -473,14 +485,20 @@ async fn handle(
 }
 
 /// What this store's `job`, found under `lookup`'s key, says to an owner about to store a
-/// keyed submission: the same body names the job, another body is a conflict.
+/// keyed submission: the same body names the job, another body is a conflict; with no job, a
+/// submission this node is `storing` with the key is in progress.
 async fn key_answer(
     inner: &Arc<Inner>,
     lookup: KeyLookup,
     job: Option<Job>,
+    storing: bool,
 ) -> Result<KeyAnswer, PeerError> {
     let Some(job) = job.filter(|j| j.account == lookup.account) else {
-        return Ok(KeyAnswer::Unknown);
+        return Ok(if storing {
+            KeyAnswer::InProgress
+        } else {
+            KeyAnswer::Unknown
+        });
     };
     if job.body_hash != lookup.body_hash {
         let refusal = store_refusal(

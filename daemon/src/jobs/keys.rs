@@ -25,6 +25,8 @@ type Reply = oneshot::Sender<Result<KeyAnswer, String>>;
 /// questions.
 pub(super) struct KeyQuestions {
     waiting: Mutex<HashMap<SocketAddr, Vec<(KeyLookup, Reply)>>>,
+    /// How long one message may take to be answered.
+    message_deadline: Duration,
     /// Lookups sent, and the messages that carried them.
     lookups: Counter,
     messages: Counter,
@@ -35,23 +37,29 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl KeyQuestions {
-    /// Counts lookups sent in `lookups` and their messages in `messages`.
-    pub(super) fn new(lookups: Counter, messages: Counter) -> KeyQuestions {
+    /// Sends messages that may take `message_deadline` each; counts lookups sent in
+    /// `lookups` and their messages in `messages`.
+    pub(super) fn new(
+        message_deadline: Duration,
+        lookups: Counter,
+        messages: Counter,
+    ) -> KeyQuestions {
         KeyQuestions {
             waiting: Mutex::new(HashMap::new()),
+            message_deadline,
             lookups,
             messages,
         }
     }
 
     /// What the member at `to` knows of `lookup`'s key, asked in a `FindKeys` (the member must
-    /// speak protocol 1.3). An error when it does not answer within `deadline` of this call.
+    /// speak protocol 1.3). An error when it does not answer within `wait` of this call.
     pub(super) async fn ask(
         self: &Arc<Self>,
         rpc: &PeerRpc<JobRequest, JobResponse>,
         to: SocketAddr,
         lookup: KeyLookup,
-        deadline: Duration,
+        wait: Duration,
     ) -> Result<KeyAnswer, String> {
         let (reply, answer) = oneshot::channel();
         let start = {
@@ -61,22 +69,17 @@ impl KeyQuestions {
             start
         };
         if start {
-            tokio::spawn(Arc::clone(self).send(rpc.clone(), to, deadline));
+            tokio::spawn(Arc::clone(self).send(rpc.clone(), to));
         }
-        match tokio::time::timeout(deadline, answer).await {
+        match tokio::time::timeout(wait, answer).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(_)) => Err("the question was dropped unanswered".to_string()),
-            Err(_) => Err(format!("no answer within {deadline:?}")),
+            Err(_) => Err(format!("no answer within {wait:?}")),
         }
     }
 
     /// Sends `to`'s waiting questions, one message at a time, until none wait.
-    async fn send(
-        self: Arc<Self>,
-        rpc: PeerRpc<JobRequest, JobResponse>,
-        to: SocketAddr,
-        deadline: Duration,
-    ) {
+    async fn send(self: Arc<Self>, rpc: PeerRpc<JobRequest, JobResponse>, to: SocketAddr) {
         loop {
             let batch: Vec<(KeyLookup, Reply)> = {
                 let mut waiting = lock(&self.waiting);
@@ -97,7 +100,7 @@ impl KeyQuestions {
             self.lookups.inc_by(asked as u64);
             self.messages.inc();
             let answers = match rpc
-                .request(to, JobRequest::FindKeys { lookups }, deadline)
+                .request(to, JobRequest::FindKeys { lookups }, self.message_deadline)
                 .await
             {
                 Ok(JobResponse::Keys { answers }) if answers.len() == asked => Ok(answers),
@@ -206,7 +209,11 @@ mod tests {
         let to = answering.advertise().addr;
         let _replica =
             PeerRpc::start(answering, Answers(member.clone()), RpcConfig::default()).expect("rpc");
-        let questions = Arc::new(KeyQuestions::new(Counter::default(), Counter::default()));
+        let questions = Arc::new(KeyQuestions::new(
+            Duration::from_secs(5),
+            Counter::default(),
+            Counter::default(),
+        ));
 
         // One question alone goes at once, in a message of its own.
         let alone = questions
@@ -264,7 +271,11 @@ mod tests {
         let _replica =
             PeerRpc::start(answering, Answers(member.clone()), RpcConfig::default()).expect("rpc");
         net.cut(from, to);
-        let questions = Arc::new(KeyQuestions::new(Counter::default(), Counter::default()));
+        let questions = Arc::new(KeyQuestions::new(
+            Duration::from_millis(300),
+            Counter::default(),
+            Counter::default(),
+        ));
         let started = tokio::time::Instant::now();
         let asks =
             (0..20).map(|i| questions.ask(&asker, to, lookup(i), Duration::from_millis(300)));

@@ -92,6 +92,10 @@ const SHORT_DEADLINE: Duration = Duration::from_secs(2);
 /// Uploads not finished within this are dropped.
 const UPLOAD_IDLE: Duration = Duration::from_secs(300);
 
+/// How soon a member that is storing a submission with the same idempotency key is asked
+/// again.
+const KEY_IN_PROGRESS_RETRY: Duration = Duration::from_millis(50);
+
 /// Settings of the cluster job layer.
 #[derive(Debug, Clone)]
 pub struct JobsSettings {
@@ -244,6 +248,10 @@ pub(crate) struct Inner {
     asked_idle: Mutex<HashMap<String, Instant>>,
     /// Idempotency-key questions waiting to go to each member (see [`keys`]).
     key_questions: Arc<keys::KeyQuestions>,
+    /// Idempotency keys (account, key) of submissions this node is storing as owner and has
+    /// not committed yet, with how many: another member asking about one hears it is in
+    /// progress.
+    storing_keys: Mutex<HashMap<(String, String), usize>>,
     /// Set while the node drains: no leases handed out, no submissions taken as owner.
     draining: CancellationToken,
     /// Held (shared) by every lease and submission this node handles as owner; the hand-over
@@ -274,6 +282,47 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Marks an idempotency key as being stored by this node (see `Inner::storing_keys`) until
+/// dropped.
+struct StoringKey<'a> {
+    inner: &'a Inner,
+    key: (String, String),
+}
+
+impl<'a> StoringKey<'a> {
+    fn new(inner: &'a Inner, account: &str, key: &str) -> StoringKey<'a> {
+        let key = (account.to_string(), key.to_string());
+        *lock(&inner.storing_keys).entry(key.clone()).or_insert(0) += 1;
+        StoringKey { inner, key }
+    }
+}
+
+impl Drop for StoringKey<'_> {
+    fn drop(&mut self) {
+        let mut storing = lock(&self.inner.storing_keys);
+        if let Some(n) = storing.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                storing.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// The refusal of a keyed submission while another member is storing one with the same key
+/// as the account's owner (both took themselves for it): the client retries and then gets
+/// the job that member stored.
+pub(super) fn key_in_progress(key: &str, member: &str) -> ApiError {
+    ApiError::new(
+        ErrorCode::Conflict,
+        format!(
+            "a submission with the Idempotency-Key {key:?} is still being stored by {member}; \
+             retry shortly"
+        ),
+    )
+    .retry_after(1)
+}
+
 impl Jobs {
     /// Starts the job layer: in a cluster, answers peers on the endpoint's peer channel, times
     /// leases (those the store recovered included) and keeps replicas up to date.
@@ -298,6 +347,7 @@ impl Jobs {
             })
             .collect();
         let key_questions = Arc::new(keys::KeyQuestions::new(
+            SHORT_DEADLINE,
             metrics.key_lookups.clone(),
             metrics.key_lookup_messages.clone(),
         ));
@@ -319,6 +369,7 @@ impl Jobs {
             nudged: Mutex::new(HashMap::new()),
             asked_idle: Mutex::new(HashMap::new()),
             key_questions,
+            storing_keys: Mutex::new(HashMap::new()),
             draining: CancellationToken::new(),
             owner_ops: tokio::sync::RwLock::new(()),
             started: now,
@@ -1089,6 +1140,11 @@ impl Inner {
         quota: Quota,
         ranked: &[String],
     ) -> Result<(JobView, bool), ApiError> {
+        // From before other members are asked until the store committed it (or refused).
+        let storing = new
+            .idempotency_key
+            .as_deref()
+            .map(|key| StoringKey::new(self, &new.account, key));
         if let Some(earlier) = self.find_key_elsewhere(&new).await? {
             return Ok((earlier, false));
         }
@@ -1115,6 +1171,7 @@ impl Inner {
                 return Err(store_refusal(error, tier));
             }
         };
+        drop(storing);
         let mut job = submitted.job;
         if submitted.created {
             self.metrics
@@ -1183,18 +1240,34 @@ impl Inner {
                     body_hash: new.body_hash.clone(),
                 };
                 Some(async move {
-                    let answer = if batched {
-                        self.key_questions
-                            .ask(rpc, addr, lookup, SHORT_DEADLINE)
-                            .await
-                    } else {
-                        self.find_key_at(addr, lookup).await
-                    };
-                    (name, answer)
+                    // All asks of one member together take at most SHORT_DEADLINE.
+                    let until = Instant::now() + SHORT_DEADLINE;
+                    loop {
+                        let left = until.saturating_duration_since(Instant::now());
+                        let answer = if batched {
+                            self.key_questions
+                                .ask(rpc, addr, lookup.clone(), left)
+                                .await
+                        } else {
+                            self.find_key_at(addr, lookup.clone(), left).await
+                        };
+                        // The member is storing the key itself: its answer comes once it
+                        // committed.
+                        if matches!(answer, Ok(KeyAnswer::InProgress))
+                            && Instant::now() + KEY_IN_PROGRESS_RETRY < until
+                        {
+                            tokio::time::sleep(KEY_IN_PROGRESS_RETRY).await;
+                            continue;
+                        }
+                        break (name, answer);
+                    }
                 })
             });
         for (name, answer) in futures::future::join_all(asks).await {
-            if matches!(answer, Ok(KeyAnswer::Same { .. } | KeyAnswer::Conflict(_))) {
+            if matches!(
+                answer,
+                Ok(KeyAnswer::Same { .. } | KeyAnswer::Conflict(_) | KeyAnswer::InProgress)
+            ) {
                 // A key this store recorded too (the member asked keeps a copy of this node's
                 // job) is answered by the store itself, from this node's own row. Read only
                 // now: a new key, the common case, costs no read here.
@@ -1215,6 +1288,7 @@ impl Inner {
                     return Ok(Some(view));
                 }
                 Ok(KeyAnswer::Conflict(refusal)) => return Err(refusal_error(refusal)),
+                Ok(KeyAnswer::InProgress) => return Err(key_in_progress(key, &name)),
                 Ok(KeyAnswer::Unknown) => {}
                 Err(error) => {
                     tracing::warn!(member = %name, %error, "asking about an idempotency key failed; storing the job as new")
@@ -1224,8 +1298,19 @@ impl Inner {
         Ok(None)
     }
 
+    /// Whether this node is storing a submission with the account's idempotency key as owner
+    /// and has not committed it yet.
+    fn storing_key(&self, account: &str, key: &str) -> bool {
+        lock(&self.storing_keys).contains_key(&(account.to_string(), key.to_string()))
+    }
+
     /// The one-key question, to a member that may not speak protocol 1.3.
-    async fn find_key_at(&self, addr: SocketAddr, lookup: KeyLookup) -> Result<KeyAnswer, String> {
+    async fn find_key_at(
+        &self,
+        addr: SocketAddr,
+        lookup: KeyLookup,
+        deadline: Duration,
+    ) -> Result<KeyAnswer, String> {
         let request = JobRequest::FindKey {
             account: lookup.account,
             key: lookup.key,
@@ -1233,7 +1318,7 @@ impl Inner {
         };
         self.metrics.key_lookups.inc();
         self.metrics.key_lookup_messages.inc();
-        match self.request(addr, request, SHORT_DEADLINE).await {
+        match self.request(addr, request, deadline).await {
             Ok(JobResponse::Submitted { view, .. }) => Ok(KeyAnswer::Same { view }),
             Ok(JobResponse::Refused(refusal)) => Ok(KeyAnswer::Conflict(refusal)),
             Ok(JobResponse::Job { view: None }) => Ok(KeyAnswer::Unknown),

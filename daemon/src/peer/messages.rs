@@ -191,6 +191,10 @@ pub enum KeyAnswer {
     Same { view: String },
     /// The key names a job submitted with another body: the API's `conflict`.
     Conflict(WireRefusal),
+    /// The member has not stored the key yet but is storing a submission with it as the
+    /// account's owner right now (two members each took itself for the owner): ask again
+    /// shortly.
+    InProgress,
 }
 
 /// The answer to a [`JobRequest`].
@@ -524,6 +528,7 @@ mod tests {
         let body = JobResponse::Keys {
             answers: vec![
                 KeyAnswer::Unknown,
+                KeyAnswer::InProgress,
                 KeyAnswer::Same {
                     view: r#"{"id":"j1"}"#.into(),
                 },

@@ -33,7 +33,8 @@ use serde::{Deserialize, Serialize};
 /// instead of in `PutOutput` chunks; members send that only to peers known to speak it.
 /// Minor 2 adds the `find_key` request; a member before it answers `bad_request`, which the
 /// asker takes as "key not known here". Minor 3 adds `find_keys` (several lookups in one
-/// message), sent only to peers known to speak it.
+/// message, each answered unknown, the same job, a conflict, or in progress), sent only to
+/// peers known to speak it.
 pub const PROTOCOL_VERSION: u16 = 0x0103;
 
 /// The major part of a protocol version.
