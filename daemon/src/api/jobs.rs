@@ -32,7 +32,7 @@ const MAX_IDEMPOTENCY_KEY: usize = 255;
         (status = 202, description = "the job was stored durably and queued", body = JobView),
         (status = 400, description = "invalid_json, invalid_request or invalid_workflow", body = crate::protocol::ErrorBody),
         (status = 401, description = "unauthorized", body = crate::protocol::ErrorBody),
-        (status = 409, description = "conflict: the idempotency key was used with another body", body = crate::protocol::ErrorBody),
+        (status = 409, description = "conflict: the idempotency key was used with another body, or (with Retry-After) a submission with it is still being stored on another member", body = crate::protocol::ErrorBody),
         (status = 413, description = "payload_too_large", body = crate::protocol::ErrorBody),
         (status = 422, description = "unknown_node_class", body = crate::protocol::ErrorBody),
         (status = 429, description = "quota_exceeded (Retry-After set)", body = crate::protocol::ErrorBody),
