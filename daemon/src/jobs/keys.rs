@@ -3,10 +3,10 @@
 //! Before it stores a keyed submission, an owner asks the members that may have recorded the
 //! key ([`crate::peer::placement::key_holders`]). Under load many submissions ask the same
 //! member at once (in a steady cluster, the account's replica). One `FindKeys` message carries
-//! every question that came up while the previous message to that member was out, much as the
-//! store's writer commits whatever waits in one transaction: a lone question goes at once and
-//! waits on no timer, and a burst costs the member one message and one store read instead of
-//! one of each per submission.
+//! every question that came up while the previous message to that member was out (up to
+//! [`STALLED_AFTER`]), much as the store's writer commits whatever waits in one transaction: a
+//! lone question goes at once and waits on no timer, and a burst costs the member one message
+//! and one store read instead of one of each per submission.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -78,7 +78,9 @@ impl KeyQuestions {
         }
     }
 
-    /// Sends `to`'s waiting questions, one message at a time, until none wait.
+    /// Sends `to`'s waiting questions until none wait: the next message goes when the
+    /// previous one is answered, or once it has been out for [`STALLED_AFTER`] (a lost frame
+    /// then holds the questions behind it back only that long, not for a whole deadline).
     async fn send(self: Arc<Self>, rpc: PeerRpc<JobRequest, JobResponse>, to: SocketAddr) {
         loop {
             let batch: Vec<(KeyLookup, Reply)> = {
@@ -95,32 +97,48 @@ impl KeyQuestions {
                 let n = queue.len().min(MAX_KEY_LOOKUPS);
                 queue.drain(..n).collect()
             };
-            let (lookups, replies): (Vec<KeyLookup>, Vec<Reply>) = batch.into_iter().unzip();
-            let asked = lookups.len();
-            self.lookups.inc_by(asked as u64);
+            self.lookups.inc_by(batch.len() as u64);
             self.messages.inc();
-            let answers = match rpc
-                .request(to, JobRequest::FindKeys { lookups }, self.message_deadline)
-                .await
-            {
-                Ok(JobResponse::Keys { answers }) if answers.len() == asked => Ok(answers),
-                Ok(JobResponse::Keys { answers }) => {
-                    Err(format!("{} answers to {asked} key lookups", answers.len()))
-                }
-                Ok(other) => Err(format!("unexpected answer {other:?}")),
-                Err(error) => Err(error.to_string()),
-            };
-            match answers {
-                Ok(answers) => {
-                    for (reply, answer) in replies.into_iter().zip(answers) {
-                        let _ = reply.send(Ok(answer));
-                    }
-                }
-                Err(error) => {
-                    for reply in replies {
-                        let _ = reply.send(Err(error.clone()));
-                    }
-                }
+            let message = tokio::spawn(deliver(rpc.clone(), to, batch, self.message_deadline));
+            // Dropping the handle leaves the message to answer its askers by itself.
+            let _ = tokio::time::timeout(STALLED_AFTER, message).await;
+        }
+    }
+}
+
+/// How long a message of questions may go unanswered before the next one to the same member
+/// goes anyway: well over a round trip between hosts, well under a deadline.
+const STALLED_AFTER: Duration = Duration::from_millis(100);
+
+/// Sends one message of questions and hands each asker its answer (or the error).
+async fn deliver(
+    rpc: PeerRpc<JobRequest, JobResponse>,
+    to: SocketAddr,
+    batch: Vec<(KeyLookup, Reply)>,
+    deadline: Duration,
+) {
+    let (lookups, replies): (Vec<KeyLookup>, Vec<Reply>) = batch.into_iter().unzip();
+    let asked = lookups.len();
+    let answers = match rpc
+        .request(to, JobRequest::FindKeys { lookups }, deadline)
+        .await
+    {
+        Ok(JobResponse::Keys { answers }) if answers.len() == asked => Ok(answers),
+        Ok(JobResponse::Keys { answers }) => {
+            Err(format!("{} answers to {asked} key lookups", answers.len()))
+        }
+        Ok(other) => Err(format!("unexpected answer {other:?}")),
+        Err(error) => Err(error.to_string()),
+    };
+    match answers {
+        Ok(answers) => {
+            for (reply, answer) in replies.into_iter().zip(answers) {
+                let _ = reply.send(Ok(answer));
+            }
+        }
+        Err(error) => {
+            for reply in replies {
+                let _ = reply.send(Err(error.clone()));
             }
         }
     }
@@ -142,6 +160,8 @@ mod tests {
     struct Member {
         messages: AtomicUsize,
         largest: AtomicUsize,
+        /// Leaves the first message unanswered (as if its frame was lost).
+        ignore_first: bool,
     }
 
     struct Answers(Arc<Member>);
@@ -152,8 +172,11 @@ mod tests {
             let JobRequest::FindKeys { lookups } = req else {
                 return Err(PeerError::internal("only key lookups here"));
             };
-            self.0.messages.fetch_add(1, Ordering::SeqCst);
+            let n = self.0.messages.fetch_add(1, Ordering::SeqCst);
             self.0.largest.fetch_max(lookups.len(), Ordering::SeqCst);
+            if n == 0 && self.0.ignore_first {
+                std::future::pending::<()>().await;
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
             let answers = lookups
                 .into_iter()
@@ -304,5 +327,58 @@ mod tests {
                 break;
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_message_left_unanswered_holds_the_next_questions_back_only_briefly() {
+        let net = MemNetwork::new();
+        let asker = PeerRpc::start(
+            endpoint(&net, "owner", 7201).await,
+            Answers(Arc::default()),
+            RpcConfig::default(),
+        )
+        .expect("rpc");
+        let answering = endpoint(&net, "replica", 7202).await;
+        let to = answering.advertise().addr;
+        let member = Arc::new(Member {
+            ignore_first: true,
+            ..Member::default()
+        });
+        let _replica =
+            PeerRpc::start(answering, Answers(member.clone()), RpcConfig::default()).expect("rpc");
+        // Each message may take 2 s; the questions asked after the lost one wait at most 1 s.
+        let questions = Arc::new(KeyQuestions::new(
+            Duration::from_secs(2),
+            Counter::default(),
+            Counter::default(),
+        ));
+        let first = questions.ask(&asker, to, lookup(1), Duration::from_secs(3));
+        let later = async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let asks = (2..12).map(|i| {
+                let questions = &questions;
+                let asker = &asker;
+                async move {
+                    let answer = questions
+                        .ask(asker, to, lookup(i), Duration::from_secs(1))
+                        .await;
+                    (i, answer)
+                }
+            });
+            futures::future::join_all(asks).await
+        };
+        let (first, later) = tokio::join!(first, later);
+        assert!(first.is_err(), "{first:?}");
+        for (i, answer) in later {
+            let want = if i % 2 == 0 {
+                KeyAnswer::Same {
+                    view: format!("acct-{}/key-{i}", i % 3),
+                }
+            } else {
+                KeyAnswer::Unknown
+            };
+            assert_eq!(answer, Ok(want), "question {i}");
+        }
+        assert_eq!(member.messages.load(Ordering::SeqCst), 2);
     }
 }
