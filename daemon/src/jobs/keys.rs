@@ -194,20 +194,79 @@ mod tests {
         }
     }
 
-    async fn endpoint(net: &MemNetwork, name: &str, port: u16) -> Endpoint {
-        Endpoint::bind_mem(
-            net,
-            name,
-            SocketAddr::from(([10, 0, 0, 1], port)),
-            NetConfig {
+    /// An asking owner and an answering member on the in-memory network.
+    struct Pair {
+        net: MemNetwork,
+        asker: PeerRpc<JobRequest, JobResponse>,
+        from: SocketAddr,
+        to: SocketAddr,
+        member: Arc<Member>,
+        _answering: PeerRpc<JobRequest, JobResponse>,
+        questions: Arc<KeyQuestions>,
+    }
+
+    impl Pair {
+        /// Questions go in messages that may take `message_deadline` each.
+        async fn start(member: Member, message_deadline: Duration) -> Pair {
+            let net = MemNetwork::new();
+            let config = NetConfig {
                 peer_queue_len: 1024,
                 connect_timeout: Duration::from_millis(200),
                 send_timeout: Duration::from_millis(500),
                 ..NetConfig::default()
-            },
-        )
-        .await
-        .expect("the endpoint binds")
+            };
+            let bind = |name: &'static str, port: u16| {
+                Endpoint::bind_mem(
+                    &net,
+                    name,
+                    SocketAddr::from(([10, 0, 0, 1], port)),
+                    config.clone(),
+                )
+            };
+            let asking = bind("owner", 7001).await.expect("the endpoint binds");
+            let answering = bind("replica", 7002).await.expect("the endpoint binds");
+            let (from, to) = (asking.advertise().addr, answering.advertise().addr);
+            let member = Arc::new(member);
+            let asker =
+                PeerRpc::start(asking, Answers(Arc::default()), RpcConfig::default()).expect("rpc");
+            let answering =
+                PeerRpc::start(answering, Answers(member.clone()), RpcConfig::default())
+                    .expect("rpc");
+            let questions = Arc::new(KeyQuestions::new(
+                message_deadline,
+                Counter::default(),
+                Counter::default(),
+            ));
+            Pair {
+                net,
+                asker,
+                from,
+                to,
+                member,
+                _answering: answering,
+                questions,
+            }
+        }
+
+        async fn ask(&self, i: usize, wait: Duration) -> Result<KeyAnswer, String> {
+            self.questions
+                .ask(&self.asker, self.to, lookup(i), wait)
+                .await
+        }
+
+        /// Asks questions `range` at once; answers by question.
+        async fn ask_all(
+            &self,
+            range: std::ops::Range<usize>,
+            wait: Duration,
+        ) -> Vec<(usize, Result<KeyAnswer, String>)> {
+            let asks = range.map(|i| async move { (i, self.ask(i, wait).await) });
+            futures::future::join_all(asks).await
+        }
+
+        fn messages(&self) -> usize {
+            self.member.messages.load(Ordering::SeqCst)
+        }
     }
 
     fn lookup(i: usize) -> KeyLookup {
@@ -218,110 +277,63 @@ mod tests {
         }
     }
 
+    /// What [`Answers`] says of question `i`.
+    fn answer_to(i: usize) -> KeyAnswer {
+        if i.is_multiple_of(2) {
+            KeyAnswer::Same {
+                view: format!("acct-{}/key-{i}", i % 3),
+            }
+        } else {
+            KeyAnswer::Unknown
+        }
+    }
+
     #[tokio::test]
     async fn questions_asked_together_share_messages_and_get_their_own_answers() {
-        let net = MemNetwork::new();
-        let member = Arc::new(Member::default());
-        let asker = PeerRpc::start(
-            endpoint(&net, "owner", 7001).await,
-            Answers(Arc::default()),
-            RpcConfig::default(),
-        )
-        .expect("rpc");
-        let answering = endpoint(&net, "replica", 7002).await;
-        let to = answering.advertise().addr;
-        let _replica =
-            PeerRpc::start(answering, Answers(member.clone()), RpcConfig::default()).expect("rpc");
-        let questions = Arc::new(KeyQuestions::new(
-            Duration::from_secs(5),
-            Counter::default(),
-            Counter::default(),
-        ));
+        let pair = Pair::start(Member::default(), Duration::from_secs(5)).await;
 
         // One question alone goes at once, in a message of its own.
-        let alone = questions
-            .ask(&asker, to, lookup(4), Duration::from_secs(5))
-            .await;
-        assert_eq!(
-            alone,
-            Ok(KeyAnswer::Same {
-                view: "acct-1/key-4".into()
-            })
-        );
-        assert_eq!(member.messages.load(Ordering::SeqCst), 1);
+        let alone = pair.ask(4, Duration::from_secs(5)).await;
+        assert_eq!(alone, Ok(answer_to(4)));
+        assert_eq!(pair.messages(), 1);
 
         // 600 at once: the first goes alone, the rest wait for it and go together, at most
         // MAX_KEY_LOOKUPS to a message.
-        let asks = (0..600).map(|i| {
-            let questions = &questions;
-            let asker = &asker;
-            async move {
-                let answer = questions
-                    .ask(asker, to, lookup(i), Duration::from_secs(5))
-                    .await;
-                (i, answer)
-            }
-        });
-        for (i, answer) in futures::future::join_all(asks).await {
-            let want = if i % 2 == 0 {
-                KeyAnswer::Same {
-                    view: format!("acct-{}/key-{i}", i % 3),
-                }
-            } else {
-                KeyAnswer::Unknown
-            };
-            assert_eq!(answer, Ok(want), "question {i}");
+        for (i, answer) in pair.ask_all(0..600, Duration::from_secs(5)).await {
+            assert_eq!(answer, Ok(answer_to(i)), "question {i}");
         }
-        let messages = member.messages.load(Ordering::SeqCst) - 1;
+        let messages = pair.messages() - 1;
         assert!(
             (3..=10).contains(&messages),
             "600 questions went in {messages} messages"
         );
-        assert_eq!(member.largest.load(Ordering::SeqCst), MAX_KEY_LOOKUPS);
-        assert!(lock(&questions.waiting).is_empty());
+        assert_eq!(pair.member.largest.load(Ordering::SeqCst), MAX_KEY_LOOKUPS);
+        assert!(lock(&pair.questions.waiting).is_empty());
     }
 
     #[tokio::test]
     async fn a_member_out_of_reach_fails_the_questions_in_time_and_leaves_nothing_waiting() {
-        let net = MemNetwork::new();
-        let asking = endpoint(&net, "owner", 7101).await;
-        let from = asking.advertise().addr;
-        let asker =
-            PeerRpc::start(asking, Answers(Arc::default()), RpcConfig::default()).expect("rpc");
-        let answering = endpoint(&net, "replica", 7102).await;
-        let to = answering.advertise().addr;
-        let member = Arc::new(Member::default());
-        let _replica =
-            PeerRpc::start(answering, Answers(member.clone()), RpcConfig::default()).expect("rpc");
-        net.cut(from, to);
-        let questions = Arc::new(KeyQuestions::new(
-            Duration::from_millis(300),
-            Counter::default(),
-            Counter::default(),
-        ));
+        let pair = Pair::start(Member::default(), Duration::from_millis(300)).await;
+        pair.net.cut(pair.from, pair.to);
         let started = tokio::time::Instant::now();
-        let asks =
-            (0..20).map(|i| questions.ask(&asker, to, lookup(i), Duration::from_millis(300)));
-        for answer in futures::future::join_all(asks).await {
+        for (_, answer) in pair.ask_all(0..20, Duration::from_millis(300)).await {
             assert!(answer.is_err(), "{answer:?}");
         }
         assert!(started.elapsed() < Duration::from_secs(3));
         // The sender gives up on its message too, and then has nothing left to send.
         let mut end = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !lock(&questions.waiting).is_empty() {
+        while !lock(&pair.questions.waiting).is_empty() {
             assert!(tokio::time::Instant::now() < end, "questions still waiting");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert_eq!(member.messages.load(Ordering::SeqCst), 0);
+        assert_eq!(pair.messages(), 0);
         end = tokio::time::Instant::now() + Duration::from_secs(5);
 
         // Once the link is back, a new question is answered (the endpoint backs off a
         // destination for a while after a failed send: asked until then).
-        net.heal(from, to);
+        pair.net.heal(pair.from, pair.to);
         loop {
-            let answer = questions
-                .ask(&asker, to, lookup(1), Duration::from_millis(300))
-                .await;
+            let answer = pair.ask(1, Duration::from_millis(300)).await;
             if answer.is_ok() || tokio::time::Instant::now() > end {
                 assert_eq!(answer, Ok(KeyAnswer::Unknown));
                 break;
@@ -331,54 +343,22 @@ mod tests {
 
     #[tokio::test]
     async fn a_message_left_unanswered_holds_the_next_questions_back_only_briefly() {
-        let net = MemNetwork::new();
-        let asker = PeerRpc::start(
-            endpoint(&net, "owner", 7201).await,
-            Answers(Arc::default()),
-            RpcConfig::default(),
-        )
-        .expect("rpc");
-        let answering = endpoint(&net, "replica", 7202).await;
-        let to = answering.advertise().addr;
-        let member = Arc::new(Member {
+        let member = Member {
             ignore_first: true,
             ..Member::default()
-        });
-        let _replica =
-            PeerRpc::start(answering, Answers(member.clone()), RpcConfig::default()).expect("rpc");
+        };
         // Each message may take 2 s; the questions asked after the lost one wait at most 1 s.
-        let questions = Arc::new(KeyQuestions::new(
-            Duration::from_secs(2),
-            Counter::default(),
-            Counter::default(),
-        ));
-        let first = questions.ask(&asker, to, lookup(1), Duration::from_secs(3));
+        let pair = Pair::start(member, Duration::from_secs(2)).await;
+        let first = pair.ask(1, Duration::from_secs(3));
         let later = async {
             tokio::time::sleep(Duration::from_millis(20)).await;
-            let asks = (2..12).map(|i| {
-                let questions = &questions;
-                let asker = &asker;
-                async move {
-                    let answer = questions
-                        .ask(asker, to, lookup(i), Duration::from_secs(1))
-                        .await;
-                    (i, answer)
-                }
-            });
-            futures::future::join_all(asks).await
+            pair.ask_all(2..12, Duration::from_secs(1)).await
         };
         let (first, later) = tokio::join!(first, later);
         assert!(first.is_err(), "{first:?}");
         for (i, answer) in later {
-            let want = if i % 2 == 0 {
-                KeyAnswer::Same {
-                    view: format!("acct-{}/key-{i}", i % 3),
-                }
-            } else {
-                KeyAnswer::Unknown
-            };
-            assert_eq!(answer, Ok(want), "question {i}");
+            assert_eq!(answer, Ok(answer_to(i)), "question {i}");
         }
-        assert_eq!(member.messages.load(Ordering::SeqCst), 2);
+        assert_eq!(pair.messages(), 2);
     }
 }
