@@ -95,6 +95,9 @@ const UPLOAD_IDLE: Duration = Duration::from_secs(300);
 /// How soon a member that is storing a submission with the same idempotency key is asked
 /// again.
 const KEY_IN_PROGRESS_RETRY: Duration = Duration::from_millis(50);
+/// How long one ask of a member about an idempotency key waits before it is asked again
+/// (within [`SHORT_DEADLINE`] in all).
+const KEY_ASK_ATTEMPT: Duration = Duration::from_millis(650);
 
 /// Settings of the cluster job layer.
 #[derive(Debug, Clone)]
@@ -1243,20 +1246,28 @@ impl Inner {
                     // All asks of one member together take at most SHORT_DEADLINE.
                     let until = Instant::now() + SHORT_DEADLINE;
                     loop {
-                        let left = until.saturating_duration_since(Instant::now());
+                        let wait = until
+                            .saturating_duration_since(Instant::now())
+                            .min(KEY_ASK_ATTEMPT);
+                        let started = Instant::now();
                         let answer = if batched {
                             self.key_questions
-                                .ask(rpc, addr, lookup.clone(), left)
+                                .ask(rpc, addr, lookup.clone(), wait)
                                 .await
                         } else {
-                            self.find_key_at(addr, lookup.clone(), left).await
+                            self.find_key_at(addr, lookup.clone(), wait).await
                         };
+                        let time_left = Instant::now() + KEY_IN_PROGRESS_RETRY < until;
                         // The member is storing the key itself: its answer comes once it
                         // committed.
-                        if matches!(answer, Ok(KeyAnswer::InProgress))
-                            && Instant::now() + KEY_IN_PROGRESS_RETRY < until
-                        {
+                        if matches!(answer, Ok(KeyAnswer::InProgress)) && time_left {
                             tokio::time::sleep(KEY_IN_PROGRESS_RETRY).await;
+                            continue;
+                        }
+                        // No answer in time: the question or its answer may have been lost
+                        // (a frame on a connection being set up again); the question is a
+                        // read, asked again while time is left. A quick refusal is final.
+                        if answer.is_err() && started.elapsed() >= wait && time_left {
                             continue;
                         }
                         break (name, answer);
