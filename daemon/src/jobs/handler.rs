@@ -274,28 +274,22 @@ async fn handle(
         } => {
             let lookup = KeyLookup {
                 account,
-                key,
+                key: key.clone(),
                 body_hash,
             };
-            // Whether it is being stored is looked at before the store is read: a submission
-            // that commits in between is then found in the store.
-            let storing = inner.storing_key(&lookup.account, &lookup.key);
-            let job = inner
-                .store
-                .find_key(&lookup.account, &lookup.key)
-                .await
-                .map_err(internal)?;
-            let key = lookup.key.clone();
-            Ok(match key_answer(inner, lookup, job, storing).await? {
-                KeyAnswer::Unknown => JobResponse::Job { view: None },
-                KeyAnswer::Same { view } => JobResponse::Submitted {
+            let answer = answer_keys(inner, vec![lookup]).await?.pop();
+            Ok(match answer {
+                Some(KeyAnswer::Same { view }) => JobResponse::Submitted {
                     view,
                     created: false,
                 },
-                KeyAnswer::Conflict(refusal) => JobResponse::Refused(refusal),
-                KeyAnswer::InProgress => {
+                Some(KeyAnswer::Conflict(refusal)) => JobResponse::Refused(refusal),
+                // A member before protocol 1.3 knows no "in progress": it hears the refusal
+                // its client is to retry.
+                Some(KeyAnswer::InProgress) => {
                     JobResponse::Refused(wire_refusal(&super::key_in_progress(&key, &inner.name)))
                 }
+                Some(KeyAnswer::Unknown) | None => JobResponse::Job { view: None },
             })
         }
         JobRequest::FindKeys { lookups } => {
@@ -305,20 +299,7 @@ async fn handle(
                     lookups.len()
                 )));
             }
-            // As for one key: looked at before the store is read.
-            let storing: Vec<bool> = lookups
-                .iter()
-                .map(|l| inner.storing_key(&l.account, &l.key))
-                .collect();
-            let keys = lookups
-                .iter()
-                .map(|l| (l.account.clone(), l.key.clone()))
-                .collect();
-            let found = inner.store.find_keys(keys).await.map_err(internal)?;
-            let mut answers = Vec::with_capacity(lookups.len());
-            for ((lookup, job), storing) in lookups.into_iter().zip(found).zip(storing) {
-                answers.push(key_answer(inner, lookup, job, storing).await?);
-            }
+            let answers = answer_keys(inner, lookups).await?;
             Ok(JobResponse::Keys { answers })
         }
         JobRequest::List {
@@ -482,6 +463,29 @@ async fn handle(
             Ok(JobResponse::Done)
         }
     }
+}
+
+/// What this node knows of each lookup's key, in order, read from its store in one read.
+async fn answer_keys(
+    inner: &Arc<Inner>,
+    lookups: Vec<KeyLookup>,
+) -> Result<Vec<KeyAnswer>, PeerError> {
+    // Whether a key is being stored is looked at before the store is read: a submission that
+    // commits in between is then found in the store.
+    let storing: Vec<bool> = lookups
+        .iter()
+        .map(|l| inner.storing_key(&l.account, &l.key))
+        .collect();
+    let keys = lookups
+        .iter()
+        .map(|l| (l.account.clone(), l.key.clone()))
+        .collect();
+    let found = inner.store.find_keys(keys).await.map_err(internal)?;
+    let mut answers = Vec::with_capacity(lookups.len());
+    for ((lookup, job), storing) in lookups.into_iter().zip(found).zip(storing) {
+        answers.push(key_answer(inner, lookup, job, storing).await?);
+    }
+    Ok(answers)
 }
 
 /// What this store's `job`, found under `lookup`'s key, says to an owner about to store a
