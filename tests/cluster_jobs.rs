@@ -950,3 +950,154 @@ async fn a_key_the_owner_is_storing_is_in_progress_to_other_members() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Stands for a member that joined ahead of the account's owner and stores the account's keyed
+/// submissions now: it says it stored `key` as the job `view`, knows no other key, and counts
+/// the questions it is asked about each key.
+struct NewOwner {
+    key: String,
+    view: String,
+    asked: std::sync::Mutex<HashMap<String, usize>>,
+}
+
+impl NewOwner {
+    fn answer(&self, lookup: &KeyLookup) -> KeyAnswer {
+        *self
+            .asked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(lookup.key.clone())
+            .or_insert(0) += 1;
+        if lookup.key == self.key {
+            KeyAnswer::Same {
+                view: self.view.clone(),
+            }
+        } else {
+            KeyAnswer::Unknown
+        }
+    }
+
+    fn asked(&self, key: &str) -> usize {
+        let asked = self.asked.lock().unwrap_or_else(|e| e.into_inner());
+        asked.get(key).copied().unwrap_or(0)
+    }
+}
+
+/// [`NewOwner`] answering on a probe, shared with the test that reads its counts.
+struct Answering(std::sync::Arc<NewOwner>);
+
+#[async_trait::async_trait]
+impl kiln_daemon::peer::Handler<JobRequest, JobResponse> for Answering {
+    async fn handle(
+        &self,
+        _: &kiln_daemon::peer::Caller,
+        request: JobRequest,
+    ) -> Result<JobResponse, kiln_daemon::peer::PeerError> {
+        match request {
+            JobRequest::FindKeys { lookups } => Ok(JobResponse::Keys {
+                answers: lookups.iter().map(|l| self.0.answer(l)).collect(),
+            }),
+            JobRequest::FindKey {
+                account,
+                key,
+                body_hash,
+            } => Ok(
+                match self.0.answer(&KeyLookup {
+                    account,
+                    key,
+                    body_hash,
+                }) {
+                    KeyAnswer::Same { view } => JobResponse::Submitted {
+                        view,
+                        created: false,
+                    },
+                    _ => JobResponse::Job { view: None },
+                },
+            ),
+            _ => Err(kiln_daemon::peer::PeerError::internal(
+                "this stand-in answers key questions only",
+            )),
+        }
+    }
+}
+
+/// A member whose view of the cluster lags (it has not seen the account's new owner yet, and
+/// stores the account's jobs itself) still keeps a key to one job: having told the new owner it
+/// did not know the key, it asks the new owner before it stores a submission with that key.
+#[tokio::test]
+async fn a_member_asks_whoever_asked_it_about_a_key_before_storing_the_key() {
+    let cluster = TestCluster::start(2, spec(20))
+        .await
+        .expect("cluster starts");
+    let account = ACCOUNTS
+        .iter()
+        .copied()
+        .find(|a| cluster.owner_of(a) == 0)
+        .expect("one of the accounts ranks gpu-0 first");
+    let api = cluster.api(0, account);
+    // The job the new owner stored for the key (any real job's view will do).
+    let (status, earlier) = api
+        .submit_keyed(&sdxl_workflow(4, 7), "order-1")
+        .await
+        .expect("submit");
+    assert_eq!(status, 202, "{earlier}\n{}", logs(&cluster));
+    let earlier_id = earlier["id"].as_str().expect("id").to_string();
+    let view = api.job(&earlier_id).await.expect("the job");
+    let new_owner = std::sync::Arc::new(NewOwner {
+        key: "order-2".to_string(),
+        view: view.to_string(),
+        asked: std::sync::Mutex::default(),
+    });
+    let probe = cluster
+        .probe_answering("gpu-new", Answering(new_owner.clone()))
+        .await
+        .expect("the stand-in starts");
+
+    // The new owner, about to store order-2, asks gpu-0, which does not know the key.
+    let answer = probe
+        .ask(
+            0,
+            JobRequest::FindKeys {
+                lookups: vec![KeyLookup {
+                    account: account.to_string(),
+                    key: "order-2".to_string(),
+                    body_hash: "its body".to_string(),
+                }],
+            },
+        )
+        .await;
+    assert!(
+        matches!(&answer, Ok(JobResponse::Keys { answers }) if answers == &[KeyAnswer::Unknown]),
+        "{answer:?}"
+    );
+
+    // A retry of that submission reaches gpu-0, whose view still makes it the owner: it asks
+    // the new owner (a member its gossip never showed) and answers with its job.
+    let (status, replay) = api
+        .submit_keyed(&sdxl_workflow(4, 8), "order-2")
+        .await
+        .expect("submit");
+    assert_eq!(status, 202, "{replay}\n{}", logs(&cluster));
+    assert_eq!(
+        replay["id"].as_str(),
+        Some(earlier_id.as_str()),
+        "gpu-0 stored the key again\n{}",
+        logs(&cluster)
+    );
+    assert!(
+        new_owner.asked("order-2") >= 1,
+        "the new owner was not asked"
+    );
+
+    // A key nobody asked gpu-0 about is stored as new, without asking the stand-in.
+    let (status, other) = api
+        .submit_keyed(&sdxl_workflow(4, 8), "order-3")
+        .await
+        .expect("submit");
+    assert_eq!(status, 202, "{other}");
+    assert_ne!(other["id"].as_str(), Some(earlier_id.as_str()));
+    assert_eq!(new_owner.asked("order-3"), 0);
+    let (_, list) = api.get("/v1/jobs?limit=50").await.expect("list");
+    let jobs = list["jobs"].as_array().cloned().unwrap_or_default();
+    assert_eq!(jobs.len(), 2, "order-1 and order-3: {list}");
+}

@@ -726,6 +726,15 @@ impl TestCluster {
 
     /// A peer-protocol client named `name` with a certificate from the cluster's CA.
     pub async fn probe(&self, name: &str) -> anyhow::Result<PeerProbe> {
+        self.probe_answering(name, AnswersNothing).await
+    }
+
+    /// A probe as [`TestCluster::probe`] that answers members' requests with `handler`.
+    pub async fn probe_answering(
+        &self,
+        name: &str,
+        handler: impl kiln_daemon::peer::Handler<JobRequest, JobResponse>,
+    ) -> anyhow::Result<PeerProbe> {
         let certs = issue(&self.pki.path().join("ca"), name, self.pki.path());
         let identity = kiln_daemon::pki::Identity::load_dir(&certs)?;
         let endpoint = kiln_daemon::net::Endpoint::bind(
@@ -738,7 +747,7 @@ impl TestCluster {
         .await?;
         let rpc = kiln_daemon::peer::PeerRpc::start(
             endpoint,
-            AnswersNothing,
+            handler,
             kiln_daemon::peer::RpcConfig::default(),
         )?;
         Ok(PeerProbe {
@@ -758,7 +767,7 @@ impl TestCluster {
 }
 
 /// Asks cluster members what a member would ([`TestCluster::probe`]); it joins no gossip and
-/// answers no request.
+/// answers requests only as its handler does.
 pub struct PeerProbe {
     rpc: kiln_daemon::peer::PeerRpc<JobRequest, JobResponse>,
     ports: Vec<u16>,

@@ -9,7 +9,7 @@ use std::sync::{Arc, Weak};
 use async_trait::async_trait;
 
 use super::{
-    Inner, job_from_wire, new_job_from_wire, outcome_of, store_refusal, transfer, wire_job,
+    Inner, job_from_wire, keys, new_job_from_wire, outcome_of, store_refusal, transfer, wire_job,
     wire_refusal,
 };
 use crate::api::ApiError;
@@ -277,7 +277,7 @@ async fn handle(
                 key: key.clone(),
                 body_hash,
             };
-            let answer = answer_keys(inner, vec![lookup]).await?.pop();
+            let answer = answer_keys(inner, from, vec![lookup]).await?.pop();
             Ok(match answer {
                 Some(KeyAnswer::Same { view }) => JobResponse::Submitted {
                     view,
@@ -299,7 +299,7 @@ async fn handle(
                     lookups.len()
                 )));
             }
-            let answers = answer_keys(inner, lookups).await?;
+            let answers = answer_keys(inner, from, lookups).await?;
             Ok(JobResponse::Keys { answers })
         }
         JobRequest::List {
@@ -465,9 +465,11 @@ async fn handle(
     }
 }
 
-/// What this node knows of each lookup's key, in order, read from its store in one read.
+/// What this node knows of each lookup's key, in order, read from its store in one read. A
+/// key it does not know is one `from` is about to store: `from` is remembered as its asker.
 async fn answer_keys(
     inner: &Arc<Inner>,
+    from: &Caller,
     lookups: Vec<KeyLookup>,
 ) -> Result<Vec<KeyAnswer>, PeerError> {
     // Whether a key is being stored is looked at before the store is read: a submission that
@@ -483,7 +485,16 @@ async fn answer_keys(
     let found = inner.store.find_keys(keys).await.map_err(internal)?;
     let mut answers = Vec::with_capacity(lookups.len());
     for ((lookup, job), storing) in lookups.into_iter().zip(found).zip(storing) {
-        answers.push(key_answer(inner, lookup, job, storing).await?);
+        let asked = (lookup.account.clone(), lookup.key.clone());
+        let answer = key_answer(inner, lookup, job, storing).await?;
+        if answer == KeyAnswer::Unknown {
+            let asker = keys::Asker {
+                name: from.peer_name.clone(),
+                addr: from.addr,
+            };
+            inner.key_askers.remember(&asked.0, &asked.1, asker);
+        }
+        answers.push(answer);
     }
     Ok(answers)
 }

@@ -7,8 +7,16 @@
 //! [`STALLED_AFTER`]), much as the store's writer commits whatever waits in one transaction: a
 //! lone question goes at once and waits on no timer, and a burst costs the member one message
 //! and one store read instead of one of each per submission.
+//!
+//! A member answering "unknown" remembers who asked ([`KeyAskers`]): that member is about to
+//! store the key as the account's owner. Should this member then be handed a submission with
+//! the same key while its own view of the cluster still lags (it has not yet seen the new
+//! owner, and stores the account's jobs itself), it asks the one who asked, so the key still
+//! names one job.
 
-use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
+use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -34,6 +42,97 @@ pub(super) struct KeyQuestions {
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How long a member that asked about a key and heard "unknown" is remembered: longer than
+/// gossip takes to show every member a new one (a few rounds), so a member whose view lags
+/// asks it until it sees the new owner itself.
+pub(super) const ASKER_REMEMBERED_FOR: Duration = Duration::from_secs(30);
+
+/// The most askers remembered; beyond it the oldest go first (a burst of keyed submissions
+/// then shortens the time each is remembered, never the memory bound).
+pub(super) const MAX_ASKERS: usize = 16_384;
+
+/// A member that asked about a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Asker {
+    pub name: Arc<str>,
+    /// Its advertised address, for when this member's view does not show it yet.
+    pub addr: SocketAddr,
+}
+
+/// The last member told "unknown" about each account's key, for [`ASKER_REMEMBERED_FOR`], at
+/// most [`MAX_ASKERS`]. Keys are kept as hashes (a collision only makes a member ask one more
+/// member, which answers for itself).
+pub(super) struct KeyAskers {
+    state: Mutex<AskersState>,
+    hasher: RandomState,
+    remembered_for: Duration,
+    max: usize,
+}
+
+#[derive(Default)]
+struct AskersState {
+    by_key: HashMap<u64, (Asker, tokio::time::Instant)>,
+    /// When each entry was made, oldest first; an entry replaced since is skipped.
+    order: VecDeque<(tokio::time::Instant, u64)>,
+}
+
+impl AskersState {
+    /// Forgets entries older than `remembered_for`, and the oldest beyond `max`.
+    fn prune(&mut self, now: tokio::time::Instant, remembered_for: Duration, max: usize) {
+        while let Some(&(at, hash)) = self.order.front() {
+            let expired = now.saturating_duration_since(at) >= remembered_for;
+            if !expired && self.order.len() <= max {
+                break;
+            }
+            self.order.pop_front();
+            if self.by_key.get(&hash).is_some_and(|(_, made)| *made == at) {
+                self.by_key.remove(&hash);
+            }
+        }
+    }
+}
+
+impl KeyAskers {
+    pub(super) fn new(remembered_for: Duration, max: usize) -> KeyAskers {
+        KeyAskers {
+            state: Mutex::new(AskersState::default()),
+            hasher: RandomState::new(),
+            remembered_for,
+            max: max.max(1),
+        }
+    }
+
+    fn hash(&self, account: &str, key: &str) -> u64 {
+        self.hasher.hash_one((account, key))
+    }
+
+    /// Remembers that `asker` was told this node does not know `account`'s `key`.
+    pub(super) fn remember(&self, account: &str, key: &str, asker: Asker) {
+        let hash = self.hash(account, key);
+        let now = tokio::time::Instant::now();
+        let mut state = lock(&self.state);
+        state.by_key.insert(hash, (asker, now));
+        state.order.push_back((now, hash));
+        state.prune(now, self.remembered_for, self.max);
+    }
+
+    /// The member told "unknown" about `account`'s `key` within the time askers are
+    /// remembered, if any.
+    pub(super) fn recent(&self, account: &str, key: &str) -> Option<Asker> {
+        let hash = self.hash(account, key);
+        let now = tokio::time::Instant::now();
+        let mut state = lock(&self.state);
+        state.prune(now, self.remembered_for, self.max);
+        state.by_key.get(&hash).map(|(asker, _)| asker.clone())
+    }
+
+    /// How many askers are remembered.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        lock(&self.state).by_key.len()
+    }
 }
 
 impl KeyQuestions {
@@ -286,6 +385,41 @@ mod tests {
         } else {
             KeyAnswer::Unknown
         }
+    }
+
+    fn asker(name: &str, port: u16) -> Asker {
+        Asker {
+            name: name.into(),
+            addr: SocketAddr::from(([10, 0, 0, 9], port)),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn askers_are_remembered_per_key_for_a_while_and_within_a_bound() {
+        let askers = KeyAskers::new(Duration::from_secs(30), 3);
+        askers.remember("acct-1", "k", asker("gpu-a", 1));
+        assert_eq!(askers.recent("acct-1", "k"), Some(asker("gpu-a", 1)));
+        // Another account's key of the same name, or another key, was not asked about.
+        assert_eq!(askers.recent("acct-2", "k"), None);
+        assert_eq!(askers.recent("acct-1", "k2"), None);
+
+        // The latest asker of a key is the one remembered, from when it asked.
+        tokio::time::advance(Duration::from_secs(20)).await;
+        askers.remember("acct-1", "k", asker("gpu-b", 2));
+        tokio::time::advance(Duration::from_secs(15)).await;
+        assert_eq!(askers.recent("acct-1", "k"), Some(asker("gpu-b", 2)));
+        tokio::time::advance(Duration::from_secs(15)).await;
+        assert_eq!(askers.recent("acct-1", "k"), None);
+        assert_eq!(askers.len(), 0);
+
+        // Beyond the bound the oldest go first.
+        for i in 0..5u16 {
+            askers.remember("acct-1", &format!("key-{i}"), asker("gpu-a", i));
+        }
+        assert_eq!(askers.len(), 3);
+        assert_eq!(askers.recent("acct-1", "key-1"), None);
+        assert_eq!(askers.recent("acct-1", "key-2"), Some(asker("gpu-a", 2)));
+        assert_eq!(askers.recent("acct-1", "key-4"), Some(asker("gpu-a", 4)));
     }
 
     #[tokio::test]

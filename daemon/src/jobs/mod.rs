@@ -255,6 +255,8 @@ pub(crate) struct Inner {
     /// not committed yet, with how many: another member asking about one hears it is in
     /// progress.
     storing_keys: Mutex<HashMap<(String, String), usize>>,
+    /// Members recently told this node does not know an account's key (see [`keys`]).
+    key_askers: keys::KeyAskers,
     /// Set while the node drains: no leases handed out, no submissions taken as owner.
     draining: CancellationToken,
     /// Held (shared) by every lease and submission this node handles as owner; the hand-over
@@ -373,6 +375,7 @@ impl Jobs {
             asked_idle: Mutex::new(HashMap::new()),
             key_questions,
             storing_keys: Mutex::new(HashMap::new()),
+            key_askers: keys::KeyAskers::new(keys::ASKER_REMEMBERED_FOR, keys::MAX_ASKERS),
             draining: CancellationToken::new(),
             owner_ops: tokio::sync::RwLock::new(()),
             started: now,
@@ -1226,54 +1229,73 @@ impl Inner {
         let Some(rpc) = self.rpc() else {
             return Ok(None);
         };
-        let asks = placement::key_holders(&new.account, &live, &self.name)
-            .into_iter()
-            .filter_map(|name| self.addr_of(name).map(|addr| (name.to_string(), addr)))
-            .filter_map(|(name, addr)| {
-                // A member known to speak an older protocol cannot be asked (it has no such
-                // request); one not heard from yet is asked the one-key question.
-                let version = rpc.peer_version(addr);
-                if version.is_some_and(|v| !wire::speaks(v, 2)) {
-                    return None;
-                }
-                let batched = version.is_some_and(|v| wire::speaks(v, 3));
-                let lookup = KeyLookup {
-                    account: new.account.clone(),
-                    key: key.to_string(),
-                    body_hash: new.body_hash.clone(),
-                };
-                Some(async move {
-                    // All asks of one member together take at most SHORT_DEADLINE.
-                    let until = Instant::now() + SHORT_DEADLINE;
-                    loop {
-                        let wait = until
-                            .saturating_duration_since(Instant::now())
-                            .min(KEY_ASK_ATTEMPT);
-                        let started = Instant::now();
-                        let answer = if batched {
-                            self.key_questions
-                                .ask(rpc, addr, lookup.clone(), wait)
-                                .await
-                        } else {
-                            self.find_key_at(addr, lookup.clone(), wait).await
-                        };
-                        let time_left = Instant::now() + KEY_IN_PROGRESS_RETRY < until;
-                        // The member is storing the key itself: its answer comes once it
-                        // committed.
-                        if matches!(answer, Ok(KeyAnswer::InProgress)) && time_left {
-                            tokio::time::sleep(KEY_IN_PROGRESS_RETRY).await;
-                            continue;
-                        }
-                        // No answer in time: the question or its answer may have been lost
-                        // (a frame on a connection being set up again); the question is a
-                        // read, asked again while time is left. A quick refusal is final.
-                        if answer.is_err() && started.elapsed() >= wait && time_left {
-                            continue;
-                        }
-                        break (name, answer);
+        let mut targets: Vec<(String, SocketAddr)> =
+            placement::key_holders(&new.account, &live, &self.name)
+                .into_iter()
+                .filter_map(|name| self.addr_of(name).map(|addr| (name.to_string(), addr)))
+                .collect();
+        // A member that asked this node about the key and heard "unknown" is storing it as
+        // the account's owner by its view, which this node's may not show yet. One this node
+        // knows to be dead is not waited for (its jobs' replica answers for them).
+        if let Some(asker) = self.key_askers.recent(&new.account, key)
+            && *asker.name != *self.name
+            && !targets.iter().any(|(name, _)| **name == *asker.name)
+        {
+            let addr = match self.addr_of(&asker.name) {
+                Some(addr) => self.is_live(&asker.name).then_some(addr),
+                None => Some(asker.addr),
+            };
+            if let Some(addr) = addr {
+                tracing::info!(member = %asker.name, account = %new.account,
+                    "asking the member that asked about this idempotency key whether it stored it");
+                targets.push((asker.name.to_string(), addr));
+            }
+        }
+        let asks = targets.into_iter().filter_map(|(name, addr)| {
+            // A member known to speak an older protocol cannot be asked (it has no such
+            // request); one not heard from yet is asked the one-key question.
+            let version = rpc.peer_version(addr);
+            if version.is_some_and(|v| !wire::speaks(v, 2)) {
+                return None;
+            }
+            let batched = version.is_some_and(|v| wire::speaks(v, 3));
+            let lookup = KeyLookup {
+                account: new.account.clone(),
+                key: key.to_string(),
+                body_hash: new.body_hash.clone(),
+            };
+            Some(async move {
+                // All asks of one member together take at most SHORT_DEADLINE.
+                let until = Instant::now() + SHORT_DEADLINE;
+                loop {
+                    let wait = until
+                        .saturating_duration_since(Instant::now())
+                        .min(KEY_ASK_ATTEMPT);
+                    let started = Instant::now();
+                    let answer = if batched {
+                        self.key_questions
+                            .ask(rpc, addr, lookup.clone(), wait)
+                            .await
+                    } else {
+                        self.find_key_at(addr, lookup.clone(), wait).await
+                    };
+                    let time_left = Instant::now() + KEY_IN_PROGRESS_RETRY < until;
+                    // The member is storing the key itself: its answer comes once it
+                    // committed.
+                    if matches!(answer, Ok(KeyAnswer::InProgress)) && time_left {
+                        tokio::time::sleep(KEY_IN_PROGRESS_RETRY).await;
+                        continue;
                     }
-                })
-            });
+                    // No answer in time: the question or its answer may have been lost
+                    // (a frame on a connection being set up again); the question is a
+                    // read, asked again while time is left. A quick refusal is final.
+                    if answer.is_err() && started.elapsed() >= wait && time_left {
+                        continue;
+                    }
+                    break (name, answer);
+                }
+            })
+        });
         for (name, answer) in futures::future::join_all(asks).await {
             if matches!(
                 answer,
