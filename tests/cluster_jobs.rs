@@ -952,23 +952,27 @@ async fn a_key_the_owner_is_storing_is_in_progress_to_other_members() {
 }
 
 /// Stands for a member that joined ahead of the account's owner and stores the account's keyed
-/// submissions now: it says it stored `key` as the job `view`, knows no other key, and counts
-/// the questions it is asked about each key.
+/// submissions now: it says it is storing `key` for the first `in_progress` questions about
+/// it and then that it stored it as the job `view`, knows no other key, and counts the
+/// questions it is asked about each key.
 struct NewOwner {
     key: String,
     view: String,
+    in_progress: usize,
     asked: std::sync::Mutex<HashMap<String, usize>>,
 }
 
 impl NewOwner {
     fn answer(&self, lookup: &KeyLookup) -> KeyAnswer {
-        *self
-            .asked
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(lookup.key.clone())
-            .or_insert(0) += 1;
-        if lookup.key == self.key {
+        let asked = {
+            let mut asked = self.asked.lock().unwrap_or_else(|e| e.into_inner());
+            let count = asked.entry(lookup.key.clone()).or_insert(0);
+            *count += 1;
+            *count
+        };
+        if lookup.key == self.key && asked <= self.in_progress {
+            KeyAnswer::InProgress
+        } else if lookup.key == self.key {
             KeyAnswer::Same {
                 view: self.view.clone(),
             }
@@ -1011,7 +1015,12 @@ impl kiln_daemon::peer::Handler<JobRequest, JobResponse> for Answering {
                         view,
                         created: false,
                     },
-                    _ => JobResponse::Job { view: None },
+                    KeyAnswer::Unknown => JobResponse::Job { view: None },
+                    other => {
+                        return Err(kiln_daemon::peer::PeerError::internal(format!(
+                            "the one-key question cannot answer {other:?}"
+                        )));
+                    }
                 },
             ),
             _ => Err(kiln_daemon::peer::PeerError::internal(
@@ -1046,6 +1055,7 @@ async fn a_member_asks_whoever_asked_it_about_a_key_before_storing_the_key() {
     let new_owner = std::sync::Arc::new(NewOwner {
         key: "order-2".to_string(),
         view: view.to_string(),
+        in_progress: 2,
         asked: std::sync::Mutex::default(),
     });
     let probe = cluster
@@ -1072,7 +1082,8 @@ async fn a_member_asks_whoever_asked_it_about_a_key_before_storing_the_key() {
     );
 
     // A retry of that submission reaches gpu-0, whose view still makes it the owner: it asks
-    // the new owner (a member its gossip never showed) and answers with its job.
+    // the new owner (a member its gossip never showed), again while the new owner is still
+    // storing the key, and answers with its job.
     let (status, replay) = api
         .submit_keyed(&sdxl_workflow(4, 8), "order-2")
         .await
