@@ -261,6 +261,12 @@ async fn cluster_throughput(nodes: usize, total: usize, clients: usize) -> anyho
             ))
         })
         .collect::<anyhow::Result<_>>()?;
+    let store_metrics = [
+        "kiln_store_commits_total",
+        "kiln_store_commit_requests_total",
+        "kiln_store_commit_seconds_sum",
+    ];
+    let store_before = metric_sums(&http, &cluster.members, &store_metrics).await?;
     let messages_before = cluster_messages(&http, &cluster).await?;
     let cpu_before = cluster.cpu_time();
     let run = submit_many(&http, total, clients, targets, None).await;
@@ -268,6 +274,7 @@ async fn cluster_throughput(nodes: usize, total: usize, clients: usize) -> anyho
     let executed = wait_all_executed(&cluster, &ids, Duration::from_secs(900)).await?;
     let cpu_after = cluster.cpu_time();
     let messages_after = cluster_messages(&http, &cluster).await?;
+    let store_after = metric_sums(&http, &cluster.members, &store_metrics).await?;
     // Read each job back from its owner (a local read there, not a relayed one).
     let owner_url: HashMap<&str, &str> = cluster
         .accounts
@@ -324,6 +331,14 @@ async fn cluster_throughput(nodes: usize, total: usize, clients: usize) -> anyho
         "   cluster messages (peer requests, answers and gossip) per job: {:.1} sent, {:.0} bytes",
         per_job(messages_after.0, messages_before.0),
         per_job(messages_after.1, messages_before.1),
+    );
+    let commits = store_after[0] - store_before[0];
+    println!(
+        "   job store commits (one WAL fsync each) per job, all members: {:.2}, of {:.1} \
+         requests each on average, {:.2} ms each on average",
+        per_job(store_after[0], store_before[0]),
+        (store_after[1] - store_before[1]) / commits.max(1.0),
+        (store_after[2] - store_before[2]) * 1000.0 / commits.max(1.0),
     );
     let cpu_ms = |after: f64, before: f64| per_job(after, before) * 1000.0;
     println!(

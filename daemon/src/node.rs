@@ -317,11 +317,13 @@ pub async fn run(
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create the data dir {}", data_dir.display()))?;
 
+    let metrics = Metrics::new();
     let store = JobStore::open(
         &data_dir,
         StoreOptions {
             retention: config.tiers.retentions(),
             objects,
+            metrics: metrics.store.clone(),
             ..StoreOptions::default()
         },
     )
@@ -339,7 +341,6 @@ pub async fn run(
 
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
-    let metrics = Metrics::new();
     let live = Live::new(
         Duration::from_secs_f64(config.jobs.assumed_duration_s),
         stop.child_token(),

@@ -518,10 +518,30 @@ async fn requeue_keeps_place_then_fails_at_max_attempts() {
     assert_eq!(stored.status, JobStatus::Failed);
 }
 
+/// The value of the unlabelled series `name` in the metrics text.
+fn series(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
 #[tokio::test]
 async fn concurrent_submits_are_all_durable_and_distinct() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(dir.path()).await;
+    let metrics = kiln_daemon::metrics::Metrics::new();
+    let store = JobStore::open(
+        dir.path(),
+        StoreOptions {
+            metrics: metrics.store.clone(),
+            ..StoreOptions::default()
+        },
+    )
+    .await
+    .expect("open store");
+    let before = (
+        metrics.store.commits.get(),
+        metrics.store.commit_requests.get(),
+    );
     let mut tasks = Vec::new();
     for t in 0..50 {
         let store = store.clone();
@@ -547,6 +567,20 @@ async fn concurrent_submits_are_all_durable_and_distinct() {
     all.sort_unstable();
     all.dedup();
     assert_eq!(all.len(), 2000);
+    // Every submit was one request of some commit; the commits are counted and timed.
+    let commits = metrics.store.commits.get() - before.0;
+    let requests = metrics.store.commit_requests.get() - before.1;
+    assert_eq!(requests, 2000);
+    assert!((1..=2000).contains(&commits), "{commits} commits");
+    let text = metrics.encode();
+    assert_eq!(
+        series(&text, "kiln_store_commit_seconds_count"),
+        metrics.store.commits.get() as f64
+    );
+    assert_eq!(
+        series(&text, "kiln_store_commit_requests_total"),
+        metrics.store.commit_requests.get() as f64
+    );
     drop(store);
     let store = open(dir.path()).await;
     assert_eq!(store.queue_order().len(), 2000);

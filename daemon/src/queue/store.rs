@@ -22,6 +22,7 @@ use super::{
     CancelOutcome, Finished, Job, JobChange, JobEvent, JsonText, NewJob, NewOutput, Outcome,
     Output, QueueSummary, Quota, RecoveryReport, StoreError, Submitted, Usage, schema,
 };
+use crate::metrics::StoreMetrics;
 use crate::protocol::{DeleteReason, JobError, JobStatus, Tier, WatermarkStatus};
 use crate::results::objects::ObjectStorage;
 
@@ -56,6 +57,8 @@ pub struct StoreOptions {
     pub retention: Vec<(Tier, Duration)>,
     /// The bucket outputs go to (`[storage] kind = "s3"`); none: files in the data dir.
     pub objects: Option<ObjectStorage>,
+    /// Where the writer counts its commits.
+    pub metrics: StoreMetrics,
 }
 
 impl std::fmt::Debug for StoreOptions {
@@ -92,6 +95,7 @@ impl Default for StoreOptions {
             clock: system_clock(),
             retention: Vec::new(),
             objects: None,
+            metrics: StoreMetrics::default(),
         }
     }
 }
@@ -212,9 +216,10 @@ impl JobStore {
         let (tx, rx) = mpsc::channel(opts.channel_capacity);
         let writer_shared = shared.clone();
         let max_batch = opts.max_batch;
+        let metrics = opts.metrics.clone();
         let handle = std::thread::Builder::new()
             .name("kiln-store-writer".to_string())
-            .spawn(move || writer::run(conn, writer_shared, rx, max_batch))
+            .spawn(move || writer::run(conn, writer_shared, rx, max_batch, metrics))
             .map_err(StoreError::io("starting the writer thread"))?;
         let reads = ReadPool {
             path: db_path,

@@ -27,6 +27,7 @@ use super::{
     CancelOutcome, Finished, Job, JobChange, JobRole, Lease, NewJob, Output, Quota, QuotaPeriod,
     RecoveryReport, StoreError, Submitted, utc_day, utc_month_bounds,
 };
+use crate::metrics::StoreMetrics;
 use crate::protocol::{DeleteReason, JobError, JobStatus, Tier, WatermarkStatus};
 
 /// Milliseconds since the Unix epoch; injectable so tests can move days.
@@ -233,6 +234,7 @@ pub(crate) fn run(
     shared: Arc<Shared>,
     mut rx: mpsc::Receiver<Request>,
     max_batch: usize,
+    metrics: StoreMetrics,
 ) {
     let mut batch = Vec::with_capacity(max_batch);
     while let Some(first) = rx.blocking_recv() {
@@ -243,7 +245,8 @@ pub(crate) fn run(
                 Err(_) => break,
             }
         }
-        process(&mut conn, &shared, batch.drain(..));
+        metrics.commit_requests.inc_by(batch.len() as u64);
+        process(&mut conn, &shared, batch.drain(..), &metrics);
     }
     // Fold the WAL back into the main file so an operator's sqlite3 sees everything at once.
     if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
@@ -251,7 +254,12 @@ pub(crate) fn run(
     }
 }
 
-fn process(conn: &mut Connection, shared: &Shared, batch: impl Iterator<Item = Request>) {
+fn process(
+    conn: &mut Connection,
+    shared: &Shared,
+    batch: impl Iterator<Item = Request>,
+    metrics: &StoreMetrics,
+) {
     let now = shared.now();
     let mut pending: Vec<Pending> = Vec::new();
     let mut effects = Effects::default();
@@ -273,7 +281,13 @@ fn process(conn: &mut Connection, shared: &Shared, batch: impl Iterator<Item = R
             pending.push(p);
         }
     }
-    match tx.commit() {
+    let committing = std::time::Instant::now();
+    let committed = tx.commit();
+    metrics.commits.inc();
+    metrics
+        .commit_seconds
+        .observe(committing.elapsed().as_secs_f64());
+    match committed {
         Ok(()) => {
             {
                 let mut state = shared.lock();
