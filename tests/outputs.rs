@@ -1,6 +1,7 @@
 //! Outputs after the job, with real kilnd processes: retention deletes a tier's outputs once
 //! its period has passed (410 `gone` after that, other tiers untouched), and
-//! `DELETE /v1/jobs/{id}/outputs` on any node deletes the files on the owner and on the replica.
+//! `DELETE /v1/jobs/{id}/outputs` on any node deletes them on the owner and on the replica,
+//! whether they are files or (small ones, by default) kept in the job store's database.
 
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,15 @@ async fn delete_outputs(api: &Api, id: &str) -> (u16, Value) {
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+/// What holds a job's outputs in a node's data dir: its files, and `inline:<index>` for each
+/// output whose content the job store's database keeps.
+fn held(data_dir: &std::path::Path, id: &str) -> Vec<String> {
+    let mut held = files_of(data_dir, id);
+    let inline = kiln_daemon::queue::inline_outputs_in_db(data_dir, id).expect("inline outputs");
+    held.extend(inline.into_iter().map(|index| format!("inline:{index}")));
+    held
+}
+
 /// Waits until `check` holds, polling every 100 ms for at most `timeout`.
 async fn wait_until(timeout: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + timeout;
@@ -40,8 +50,9 @@ async fn wait_until(timeout: Duration, what: &str, mut check: impl AsyncFnMut() 
 #[tokio::test]
 async fn retention_deletes_a_tiers_outputs_and_keeps_the_others() {
     let node = Node::start(NodeSpec {
+        // Every output a file here; the cluster test below covers inline ones.
         extra_config: "[tiers.free]\nwait_target_s = 300\nretention = \"2s\"\n\n\
-                       [storage]\nsweep_interval = \"1s\"\n"
+                       [storage]\nsweep_interval = \"1s\"\ninline_max_bytes = 0\n"
             .into(),
         ..NodeSpec::default()
     })
@@ -93,8 +104,26 @@ async fn retention_deletes_a_tiers_outputs_and_keeps_the_others() {
 
 #[tokio::test]
 async fn deleting_outputs_on_any_node_removes_the_owners_and_the_replicas_files() {
+    deleting_outputs_on_any_node(false).await;
+}
+
+#[tokio::test]
+async fn deleting_outputs_on_any_node_removes_inline_outputs_on_both() {
+    deleting_outputs_on_any_node(true).await;
+}
+
+/// Runs a job on a two-node cluster, deletes its outputs through the node that does not own
+/// it, and checks both nodes let go of them; `inline`: the nodes keep small outputs (all of
+/// these) in their databases, else every output is a file.
+async fn deleting_outputs_on_any_node(inline: bool) {
+    let storage = if inline {
+        String::new()
+    } else {
+        "[storage]\ninline_max_bytes = 0\n".to_string()
+    };
     let cluster = TestCluster::start(2, |_| NodeSpec {
         jobs: "lease_s = 3".into(),
+        extra_config: storage.clone(),
         ..NodeSpec::default()
     })
     .await
@@ -119,23 +148,35 @@ async fn deleting_outputs_on_any_node_removes_the_owners_and_the_replicas_files(
     assert_eq!(status, 200);
     let owner_dir = cluster.nodes[owner].data_dir();
     let replica_dir = cluster.nodes[other].data_dir();
-    // The replica receives its copy of the files after the owner records the success.
+    // The replica receives its copy of the outputs after the owner records the success.
     wait_until(
         Duration::from_secs(20),
-        "the replica holds the files",
-        async || !files_of(&replica_dir, &id).is_empty(),
+        "the replica holds the outputs",
+        async || !held(&replica_dir, &id).is_empty(),
     )
     .await;
-    assert!(!files_of(&owner_dir, &id).is_empty());
+    let expected = if inline {
+        vec!["inline:0".to_string()]
+    } else {
+        files_of(&owner_dir, &id)
+    };
+    assert_eq!(expected.len(), 1, "{expected:?}");
+    assert_eq!(held(&owner_dir, &id), expected);
+    if inline {
+        assert_eq!(held(&replica_dir, &id), expected);
+    }
+    // The replica serves the same bytes from its copy.
+    let (status, copy) = fetch(&at_other, &id, 0).await;
+    assert_eq!((status, &copy), (200, &original));
 
     // Asked on the node that does not own the job: forwarded to the owner.
     let (status, body) = delete_outputs(&at_other, &id).await;
     assert_eq!(status, 204, "{body}");
-    assert!(files_of(&owner_dir, &id).is_empty(), "owner files remain");
+    assert!(held(&owner_dir, &id).is_empty(), "owner outputs remain");
     wait_until(
         Duration::from_secs(10),
-        "the replica's files are removed",
-        async || files_of(&replica_dir, &id).is_empty(),
+        "the replica's outputs are removed",
+        async || held(&replica_dir, &id).is_empty(),
     )
     .await;
     for api in [&at_owner, &at_other] {

@@ -324,6 +324,7 @@ pub async fn run(
             retention: config.tiers.retentions(),
             objects,
             metrics: metrics.store.clone(),
+            inline_max_bytes: config.storage.inline_max_bytes,
             ..StoreOptions::default()
         },
     )

@@ -29,7 +29,17 @@ fn new_job(id: &str, account: &str, tier: Tier) -> NewJob {
     }
 }
 
+/// A store that keeps every output as a file (these tests follow the files of racing
+/// results); `open_inline` keeps small ones in its database.
 async fn open(dir: &Path) -> JobStore {
+    let opts = StoreOptions {
+        inline_max_bytes: 0,
+        ..StoreOptions::default()
+    };
+    JobStore::open(dir, opts).await.expect("open store")
+}
+
+async fn open_inline(dir: &Path) -> JobStore {
     JobStore::open(dir, StoreOptions::default())
         .await
         .expect("open store")
@@ -41,6 +51,7 @@ async fn open_ticking(dir: &Path) -> JobStore {
     let now = Arc::new(AtomicI64::new(1_795_824_000_000));
     let opts = StoreOptions {
         clock: Arc::new(move || now.fetch_add(1_000, Ordering::SeqCst)),
+        inline_max_bytes: 0,
         ..StoreOptions::default()
     };
     JobStore::open(dir, opts).await.expect("open store")
@@ -85,13 +96,18 @@ fn failed(code: &str) -> Outcome {
     })
 }
 
-/// The stored output files of a job, read back from disk.
+/// The stored outputs of a job, read back.
 async fn output_contents(store: &JobStore, id: &str) -> Vec<Vec<u8>> {
-    let outputs = store.outputs(id).await.expect("outputs");
-    outputs
-        .iter()
-        .map(|o| std::fs::read(store.output_path(o)).expect("output file"))
-        .collect()
+    let mut contents = Vec::new();
+    for o in store.outputs(id).await.expect("outputs") {
+        contents.push(
+            store
+                .read_output(id, &o, 0, usize::MAX)
+                .await
+                .expect("output content"),
+        );
+    }
+    contents
 }
 
 /// The attempts rows of a job: (n, ended, outcome).
@@ -1067,4 +1083,105 @@ async fn the_same_submission_again_returns_the_stored_job_or_copy() {
     ));
     assert_eq!(get(&a, "s1").await, first.job);
     assert_eq!(get(&b, "s1").await, copy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_inline_results_keep_only_the_winners_content() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open_inline(dir.path()).await;
+    submit(&store, new_job("j", "a", Tier::Free)).await;
+    store.next_job_for(Some("node-b")).await.expect("next");
+    let mut tasks = Vec::new();
+    for n in 0..8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let outputs = png(&format!("runner {n}"));
+            let r = store
+                .finish_attempt("j", 1, Outcome::Succeeded { outputs })
+                .await
+                .expect("finish");
+            (n, r)
+        }));
+    }
+    let mut applied = Vec::new();
+    for task in tasks {
+        if let (n, Finished::Applied(_)) = task.await.expect("task") {
+            applied.push(n);
+        }
+    }
+    assert_eq!(applied.len(), 1, "{applied:?}");
+    assert_eq!(
+        output_contents(&store, "j").await,
+        vec![format!("png bytes of runner {}", applied[0]).into_bytes()]
+    );
+    let outputs = store.outputs("j").await.expect("outputs");
+    assert!(outputs[0].inline && outputs[0].path.as_os_str().is_empty());
+    assert!(files_of(dir.path(), "j").is_empty());
+    assert_eq!(
+        kiln_daemon::queue::inline_outputs_in_db(dir.path(), "j").expect("inline"),
+        vec![0]
+    );
+}
+
+#[tokio::test]
+async fn a_replica_keeps_small_outputs_in_its_database() {
+    let owner_dir = tempfile::tempdir().expect("tempdir");
+    let replica_dir = tempfile::tempdir().expect("tempdir");
+    let a = open_inline(owner_dir.path()).await;
+    let b = open_inline(replica_dir.path()).await;
+    let mut new = new_job("r1", "alice", Tier::Pro);
+    new.replica = Some("node-b".to_string());
+    submit(&a, new).await;
+    a.next_job().await.expect("next").expect("job");
+    let done = a
+        .finish(
+            "r1",
+            Outcome::Succeeded {
+                outputs: png("owner"),
+            },
+        )
+        .await
+        .expect("finish");
+    let r = b
+        .put_replica(&done, "node-a", png("owner"))
+        .await
+        .expect("put done");
+    assert_eq!(r.status, JobStatus::Succeeded);
+    for (store, dir) in [(&a, owner_dir.path()), (&b, replica_dir.path())] {
+        assert_eq!(
+            output_contents(store, "r1").await,
+            vec![b"png bytes of owner".to_vec()]
+        );
+        assert!(files_of(dir, "r1").is_empty());
+    }
+    // A later final copy changes nothing, and leaves nothing behind.
+    let mut other_final = done.clone();
+    other_final.status = JobStatus::Failed;
+    b.put_replica(&other_final, "node-a", png("other"))
+        .await
+        .expect("put after final");
+    assert_eq!(
+        output_contents(&b, "r1").await,
+        vec![b"png bytes of owner".to_vec()]
+    );
+    assert!(files_of(replica_dir.path(), "r1").is_empty());
+    // Deleting the outputs on the replica deletes the content with the record.
+    let outputs = b.outputs("r1").await.expect("outputs");
+    b.remove_output_files("r1", &outputs)
+        .await
+        .expect("remove nothing on disk");
+    b.mark_outputs_deleted("r1", kiln_daemon::protocol::DeleteReason::User, 5)
+        .await
+        .expect("mark deleted");
+    assert!(
+        kiln_daemon::queue::inline_outputs_in_db(replica_dir.path(), "r1")
+            .expect("inline")
+            .is_empty()
+    );
+    let err = b
+        .read_output("r1", &outputs[0], 0, usize::MAX)
+        .await
+        .expect_err("deleted");
+    assert!(matches!(err, StoreError::NotFound(_)), "{err}");
+    assert!(err.to_string().contains("r1"), "{err}");
 }

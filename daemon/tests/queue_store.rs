@@ -374,7 +374,11 @@ async fn cancel_queued_running_and_final() {
 #[tokio::test]
 async fn outputs_are_on_disk_before_success_is_visible() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(dir.path()).await;
+    let opts = StoreOptions {
+        inline_max_bytes: 0,
+        ..StoreOptions::default()
+    };
+    let store = JobStore::open(dir.path(), opts).await.expect("open store");
     let mut changes = store.subscribe();
     store
         .submit(new_job("img", "a", Tier::Pro), None)
@@ -390,6 +394,7 @@ async fn outputs_are_on_disk_before_success_is_visible() {
                 let outputs = watcher_store.outputs(&change.id).await.expect("outputs");
                 let mut sizes = Vec::new();
                 for o in &outputs {
+                    assert!(!o.inline);
                     let data = std::fs::read(watcher_store.output_path(o)).expect("file on disk");
                     sizes.push(data.len());
                 }
@@ -462,6 +467,125 @@ async fn outputs_are_on_disk_before_success_is_visible() {
         .await
         .expect_err("already final");
     assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn small_outputs_are_written_with_the_commit_and_large_ones_as_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = || StoreOptions {
+        inline_max_bytes: 16,
+        ..StoreOptions::default()
+    };
+    let store = JobStore::open(dir.path(), opts())
+        .await
+        .expect("open store");
+    let mut changes = store.subscribe();
+    store
+        .submit(new_job("mix", "a", Tier::Pro), None)
+        .await
+        .expect("submit");
+    store.next_job().await.expect("next").expect("job");
+    let small = b"0123456789abcdef".to_vec();
+    let large: Vec<u8> = (0..40u8).collect();
+    let output = |name: &str, bytes: &[u8]| NewOutput {
+        filename: name.into(),
+        content_type: "image/png".into(),
+        bytes: bytes.to_vec(),
+        watermark: None,
+    };
+    let watcher_store = store.clone();
+    let watcher = tokio::spawn(async move {
+        loop {
+            let change = changes.recv().await.expect("change");
+            if change.status == JobStatus::Succeeded {
+                // Readable through the store the moment success is announced.
+                let mut contents = Vec::new();
+                for o in watcher_store.outputs(&change.id).await.expect("outputs") {
+                    let data = watcher_store.read_output(&change.id, &o, 0, usize::MAX);
+                    contents.push(data.await.expect("content"));
+                }
+                return contents;
+            }
+        }
+    });
+    store
+        .finish(
+            "mix",
+            Outcome::Succeeded {
+                outputs: vec![output("small.png", &small), output("large.png", &large)],
+            },
+        )
+        .await
+        .expect("finish");
+    let contents = tokio::time::timeout(Duration::from_secs(10), watcher)
+        .await
+        .expect("watcher in time")
+        .expect("watcher ok");
+    assert_eq!(contents, vec![small.clone(), large.clone()]);
+
+    let outputs = store.outputs("mix").await.expect("outputs");
+    assert!(outputs[0].inline && outputs[0].path.as_os_str().is_empty());
+    assert_eq!(outputs[0].bytes, 16);
+    {
+        use sha2::Digest;
+        assert_eq!(outputs[0].sha256, hex::encode(sha2::Sha256::digest(&small)));
+    }
+    assert!(!outputs[1].inline);
+    assert_eq!(
+        kiln_daemon::queue::output_files_on_disk(dir.path(), "mix"),
+        vec!["mix.1-large.png".to_string()]
+    );
+    assert_eq!(
+        kiln_daemon::queue::inline_outputs_in_db(dir.path(), "mix").expect("inline"),
+        vec![0]
+    );
+    // Ranges, as a peer reads them in chunks, from either kind.
+    for (o, bytes) in [(&outputs[0], &small), (&outputs[1], &large)] {
+        let piece = store.read_output("mix", o, 3, 5).await.expect("piece");
+        assert_eq!(piece, bytes[3..8].to_vec());
+        let tail = store.read_output("mix", o, 10, 1000).await.expect("tail");
+        assert_eq!(tail, bytes[10..].to_vec());
+        let past = store.read_output("mix", o, 1000, 10).await.expect("past");
+        assert!(past.is_empty());
+    }
+
+    // The content survives a restart.
+    assert!(store.close().await.expect("close"));
+    let store = JobStore::open(dir.path(), opts()).await.expect("reopen");
+    let outputs = store.outputs("mix").await.expect("outputs");
+    let again = store
+        .read_output("mix", &outputs[0], 0, usize::MAX)
+        .await
+        .expect("content after reopen");
+    assert_eq!(again, small);
+
+    // Deleting the outputs removes the file and the inline content; the rows stay.
+    store
+        .remove_output_files("mix", &outputs)
+        .await
+        .expect("remove files");
+    store
+        .mark_outputs_deleted("mix", kiln_daemon::protocol::DeleteReason::User, 7)
+        .await
+        .expect("mark deleted");
+    assert!(kiln_daemon::queue::output_files_on_disk(dir.path(), "mix").is_empty());
+    assert!(
+        kiln_daemon::queue::inline_outputs_in_db(dir.path(), "mix")
+            .expect("inline")
+            .is_empty()
+    );
+    assert_eq!(store.outputs("mix").await.expect("outputs").len(), 2);
+    let err = store
+        .read_output("mix", &outputs[0], 0, usize::MAX)
+        .await
+        .expect_err("deleted content");
+    assert!(matches!(err, StoreError::NotFound(_)), "{err}");
+    // Deleting again finds nothing to remove and fails nothing.
+    let outputs = store.outputs("mix").await.expect("outputs");
+    store
+        .remove_output_files("mix", &outputs)
+        .await
+        .expect("remove again");
 }
 
 #[tokio::test]

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_daemon::protocol::{DeleteReason, JobStatus, Tier};
-use kiln_daemon::queue::output_files_on_disk as files_of;
 use kiln_daemon::queue::{Job, JobStore, NewJob, NewOutput, Outcome, StoreError, StoreOptions};
 use kiln_daemon::results::{Results, SweepClock, SweepSettings, Sweeper};
 use kiln_daemon::tiers::TierTable;
@@ -41,10 +40,35 @@ fn png(tag: &str) -> Vec<NewOutput> {
     }]
 }
 
+/// What holds a job's outputs on this node: its files, and `inline:<index>` for each output
+/// whose content the database keeps (the default for outputs as small as these).
+fn held(dir: &Path, id: &str) -> Vec<String> {
+    let mut held = kiln_daemon::queue::output_files_on_disk(dir, id);
+    let inline = kiln_daemon::queue::inline_outputs_in_db(dir, id).expect("inline outputs");
+    held.extend(inline.into_iter().map(|index| format!("inline:{index}")));
+    held
+}
+
 async fn open(dir: &Path, clock: SweepClock, retention: Vec<(Tier, Duration)>) -> JobStore {
+    open_with(
+        dir,
+        clock,
+        retention,
+        StoreOptions::default().inline_max_bytes,
+    )
+    .await
+}
+
+async fn open_with(
+    dir: &Path,
+    clock: SweepClock,
+    retention: Vec<(Tier, Duration)>,
+    inline_max_bytes: u64,
+) -> JobStore {
     let opts = StoreOptions {
         clock: Arc::new(move || clock.now_ms()),
         retention,
+        inline_max_bytes,
         ..StoreOptions::default()
     };
     JobStore::open(dir, opts).await.expect("open store")
@@ -68,9 +92,12 @@ async fn get(store: &JobStore, id: &str) -> Job {
     store.get(id).await.expect("get").expect("stored")
 }
 
-/// Waits (paused time: each sleep lets the sweeper run) until `id`'s outputs are deleted.
+/// Waits (paused time: each sleep lets the sweeper run) until `id`'s outputs are deleted, for
+/// at most 20 s of real time: the sweeper's store work runs on real threads, which paused
+/// time does not wait for, so a count of sleeps alone would depend on the machine's load.
 async fn wait_deleted(store: &JobStore, id: &str) -> Job {
-    for _ in 0..200 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
         let job = get(store, id).await;
         if job.outputs_deleted.is_some() {
             return job;
@@ -98,8 +125,8 @@ async fn the_sweeper_deletes_free_outputs_after_a_day_and_pro_after_thirty_days(
         get(&store, "pro-job").await.outputs_expire_at_ms,
         Some(pro_finished + 30 * 24 * 3_600_000)
     );
-    assert_eq!(files_of(dir.path(), "free-job").len(), 1);
-    assert_eq!(files_of(dir.path(), "pro-job").len(), 1);
+    assert_eq!(held(dir.path(), "free-job").len(), 1);
+    assert_eq!(held(dir.path(), "pro-job").len(), 1);
 
     let sweeper = Sweeper::start(
         Results::new(store.clone()),
@@ -119,7 +146,7 @@ async fn the_sweeper_deletes_free_outputs_after_a_day_and_pro_after_thirty_days(
     let (at, reason) = free.outputs_deleted.expect("deleted");
     assert_eq!(reason, DeleteReason::Retention);
     assert!(at >= free_finished + 24 * 3_600_000, "deleted at {at}");
-    assert!(files_of(dir.path(), "free-job").is_empty());
+    assert!(held(dir.path(), "free-job").is_empty());
     // The rows of the outputs stay (the view names them; fetching answers gone).
     assert_eq!(store.outputs("free-job").await.expect("outputs").len(), 1);
     let view = free.view(
@@ -133,7 +160,7 @@ async fn the_sweeper_deletes_free_outputs_after_a_day_and_pro_after_thirty_days(
 
     let pro = get(&store, "pro-job").await;
     assert!(pro.outputs_deleted.is_none(), "pro outputs kept after 25 h");
-    assert_eq!(files_of(dir.path(), "pro-job").len(), 1);
+    assert_eq!(held(dir.path(), "pro-job").len(), 1);
     let shown = serde_json::to_value(pro.view(&[], None, None)).expect("json");
     assert!(shown["outputs_expire_at"].is_string(), "{shown}");
 
@@ -143,7 +170,7 @@ async fn the_sweeper_deletes_free_outputs_after_a_day_and_pro_after_thirty_days(
         pro.outputs_deleted.map(|d| d.1),
         Some(DeleteReason::Retention)
     );
-    assert!(files_of(dir.path(), "pro-job").is_empty());
+    assert!(held(dir.path(), "pro-job").is_empty());
     // The free job keeps its first deletion.
     assert_eq!(
         get(&store, "free-job").await.outputs_deleted,
@@ -173,10 +200,10 @@ async fn a_sweep_takes_a_bounded_batch_and_the_next_pass_the_rest() {
     let third = results.sweep_once(clock.now_ms(), 3).await.expect("sweep");
     assert_eq!(third.found, 0);
     for i in 0..5 {
-        assert!(files_of(dir.path(), &format!("job-{i}")).is_empty());
+        assert!(held(dir.path(), &format!("job-{i}")).is_empty());
     }
     assert!(get(&store, "kept").await.outputs_deleted.is_none());
-    assert_eq!(files_of(dir.path(), "kept").len(), 1);
+    assert_eq!(held(dir.path(), "kept").len(), 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -197,7 +224,7 @@ async fn user_deletion_is_recorded_once_and_refused_for_unfinished_jobs() {
         .expect("delete");
     let first = deleted.outputs_deleted.expect("recorded");
     assert_eq!(first.1, DeleteReason::User);
-    assert!(files_of(dir.path(), "done").is_empty());
+    assert!(held(dir.path(), "done").is_empty());
     // Again: the first deletion stands; retention later changes nothing.
     tokio::time::advance(HOUR).await;
     let again = results
@@ -266,7 +293,8 @@ fn into_legacy_folder(data_dir: &Path, id: &str) -> std::path::PathBuf {
 async fn outputs_in_an_older_stores_folder_per_job_are_deleted_with_that_folder() {
     let dir = tempfile::tempdir().expect("tempdir");
     let clock = SweepClock::starting_at(T0);
-    let store = open(dir.path(), clock, TierTable::default().retentions()).await;
+    // Files only: these stores kept every output as a file.
+    let store = open_with(dir.path(), clock, TierTable::default().retentions(), 0).await;
     let results = Results::new(store.clone());
     succeed(&store, "old", Tier::Pro).await;
     succeed(&store, "shared", Tier::Pro).await;

@@ -27,6 +27,7 @@ pub(crate) fn stored_outputs(outputs: &[WireOutput]) -> Vec<Output> {
             sha256: o.sha256.clone(),
             watermark: o.watermark.clone(),
             key: o.key.clone(),
+            inline: false,
         })
         .collect()
 }

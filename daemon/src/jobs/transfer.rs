@@ -25,7 +25,7 @@ use crate::peer::messages::{
 };
 use crate::peer::wire;
 use crate::peer::{PeerErrorKind, RpcError};
-use crate::queue::{Job, NewOutput, Outcome, Output};
+use crate::queue::{Job, NewOutput, Outcome};
 
 /// The most one upload (all outputs of one job) may hold.
 const MAX_UPLOAD_BYTES: u64 = 512 * 1024 * 1024;
@@ -426,7 +426,9 @@ pub(crate) async fn replicate_with_outputs(
                 .ok_or_else(|| format!("{replica} has no known address"))?;
             let mut files = Vec::with_capacity(stored.len());
             for output in &stored {
-                let bytes = tokio::fs::read(inner.store.output_path(output))
+                let bytes = inner
+                    .store
+                    .read_output(&job.id, output, 0, usize::MAX)
                     .await
                     .map_err(|e| format!("reading output {}: {e}", output.index))?;
                 files.push((
@@ -488,7 +490,10 @@ pub(crate) async fn read_local(
             object_key: output.key,
         }));
     }
-    let bytes = read_file(store, &output).await?;
+    let bytes = store
+        .read_output(&job.id, &output, 0, usize::MAX)
+        .await
+        .map_err(ApiError::internal)?;
     Ok(Some(OutputFile {
         filename: output.filename,
         content_type: output.content_type,
@@ -496,13 +501,6 @@ pub(crate) async fn read_local(
         bytes,
         object_key: None,
     }))
-}
-
-async fn read_file(store: &crate::queue::JobStore, output: &Output) -> Result<Vec<u8>, ApiError> {
-    let path = store.output_path(output);
-    tokio::fs::read(&path)
-        .await
-        .map_err(|e| ApiError::internal(format!("output file {}: {e}", path.display())))
 }
 
 /// Answers a peer's read of a stored output, one chunk from `offset`.
@@ -542,10 +540,11 @@ pub(crate) async fn read_piece(
             key: output.key,
         });
     }
-    let path = inner.store.output_path(&output);
-    let data = read_range(&path, offset, OUTPUT_CHUNK_BYTES)
+    let data = inner
+        .store
+        .read_output(&job.id, &output, offset, OUTPUT_CHUNK_BYTES)
         .await
-        .map_err(|e| format!("output file {}: {e}", path.display()))?;
+        .map_err(|e| e.to_string())?;
     Ok(JobResponse::OutputPiece {
         content_type: output.content_type,
         filename: output.filename,
@@ -553,16 +552,6 @@ pub(crate) async fn read_piece(
         data,
         key: None,
     })
-}
-
-/// Up to `max` bytes of a file from `offset`.
-async fn read_range(path: &std::path::Path, offset: u64, max: usize) -> std::io::Result<Vec<u8>> {
-    use tokio::io::{AsyncReadExt, AsyncSeekExt};
-    let mut file = tokio::fs::File::open(path).await?;
-    file.seek(std::io::SeekFrom::Start(offset)).await?;
-    let mut data = Vec::with_capacity(max.min(64 * 1024));
-    file.take(max as u64).read_to_end(&mut data).await?;
-    Ok(data)
 }
 
 /// Why a member did not send an output.

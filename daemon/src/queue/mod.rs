@@ -45,7 +45,8 @@ use crate::protocol::{
 pub use outbox::{Attempted, OutboxRow, OutboxState};
 pub use scheduler::{QueuedJob, RingPos, Scheduler, TierCount};
 pub use store::{
-    DB_FILE, JobStore, StoreOptions, output_files_on_disk, output_folder, system_clock,
+    DB_FILE, DEFAULT_INLINE_MAX_BYTES, JobStore, StoreOptions, inline_outputs_in_db,
+    output_files_on_disk, output_folder, system_clock,
 };
 pub use writer::Clock;
 
@@ -303,6 +304,10 @@ pub struct Output {
     /// The object's key when the output is kept in the bucket (`[storage] kind = "s3"`);
     /// `path` is empty then.
     pub key: Option<String>,
+    /// The content is kept in the store's database (a small output, see
+    /// [`StoreOptions::inline_max_bytes`]); `path` is empty and `key` is `None` then. Read it
+    /// with [`JobStore::read_output`], as any output kept on this node.
+    pub inline: bool,
 }
 
 impl Output {

@@ -186,6 +186,11 @@ pub const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE outputs ADD COLUMN object_key TEXT;
     "#,
+    // 8: small outputs kept in the database, written by the commit that records them: the
+    // content (NULL for a file at `path`, an object at `object_key`, or content deleted).
+    r#"
+    ALTER TABLE outputs ADD COLUMN data BLOB;
+    "#,
 ];
 
 /// The schema version this code writes.

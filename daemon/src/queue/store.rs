@@ -17,7 +17,9 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::scheduler::{QueuedJob, RingPos};
-use super::writer::{self, Clock, Encoded, FinishOp, MemState, Request, Shared, tier_from_rank};
+use super::writer::{
+    self, Clock, Encoded, FinishOp, MemState, Request, Shared, StoredOutput, tier_from_rank,
+};
 use super::{
     CancelOutcome, Finished, Job, JobChange, JobEvent, JsonText, NewJob, NewOutput, Outcome,
     Output, QueueSummary, Quota, RecoveryReport, StoreError, Submitted, Usage, schema,
@@ -59,7 +61,15 @@ pub struct StoreOptions {
     pub objects: Option<ObjectStorage>,
     /// Where the writer counts its commits.
     pub metrics: StoreMetrics,
+    /// Outputs of at most this many bytes are kept in the database, written by the commit
+    /// that records them, instead of as a file with its own fsyncs (0: every output is a
+    /// file). Outputs in a bucket (`objects`) are always objects.
+    pub inline_max_bytes: u64,
 }
+
+/// The default of [`StoreOptions::inline_max_bytes`]: 64 KiB. Below about that size SQLite
+/// reads and writes a blob faster than the file system does a file of its own.
+pub const DEFAULT_INLINE_MAX_BYTES: u64 = 64 * 1024;
 
 impl std::fmt::Debug for StoreOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -70,6 +80,7 @@ impl std::fmt::Debug for StoreOptions {
             .field("change_capacity", &self.change_capacity)
             .field("retention", &self.retention)
             .field("objects", &self.objects)
+            .field("inline_max_bytes", &self.inline_max_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -96,6 +107,7 @@ impl Default for StoreOptions {
             retention: Vec::new(),
             objects: None,
             metrics: StoreMetrics::default(),
+            inline_max_bytes: DEFAULT_INLINE_MAX_BYTES,
         }
     }
 }
@@ -148,6 +160,7 @@ struct Inner {
     recovery: RecoveryReport,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     objects: Option<ObjectStorage>,
+    inline_max_bytes: u64,
 }
 
 /// The handle on a node's job store. Clone it freely; the writer stops when the last clone is
@@ -234,6 +247,7 @@ impl JobStore {
                 recovery,
                 writer: Mutex::new(Some(handle)),
                 objects: opts.objects,
+                inline_max_bytes: opts.inline_max_bytes,
             }),
         })
     }
@@ -360,7 +374,8 @@ impl JobStore {
     }
 
     /// Ends a running job. For `Succeeded`, output files are written into the job's
-    /// [`output_folder`] and fsync'd before the commit; the job is reported succeeded only
+    /// [`output_folder`] and fsync'd before the commit (small ones are written by the commit
+    /// itself, see [`StoreOptions::inline_max_bytes`]); the job is reported succeeded only
     /// after both. `Requeue` puts it back at its old place or fails it with `max_attempts`.
     /// A job that is not running is a [`StoreError::Conflict`].
     pub async fn finish(&self, id: &str, outcome: Outcome) -> Result<Job, StoreError> {
@@ -439,7 +454,7 @@ impl JobStore {
             Outcome::Requeue { reason } => FinishOp::Requeue(reason),
         };
         let written = match &op {
-            FinishOp::Succeeded(outputs) => outputs.clone(),
+            FinishOp::Succeeded(outputs) => outputs.iter().map(|o| o.output.clone()).collect(),
             _ => Vec::new(),
         };
         let id = id.to_string();
@@ -512,7 +527,7 @@ impl JobStore {
                 written = self.write_outputs(&copy.id, outputs, Some(prefix)).await?;
             }
         }
-        let unrecorded = written.clone();
+        let unrecorded = written.iter().map(|o| o.output.clone()).collect();
         let owner = owner.to_string();
         let copy = Box::new(copy.clone());
         let result = self
@@ -552,7 +567,7 @@ impl JobStore {
         }
         let encoded = encode(&copy.workflow, copy.metadata.as_ref())?;
         let outputs = if copy.status == JobStatus::Succeeded {
-            outputs
+            outputs.into_iter().map(StoredOutput::elsewhere).collect()
         } else {
             Vec::new()
         };
@@ -703,9 +718,10 @@ impl JobStore {
             objects.delete(key).await.map_err(StoreError::Objects)?;
         }
         let data_dir = self.inner.shared.data_dir.clone();
+        // Inline outputs go with the rows' content (`mark_outputs_deleted`).
         let paths: Vec<PathBuf> = outputs
             .iter()
-            .filter(|o| o.key.is_none())
+            .filter(|o| o.key.is_none() && !o.path.as_os_str().is_empty())
             .map(|o| data_dir.join(&o.path))
             .collect();
         // Stores before the shared output folders kept a folder per job.
@@ -737,20 +753,23 @@ impl JobStore {
         .map_err(|e| StoreError::WriterGone(format!("removing outputs panicked: {e}")))?
     }
 
-    /// Writes output files on a blocking thread (see [`write_outputs`]).
+    /// Uploads outputs to the bucket, or writes output files on a blocking thread (see
+    /// [`write_outputs`]); returns them ready for the commit that records them.
     async fn write_outputs(
         &self,
         id: &str,
         outputs: Vec<NewOutput>,
         prefix: Option<String>,
-    ) -> Result<Vec<Output>, StoreError> {
+    ) -> Result<Vec<StoredOutput>, StoreError> {
         if let Some(objects) = &self.inner.objects {
-            return put_objects(objects, id, outputs, prefix.as_deref()).await;
+            let put = put_objects(objects, id, outputs, prefix.as_deref()).await?;
+            return Ok(put.into_iter().map(StoredOutput::elsewhere).collect());
         }
         let data_dir = self.inner.shared.data_dir.clone();
         let job_id = id.to_string();
+        let inline_max = self.inner.inline_max_bytes;
         tokio::task::spawn_blocking(move || {
-            write_outputs(&data_dir, &job_id, outputs, prefix.as_deref())
+            write_outputs(&data_dir, &job_id, outputs, prefix.as_deref(), inline_max)
         })
         .await
         .map_err(|e| StoreError::WriterGone(format!("writing outputs panicked: {e}")))?
@@ -762,8 +781,10 @@ impl JobStore {
         if outputs.is_empty() {
             return;
         }
-        let (objects, files): (Vec<Output>, Vec<Output>) =
-            outputs.into_iter().partition(|o| o.key.is_some());
+        let (objects, files): (Vec<Output>, Vec<Output>) = outputs
+            .into_iter()
+            .filter(|o| !o.inline)
+            .partition(|o| o.key.is_some());
         if let Some(store) = &self.inner.objects {
             for key in objects.iter().filter_map(|o| o.key.as_deref()) {
                 if let Err(error) = store.delete(key).await {
@@ -866,14 +887,71 @@ impl JobStore {
         .await
     }
 
-    /// A job's output files, by index.
+    /// Up to `max` bytes of the content of `output` of job `id` from `offset` (fewer at its
+    /// end): from its file, or from the database for an inline output. An output that is an
+    /// object in the bucket is read from there, not here ([`StoreError::Invalid`]); inline
+    /// content that was deleted meanwhile is [`StoreError::NotFound`].
+    pub async fn read_output(
+        &self,
+        id: &str,
+        output: &Output,
+        offset: u64,
+        max: usize,
+    ) -> Result<Vec<u8>, StoreError> {
+        if let Some(key) = &output.key {
+            return Err(StoreError::Invalid(format!(
+                "output {} of job {id} is the object {key} in the bucket",
+                output.index
+            )));
+        }
+        let index = output.index;
+        if output.inline {
+            let id = id.to_string();
+            let start = i64::try_from(offset.saturating_add(1)).unwrap_or(i64::MAX);
+            let len = i64::try_from(max).unwrap_or(i64::MAX);
+            return self
+                .read(move |conn, _| {
+                    let data: Option<Option<Vec<u8>>> = conn
+                        .prepare_cached(
+                            "SELECT substr(data, ?3, ?4) FROM outputs WHERE job_id = ?1 AND idx = ?2",
+                        )
+                        .and_then(|mut st| {
+                            st.query_row(params![id, index, start, len], |row| row.get(0))
+                                .optional()
+                        })
+                        .map_err(StoreError::sqlite("reading an output"))?;
+                    data.flatten()
+                        .ok_or_else(|| StoreError::NotFound(format!("output {index} of job {id}")))
+                })
+                .await;
+        }
+        let path = self.output_path(output);
+        tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Seek};
+            let context = || format!("reading the output file {}", path.display());
+            let mut file = std::fs::File::open(&path).map_err(StoreError::io(context()))?;
+            if offset > 0 {
+                file.seek(std::io::SeekFrom::Start(offset))
+                    .map_err(StoreError::io(context()))?;
+            }
+            let mut data = Vec::new();
+            file.take(u64::try_from(max).unwrap_or(u64::MAX))
+                .read_to_end(&mut data)
+                .map_err(StoreError::io(context()))?;
+            Ok(data)
+        })
+        .await
+        .map_err(|e| StoreError::WriterGone(format!("reading an output panicked: {e}")))?
+    }
+
+    /// A job's outputs, by index.
     pub async fn outputs(&self, id: &str) -> Result<Vec<Output>, StoreError> {
         let id = id.to_string();
         self.read(move |conn, _| {
             let mut st = conn
                 .prepare_cached(
                     "SELECT idx, filename, content_type, bytes, path, sha256, watermark,
-                         object_key
+                         object_key, data IS NOT NULL
                      FROM outputs WHERE job_id = ?1 ORDER BY idx",
                 )
                 .map_err(StoreError::sqlite("reading outputs"))?;
@@ -890,6 +968,7 @@ impl JobStore {
                             .get::<_, Option<String>>(6)?
                             .map(|text| WatermarkStatus::from_text(&text)),
                         key: row.get(7)?,
+                        inline: row.get(8)?,
                     })
                 })
                 .map_err(StoreError::sqlite("reading outputs"))?;
@@ -1262,8 +1341,7 @@ async fn put_objects(
 ) -> Result<Vec<Output>, StoreError> {
     let mut stored = Vec::with_capacity(outputs.len());
     for (i, out) in outputs.into_iter().enumerate() {
-        let index =
-            u32::try_from(i).map_err(|_| StoreError::Invalid("too many outputs".to_string()))?;
+        let index = output_index(i)?;
         let name = match tag {
             Some(tag) => format!("{tag}-{index}-{}", safe_filename(&out.filename)),
             None => format!("{index}-{}", safe_filename(&out.filename)),
@@ -1289,6 +1367,7 @@ async fn put_objects(
             sha256,
             watermark: out.watermark,
             key: Some(key),
+            inline: false,
         });
     }
     Ok(stored)
@@ -1334,19 +1413,45 @@ pub fn output_files_on_disk(data_dir: &Path, job_id: &str) -> Vec<String> {
     names
 }
 
+/// The indexes of a job's outputs whose content the store's database in `data_dir` holds
+/// (inline outputs not deleted), read through a read-only connection of its own, so it works
+/// beside a running node. For checks and tooling, as [`output_files_on_disk`].
+pub fn inline_outputs_in_db(data_dir: &Path, job_id: &str) -> Result<Vec<u32>, StoreError> {
+    let conn = open_reader(&data_dir.join(DB_FILE))?;
+    let mut st = conn
+        .prepare("SELECT idx FROM outputs WHERE job_id = ?1 AND data IS NOT NULL ORDER BY idx")
+        .map_err(StoreError::sqlite("listing inline outputs"))?;
+    let rows = st
+        .query_map([job_id], |row| row.get(0))
+        .map_err(StoreError::sqlite("listing inline outputs"))?;
+    rows.collect::<Result<Vec<u32>, _>>()
+        .map_err(StoreError::sqlite("listing inline outputs"))
+}
+
 /// Writes a job's outputs into its [`output_folder`] as `<job id>.<index>-<safe filename>`
 /// (with a `prefix`: `<job id>.<prefix>-<index>-<safe filename>`, so that concurrent writers of
 /// one job never replace each other's files), fsyncs each file, then the folder (and
 /// `outputs/` when the folder is new), so the names are durable before a commit records them.
 /// The files are written under their final names: a row names them only after this returns,
-/// so a file cut short by a crash is never served (and nothing records it).
+/// so a file cut short by a crash is never served (and nothing records it). Outputs of at
+/// most `inline_max` bytes (when it is not 0) get no file: their content goes to the database
+/// with the row, in the same commit.
 fn write_outputs(
     data_dir: &Path,
     job_id: &str,
     outputs: Vec<NewOutput>,
     prefix: Option<&str>,
-) -> Result<Vec<Output>, StoreError> {
+    inline_max: u64,
+) -> Result<Vec<StoredOutput>, StoreError> {
     use std::io::Write;
+    let inline = |out: &NewOutput| inline_max > 0 && out.bytes.len() as u64 <= inline_max;
+    if outputs.iter().all(inline) {
+        return outputs
+            .into_iter()
+            .enumerate()
+            .map(|(i, out)| inline_output(i, out))
+            .collect();
+    }
     let rel_dir = output_folder(job_id);
     let dir = data_dir.join(&rel_dir);
     let new_folder = match std::fs::create_dir(&dir) {
@@ -1366,8 +1471,11 @@ fn write_outputs(
     };
     let mut written = Vec::with_capacity(outputs.len());
     for (i, out) in outputs.into_iter().enumerate() {
-        let index =
-            u32::try_from(i).map_err(|_| StoreError::Invalid("too many outputs".to_string()))?;
+        if inline(&out) {
+            written.push(inline_output(i, out)?);
+            continue;
+        }
+        let index = output_index(i)?;
         let name = match prefix {
             Some(prefix) => format!("{job_id}.{prefix}-{index}-{}", safe_filename(&out.filename)),
             None => format!("{job_id}.{index}-{}", safe_filename(&out.filename)),
@@ -1378,7 +1486,7 @@ fn write_outputs(
         file.write_all(&out.bytes)
             .and_then(|()| file.sync_all())
             .map_err(StoreError::io(format!("writing {}", path.display())))?;
-        written.push(Output {
+        written.push(StoredOutput::elsewhere(Output {
             index,
             filename: out.filename,
             content_type: out.content_type,
@@ -1387,13 +1495,36 @@ fn write_outputs(
             sha256: hex::encode(Sha256::digest(&out.bytes)),
             watermark: out.watermark,
             key: None,
-        });
+            inline: false,
+        }));
     }
     fsync_dir(&dir)?;
     if new_folder {
         fsync_dir(&data_dir.join(OUTPUTS_DIR))?;
     }
     Ok(written)
+}
+
+fn output_index(i: usize) -> Result<u32, StoreError> {
+    u32::try_from(i).map_err(|_| StoreError::Invalid("too many outputs".to_string()))
+}
+
+/// Output `i` kept in the database: no path, its content beside the row.
+fn inline_output(i: usize, out: NewOutput) -> Result<StoredOutput, StoreError> {
+    Ok(StoredOutput {
+        output: Output {
+            index: output_index(i)?,
+            filename: out.filename,
+            content_type: out.content_type,
+            bytes: out.bytes.len() as u64,
+            path: PathBuf::new(),
+            sha256: hex::encode(Sha256::digest(&out.bytes)),
+            watermark: out.watermark,
+            key: None,
+            inline: true,
+        },
+        data: Some(out.bytes),
+    })
 }
 
 const JOB_COLUMNS: &str = "id, seq, account, tier, status, workflow, webhook, metadata, \

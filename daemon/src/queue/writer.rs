@@ -64,10 +64,26 @@ impl Shared {
     }
 }
 
+/// An output ready to be recorded: its row, and the content the row keeps when the output is
+/// inline (kept in the database); `None` for a file already written and fsync'd, or an object
+/// already in the bucket.
+#[derive(Debug)]
+pub(crate) struct StoredOutput {
+    pub(crate) output: Output,
+    pub(crate) data: Option<Vec<u8>>,
+}
+
+impl StoredOutput {
+    /// An output whose content is not in the database.
+    pub(crate) fn elsewhere(output: Output) -> StoredOutput {
+        StoredOutput { output, data: None }
+    }
+}
+
 /// How a running job ends, with output files already written and fsync'd.
 #[derive(Debug)]
 pub(crate) enum FinishOp {
-    Succeeded(Vec<Output>),
+    Succeeded(Vec<StoredOutput>),
     Failed(JobError),
     Cancelled,
     Requeue(String),
@@ -119,8 +135,8 @@ pub(crate) enum Request {
         copy: Box<Job>,
         encoded: Encoded,
         owner: String,
-        /// Output files already written and fsync'd; recorded only if the copy is applied.
-        outputs: Vec<Output>,
+        /// Outputs (files already written and fsync'd); recorded only if the copy is applied.
+        outputs: Vec<StoredOutput>,
         /// The stored row, and whether `outputs` were recorded.
         reply: Reply<(Job, bool)>,
     },
@@ -1090,14 +1106,15 @@ fn finish_running(
     Ok(result)
 }
 
-/// Records a succeeded job's output files (already written and fsync'd).
-fn record_outputs(tx: &Connection, id: &str, outputs: &[Output]) -> Result<(), StoreError> {
-    for o in outputs {
+/// Records a succeeded job's outputs (files already written and fsync'd; inline content
+/// written here).
+fn record_outputs(tx: &Connection, id: &str, outputs: &[StoredOutput]) -> Result<(), StoreError> {
+    for StoredOutput { output: o, data } in outputs {
         tx.prepare_cached(
             "INSERT OR REPLACE INTO outputs
                  (job_id, idx, filename, content_type, bytes, path, sha256, watermark,
-                  object_key)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                  object_key, data)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )
         .and_then(|mut st| {
             st.execute(params![
@@ -1109,7 +1126,8 @@ fn record_outputs(tx: &Connection, id: &str, outputs: &[Output]) -> Result<(), S
                 o.path.to_string_lossy(),
                 o.sha256,
                 o.watermark.as_ref().map(WatermarkStatus::to_text),
-                o.key
+                o.key,
+                data
             ])
         })
         .map_err(StoreError::sqlite("recording an output"))?;
@@ -1362,6 +1380,10 @@ fn outputs_deleted(
     )
     .and_then(|mut st| st.execute(params![id, at_ms, reason.as_str()]))
     .map_err(StoreError::sqlite("recording deleted outputs"))?;
+    // Inline outputs are deleted with the record (their rows stay, as the files' do).
+    tx.prepare_cached("UPDATE outputs SET data = NULL WHERE job_id = ?1 AND data IS NOT NULL")
+        .and_then(|mut st| st.execute(params![id]))
+        .map_err(StoreError::sqlite("deleting inline outputs"))?;
     Ok(Job {
         outputs_deleted: Some((at_ms, reason)),
         ..job
@@ -1427,7 +1449,7 @@ fn put_replica(
     shared: &Shared,
     (copy, encoded): (&Job, Encoded),
     owner: &str,
-    outputs: &[Output],
+    outputs: &[StoredOutput],
     now: i64,
 ) -> Result<(Job, bool), StoreError> {
     let id = copy.id.as_str();

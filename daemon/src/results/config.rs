@@ -8,6 +8,10 @@ use serde::Deserialize;
 use super::SweepSettings;
 use super::objects::Credentials;
 
+/// The most `inline_max_bytes` allows: every inline byte is written to the WAL and then to the
+/// database, and read back through SQLite's page cache, which pays only for small outputs.
+const MAX_INLINE_BYTES: u64 = 1024 * 1024;
+
 /// Where the owner keeps a job's outputs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -59,6 +63,10 @@ pub struct StorageConfig {
     /// Most jobs whose outputs one pass deletes.
     #[serde(default = "StorageConfig::default_sweep_batch")]
     pub sweep_batch: usize,
+    /// `kind = "disk"`: outputs of at most this many bytes are kept in the job store's
+    /// database instead of as files (0: all are files).
+    #[serde(default = "StorageConfig::default_inline_max_bytes")]
+    pub inline_max_bytes: u64,
 }
 
 impl std::fmt::Debug for StorageConfig {
@@ -74,6 +82,7 @@ impl std::fmt::Debug for StorageConfig {
             .field("credentials_file", &self.credentials_file)
             .field("sweep_interval", &self.sweep_interval)
             .field("sweep_batch", &self.sweep_batch)
+            .field("inline_max_bytes", &self.inline_max_bytes)
             .finish()
     }
 }
@@ -91,6 +100,7 @@ impl Default for StorageConfig {
             credentials_file: None,
             sweep_interval: Self::default_sweep_interval(),
             sweep_batch: Self::default_sweep_batch(),
+            inline_max_bytes: Self::default_inline_max_bytes(),
         }
     }
 }
@@ -101,6 +111,9 @@ impl StorageConfig {
     }
     fn default_sweep_batch() -> usize {
         500
+    }
+    fn default_inline_max_bytes() -> u64 {
+        crate::queue::DEFAULT_INLINE_MAX_BYTES
     }
     fn default_presign_ttl() -> Duration {
         Duration::from_secs(15 * 60)
@@ -245,6 +258,14 @@ impl StorageConfig {
                 "must be between 1 and 100000".to_string(),
             ));
         }
+        if self.inline_max_bytes > MAX_INLINE_BYTES {
+            return Err((
+                "storage.inline_max_bytes".to_string(),
+                format!(
+                    "must be at most {MAX_INLINE_BYTES} (1 MiB; larger outputs belong in files)"
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -284,6 +305,7 @@ mod tests {
         assert_eq!(config.kind, StorageKind::Disk);
         assert_eq!(config.sweep_interval, Duration::from_secs(600));
         assert_eq!(config.presign_ttl, Duration::from_secs(900));
+        assert_eq!(config.inline_max_bytes, 64 * 1024);
     }
 
     #[test]
@@ -310,6 +332,8 @@ mod tests {
             ("bucket = \"b-1\"", "storage.kind"),
             ("sweep_interval = \"0s\"", "storage.sweep_interval"),
             ("sweep_batch = 0", "storage.sweep_batch"),
+            ("inline_max_bytes = 1048577", "storage.inline_max_bytes"),
+            ("inline_max_bytes = -1", "parse"),
         ] {
             match parse(text) {
                 Err((got, _)) => assert_eq!(got, key, "{text}"),
