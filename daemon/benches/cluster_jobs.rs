@@ -16,7 +16,8 @@
 //!
 //! Knobs (environment): `CLUSTER_JOBS_LATENCY_N` (100), `CLUSTER_JOBS_SUBMITS` (4000),
 //! `CLUSTER_JOBS_CLIENTS` (64), `CLUSTER_JOBS_THROUGHPUT_JOBS` (3000),
-//! `CLUSTER_JOBS_NODES` (5), `CLUSTER_JOBS_PARTS` (`123`: which parts to run). Figures are
+//! `CLUSTER_JOBS_NODES` (5), `CLUSTER_JOBS_PARTS` (`123`: which parts to run),
+//! `CLUSTER_JOBS_INLINE_MAX_BYTES` (unset: kilnd's default). Figures are
 //! printed, never asserted. Every process started here is
 //! killed with its process group when its handle drops (the simulators die with their kilnd).
 
@@ -672,6 +673,15 @@ async fn ready_members(http: &reqwest::Client, member: &Member) -> anyhow::Resul
         .unwrap_or(0))
 }
 
+/// `[storage]` for every member: `CLUSTER_JOBS_INLINE_MAX_BYTES` sets `inline_max_bytes` (0:
+/// every output a file); unset, the node's default.
+fn storage_section() -> String {
+    match std::env::var("CLUSTER_JOBS_INLINE_MAX_BYTES") {
+        Ok(bytes) => format!("\n[storage]\ninline_max_bytes = {bytes}\n"),
+        Err(_) => String::new(),
+    }
+}
+
 /// Writes a member's config and starts `kilnd --config` in its own process group.
 fn launch(
     name: &str,
@@ -726,7 +736,7 @@ start_timeout_s = 30
 
 [jobs]
 lease_s = 10
-
+{storage}
 [cluster]
 certs_dir = {certs:?}
 listen = "127.0.0.1:{gossip_port}"
@@ -742,6 +752,7 @@ price_per_hour = 0.4
         command = toml_list(&command),
         certs = certs.to_string_lossy(),
         seeds = toml_list(seeds),
+        storage = storage_section(),
     );
     let config_path = dir.path().join("kilnd.toml");
     std::fs::write(&config_path, config)?;
