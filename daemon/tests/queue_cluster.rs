@@ -262,11 +262,11 @@ async fn first_final_result_wins() {
     assert!(matches!(err, StoreError::NotFound(_)), "{err}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn racing_final_results_keep_only_the_winners_files() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(dir.path()).await;
-    submit(&store, new_job("j", "a", Tier::Free)).await;
+/// Runs job `j` (a new free job) under attempt 1 and has eight runners report a success at
+/// once, each with its own output; checks that exactly one is applied and its output is the
+/// one stored.
+async fn race_eight_successes(store: &JobStore) {
+    submit(store, new_job("j", "a", Tier::Free)).await;
     store.next_job_for(Some("node-b")).await.expect("next");
     let mut tasks = Vec::new();
     for n in 0..8 {
@@ -294,9 +294,16 @@ async fn racing_final_results_keep_only_the_winners_files() {
     }
     assert_eq!(applied.len(), 1, "{applied:?}");
     assert_eq!(
-        output_contents(&store, "j").await,
+        output_contents(store, "j").await,
         vec![format!("png bytes of runner {}", applied[0]).into_bytes()]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_final_results_keep_only_the_winners_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path()).await;
+    race_eight_successes(&store).await;
     // Only the winner's file is left.
     let outputs = store.outputs("j").await.expect("outputs");
     let recorded: Vec<String> = outputs
@@ -1089,31 +1096,7 @@ async fn the_same_submission_again_returns_the_stored_job_or_copy() {
 async fn racing_inline_results_keep_only_the_winners_content() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open_inline(dir.path()).await;
-    submit(&store, new_job("j", "a", Tier::Free)).await;
-    store.next_job_for(Some("node-b")).await.expect("next");
-    let mut tasks = Vec::new();
-    for n in 0..8 {
-        let store = store.clone();
-        tasks.push(tokio::spawn(async move {
-            let outputs = png(&format!("runner {n}"));
-            let r = store
-                .finish_attempt("j", 1, Outcome::Succeeded { outputs })
-                .await
-                .expect("finish");
-            (n, r)
-        }));
-    }
-    let mut applied = Vec::new();
-    for task in tasks {
-        if let (n, Finished::Applied(_)) = task.await.expect("task") {
-            applied.push(n);
-        }
-    }
-    assert_eq!(applied.len(), 1, "{applied:?}");
-    assert_eq!(
-        output_contents(&store, "j").await,
-        vec![format!("png bytes of runner {}", applied[0]).into_bytes()]
-    );
+    race_eight_successes(&store).await;
     let outputs = store.outputs("j").await.expect("outputs");
     assert!(outputs[0].inline && outputs[0].path.as_os_str().is_empty());
     assert!(files_of(dir.path(), "j").is_empty());
