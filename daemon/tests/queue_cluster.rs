@@ -96,6 +96,28 @@ fn failed(code: &str) -> Outcome {
     })
 }
 
+/// Finishes running job `id` on owner `a` ("node-a") succeeded with `png("owner")`, and copies
+/// the result to `b` as the replica; returns the owner's row.
+async fn finish_and_copy(a: &JobStore, b: &JobStore, id: &str) -> Job {
+    let outputs = png("owner");
+    let done = a
+        .finish(
+            id,
+            Outcome::Succeeded {
+                outputs: outputs.clone(),
+            },
+        )
+        .await
+        .expect("finish");
+    let r = b
+        .put_replica(&done, "node-a", outputs)
+        .await
+        .expect("put done");
+    assert_eq!(r.status, JobStatus::Succeeded);
+    assert_eq!(r.finished_at_ms, done.finished_at_ms);
+    done
+}
+
 /// The stored outputs of a job, read back.
 async fn output_contents(store: &JobStore, id: &str) -> Vec<Vec<u8>> {
     let mut contents = Vec::new();
@@ -567,21 +589,7 @@ async fn replicas_are_stored_apart_from_the_queue() {
         .expect("put old");
     assert_eq!((r.status, r.attempts), (JobStatus::Running, 1));
 
-    let done = a
-        .finish(
-            "r1",
-            Outcome::Succeeded {
-                outputs: png("owner"),
-            },
-        )
-        .await
-        .expect("finish");
-    let r = b
-        .put_replica(&done, "node-a", png("owner"))
-        .await
-        .expect("put done");
-    assert_eq!(r.status, JobStatus::Succeeded);
-    assert_eq!(r.finished_at_ms, done.finished_at_ms);
+    let done = finish_and_copy(&a, &b, "r1").await;
     assert_eq!(
         output_contents(&b, "r1").await,
         vec![b"png bytes of owner".to_vec()]
@@ -1116,20 +1124,7 @@ async fn a_replica_keeps_small_outputs_in_its_database() {
     new.replica = Some("node-b".to_string());
     submit(&a, new).await;
     a.next_job().await.expect("next").expect("job");
-    let done = a
-        .finish(
-            "r1",
-            Outcome::Succeeded {
-                outputs: png("owner"),
-            },
-        )
-        .await
-        .expect("finish");
-    let r = b
-        .put_replica(&done, "node-a", png("owner"))
-        .await
-        .expect("put done");
-    assert_eq!(r.status, JobStatus::Succeeded);
+    let done = finish_and_copy(&a, &b, "r1").await;
     for (store, dir) in [(&a, owner_dir.path()), (&b, replica_dir.path())] {
         assert_eq!(
             output_contents(store, "r1").await,
