@@ -582,6 +582,12 @@ async fn small_outputs_are_written_with_the_commit_and_large_ones_as_files() {
     assert!(matches!(err, StoreError::NotFound(_)), "{err}");
     // Deleting again finds nothing to remove and fails nothing.
     let outputs = store.outputs("mix").await.expect("outputs");
+    // Rows read after the deletion name no content either.
+    let err = store
+        .read_output("mix", &outputs[0], 0, usize::MAX)
+        .await
+        .expect_err("deleted content, rows read after");
+    assert!(matches!(err, StoreError::NotFound(_)), "{err}");
     store
         .remove_output_files("mix", &outputs)
         .await

@@ -490,10 +490,7 @@ pub(crate) async fn read_local(
             object_key: output.key,
         }));
     }
-    let bytes = store
-        .read_output(&job.id, &output, 0, usize::MAX)
-        .await
-        .map_err(ApiError::internal)?;
+    let bytes = read_content(store, job, &output, 0, usize::MAX).await?;
     Ok(Some(OutputFile {
         filename: output.filename,
         content_type: output.content_type,
@@ -501,6 +498,51 @@ pub(crate) async fn read_local(
         bytes,
         object_key: None,
     }))
+}
+
+/// How long a read whose content is missing waits for a deletion in progress to be recorded.
+const DELETION_SETTLES: Duration = Duration::from_secs(1);
+
+/// Reads up to `max` bytes of a stored output from `offset`. A read that races the deletion of
+/// the job's outputs (retention or the account) answers `gone`, as a read after it would: the
+/// deletion removes files before it records itself, so content that is missing while the job is
+/// not yet marked waits briefly for the mark. Content missing for any other reason is an
+/// internal error that names it.
+async fn read_content(
+    store: &crate::queue::JobStore,
+    job: &Job,
+    output: &crate::queue::Output,
+    offset: u64,
+    max: usize,
+) -> Result<Vec<u8>, ApiError> {
+    let error = match store.read_output(&job.id, output, offset, max).await {
+        Ok(data) => return Ok(data),
+        Err(error) => error,
+    };
+    let missing = match &error {
+        crate::queue::StoreError::NotFound(_) => true,
+        crate::queue::StoreError::Io { source, .. } => {
+            source.kind() == std::io::ErrorKind::NotFound
+        }
+        _ => false,
+    };
+    if !missing {
+        return Err(ApiError::internal(error));
+    }
+    let until = Instant::now() + DELETION_SETTLES;
+    loop {
+        let now = store.get(&job.id).await.map_err(ApiError::internal)?;
+        if let Some(deleted) = now.and_then(|job| job.outputs_deleted) {
+            return Err(super::outputs::gone(&job.id, output.index, deleted));
+        }
+        if Instant::now() >= until {
+            return Err(ApiError::internal(format!(
+                "output {} of job {} is missing from this node's store: {error}",
+                output.index, job.id
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
 }
 
 /// Answers a peer's read of a stored output, one chunk from `offset`.
@@ -540,11 +582,13 @@ pub(crate) async fn read_piece(
             key: output.key,
         });
     }
-    let data = inner
-        .store
-        .read_output(&job.id, &output, offset, OUTPUT_CHUNK_BYTES)
-        .await
-        .map_err(|e| e.to_string())?;
+    let data = match read_content(&inner.store, &job, &output, offset, OUTPUT_CHUNK_BYTES).await {
+        Ok(data) => data,
+        Err(error) if error.code == crate::protocol::ErrorCode::Gone => {
+            return Ok(JobResponse::Refused(super::wire_refusal(&error)));
+        }
+        Err(error) => return Err(error.message),
+    };
     Ok(JobResponse::OutputPiece {
         content_type: output.content_type,
         filename: output.filename,
@@ -657,6 +701,96 @@ mod tests {
             bytes: content.to_vec(),
             watermark: None,
         }
+    }
+
+    /// A store with one succeeded job, "j", whose output 0 is kept inline and output 1 is a
+    /// file; and the job as a reader saw it before any deletion.
+    async fn succeeded_job(dir: &std::path::Path) -> (crate::queue::JobStore, Job) {
+        use crate::queue::{JobStore, NewJob, StoreOptions};
+        let store = JobStore::open(
+            dir,
+            StoreOptions {
+                inline_max_bytes: 8,
+                ..StoreOptions::default()
+            },
+        )
+        .await
+        .expect("open store");
+        let job = NewJob {
+            id: "j".to_string(),
+            account: "a".to_string(),
+            tier: crate::protocol::Tier::Pro,
+            workflow: serde_json::json!({"1": {"class_type": "SaveImage", "inputs": {}}}).into(),
+            webhook: None,
+            metadata: None,
+            idempotency_key: None,
+            body_hash: "hash".to_string(),
+            max_attempts: 1,
+            replica: None,
+        };
+        store.submit(job, None).await.expect("submit");
+        store.next_job().await.expect("lease").expect("a job");
+        let outputs = vec![file(b"small"), file(b"larger than eight bytes")];
+        let job = store
+            .finish("j", Outcome::Succeeded { outputs })
+            .await
+            .expect("finish");
+        (store, job)
+    }
+
+    fn is_gone(result: Result<Option<OutputFile>, ApiError>) -> bool {
+        matches!(result, Err(e) if e.code == crate::protocol::ErrorCode::Gone)
+    }
+
+    #[tokio::test]
+    async fn a_read_racing_the_deletion_of_outputs_answers_gone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, seen) = succeeded_job(dir.path()).await;
+        for index in [0, 1] {
+            let read = read_local(&store, &seen, index).await.expect("readable");
+            assert!(read.is_some_and(|f| !f.bytes.is_empty()));
+        }
+        // The reader holds the job from before the deletion; files go first, then the mark,
+        // which comes while the reader already found its content missing.
+        let outputs = store.outputs("j").await.expect("outputs");
+        store
+            .remove_output_files("j", &outputs)
+            .await
+            .expect("remove files");
+        let marker = store.clone();
+        let mark = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            marker
+                .mark_outputs_deleted("j", crate::protocol::DeleteReason::User, 1)
+                .await
+        });
+        assert!(is_gone(read_local(&store, &seen, 1).await), "file output");
+        mark.await.expect("mark task").expect("marked");
+        assert!(is_gone(read_local(&store, &seen, 0).await), "inline output");
+    }
+
+    #[tokio::test]
+    async fn content_missing_without_a_deletion_is_an_internal_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, seen) = succeeded_job(dir.path()).await;
+        let outputs = store.outputs("j").await.expect("outputs");
+        std::fs::remove_file(dir.path().join(&outputs[1].path)).expect("remove the file");
+        let err = read_local(&store, &seen, 1)
+            .await
+            .expect_err("missing file");
+        assert_eq!(err.code, crate::protocol::ErrorCode::Internal);
+        assert!(
+            err.message.contains("output 1 of job j is missing"),
+            "{}",
+            err.message
+        );
+        // The inline one is still there.
+        assert!(
+            read_local(&store, &seen, 0)
+                .await
+                .expect("inline")
+                .is_some()
+        );
     }
 
     #[test]

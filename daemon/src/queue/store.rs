@@ -925,6 +925,12 @@ impl JobStore {
                 })
                 .await;
         }
+        if output.path.as_os_str().is_empty() {
+            // Inline content that was deleted: the row stays, with neither content nor file.
+            return Err(StoreError::NotFound(format!(
+                "output {index} of job {id} (its content was deleted)"
+            )));
+        }
         let path = self.output_path(output);
         tokio::task::spawn_blocking(move || {
             use std::io::{Read, Seek};
