@@ -783,53 +783,75 @@ async fn stale_copies_of_an_owner_that_died_before_they_were_refreshed_are_not_r
 }
 
 #[tokio::test]
-async fn an_idempotency_key_names_one_job_when_the_owner_changes() {
-    let mut cluster = TestCluster::start(3, spec(20))
+async fn an_idempotency_key_names_one_job_when_the_owner_changes_twice() {
+    // An account that gpu-2 and gpu-3 rank first and second: while both are away, gpu-0 or
+    // gpu-1 owns it; each that comes back owns its new jobs in turn and never saw the key.
+    let names: Vec<String> = (0..4).map(|i| format!("gpu-{i}")).collect();
+    let account = (0..1000)
+        .map(|i| format!("acct-{i}"))
+        .find(|a| {
+            let ranked = kiln_daemon::peer::placement::rank(a, &names);
+            ranked[..2].contains(&"gpu-2") && ranked[..2].contains(&"gpu-3")
+        })
+        .expect("an account ranks gpu-2 and gpu-3 first");
+    let ranked = kiln_daemon::peer::placement::rank(&account, &names);
+    let (first, second): (usize, usize) = (
+        ranked[0][4..].parse().expect("index"),
+        ranked[1][4..].parse().expect("index"),
+    );
+    let keyed = account.clone();
+    let with_account = move |i| NodeSpec {
+        accounts: vec![(keyed.clone(), "pro".into())],
+        ..spec(20)(i)
+    };
+    let mut cluster = TestCluster::start(4, with_account)
         .await
         .expect("cluster starts");
-    // An account that gpu-2 owns while it is a member: while it is away, another node owns it.
-    let account = ACCOUNTS
-        .iter()
-        .copied()
-        .find(|a| cluster.owner_of(a) == 2)
-        .expect("one of the accounts ranks gpu-2 first");
-    cluster.nodes[2].stop().expect("gpu-2 stops");
+    for i in [first, second] {
+        cluster.nodes[i].stop().expect("stops");
+    }
     cluster
         .wait_all_ready(Duration::from_secs(45))
         .await
-        .expect("the others see gpu-2 gone");
+        .expect("the others see both gone");
     let workflow = sdxl_workflow(4, 7);
-    let (status, first) = cluster
-        .api(0, account)
+    let (status, first_answer) = cluster
+        .api(0, &account)
         .submit_keyed(&workflow, "order-7")
         .await
         .expect("submit");
-    assert_eq!(status, 202, "{first}\n{}", logs(&cluster));
-    let id = first["id"].as_str().expect("id").to_string();
+    assert_eq!(status, 202, "{first_answer}\n{}", logs(&cluster));
+    let id = first_answer["id"].as_str().expect("id").to_string();
 
-    // gpu-2 comes back and owns the account's new jobs again; it never saw the key.
-    cluster.nodes[2].restart().await.expect("gpu-2 restarts");
-    cluster
-        .wait_all_ready(Duration::from_secs(45))
-        .await
-        .expect("all ready again");
-    for node in [0usize, 1, 2] {
-        let (status, again) = cluster
-            .api(node, account)
-            .submit_keyed(&workflow, "order-7")
+    // The second in rank comes back, then the first: two changes of owner since the key was
+    // stored. A replay through any member names the same job after each.
+    for back in [second, first] {
+        cluster.nodes[back].restart().await.expect("restarts");
+        cluster
+            .wait_all_ready(Duration::from_secs(45))
             .await
-            .expect("replay");
-        assert_eq!(status, 202, "{again}\n{}", logs(&cluster));
-        assert_eq!(
-            again["id"].as_str(),
-            Some(id.as_str()),
-            "a replay through gpu-{node} made another job\n{}",
-            logs(&cluster)
-        );
+            .expect("all ready again");
+        for node in 0..4 {
+            if !cluster.nodes[node].is_running() {
+                continue;
+            }
+            let (status, again) = cluster
+                .api(node, &account)
+                .submit_keyed(&workflow, "order-7")
+                .await
+                .expect("replay");
+            assert_eq!(status, 202, "{again}\n{}", logs(&cluster));
+            assert_eq!(
+                again["id"].as_str(),
+                Some(id.as_str()),
+                "a replay through gpu-{node} with gpu-{back} back made another job\n{}",
+                logs(&cluster)
+            );
+        }
     }
     // The same key with another body is a conflict, wherever it is sent.
     let (status, body) = cluster
-        .api(1, account)
+        .api(1, &account)
         .submit_keyed(&sdxl_workflow(4, 8), "order-7")
         .await
         .expect("conflicting submit");
@@ -838,9 +860,9 @@ async fn an_idempotency_key_names_one_job_when_the_owner_changes() {
         (409, Some("conflict")),
         "{body}"
     );
-    // A new key is a new job, owned by gpu-2.
+    // A new key is a new job.
     let (status, other) = cluster
-        .api(0, account)
+        .api(0, &account)
         .submit_keyed(&workflow, "order-8")
         .await
         .expect("submit");
@@ -848,13 +870,13 @@ async fn an_idempotency_key_names_one_job_when_the_owner_changes() {
     assert_ne!(other["id"].as_str(), Some(id.as_str()));
     // One job ran for the first key.
     let job = cluster
-        .api(2, account)
+        .api(first, &account)
         .wait_final(&id, Duration::from_secs(60))
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", logs(&cluster)));
     assert_eq!(job["status"], "succeeded", "{job}");
     let (_, list) = cluster
-        .api(1, account)
+        .api(1, &account)
         .get("/v1/jobs?limit=50")
         .await
         .expect("list");

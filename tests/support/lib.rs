@@ -646,12 +646,12 @@ pub struct TestCluster {
 impl TestCluster {
     /// Starts `n` members named `gpu-0`… (the first is everyone's seed) and waits until each
     /// is ready and sees all of them ready. `spec` gives each node's settings (its cluster
-    /// section is added).
+    /// section is added); the accounts of the first are everyone's.
     pub async fn start(n: usize, spec: impl Fn(usize) -> NodeSpec) -> anyhow::Result<TestCluster> {
         let pki = tempfile::Builder::new().prefix("kiln-e2e-pki-").tempdir()?;
         let ca = pki.path().join("ca");
         init_ca(&ca, "e2e");
-        let keys = SharedKeys::create(pki.path(), &NodeSpec::default().accounts)?;
+        let keys = SharedKeys::create(pki.path(), &spec(0).accounts)?;
         let names: Vec<String> = (0..n).map(|i| format!("gpu-{i}")).collect();
         let ports: Vec<u16> = (0..n).map(|_| free_gossip_port()).collect();
         let seed = format!("quic://127.0.0.1:{}", ports[0]);

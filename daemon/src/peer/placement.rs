@@ -64,16 +64,22 @@ pub fn owner_and_replica<'a, S: AsRef<str>>(
     (owner.map(|o| o.1), replica.map(|r| r.1))
 }
 
+/// How many members ranking after the asker [`key_holders`] names: the ownership changes
+/// since a key was stored that a replay still finds it across.
+pub const KEY_HOLDERS_AFTER: usize = 2;
+
 /// Whom `me`, about to store a new job of `account` with an idempotency key, asks whether an
 /// earlier job of the account already took that key: the members of `live` (every live GPU
 /// member, ready or not; `me` may be among them) that rank ahead of `me` (owners that take no
-/// jobs now, such as one that drains), and the first one that ranks after `me` (the owner
-/// before `me` joined, or the replica of an owner that has gone). Between them they recorded
-/// every key of the account as long as ownership changed once since: a member that joined, or
-/// one that drained or died. Heaviest first.
+/// jobs now, such as one that drains), and the first [`KEY_HOLDERS_AFTER`] that rank after
+/// `me` (the owners before members joined ahead of them, or the replicas that adopted the jobs
+/// of owners that have gone). Between them they recorded every key of the account as long as
+/// ownership changed at most twice since it was stored: members that joined, or that drained
+/// or died. Heaviest first.
 pub fn key_holders<'a, S: AsRef<str>>(account: &str, live: &'a [S], me: &str) -> Vec<&'a str> {
     let mine = weight(account, me);
     let mut out = Vec::new();
+    let mut after = 0;
     for member in rank(account, live) {
         if member == me {
             continue;
@@ -84,7 +90,10 @@ pub fn key_holders<'a, S: AsRef<str>>(account: &str, live: &'a [S], me: &str) ->
             .is_gt();
         out.push(member);
         if !ahead {
-            break;
+            after += 1;
+            if after == KEY_HOLDERS_AFTER {
+                break;
+            }
         }
     }
     out
@@ -179,7 +188,7 @@ mod tests {
             let ranked = rank(&account, &all);
             for (i, me) in ranked.iter().enumerate() {
                 let mut expected: Vec<&str> = ranked[..i].to_vec();
-                expected.extend(ranked.get(i + 1).copied());
+                expected.extend(ranked.iter().skip(i + 1).take(KEY_HOLDERS_AFTER));
                 assert_eq!(key_holders(&account, &all, me), expected, "{account} {me}");
             }
             // A member not in the list (one that just joined) is placed by its weight.
@@ -197,32 +206,62 @@ mod tests {
     }
 
     proptest! {
-        /// Whatever single change made `me` the owner (a member joined, or the old owner
-        /// drained or died), the members `me` asks include one that recorded the account's
-        /// keys: the old owner when it is still live, else the replica that adopted its jobs.
+        /// Whatever two changes followed the storing of a key (members joined, or drained or
+        /// died, in any order), the owner of the account's new jobs asks a member that still
+        /// keeps the key: the job's owner when it is live, else the replica that adopted it
+        /// (each picks a new replica when its own has gone, as the owner does).
         #[test]
-        fn after_one_change_a_key_holder_is_asked(
+        fn after_two_changes_a_key_holder_is_asked(
             members in prop::collection::btree_set("[a-z0-9-]{1,12}", 2..10),
-            joined in "[a-z0-9-]{1,12}",
+            changes in prop::collection::vec((0..3u8, "[a-z0-9-]{1,12}", any::<prop::sample::Index>()), 2),
             account in ".{0,16}",
         ) {
-            let before: Vec<&String> = members.iter().collect();
-            let (old_owner, old_replica) = owner_and_replica(&account, &before);
-            let (old_owner, old_replica) = (old_owner.unwrap_or_default(), old_replica.unwrap_or_default());
-            // A member joins (and owns the account if it is heavier).
-            if !members.contains(&joined) {
-                let mut after = before.clone();
-                after.push(&joined);
-                if owner_and_replica(&account, &after).0 == Some(joined.as_str()) {
-                    prop_assert!(key_holders(&account, &after, &joined).contains(&old_owner));
+            let mut live: Vec<String> = members.into_iter().collect();
+            // Draining members are live (and asked) but take no new jobs.
+            let mut draining: Vec<String> = Vec::new();
+            let (owner, replica) = owner_and_replica(&account, &live);
+            let mut owner = owner.map(str::to_string).unwrap_or_default();
+            let mut replica = replica.map(str::to_string);
+            for (change, name, which) in changes {
+                if change == 0 || live.len() <= 2 {
+                    if !live.contains(&name) {
+                        live.push(name);
+                    }
+                    continue;
                 }
+                if change == 1 {
+                    let drains = live[which.index(live.len())].clone();
+                    if !draining.contains(&drains) && draining.len() + 1 < live.len() {
+                        draining.push(drains);
+                    }
+                    continue;
+                }
+                let gone = live.remove(which.index(live.len()));
+                draining.retain(|m| *m != gone);
+                if gone == owner {
+                    // The replica adopts the job and picks a new replica.
+                    prop_assume!(replica.is_some());
+                    owner = replica.take().unwrap_or_default();
+                } else if Some(&gone) != replica.as_ref() {
+                    continue;
+                }
+                replica = rank(&account, &live)
+                    .into_iter()
+                    .find(|m| *m != owner)
+                    .map(str::to_string);
             }
-            // The owner drains: still live, it ranks ahead of the new owner.
-            let rest: Vec<&&String> = before.iter().filter(|m| m.as_str() != old_owner).collect();
-            let new_owner = owner_and_replica(&account, &rest).0.unwrap_or_default();
-            prop_assert!(key_holders(&account, &before, new_owner).contains(&old_owner));
-            // The owner died: its replica adopted the jobs, and is the new owner itself.
-            prop_assert_eq!(new_owner, old_replica);
+            let ready: Vec<&String> = live.iter().filter(|m| !draining.contains(m)).collect();
+            let me = rank(&account, &ready)[0];
+            let keepers: Vec<&str> = [Some(owner.as_str()), replica.as_deref()]
+                .into_iter()
+                .flatten()
+                .collect();
+            let mut asked = key_holders(&account, &live, me);
+            asked.push(me);
+            prop_assert!(
+                keepers.iter().any(|k| asked.contains(k)),
+                "{me} asks {asked:?}, the key is on {keepers:?}"
+            );
         }
 
         #[test]
