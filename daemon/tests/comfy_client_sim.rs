@@ -297,6 +297,12 @@ async fn success_downloads_outputs_and_a_rerun_is_cached() {
         "{events:?}"
     );
 
+    // The run kept its socket for the next one, open and quiet; the next run takes it (no new
+    // connection), and nothing is kept for another ComfyUI generation.
+    let generation = control.generation();
+    let kept = client.kept_events(generation).expect("a kept socket");
+    client.keep_events(generation, kept);
+
     // The identical prompt again: everything cached, the same file reported again.
     let (handle, mut rx) = spawn_run(
         client.clone(),
@@ -312,6 +318,11 @@ async fn success_downloads_outputs_and_a_rerun_is_cached() {
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].filename, out.filename);
     assert_eq!(again[0].bytes, out.bytes);
+    assert!(client.kept_events(generation + 1).is_none());
+    assert!(
+        client.kept_events(generation).is_none(),
+        "a socket offered to another generation is closed"
+    );
     let mut cached = None;
     while let Ok(ev) = rx.try_recv() {
         if let RunEvent::Cached { nodes } = ev {
@@ -641,6 +652,37 @@ async fn a_prompt_lost_to_an_unnoticed_restart_is_lost() {
     control.crash_and_respawn().await;
     let result = outcome(handle).await;
     assert!(matches!(result, RunOutcome::Lost { .. }), "{result:?}");
+}
+
+#[tokio::test]
+async fn a_kept_socket_that_comfyui_closed_is_replaced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let control = SimControl::start(dir.path(), &["--step-time-ms", "1"]).await;
+    let client = Arc::new(client(control.url()));
+    let run = |seed| {
+        spawn_run(
+            client.clone(),
+            control.clone(),
+            sampler_workflow(seed, 2),
+            opts(RUN_LIMIT, Duration::from_secs(5)),
+            CancellationToken::new(),
+        )
+    };
+    let first = outcome(run(51).0).await;
+    assert!(matches!(first, RunOutcome::Succeeded { .. }), "{first:?}");
+    // ComfyUI restarts unnoticed between runs: the kept socket is closed, and the next run
+    // opens a new one, which relays the run's events (a silent socket would relay none, and
+    // the run would end on a history poll).
+    control.crash_and_respawn().await;
+    let (handle, mut rx) = run(52);
+    let second = outcome(handle).await;
+    assert!(matches!(second, RunOutcome::Succeeded { .. }), "{second:?}");
+    let mut events = Vec::new();
+    while let Ok(ev) = rx.try_recv() {
+        events.push(ev);
+    }
+    assert!(events.contains(&RunEvent::Started), "{events:?}");
+    assert!(!events.contains(&RunEvent::Reconnecting), "{events:?}");
 }
 
 #[tokio::test]

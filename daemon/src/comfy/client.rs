@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -193,7 +193,14 @@ pub struct ComfyClient {
     client_id: String,
     timings: ClientTimings,
     object_info: Mutex<Option<Arc<ObjectInfo>>>,
+    /// The event socket between runs, with the caller's ComfyUI generation it was opened under
+    /// ([`ComfyClient::kept_events`]).
+    kept_events: Mutex<Option<(u64, EventSocket)>>,
 }
+
+/// The most stale frames [`ComfyClient::kept_events`] drops from a kept socket before it gives
+/// up on it and a new one is opened instead.
+const STALE_FRAMES_MAX: usize = 1024;
 
 /// A WebSocket to `/ws?clientId=...`.
 pub struct EventSocket {
@@ -286,6 +293,7 @@ impl ComfyClient {
             client_id,
             timings,
             object_info: Mutex::new(None),
+            kept_events: Mutex::new(None),
         })
     }
 
@@ -602,6 +610,36 @@ impl ComfyClient {
         }
     }
 
+    /// The event socket a run before kept ([`ComfyClient::keep_events`]) under the same
+    /// `generation` (the caller's count of ComfyUI restarts), if it is still open: frames that
+    /// arrived since (the last run's closing `status`, broadcasts) are dropped without waiting.
+    /// `None` when there is none, ComfyUI restarted, or the socket closed: open a new one.
+    /// Holding one socket across runs, as ComfyUI expects of a client, spares each run a
+    /// connection and a handshake.
+    pub fn kept_events(&self, generation: u64) -> Option<EventSocket> {
+        let (kept_under, mut socket) = lock_kept(&self.kept_events).take()?;
+        if kept_under != generation {
+            return None;
+        }
+        for _ in 0..STALE_FRAMES_MAX {
+            match socket.next().now_or_never() {
+                // A frame from before this run: not this run's.
+                Some(Some(_)) => {}
+                // Closed or failed.
+                Some(None) => return None,
+                // Nothing more waiting: open and quiet.
+                None => return Some(socket),
+            }
+        }
+        None
+    }
+
+    /// Keeps `socket` for the next run under the same `generation` (see
+    /// [`ComfyClient::kept_events`]). Give back only a socket whose run ended normally.
+    pub fn keep_events(&self, generation: u64, socket: EventSocket) {
+        *lock_kept(&self.kept_events) = Some((generation, socket));
+    }
+
     /// Follows `prompt_id` to its end and returns its history entry when it succeeded.
     ///
     /// Events for this prompt are relayed to `events` (best effort); other prompts' events are
@@ -621,6 +659,17 @@ impl ComfyClient {
         events: &mpsc::Sender<RunEvent>,
     ) -> Result<Finished, ComfyError> {
         let mut socket = socket;
+        self.follow_on(prompt_id, &mut socket, events).await
+    }
+
+    /// [`ComfyClient::follow`] on the caller's socket slot: what is in it at the end (the
+    /// socket it began with, or one it reconnected) is the caller's to keep or drop.
+    pub async fn follow_on(
+        &self,
+        prompt_id: &str,
+        socket: &mut Option<EventSocket>,
+        events: &mpsc::Sender<RunEvent>,
+    ) -> Result<Finished, ComfyError> {
         let mut reconnect_at = Instant::now();
         let mut reconnect_failures: u32 = 0;
         let mut poll_at = Instant::now()
@@ -638,7 +687,7 @@ impl ComfyClient {
                 match self.connect_events().await {
                     Ok(s) => {
                         tracing::debug!(prompt_id, "ComfyUI websocket reconnected");
-                        socket = Some(s);
+                        *socket = Some(s);
                         reconnect_failures = 0;
                         poll_at = Instant::now();
                     }
@@ -679,7 +728,7 @@ impl ComfyClient {
                     "ComfyUI websocket dropped; reconnecting and polling history"
                 );
                 relay(RunEvent::Reconnecting);
-                socket = None;
+                *socket = None;
                 reconnect_at = Instant::now();
                 poll_at = Instant::now();
                 continue;
@@ -790,6 +839,15 @@ impl ComfyClient {
             prompt_id: prompt_id.to_owned(),
         })))
     }
+}
+
+/// The kept socket's slot; a panic elsewhere while it was held leaves a slot that is still
+/// whole (an `Option` swap), so a poisoned lock is used as it is.
+fn lock_kept(
+    slot: &Mutex<Option<(u64, EventSocket)>>,
+) -> std::sync::MutexGuard<'_, Option<(u64, EventSocket)>> {
+    slot.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn finish(entry: HistoryEntry) -> Result<Finished, ComfyError> {

@@ -106,7 +106,8 @@ impl Stop {
 /// `prompt_id` must be new for every attempt: a run whose id ComfyUI already has in its history
 /// is refused with [`ComfyError::Protocol`] before anything is posted.
 ///
-/// The WebSocket is opened before the prompt is posted, so no event is missed. Progress is
+/// The WebSocket is open before the prompt is posted, so no event is missed: the one the last
+/// run kept when it ended normally under the same ComfyUI generation, else a new one. Progress is
 /// relayed to `progress` (best effort, never blocking). Output files are downloaded before
 /// [`RunOutcome::Succeeded`] is returned.
 #[allow(clippy::too_many_arguments)]
@@ -124,12 +125,15 @@ pub async fn run_prompt<W: serde::Serialize + ?Sized + Sync>(
         return RunOutcome::Interrupted { restarted: false };
     }
     let generation = control.generation();
-    let socket = tokio::select! {
-        s = client.connect_events() => match s {
-            Ok(s) => s,
-            Err(e) => return RunOutcome::Failed(e),
+    let socket = match client.kept_events(generation) {
+        Some(socket) => socket,
+        None => tokio::select! {
+            s = client.connect_events() => match s {
+                Ok(s) => s,
+                Err(e) => return RunOutcome::Failed(e),
+            },
+            _ = cancel.cancelled() => return RunOutcome::Interrupted { restarted: false },
         },
-        _ = cancel.cancelled() => return RunOutcome::Interrupted { restarted: false },
     };
     // A history entry under this id would be taken for this run's result: ids are per attempt.
     match client.history(prompt_id).await {
@@ -154,7 +158,18 @@ pub async fn run_prompt<W: serde::Serialize + ?Sized + Sync>(
         );
     }
 
-    let follow = client.follow(prompt_id, Some(socket), &progress);
+    // The socket comes back with the end of the run, to be kept for the next one when the
+    // prompt ended on its own (not stopped, not lost).
+    let follow = async {
+        let mut slot = Some(socket);
+        let res = client.follow_on(prompt_id, &mut slot, &progress).await;
+        if matches!(res, Ok(_) | Err(ComfyError::Execution { .. }))
+            && let Some(socket) = slot
+        {
+            client.keep_events(generation, socket);
+        }
+        res
+    };
     tokio::pin!(follow);
     let mut generation_tick = tokio::time::interval(opts.generation_check);
     generation_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
