@@ -795,10 +795,8 @@ async fn an_idempotency_key_names_one_job_when_the_owner_changes_twice() {
         })
         .expect("an account ranks gpu-2 and gpu-3 first");
     let ranked = kiln_daemon::peer::placement::rank(&account, &names);
-    let (first, second): (usize, usize) = (
-        ranked[0][4..].parse().expect("index"),
-        ranked[1][4..].parse().expect("index"),
-    );
+    let index = |name: &str| names.iter().position(|n| n == name).expect("a member");
+    let (first, second) = (index(ranked[0]), index(ranked[1]));
     let keyed = account.clone();
     let with_account = move |i| NodeSpec {
         accounts: vec![(keyed.clone(), "pro".into())],

@@ -652,19 +652,10 @@ impl ComfyClient {
     /// Ends with [`ComfyError::Execution`], [`ComfyError::Interrupted`], [`ComfyError::Lost`] (in
     /// neither queue nor history) or [`ComfyError::Protocol`] (an unreadable history entry).
     /// While ComfyUI is unreachable it keeps trying: callers bound it with their own timeout.
+    ///
+    /// `socket` is the caller's slot: what is in it at the end (the socket it began with, one
+    /// it reconnected, or none) is the caller's to keep or drop.
     pub async fn follow(
-        &self,
-        prompt_id: &str,
-        socket: Option<EventSocket>,
-        events: &mpsc::Sender<RunEvent>,
-    ) -> Result<Finished, ComfyError> {
-        let mut socket = socket;
-        self.follow_on(prompt_id, &mut socket, events).await
-    }
-
-    /// [`ComfyClient::follow`] on the caller's socket slot: what is in it at the end (the
-    /// socket it began with, or one it reconnected) is the caller's to keep or drop.
-    pub async fn follow_on(
         &self,
         prompt_id: &str,
         socket: &mut Option<EventSocket>,

@@ -162,7 +162,7 @@ pub async fn run_prompt<W: serde::Serialize + ?Sized + Sync>(
     // prompt ended on its own (not stopped, not lost).
     let follow = async {
         let mut slot = Some(socket);
-        let res = client.follow_on(prompt_id, &mut slot, &progress).await;
+        let res = client.follow(prompt_id, &mut slot, &progress).await;
         if matches!(res, Ok(_) | Err(ComfyError::Execution { .. }))
             && let Some(socket) = slot
         {
