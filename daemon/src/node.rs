@@ -1115,7 +1115,6 @@ async fn run_one(runner: &Runner, work: Work) -> Ended {
         let interrupt = cancel.clone();
         tokio::spawn(async move { jobs.renew_until(&remote, done, interrupt).await })
     });
-    let prompt_id = uuid::Uuid::new_v4().to_string();
     let extra_data = json!({"kiln_job_id": job.id, "kiln_attempt": job.attempts});
     let options = RunOptions {
         timeout: runner.config.timeout(),
@@ -1129,7 +1128,6 @@ async fn run_one(runner: &Runner, work: Work) -> Ended {
         let run = executor::run_prompt(
             &runner.client,
             runner.control.as_ref(),
-            &prompt_id,
             job.workflow.as_raw(),
             Some(&extra_data),
             &options,

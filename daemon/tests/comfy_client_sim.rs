@@ -203,11 +203,9 @@ fn spawn_run(
 ) {
     let (tx, rx) = mpsc::channel(1024);
     let handle = tokio::spawn(async move {
-        let id = new_id();
         run_prompt(
             &client,
             control.as_ref(),
-            &id,
             &workflow,
             None,
             &options,
@@ -717,7 +715,6 @@ async fn unreachable_comfyui_and_object_info_cache() {
     let outcome = run_prompt(
         &nobody,
         control.as_ref(),
-        &new_id(),
         &simple_workflow("x"),
         None,
         &RunOptions::default(),
@@ -731,39 +728,29 @@ async fn unreachable_comfyui_and_object_info_cache() {
     );
 
     let client = client(control.url());
-    // An id that ComfyUI already has in its history is refused before anything is posted.
-    let used = new_id();
+    // The same workflow run twice is posted under two prompt ids: ComfyUI keeps two history
+    // entries, and the second run's result is not the first one's.
     let (tx, _rx) = mpsc::channel(64);
-    let first_run = run_prompt(
-        &client,
-        control.as_ref(),
-        &used,
-        &simple_workflow("kiln_reuse"),
-        None,
-        &RunOptions::default(),
-        tx.clone(),
-        CancellationToken::new(),
-    )
-    .await;
-    assert!(
-        matches!(first_run, RunOutcome::Succeeded { .. }),
-        "{first_run:?}"
-    );
-    let again = run_prompt(
-        &client,
-        control.as_ref(),
-        &used,
-        &simple_workflow("kiln_reuse"),
-        None,
-        &RunOptions::default(),
-        tx,
-        CancellationToken::new(),
-    )
-    .await;
-    assert!(
-        matches!(&again, RunOutcome::Failed(ComfyError::Protocol(m)) if m.contains(&used)),
-        "{again:?}"
-    );
+    for _ in 0..2 {
+        let run = run_prompt(
+            &client,
+            control.as_ref(),
+            &simple_workflow("kiln_again"),
+            None,
+            &RunOptions::default(),
+            tx.clone(),
+            CancellationToken::new(),
+        )
+        .await;
+        assert!(matches!(run, RunOutcome::Succeeded { .. }), "{run:?}");
+    }
+    let history: serde_json::Map<String, Value> = reqwest::get(format!("{}history", control.url()))
+        .await
+        .expect("GET /history")
+        .json()
+        .await
+        .expect("history json");
+    assert_eq!(history.len(), 2, "{history:?}");
 
     assert!(client.cached_object_info().is_none());
     let first = client.object_info().await.expect("object_info");

@@ -101,10 +101,11 @@ impl Stop {
     }
 }
 
-/// Runs `workflow` as `prompt_id` to its end; see the module docs.
+/// Runs `workflow` to its end; see the module docs.
 ///
-/// `prompt_id` must be new for every attempt: a run whose id ComfyUI already has in its history
-/// is refused with [`ComfyError::Protocol`] before anything is posted.
+/// Every run posts under a prompt id of its own (a new random UUID), so no history entry of an
+/// earlier run, of this job or another, can be taken for this run's result, and no history read
+/// is needed before posting.
 ///
 /// The WebSocket is open before the prompt is posted, so no event is missed: the one the last
 /// run kept when it ended normally under the same ComfyUI generation, else a new one. Progress is
@@ -114,7 +115,6 @@ impl Stop {
 pub async fn run_prompt<W: serde::Serialize + ?Sized + Sync>(
     client: &ComfyClient,
     control: &dyn ComfyControl,
-    prompt_id: &str,
     workflow: &W,
     extra_data: Option<&Value>,
     opts: &RunOptions,
@@ -135,21 +135,14 @@ pub async fn run_prompt<W: serde::Serialize + ?Sized + Sync>(
             _ = cancel.cancelled() => return RunOutcome::Interrupted { restarted: false },
         },
     };
-    // A history entry under this id would be taken for this run's result: ids are per attempt.
-    match client.history(prompt_id).await {
-        Ok(None) => {}
-        Ok(Some(_)) => {
-            return RunOutcome::Failed(ComfyError::Protocol(format!(
-                "prompt id {prompt_id} is already in ComfyUI's history; use a new id per attempt"
-            )));
-        }
-        Err(e) => return RunOutcome::Failed(e),
-    }
+    let prompt_id = uuid::Uuid::new_v4().to_string();
+    let prompt_id = prompt_id.as_str();
     let deadline = Instant::now() + opts.timeout;
     let submitted = match client.submit(prompt_id, workflow, extra_data).await {
         Ok(s) => s,
         Err(e) => return RunOutcome::Failed(e),
     };
+    tracing::debug!(prompt_id, "prompt posted to ComfyUI");
     if !submitted.node_errors.is_empty() {
         tracing::warn!(
             prompt_id,
