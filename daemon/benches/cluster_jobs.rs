@@ -266,6 +266,7 @@ async fn cluster_throughput(nodes: usize, total: usize, clients: usize) -> anyho
         "kiln_store_commits_total",
         "kiln_store_commit_requests_total",
         "kiln_store_commit_seconds_sum",
+        "kiln_store_reads_total",
     ];
     let store_before = metric_sums(&http, &cluster.members, &store_metrics).await?;
     let messages_before = cluster_messages(&http, &cluster).await?;
@@ -340,6 +341,10 @@ async fn cluster_throughput(nodes: usize, total: usize, clients: usize) -> anyho
         per_job(store_after[0], store_before[0]),
         (store_after[1] - store_before[1]) / commits.max(1.0),
         (store_after[2] - store_before[2]) * 1000.0 / commits.max(1.0),
+    );
+    println!(
+        "   job store reads per job, all members: {:.2}",
+        per_job(store_after[3], store_before[3]),
     );
     let cpu_ms = |after: f64, before: f64| per_job(after, before) * 1000.0;
     println!(

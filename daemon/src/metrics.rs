@@ -77,13 +77,14 @@ pub struct Metrics {
 }
 
 /// The job store's writer: its commits (each one fsync of the WAL), the requests they carried,
-/// and how long each commit took. Handed to the store at open; until then (and in stores opened
+/// and how long each commit took; and the reads run beside it. Handed to the store at open; until then (and in stores opened
 /// without them) they count into series no registry exports.
 #[derive(Debug, Clone)]
 pub struct StoreMetrics {
     pub commits: Counter,
     pub commit_requests: Counter,
     pub commit_seconds: Histogram,
+    pub reads: Counter,
 }
 
 impl Default for StoreMetrics {
@@ -94,6 +95,7 @@ impl Default for StoreMetrics {
             commit_seconds: Histogram::new([
                 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024,
             ]),
+            reads: Counter::default(),
         }
     }
 }
@@ -270,6 +272,11 @@ impl Metrics {
             "store_commit_seconds",
             "Time the job store's writer took to commit a transaction, fsync included",
             store.commit_seconds.clone(),
+        );
+        registry.register(
+            "store_reads",
+            "Reads of the job store on its read connections (each one a blocking-pool task)",
+            store.reads.clone(),
         );
         let gossip = GossipMetrics::default();
         registry.register(

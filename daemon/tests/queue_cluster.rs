@@ -29,6 +29,63 @@ fn new_job(id: &str, account: &str, tier: Tier) -> NewJob {
     }
 }
 
+/// Copies whose outputs all go into the database skip the replica's own look at the row (no
+/// file could be wasted); the writer alone keeps the rules: the first final result's content
+/// stays, and an owner row with the id is a conflict.
+#[tokio::test]
+async fn inline_copies_keep_the_rules_of_replicas() {
+    let owner_dir = tempfile::tempdir().expect("tempdir");
+    let replica_dir = tempfile::tempdir().expect("tempdir");
+    let a = open_inline(owner_dir.path()).await;
+    let b = open_inline(replica_dir.path()).await;
+    let mut new = new_job("i1", "alice", Tier::Pro);
+    new.replica = Some("node-b".to_string());
+    let queued = submit(&a, new).await;
+    b.put_replica(&queued, "node-a", Vec::new())
+        .await
+        .expect("put queued");
+    a.next_job().await.expect("next").expect("job");
+    let done = finish_and_copy(&a, &b, "i1").await;
+    assert_eq!(
+        output_contents(&b, "i1").await,
+        vec![b"png bytes of owner".to_vec()]
+    );
+    assert_eq!(
+        kiln_daemon::queue::inline_outputs_in_db(replica_dir.path(), "i1").expect("inline"),
+        vec![0]
+    );
+
+    // The same result again, or another one: the first content stays.
+    for tag in ["owner", "other"] {
+        let r = b
+            .put_replica(&done, "node-a", png(tag))
+            .await
+            .expect("put again");
+        assert_eq!(r.status, JobStatus::Succeeded);
+    }
+    assert_eq!(
+        b.outputs_with_content("i1")
+            .await
+            .expect("outputs")
+            .into_iter()
+            .map(|(o, content)| (o.index, content))
+            .collect::<Vec<_>>(),
+        vec![(0, Some(b"png bytes of owner".to_vec()))]
+    );
+
+    // An owner row with the id: conflict, and no output recorded for it.
+    let mine = submit(&b, new_job("mine", "bob", Tier::Free)).await;
+    let mut copy = done.clone();
+    copy.id = "mine".to_string();
+    let err = b
+        .put_replica(&copy, "node-a", png("x"))
+        .await
+        .expect_err("owner row");
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+    assert_eq!(get(&b, "mine").await, mine);
+    assert!(b.outputs("mine").await.expect("outputs").is_empty());
+}
+
 /// A store that keeps every output as a file (these tests follow the files of racing
 /// results); `open_inline` keeps small ones in its database.
 async fn open(dir: &Path) -> JobStore {

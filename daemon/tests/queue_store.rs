@@ -539,6 +539,28 @@ async fn small_outputs_are_written_with_the_commit_and_large_ones_as_files() {
         kiln_daemon::queue::inline_outputs_in_db(dir.path(), "mix").expect("inline"),
         vec![0]
     );
+    // The rows with the content the database keeps, in one read: the inline one's bytes, none
+    // for the file.
+    let with_content = store
+        .outputs_with_content("mix")
+        .await
+        .expect("with content");
+    assert_eq!(
+        with_content,
+        vec![
+            (outputs[0].clone(), Some(small.clone())),
+            (outputs[1].clone(), None)
+        ]
+    );
+    // With the job, as one read.
+    let (job, with_job) = store
+        .get_with_outputs("mix")
+        .await
+        .expect("read")
+        .expect("the job");
+    assert_eq!((job.id.as_str(), job.status), ("mix", JobStatus::Succeeded));
+    assert_eq!(with_job, with_content);
+    assert_eq!(store.get_with_outputs("nope").await.expect("read"), None);
     // Ranges, as a peer reads them in chunks, from either kind.
     for (o, bytes) in [(&outputs[0], &small), (&outputs[1], &large)] {
         let piece = store.read_output("mix", o, 3, 5).await.expect("piece");
@@ -575,6 +597,13 @@ async fn small_outputs_are_written_with_the_commit_and_large_ones_as_files() {
             .is_empty()
     );
     assert_eq!(store.outputs("mix").await.expect("outputs").len(), 2);
+    // A job whose outputs were deleted comes without them.
+    let (_, after_deletion) = store
+        .get_with_outputs("mix")
+        .await
+        .expect("read")
+        .expect("the job");
+    assert!(after_deletion.is_empty());
     let err = store
         .read_output("mix", &outputs[0], 0, usize::MAX)
         .await

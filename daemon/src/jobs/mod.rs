@@ -1651,15 +1651,16 @@ impl Inner {
         // Work from the stored row, not the caller's copy: that may be older than a change
         // made meanwhile (a lease, a new replica chosen by another sync), and sending it to a
         // former replica would leave that member a stale copy it could adopt.
-        let job = match self.store.get(&job.id).await {
-            Ok(Some(stored)) if stored.role == JobRole::Owner => stored,
+        // The outputs come in the same read, so they are the row's own.
+        let (job, outputs) = match self.store.get_with_outputs(&job.id).await {
+            Ok(Some((stored, outputs))) if stored.role == JobRole::Owner => (stored, outputs),
             Ok(_) => return,
             Err(error) => {
                 tracing::warn!(job = %job.id, %error, "cannot read a job to copy it to its replica");
                 return;
             }
         };
-        let job = &job;
+        let (job, outputs) = (&job, Some(&outputs));
         // Marked until the update lands or the copy moves: a caller dropped half-way (a peer
         // request past its deadline drops its handler) leaves the mark, and the update goes
         // again within a second. A replica left with a running copy of a finished job would
@@ -1669,7 +1670,7 @@ impl Inner {
         if let Some(replica) = current
             && !self.gone(replica)
         {
-            match transfer::replicate_with_outputs(self, replica, job).await {
+            match transfer::replicate_with_outputs(self, replica, job, outputs).await {
                 Ok(()) => {
                     lock(&self.lagging).remove(&job.id);
                     return;
@@ -1703,7 +1704,7 @@ impl Inner {
             .collect();
         let mut chosen = None;
         for name in candidates {
-            if transfer::replicate_with_outputs(self, &name, job)
+            if transfer::replicate_with_outputs(self, &name, job, outputs)
                 .await
                 .is_ok()
             {
@@ -2108,7 +2109,7 @@ impl Inner {
             // Bring the copies up to date first, so the new owner takes over the latest state.
             let mut copied = Vec::new();
             for job in jobs {
-                match transfer::replicate_with_outputs(self, &target, &job).await {
+                match transfer::replicate_with_outputs(self, &target, &job, None).await {
                     Ok(()) => copied.push(job),
                     Err(error) => {
                         tracing::warn!(job = %job.id, %target, %error, "cannot copy a job to its new owner")

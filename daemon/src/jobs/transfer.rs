@@ -25,7 +25,7 @@ use crate::peer::messages::{
 };
 use crate::peer::wire;
 use crate::peer::{PeerErrorKind, RpcError};
-use crate::queue::{Job, NewOutput, Outcome};
+use crate::queue::{Job, NewOutput, Outcome, OutputsWithContent};
 
 /// The most one upload (all outputs of one job) may hold.
 const MAX_UPLOAD_BYTES: u64 = 512 * 1024 * 1024;
@@ -389,25 +389,35 @@ pub(crate) async fn report(inner: &Inner, remote: &RemoteJob, outcome: Outcome) 
 }
 
 /// Sends an owned job's current state (and, once it succeeded, its outputs) to its replica.
+/// `read`: the outputs with their content, when the caller read them with the job; else they
+/// are read here.
 pub(crate) async fn replicate_with_outputs(
     inner: &Inner,
     replica: &str,
     job: &Job,
+    read: Option<&OutputsWithContent>,
 ) -> Result<(), String> {
     let mut upload_id = None;
     let mut named = Vec::new();
     // Outputs already deleted are not sent: the copy gets the job without them.
     if job.status == crate::protocol::JobStatus::Succeeded && job.outputs_deleted.is_none() {
-        let stored = inner
-            .store
-            .outputs(&job.id)
-            .await
-            .map_err(|e| e.to_string())?;
-        if !stored.is_empty() && stored.iter().all(|o| o.key.is_some()) {
+        let fetched;
+        let stored = match read {
+            Some(read) => read,
+            None => {
+                fetched = inner
+                    .store
+                    .outputs_with_content(&job.id)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                &fetched
+            }
+        };
+        if !stored.is_empty() && stored.iter().all(|(o, _)| o.key.is_some()) {
             // Objects in the bucket: the replica records the same keys, nothing is uploaded.
             let named = stored
                 .iter()
-                .map(|o| WireOutput {
+                .map(|(o, _)| WireOutput {
                     index: o.index,
                     filename: o.filename.clone(),
                     content_type: o.content_type.clone(),
@@ -425,12 +435,16 @@ pub(crate) async fn replicate_with_outputs(
                 .addr_of(replica)
                 .ok_or_else(|| format!("{replica} has no known address"))?;
             let mut files = Vec::with_capacity(stored.len());
-            for output in &stored {
-                let bytes = inner
-                    .store
-                    .read_output(&job.id, output, 0, usize::MAX)
-                    .await
-                    .map_err(|e| format!("reading output {}: {e}", output.index))?;
+            for (output, content) in stored {
+                // Inline content came with the rows; a file is read from disk.
+                let bytes = match content {
+                    Some(bytes) => bytes.clone(),
+                    None => inner
+                        .store
+                        .read_output(&job.id, output, 0, usize::MAX)
+                        .await
+                        .map_err(|e| format!("reading output {}: {e}", output.index))?,
+                };
                 files.push((
                     output.index,
                     NewOutput {

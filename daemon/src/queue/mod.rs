@@ -45,8 +45,8 @@ use crate::protocol::{
 pub use outbox::{Attempted, OutboxRow, OutboxState};
 pub use scheduler::{QueuedJob, RingPos, Scheduler, TierCount};
 pub use store::{
-    DB_FILE, DEFAULT_INLINE_MAX_BYTES, JobStore, StoreOptions, inline_outputs_in_db,
-    output_files_on_disk, output_folder, system_clock,
+    DB_FILE, DEFAULT_INLINE_MAX_BYTES, JobStore, JobWithOutputs, OutputsWithContent, StoreOptions,
+    inline_outputs_in_db, output_files_on_disk, output_folder, system_clock,
 };
 pub use writer::Clock;
 

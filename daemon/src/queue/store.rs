@@ -161,6 +161,7 @@ struct Inner {
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     objects: Option<ObjectStorage>,
     inline_max_bytes: u64,
+    metrics: StoreMetrics,
 }
 
 /// The handle on a node's job store. Clone it freely; the writer stops when the last clone is
@@ -229,10 +230,10 @@ impl JobStore {
         let (tx, rx) = mpsc::channel(opts.channel_capacity);
         let writer_shared = shared.clone();
         let max_batch = opts.max_batch;
-        let metrics = opts.metrics.clone();
+        let writer_metrics = opts.metrics.clone();
         let handle = std::thread::Builder::new()
             .name("kiln-store-writer".to_string())
-            .spawn(move || writer::run(conn, writer_shared, rx, max_batch, metrics))
+            .spawn(move || writer::run(conn, writer_shared, rx, max_batch, writer_metrics))
             .map_err(StoreError::io("starting the writer thread"))?;
         let reads = ReadPool {
             path: db_path,
@@ -248,6 +249,7 @@ impl JobStore {
                 writer: Mutex::new(Some(handle)),
                 objects: opts.objects,
                 inline_max_bytes: opts.inline_max_bytes,
+                metrics: opts.metrics,
             }),
         })
     }
@@ -297,6 +299,7 @@ impl JobStore {
         f: impl FnOnce(&Connection, &Path) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let inner = self.inner.clone();
+        inner.metrics.reads.inc();
         let permit = inner
             .reads
             .permits
@@ -508,8 +511,18 @@ impl JobStore {
         let encoded = encode(&copy.workflow, copy.metadata.as_ref())?;
         let mut written = Vec::new();
         if copy.status == JobStatus::Succeeded && !outputs.is_empty() {
-            // Write files only when the row can take them; the writer decides for good.
-            let wanted = match self.get(&copy.id).await? {
+            // Write files only when the row can take them; the writer decides for good. Content
+            // kept in the database costs nothing to prepare, so then only the writer looks.
+            let all_inline = self.inner.objects.is_none()
+                && outputs
+                    .iter()
+                    .all(|out| kept_inline(out, self.inner.inline_max_bytes));
+            let stored = if all_inline {
+                None
+            } else {
+                self.get(&copy.id).await?
+            };
+            let wanted = match stored {
                 Some(stored) if stored.role == super::JobRole::Owner => {
                     return Err(StoreError::Conflict {
                         id: stored.id,
@@ -954,34 +967,40 @@ impl JobStore {
     pub async fn outputs(&self, id: &str) -> Result<Vec<Output>, StoreError> {
         let id = id.to_string();
         self.read(move |conn, _| {
-            let mut st = conn
-                .prepare_cached(
-                    "SELECT idx, filename, content_type, bytes, path, sha256, watermark,
-                         object_key, data IS NOT NULL
-                     FROM outputs WHERE job_id = ?1 ORDER BY idx",
-                )
-                .map_err(StoreError::sqlite("reading outputs"))?;
-            let rows = st
-                .query_map([&id], |row| {
-                    Ok(Output {
-                        index: row.get(0)?,
-                        filename: row.get(1)?,
-                        content_type: row.get(2)?,
-                        bytes: u64::try_from(row.get::<_, i64>(3)?).unwrap_or(0),
-                        path: PathBuf::from(row.get::<_, String>(4)?),
-                        sha256: row.get(5)?,
-                        watermark: row
-                            .get::<_, Option<String>>(6)?
-                            .map(|text| WatermarkStatus::from_text(&text)),
-                        key: row.get(7)?,
-                        inline: row.get(8)?,
-                    })
-                })
-                .map_err(StoreError::sqlite("reading outputs"))?;
-            rows.collect::<Result<Vec<_>, _>>()
-                .map_err(StoreError::sqlite("reading outputs"))
+            let rows = read_outputs(conn, &id, false)?;
+            Ok(rows.into_iter().map(|(output, _)| output).collect())
         })
         .await
+    }
+
+    /// The job, with its outputs (each with its content when the database keeps it) when it
+    /// succeeded and they were not deleted, read in one transaction: what copying a job to
+    /// another member needs, as of one moment.
+    pub async fn get_with_outputs(&self, id: &str) -> Result<Option<JobWithOutputs>, StoreError> {
+        let id = id.to_string();
+        self.read(move |conn, path| {
+            let snapshot = conn
+                .unchecked_transaction()
+                .map_err(StoreError::sqlite(format!("reading job {id}")))?;
+            let Some(job) = load_job(&snapshot, path, &id)? else {
+                return Ok(None);
+            };
+            let outputs = if job.status == JobStatus::Succeeded && job.outputs_deleted.is_none() {
+                read_outputs(&snapshot, &id, true)?
+            } else {
+                Vec::new()
+            };
+            Ok(Some((job, outputs)))
+        })
+        .await
+    }
+
+    /// A job's outputs, by index, each with its content when the database keeps it (inline
+    /// outputs), all in one read: what copying a finished job to another member needs.
+    pub async fn outputs_with_content(&self, id: &str) -> Result<OutputsWithContent, StoreError> {
+        let id = id.to_string();
+        self.read(move |conn, _| read_outputs(conn, &id, true))
+            .await
     }
 
     /// A job's status history, oldest first.
@@ -1442,6 +1461,11 @@ pub fn inline_outputs_in_db(data_dir: &Path, job_id: &str) -> Result<Vec<u32>, S
 /// so a file cut short by a crash is never served (and nothing records it). Outputs of at
 /// most `inline_max` bytes (when it is not 0) get no file: their content goes to the database
 /// with the row, in the same commit.
+/// Whether an output's content goes into the database rather than a file of its own.
+fn kept_inline(out: &NewOutput, inline_max: u64) -> bool {
+    inline_max > 0 && out.bytes.len() as u64 <= inline_max
+}
+
 fn write_outputs(
     data_dir: &Path,
     job_id: &str,
@@ -1450,7 +1474,7 @@ fn write_outputs(
     inline_max: u64,
 ) -> Result<Vec<StoredOutput>, StoreError> {
     use std::io::Write;
-    let inline = |out: &NewOutput| inline_max > 0 && out.bytes.len() as u64 <= inline_max;
+    let inline = |out: &NewOutput| kept_inline(out, inline_max);
     if outputs.iter().all(inline) {
         return outputs
             .into_iter()
@@ -1725,6 +1749,47 @@ pub(crate) fn load_jobs(
         )?);
     }
     Ok(out)
+}
+
+/// A job's output rows by index, each with its content when the database keeps it.
+pub type OutputsWithContent = Vec<(Output, Option<Vec<u8>>)>;
+
+/// A job and, when it succeeded and they were not deleted, its outputs with their content.
+pub type JobWithOutputs = (Job, OutputsWithContent);
+
+/// A job's output rows by index; with `content`, each inline output's bytes too.
+fn read_outputs(
+    conn: &Connection,
+    id: &str,
+    content: bool,
+) -> Result<OutputsWithContent, StoreError> {
+    let mut st = conn
+        .prepare_cached(
+            "SELECT idx, filename, content_type, bytes, path, sha256, watermark, object_key,
+                 data IS NOT NULL, CASE WHEN ?2 THEN data END
+             FROM outputs WHERE job_id = ?1 ORDER BY idx",
+        )
+        .map_err(StoreError::sqlite("reading outputs"))?;
+    let rows = st
+        .query_map(params![id, content], |row| {
+            let output = Output {
+                index: row.get(0)?,
+                filename: row.get(1)?,
+                content_type: row.get(2)?,
+                bytes: u64::try_from(row.get::<_, i64>(3)?).unwrap_or(0),
+                path: PathBuf::from(row.get::<_, String>(4)?),
+                sha256: row.get(5)?,
+                watermark: row
+                    .get::<_, Option<String>>(6)?
+                    .map(|text| WatermarkStatus::from_text(&text)),
+                key: row.get(7)?,
+                inline: row.get(8)?,
+            };
+            Ok((output, row.get::<_, Option<Vec<u8>>>(9)?))
+        })
+        .map_err(StoreError::sqlite("reading outputs"))?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .map_err(StoreError::sqlite("reading outputs"))
 }
 
 /// Reads one job by id.
