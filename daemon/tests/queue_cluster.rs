@@ -74,16 +74,22 @@ async fn inline_copies_keep_the_rules_of_replicas() {
     );
 
     // An owner row with the id: conflict, and no output recorded for it.
-    let mine = submit(&b, new_job("mine", "bob", Tier::Free)).await;
+    copy_onto_own_job_conflicts(&b, &done).await;
+}
+
+/// A succeeded copy of `done` under the id of a job `store` owns ("mine", stored here) is a
+/// conflict: the owner row and its (no) outputs stay as they were.
+async fn copy_onto_own_job_conflicts(store: &JobStore, done: &Job) {
+    let mine = submit(store, new_job("mine", "bob", Tier::Free)).await;
     let mut copy = done.clone();
     copy.id = "mine".to_string();
-    let err = b
+    let err = store
         .put_replica(&copy, "node-a", png("x"))
         .await
         .expect_err("owner row");
     assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
-    assert_eq!(get(&b, "mine").await, mine);
-    assert!(b.outputs("mine").await.expect("outputs").is_empty());
+    assert_eq!(get(store, "mine").await, mine);
+    assert!(store.outputs("mine").await.expect("outputs").is_empty());
 }
 
 /// A store that keeps every output as a file (these tests follow the files of racing
@@ -688,16 +694,7 @@ async fn replicas_are_stored_apart_from_the_queue() {
     );
 
     // An owner row with the id: conflict, nothing changes.
-    let mine = submit(&b, new_job("mine", "bob", Tier::Free)).await;
-    let mut copy = done.clone();
-    copy.id = "mine".to_string();
-    let err = b
-        .put_replica(&copy, "node-a", png("x"))
-        .await
-        .expect_err("owner row");
-    assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
-    assert_eq!(get(&b, "mine").await, mine);
-    assert!(b.outputs("mine").await.expect("outputs").is_empty());
+    copy_onto_own_job_conflicts(&b, &done).await;
     assert!(files_of(replica_dir.path(), "mine").is_empty());
 
     let err = b
