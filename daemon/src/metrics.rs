@@ -77,8 +77,8 @@ pub struct Metrics {
 }
 
 /// The job store's writer: its commits (each one fsync of the WAL), the requests they carried,
-/// and how long each commit took; and the reads run beside it. Handed to the store at open; until then (and in stores opened
-/// without them) they count into series no registry exports.
+/// and how long each commit took; and the reads run beside it. Handed to the store at open;
+/// until then (and in stores opened without them) they count into series no registry exports.
 #[derive(Debug, Clone)]
 pub struct StoreMetrics {
     pub commits: Counter,

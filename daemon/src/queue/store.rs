@@ -1453,6 +1453,11 @@ pub fn inline_outputs_in_db(data_dir: &Path, job_id: &str) -> Result<Vec<u32>, S
         .map_err(StoreError::sqlite("listing inline outputs"))
 }
 
+/// Whether an output's content goes into the database rather than a file of its own.
+fn kept_inline(out: &NewOutput, inline_max: u64) -> bool {
+    inline_max > 0 && out.bytes.len() as u64 <= inline_max
+}
+
 /// Writes a job's outputs into its [`output_folder`] as `<job id>.<index>-<safe filename>`
 /// (with a `prefix`: `<job id>.<prefix>-<index>-<safe filename>`, so that concurrent writers of
 /// one job never replace each other's files), fsyncs each file, then the folder (and
@@ -1461,11 +1466,6 @@ pub fn inline_outputs_in_db(data_dir: &Path, job_id: &str) -> Result<Vec<u32>, S
 /// so a file cut short by a crash is never served (and nothing records it). Outputs of at
 /// most `inline_max` bytes (when it is not 0) get no file: their content goes to the database
 /// with the row, in the same commit.
-/// Whether an output's content goes into the database rather than a file of its own.
-fn kept_inline(out: &NewOutput, inline_max: u64) -> bool {
-    inline_max > 0 && out.bytes.len() as u64 <= inline_max
-}
-
 fn write_outputs(
     data_dir: &Path,
     job_id: &str,
