@@ -150,6 +150,7 @@ fn open_reader(path: &Path) -> Result<Connection, StoreError> {
     .map_err(|e| schema::corrupt_or(path, e, "opening a read connection"))?;
     conn.busy_timeout(Duration::from_secs(10))
         .map_err(StoreError::sqlite("setting the busy timeout"))?;
+    conn.set_prepared_statement_cache_capacity(schema::STATEMENT_CACHE);
     Ok(conn)
 }
 
