@@ -728,8 +728,8 @@ async fn unreachable_comfyui_and_object_info_cache() {
     );
 
     let client = client(control.url());
-    // The same workflow run twice is posted under two prompt ids: ComfyUI keeps two history
-    // entries, and the second run's result is not the first one's.
+    // The same workflow run twice is posted under two prompt ids, which the executor makes
+    // itself: ComfyUI keeps two history entries, and both runs succeed.
     let (tx, _rx) = mpsc::channel(64);
     for _ in 0..2 {
         let run = run_prompt(
