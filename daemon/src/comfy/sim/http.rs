@@ -13,6 +13,7 @@ use axum::extract::{Multipart, Path as AxPath, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use futures::SinkExt;
 use serde_json::{Map, Value, json};
 use std::collections::HashMap;
 
@@ -682,6 +683,31 @@ async fn ws(
         .into_response()
 }
 
+/// At most this many queued frames go out in one write.
+const FRAMES_PER_WRITE: usize = 64;
+
+/// Sends `first` and the frames queued behind it in one write: the events of a prompt come in
+/// bursts, and a write (and the client's wake-up) per frame costs more than the frames. Each
+/// frame stays a frame of its own on the wire.
+async fn send_queued(
+    socket: &mut WebSocket,
+    first: WsOut,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<WsOut>,
+) -> Result<(), axum::Error> {
+    let message = |frame: WsOut| match frame {
+        WsOut::Text(t) => Message::Text(t.into()),
+        WsOut::Binary(b) => Message::Binary(b.into()),
+    };
+    socket.feed(message(first)).await?;
+    for _ in 1..FRAMES_PER_WRITE {
+        match rx.try_recv() {
+            Ok(frame) => socket.feed(message(frame)).await?,
+            Err(_) => break,
+        }
+    }
+    socket.flush().await
+}
+
 async fn ws_session(s: Shared, sid: String, mut socket: WebSocket) {
     let stop = s.stop_token();
     let (conn, mut rx) = s.connect(&sid);
@@ -693,11 +719,8 @@ async fn ws_session(s: Shared, sid: String, mut socket: WebSocket) {
         tokio::select! {
             _ = stop.cancelled() => break,
             out = rx.recv(), if !silenced => match out {
-                Some(WsOut::Text(t)) => {
-                    if socket.send(Message::Text(t.into())).await.is_err() { break; }
-                }
-                Some(WsOut::Binary(b)) => {
-                    if socket.send(Message::Binary(b.into())).await.is_err() { break; }
+                Some(frame) => {
+                    if send_queued(&mut socket, frame, &mut rx).await.is_err() { break; }
                 }
                 // Replaced by a newer socket with the same id: stay open, but silent.
                 None => silenced = true,

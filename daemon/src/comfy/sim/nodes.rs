@@ -173,9 +173,27 @@ pub fn fnv(parts: &[&str]) -> u64 {
     h
 }
 
+/// Image work of at most this many pixels (in and out together) runs on the event loop: it takes
+/// microseconds, less than handing it to a blocking thread and waking the loop again costs.
+const INLINE_PIXELS: u64 = 256 * 256;
+
+/// The pixels of a batch of images.
+fn pixels(images: &[RgbImage]) -> u64 {
+    images
+        .iter()
+        .map(|i| u64::from(i.width()) * u64::from(i.height()))
+        .sum()
+}
+
+/// Runs image work of `pixels` pixels: inline when small, else on a blocking thread so the
+/// server keeps answering meanwhile.
 async fn blocking<T: Send + 'static>(
+    pixels: u64,
     f: impl FnOnce() -> Result<T, NodeError> + Send + 'static,
 ) -> Result<T, NodeError> {
+    if pixels <= INLINE_PIXELS {
+        return f();
+    }
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| NodeError::failed("RuntimeError", format!("image worker failed: {e}")))?
@@ -195,12 +213,16 @@ pub async fn run(
             let batch = inputs.int("batch_size")?.clamp(1, 4096) as usize;
             let color = inputs.int("color")?;
             let px = Rgb([(color >> 16) as u8, (color >> 8) as u8, color as u8]);
-            let imgs = blocking(move || Ok(vec![RgbImage::from_pixel(w, h, px); batch])).await?;
+            let size = u64::from(w) * u64::from(h) * batch as u64;
+            let imgs = blocking(size, move || {
+                Ok(vec![RgbImage::from_pixel(w, h, px); batch])
+            })
+            .await?;
             out(vec![V::Image(Arc::new(imgs))])
         }
         "ImageInvert" => {
             let src = inputs.image("image")?;
-            let imgs = blocking(move || {
+            let imgs = blocking(2 * pixels(&src), move || {
                 Ok(src
                     .iter()
                     .map(|i| {
@@ -220,9 +242,11 @@ pub async fn run(
             if radius <= 0 {
                 return out(vec![V::Image(src)]);
             }
-            let imgs =
-                blocking(move || Ok(src.iter().map(|i| imageops::fast_blur(i, sigma)).collect()))
-                    .await?;
+            let size = 2 * pixels(&src);
+            let imgs = blocking(size, move || {
+                Ok(src.iter().map(|i| imageops::fast_blur(i, sigma)).collect())
+            })
+            .await?;
             out(vec![V::Image(Arc::new(imgs))])
         }
         "ImageScale" => {
@@ -230,9 +254,16 @@ pub async fn run(
             let method = inputs.string("upscale_method")?;
             let (w, h) = (inputs.int("width")?, inputs.int("height")?);
             let crop = inputs.string("crop")? == "center";
-            let imgs =
-                blocking(move || Ok(src.iter().map(|i| scale(i, &method, w, h, crop)).collect()))
-                    .await?;
+            // A zero side keeps the aspect ratio: the output's size is not known here.
+            let out_pixels = match (u64::try_from(w), u64::try_from(h)) {
+                (Ok(w), Ok(h)) if w > 0 && h > 0 => src.len() as u64 * w.min(16384) * h.min(16384),
+                _ => u64::MAX,
+            };
+            let size = pixels(&src).saturating_add(out_pixels);
+            let imgs = blocking(size, move || {
+                Ok(src.iter().map(|i| scale(i, &method, w, h, crop)).collect())
+            })
+            .await?;
             out(vec![V::Image(Arc::new(imgs))])
         }
         "GetImageSize" => {
@@ -257,7 +288,8 @@ pub async fn run(
                 &ex.cfg().temp_dir,
                 &name,
             );
-            let img = blocking(move || {
+            // A file of unknown size: always off the event loop.
+            let img = blocking(u64::MAX, move || {
                 let bytes = std::fs::read(&path).map_err(|e| {
                     NodeError::failed(
                         "FileNotFoundError",
@@ -319,8 +351,11 @@ pub async fn run(
                     texts.push((k.clone(), to_py_string(v)));
                 }
             }
-            let results =
-                blocking(move || save_images(&dir, &prefix, kind, &images, &texts)).await?;
+            let size = pixels(&images);
+            let results = blocking(size, move || {
+                save_images(&dir, &prefix, kind, &images, &texts)
+            })
+            .await?;
             Ok(NodeOutput {
                 values: Vec::new(),
                 ui: Some(json!({"images": results})),
@@ -407,7 +442,8 @@ pub async fn run(
         "VAEDecode" => {
             let (w, h, batch, seed) = inputs.latent("samples")?;
             ex.sleep_uninterruptible(ex.cfg().vae_time).await;
-            let imgs = blocking(move || {
+            let size = u64::from(w) * u64::from(h) * 64 * batch as u64;
+            let imgs = blocking(size, move || {
                 Ok((0..batch)
                     .map(|b| {
                         synth_image(
@@ -465,7 +501,8 @@ pub async fn run(
             for i in 1..=tiles {
                 ex.progress(node_id, i, tiles, tile_time).await?;
             }
-            let imgs = blocking(move || {
+            let size = pixels(&src).saturating_mul(1 + u64::from(scale) * u64::from(scale));
+            let imgs = blocking(size, move || {
                 Ok(src
                     .iter()
                     .map(|i| {
@@ -802,6 +839,15 @@ pub fn encode_png(img: &RgbImage, texts: &[(String, String)]) -> Result<Vec<u8>,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn small_image_work_runs_on_the_loop_and_large_work_off_it() {
+        let here = std::thread::current().id();
+        let thread = |pixels| blocking(pixels, || Ok(std::thread::current().id()));
+        assert!(matches!(thread(INLINE_PIXELS).await, Ok(id) if id == here));
+        assert!(matches!(thread(INLINE_PIXELS + 1).await, Ok(id) if id != here));
+        assert!(matches!(thread(u64::MAX).await, Ok(id) if id != here));
+    }
 
     #[test]
     fn normpath_like_python() {
