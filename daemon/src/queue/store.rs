@@ -28,6 +28,16 @@ use crate::metrics::StoreMetrics;
 use crate::protocol::{DeleteReason, JobError, JobStatus, Tier, WatermarkStatus};
 use crate::results::objects::ObjectStorage;
 
+/// The columns [`raw_job`] reads, in its order (a macro so that statements can be literals).
+macro_rules! job_columns {
+    () => {
+        "id, seq, account, tier, status, workflow, webhook, metadata, \
+         idempotency_key, body_hash, created_at, started_at, finished_at, attempts, max_attempts, \
+         error, role, owner, replica, lease_holder, throttled, outputs_expire_at, \
+         outputs_deleted_at, outputs_deleted_reason"
+    };
+}
+
 /// The database file inside the data dir.
 pub const DB_FILE: &str = "kiln-jobs.sqlite3";
 /// The folder of output files inside the data dir.
@@ -879,12 +889,13 @@ impl JobStore {
         let account = account.to_string();
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.read(move |conn, path| {
-            let sql = format!(
-                "SELECT {JOB_COLUMNS} FROM jobs WHERE account = ?1
-                 AND (?2 IS NULL OR status = ?2) ORDER BY seq DESC LIMIT ?3"
-            );
             let mut st = conn
-                .prepare_cached(&sql)
+                .prepare_cached(concat!(
+                    "SELECT ",
+                    job_columns!(),
+                    " FROM jobs WHERE account = ?1
+                     AND (?2 IS NULL OR status = ?2) ORDER BY seq DESC LIMIT ?3"
+                ))
                 .map_err(StoreError::sqlite("listing jobs"))?;
             let rows = st
                 .query_map(params![account, status.map(|s| s.as_str()), limit], raw_job)
@@ -982,7 +993,10 @@ impl JobStore {
         self.read(move |conn, path| {
             let snapshot = conn
                 .unchecked_transaction()
-                .map_err(StoreError::sqlite(format!("reading job {id}")))?;
+                .map_err(|source| StoreError::Sqlite {
+                    context: format!("reading job {id}"),
+                    source,
+                })?;
             let Some(job) = load_job(&snapshot, path, &id)? else {
                 return Ok(None);
             };
@@ -1558,10 +1572,7 @@ fn inline_output(i: usize, out: NewOutput) -> Result<StoredOutput, StoreError> {
     })
 }
 
-const JOB_COLUMNS: &str = "id, seq, account, tier, status, workflow, webhook, metadata, \
-     idempotency_key, body_hash, created_at, started_at, finished_at, attempts, max_attempts, error, \
-     role, owner, replica, lease_holder, throttled, outputs_expire_at, outputs_deleted_at, \
-     outputs_deleted_reason";
+const JOB_COLUMNS: &str = job_columns!();
 
 /// The cluster columns of a row: role, owner, replica, lease holder.
 type RawCluster = (
@@ -1799,11 +1810,17 @@ pub(crate) fn load_job(
     path: &Path,
     id: &str,
 ) -> Result<Option<Job>, StoreError> {
-    let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1");
     let raw = conn
-        .prepare_cached(&sql)
+        .prepare_cached(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM jobs WHERE id = ?1"
+        ))
         .and_then(|mut st| st.query_row([id], raw_job).optional())
-        .map_err(StoreError::sqlite(format!("reading job {id}")))?;
+        .map_err(|source| StoreError::Sqlite {
+            context: format!("reading job {id}"),
+            source,
+        })?;
     raw.map(|raw| job_from_raw(raw, path)).transpose()
 }
 
