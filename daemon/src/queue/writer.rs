@@ -16,7 +16,7 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::json;
 use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 
@@ -280,25 +280,27 @@ fn process(
     let mut pending: Vec<Pending> = Vec::new();
     let mut effects = Effects::default();
     let mut rebuild = false;
-    let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
-        Ok(tx) => tx,
-        Err(e) => {
-            let message = format!("starting a transaction: {e}");
-            tracing::error!(error = %e, "job store: cannot start a transaction");
-            for req in batch {
-                req.reject(StoreError::CommitFailed(message.clone()));
-            }
-            return;
+    if let Err(e) = control(conn, "BEGIN IMMEDIATE") {
+        let message = format!("starting a transaction: {e}");
+        tracing::error!(error = %e, "job store: cannot start a transaction");
+        for req in batch {
+            req.reject(StoreError::CommitFailed(message.clone()));
         }
-    };
-    let mut tx = tx;
+        return;
+    }
     for req in batch {
-        if let Some(p) = apply_one(&mut tx, shared, req, now, &mut effects, &mut rebuild) {
+        if let Some(p) = apply_one(conn, shared, req, now, &mut effects, &mut rebuild) {
             pending.push(p);
         }
     }
     let committing = std::time::Instant::now();
-    let committed = tx.commit();
+    let committed = control(conn, "COMMIT");
+    if committed.is_err() && !conn.is_autocommit() {
+        // A commit that failed may leave the transaction open: nothing of it is kept.
+        if let Err(e) = control(conn, "ROLLBACK") {
+            tracing::error!(error = %e, "job store: rolling back a failed commit failed");
+        }
+    }
     metrics.commits.inc();
     metrics
         .commit_seconds
@@ -340,24 +342,44 @@ fn process(
     }
 }
 
+/// Runs one of the writer's transaction statements (`BEGIN`, `COMMIT`, `SAVEPOINT`, ...) from
+/// the statement cache; rusqlite's `Transaction` and `Savepoint` compile theirs on every use,
+/// several times per commit.
+fn control(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
+/// Opens the savepoint of one request inside the open transaction.
+fn savepoint(conn: &Connection) -> rusqlite::Result<()> {
+    control(conn, "SAVEPOINT request")
+}
+
+/// Keeps what the request wrote (it is committed with the transaction).
+fn release(conn: &Connection) -> rusqlite::Result<()> {
+    control(conn, "RELEASE request")
+}
+
+/// Undoes what the request wrote and closes its savepoint.
+fn roll_back(conn: &Connection) -> rusqlite::Result<()> {
+    control(conn, "ROLLBACK TO request")?;
+    control(conn, "RELEASE request")
+}
+
 /// Applies one request inside its own savepoint.
 fn apply_one(
-    tx: &mut Transaction<'_>,
+    conn: &Connection,
     shared: &Shared,
     req: Request,
     now: i64,
     effects: &mut Effects,
     rebuild: &mut bool,
 ) -> Option<Pending> {
-    let sp = match tx.savepoint() {
-        Ok(sp) => sp,
-        Err(e) => {
-            req.reject(StoreError::CommitFailed(format!(
-                "starting a savepoint: {e}"
-            )));
-            return None;
-        }
-    };
+    if let Err(e) = savepoint(conn) {
+        req.reject(StoreError::CommitFailed(format!(
+            "starting a savepoint: {e}"
+        )));
+        return None;
+    }
     let mut local = Effects::default();
     let mut touched_memory = false;
     let touched = &mut touched_memory;
@@ -370,15 +392,15 @@ fn apply_one(
             reply,
         } => answer(
             reply,
-            submit(&sp, shared, (job, encoded), quota, now, fx, touched),
+            submit(conn, shared, (job, encoded), quota, now, fx, touched),
         ),
         Request::Next { holder, reply } => answer_all_or_nothing(
             reply,
-            next(&sp, shared, holder.as_deref(), now, fx, touched),
+            next(conn, shared, holder.as_deref(), now, fx, touched),
         ),
-        Request::Cancel { id, reply } => answer(reply, cancel(&sp, shared, &id, now, fx, touched)),
+        Request::Cancel { id, reply } => answer(reply, cancel(conn, shared, &id, now, fx, touched)),
         Request::Finish { id, op, reply } => {
-            answer(reply, finish(&sp, shared, &id, op, now, fx, touched))
+            answer(reply, finish(conn, shared, &id, op, now, fx, touched))
         }
         Request::FinishAttempt {
             id,
@@ -387,10 +409,10 @@ fn apply_one(
             reply,
         } => answer_all_or_nothing(
             reply,
-            finish_attempt(&sp, shared, (&id, attempt), op, now, fx, touched),
+            finish_attempt(conn, shared, (&id, attempt), op, now, fx, touched),
         ),
         Request::SetReplica { id, replica, reply } => {
-            answer_all_or_nothing(reply, set_replica(&sp, shared, &id, replica.as_deref()))
+            answer_all_or_nothing(reply, set_replica(conn, shared, &id, replica.as_deref()))
         }
         Request::PutReplica {
             copy,
@@ -400,10 +422,10 @@ fn apply_one(
             reply,
         } => answer_all_or_nothing(
             reply,
-            put_replica(&sp, shared, (&*copy, encoded), &owner, &outputs, now),
+            put_replica(conn, shared, (&*copy, encoded), &owner, &outputs, now),
         ),
         Request::Adopt { owner, reply } => {
-            answer_all_or_nothing(reply, adopt(&sp, shared, &owner, now, fx, touched))
+            answer_all_or_nothing(reply, adopt(conn, shared, &owner, now, fx, touched))
         }
         Request::HandOver {
             id,
@@ -411,39 +433,42 @@ fn apply_one(
             reply,
         } => answer_all_or_nothing(
             reply,
-            hand_over(&sp, shared, (&id, &new_owner), now, fx, touched),
+            hand_over(conn, shared, (&id, &new_owner), now, fx, touched),
         ),
         Request::DropCopy { id, owner, reply } => {
-            answer_all_or_nothing(reply, drop_copy(&sp, shared, &id, &owner))
+            answer_all_or_nothing(reply, drop_copy(conn, shared, &id, &owner))
         }
-        Request::Outbox { op, reply } => answer_all_or_nothing(reply, outbox::apply(&sp, op, now)),
+        Request::Outbox { op, reply } => answer_all_or_nothing(reply, outbox::apply(conn, op, now)),
         Request::OutputsDeleted {
             id,
             reason,
             at_ms,
             reply,
-        } => answer(reply, outputs_deleted(&sp, shared, &id, reason, at_ms)),
+        } => answer(reply, outputs_deleted(conn, shared, &id, reason, at_ms)),
     };
-    let released = if ok {
-        sp.commit().map_err(|e| e.to_string())
-    } else {
-        Err(String::from("request failed"))
-    };
-    match released {
-        Ok(()) => {
-            effects.changes.append(&mut local.changes);
-            effects.work |= local.work;
-            effects.running_add.append(&mut local.running_add);
-            effects.running_remove.append(&mut local.running_remove);
-        }
-        Err(_) => {
-            // Dropping the savepoint rolls it back; memory may be ahead of the rows.
-            if touched_memory {
-                *rebuild = true;
-            }
-        }
+    let release_failed = if ok { release(conn).err() } else { None };
+    if ok && release_failed.is_none() {
+        effects.changes.append(&mut local.changes);
+        effects.work |= local.work;
+        effects.running_add.append(&mut local.running_add);
+        effects.running_remove.append(&mut local.running_remove);
+        return Some(pending);
     }
-    Some(pending)
+    // Undo the request's rows and drop its savepoint; memory may be ahead of the rows.
+    if let Err(e) = roll_back(conn) {
+        tracing::error!(error = %e, "job store: rolling back a request failed");
+    }
+    if touched_memory {
+        *rebuild = true;
+    }
+    match release_failed {
+        // Its rows are gone, so it must not be answered as done.
+        Some(e) => {
+            pending.fail(&format!("releasing the request's savepoint: {e}"));
+            None
+        }
+        None => Some(pending),
+    }
 }
 
 fn upsert_ring(tx: &Connection, ring: &RingPos) -> Result<(), StoreError> {
@@ -1820,8 +1845,42 @@ pub(crate) fn tier_from_rank(rank: i64, path: &std::path::Path) -> Result<Tier, 
 }
 
 #[cfg(test)]
-mod usage_tests {
-    use super::thousands;
+mod tests {
+    use super::{Connection, control, release, roll_back, savepoint, thousands};
+
+    #[test]
+    fn a_request_rolled_back_leaves_the_others_of_its_transaction() {
+        let conn = Connection::open_in_memory().expect("open");
+        conn.execute_batch("CREATE TABLE t (v TEXT)")
+            .expect("create");
+        let insert = |v: &str| {
+            conn.execute("INSERT INTO t (v) VALUES (?1)", [v])
+                .expect("insert");
+        };
+        let rows = || -> Vec<String> {
+            let mut st = conn.prepare("SELECT v FROM t ORDER BY v").expect("prepare");
+            st.query_map([], |row| row.get(0))
+                .expect("query")
+                .collect::<Result<_, _>>()
+                .expect("rows")
+        };
+        // Twice, so the cached statements are run again in a later transaction.
+        for round in ["1", "2"] {
+            control(&conn, "BEGIN IMMEDIATE").expect("begin");
+            for (name, keep) in [("a", true), ("b", false), ("c", true)] {
+                savepoint(&conn).expect("savepoint");
+                insert(&format!("{name}{round}"));
+                if keep {
+                    release(&conn).expect("release");
+                } else {
+                    roll_back(&conn).expect("roll back");
+                }
+            }
+            control(&conn, "COMMIT").expect("commit");
+            assert!(conn.is_autocommit(), "no savepoint is left open");
+        }
+        assert_eq!(rows(), ["a1", "a2", "c1", "c2"]);
+    }
 
     #[test]
     fn thousands_are_grouped() {
