@@ -12,12 +12,15 @@
 //!    accounts it owns with an `Idempotency-Key` on each (a new key also costs a question to the
 //!    other member, which may have recorded it).
 //! 3. **Cluster throughput.** Five members; small jobs submitted round robin to all of them; from
-//!    the first submit to the last job's `finished_at`, and how many ran on each member.
+//!    the first submit to the last job's `finished_at`, how many ran on each member, and how many
+//!    finished a second while the submissions ran and after the last 202.
 //!
 //! Knobs (environment): `CLUSTER_JOBS_LATENCY_N` (100), `CLUSTER_JOBS_SUBMITS` (4000),
 //! `CLUSTER_JOBS_CLIENTS` (64), `CLUSTER_JOBS_THROUGHPUT_JOBS` (3000),
 //! `CLUSTER_JOBS_NODES` (5), `CLUSTER_JOBS_PARTS` (`123`: which parts to run),
-//! `CLUSTER_JOBS_INLINE_MAX_BYTES` (unset: kilnd's default). Figures are
+//! `CLUSTER_JOBS_INLINE_MAX_BYTES` (unset: kilnd's default), `CLUSTER_JOBS_SUBMIT_ONLY` (unset;
+//! `1`: in part 3 the simulators never finish a `SaveImage`, so each member holds one job and
+//! the rest wait, and the part prints what the submissions alone cost, then ends). Figures are
 //! printed, never asserted. Every process started here is
 //! killed with its process group when its handle drops (the simulators die with their kilnd).
 
@@ -78,6 +81,7 @@ async fn run() -> anyhow::Result<()> {
     let clients = env_or("CLUSTER_JOBS_CLIENTS", 64).max(1) as usize;
     let throughput_jobs = env_or("CLUSTER_JOBS_THROUGHPUT_JOBS", 3000) as usize;
     let nodes = env_or("CLUSTER_JOBS_NODES", 5).max(1) as usize;
+    let submit_only = env_or("CLUSTER_JOBS_SUBMIT_ONLY", 0) != 0;
 
     let parts = std::env::var("CLUSTER_JOBS_PARTS").unwrap_or_else(|_| "123".to_string());
     if parts.contains('1') {
@@ -87,7 +91,7 @@ async fn run() -> anyhow::Result<()> {
         durable_submits(submits, clients).await?;
     }
     if parts.contains('3') {
-        cluster_throughput(nodes, throughput_jobs, clients).await?;
+        cluster_throughput(nodes, throughput_jobs, clients, submit_only).await?;
     }
     Ok(())
 }
@@ -245,10 +249,24 @@ async fn durable_submits(total: usize, clients: usize) -> anyhow::Result<()> {
 }
 
 /// 3. Jobs submitted round robin to every member, run wherever there is room.
-async fn cluster_throughput(nodes: usize, total: usize, clients: usize) -> anyhow::Result<()> {
+///
+/// With `submit_only` the simulators never finish them, so only the submissions cost.
+async fn cluster_throughput(
+    nodes: usize,
+    total: usize,
+    clients: usize,
+    submit_only: bool,
+) -> anyhow::Result<()> {
     let names: Vec<String> = (1..=nodes).map(|i| format!("node-{i}")).collect();
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    let cluster = BenchCluster::start(&names, |_| sim_args("0")).await?;
+    let cluster = BenchCluster::start(&names, |_| {
+        let mut args = sim_args("0");
+        if submit_only {
+            args.extend(["--hang-node".to_string(), "SaveImage".to_string()]);
+        }
+        args
+    })
+    .await?;
     let http = client()?;
     // Submission k goes to member k mod M as account (k / M) mod A: consecutive submissions go
     // to consecutive members, and every member sees every account.
@@ -272,6 +290,30 @@ async fn cluster_throughput(nodes: usize, total: usize, clients: usize) -> anyho
     let messages_before = cluster_messages(&http, &cluster).await?;
     let cpu_before = cluster.cpu_time();
     let run = submit_many(&http, total, clients, targets, None).await;
+    if submit_only {
+        let cpu_after = cluster.cpu_time();
+        let messages_after = cluster_messages(&http, &cluster).await?;
+        let accepted = run.accepted.len().max(1) as f64;
+        let per_submit = |after: f64, before: f64| (after - before) / accepted;
+        println!(
+            "3. submissions alone (each member's simulator holds one job): {} accepted from \
+             {clients} clients in {:.2} s = {:.0} submits/s{}",
+            run.accepted.len(),
+            run.elapsed.as_secs_f64(),
+            run.accepted.len() as f64 / run.elapsed.as_secs_f64(),
+            run.failures_summary(),
+        );
+        println!(
+            "   per accepted submit: CPU kilnd {:.3} ms, simulators {:.3} ms, this bench's \
+             clients {:.3} ms; cluster messages {:.1} sent, {:.0} bytes",
+            per_submit(cpu_after.kilnd, cpu_before.kilnd) * 1000.0,
+            per_submit(cpu_after.simulators, cpu_before.simulators) * 1000.0,
+            per_submit(cpu_after.bench, cpu_before.bench) * 1000.0,
+            per_submit(messages_after.0, messages_before.0),
+            per_submit(messages_after.1, messages_before.1),
+        );
+        return Ok(());
+    }
     let ids: HashSet<String> = run.accepted.iter().map(|j| j.id.clone()).collect();
     let executed = wait_all_executed(&cluster, &ids, Duration::from_secs(900)).await?;
     let cpu_after = cluster.cpu_time();
@@ -327,6 +369,18 @@ async fn cluster_throughput(nodes: usize, total: usize, clients: usize) -> anyho
         "   ran per node: {}; {} jobs ran more than once",
         executed.per_node_summary(&cluster.names),
         executed.extra_runs
+    );
+    // Submitting costs CPU the running jobs then lack: the rate while submissions come in and
+    // after the last 202 tell the two costs apart.
+    let submitted_at = run.first_submit_ms + run.elapsed.as_secs_f64() * 1000.0;
+    let during = finished.iter().filter(|&&f| f <= submitted_at).count();
+    let after_s = (last_finished - submitted_at) / 1000.0;
+    println!(
+        "   jobs finished while submissions ran: {during} ({:.0}/s); after the last 202: {} in \
+         {after_s:.2} s ({:.0}/s)",
+        during as f64 / run.elapsed.as_secs_f64(),
+        finished.len() - during,
+        (finished.len() - during) as f64 / after_s.max(0.001),
     );
     let per_job = |after: f64, before: f64| (after - before) / run.accepted.len().max(1) as f64;
     println!(
