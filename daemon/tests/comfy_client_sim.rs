@@ -2,7 +2,9 @@
 //! (`kilnd comfy-sim`) on a free port, for every way a prompt can end: success with downloaded
 //! outputs, a cached rerun, an execution error, a rejected and a partially invalid prompt, a
 //! cancel, a timeout whose interrupt lands, a timeout whose interrupt does not land (restart), a
-//! WebSocket cut mid-run, and a prompt lost to a restart.
+//! WebSocket cut mid-run, and a prompt lost to a restart. A run its socket saw whole takes its
+//! files from the `executed` events; one whose socket dropped or skipped a frame reads them from
+//! the history.
 
 use std::net::TcpListener as StdTcpListener;
 use std::path::{Path, PathBuf};
@@ -558,38 +560,67 @@ struct Proxy {
     port: u16,
     cut: Arc<Mutex<CancellationToken>>,
     stop: CancellationToken,
+    /// `GET /history/...` requests that went through.
+    history_reads: Arc<AtomicU64>,
+}
+
+/// What a [`Proxy`] changes in ComfyUI's answers: every `from` becomes `to` (same length).
+#[derive(Clone, Default)]
+struct Rewrite {
+    from: Vec<u8>,
+    to: Vec<u8>,
 }
 
 impl Proxy {
     async fn start(upstream_port: u16) -> Proxy {
+        Proxy::start_rewriting(upstream_port, Rewrite::default()).await
+    }
+
+    /// A proxy that applies `rewrite` to what ComfyUI sends (HTTP answers and WebSocket frames).
+    async fn start_rewriting(upstream_port: u16, rewrite: Rewrite) -> Proxy {
+        assert_eq!(rewrite.from.len(), rewrite.to.len());
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let port = listener.local_addr().expect("addr").port();
         let cut = Arc::new(Mutex::new(CancellationToken::new()));
         let stop = CancellationToken::new();
-        let (cut2, stop2) = (cut.clone(), stop.clone());
+        let history_reads = Arc::new(AtomicU64::new(0));
+        let (cut2, stop2, reads) = (cut.clone(), stop.clone(), history_reads.clone());
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
                     a = listener.accept() => a,
                     _ = stop2.cancelled() => return,
                 };
-                let Ok((mut inbound, _)) = accepted else {
+                let Ok((inbound, _)) = accepted else {
                     continue;
                 };
                 let token = cut2.lock().expect("lock").clone();
+                let (rewrite, reads) = (rewrite.clone(), reads.clone());
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", upstream_port)).await
+                    let Ok(outbound) = TcpStream::connect(("127.0.0.1", upstream_port)).await
                     else {
                         return;
                     };
+                    let (in_read, in_write) = inbound.into_split();
+                    let (out_read, out_write) = outbound.into_split();
+                    let up = Rewrite {
+                        from: b"GET /history/".to_vec(),
+                        to: b"GET /history/".to_vec(),
+                    };
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = pump(in_read, out_write, up, Some(reads)) => {}
+                        _ = pump(out_read, in_write, rewrite, None) => {}
                         _ = token.cancelled() => {}
                     }
                 });
             }
         });
-        Proxy { port, cut, stop }
+        Proxy {
+            port,
+            cut,
+            stop,
+            history_reads,
+        }
     }
 
     fn cut_all(&self) {
@@ -597,6 +628,55 @@ impl Proxy {
         token.cancel();
         *token = CancellationToken::new();
     }
+
+    fn history_reads(&self) -> u64 {
+        self.history_reads.load(Ordering::SeqCst)
+    }
+}
+
+/// Copies `from` to `to`, replacing `rewrite.from` with `rewrite.to` even across reads (a read
+/// that ends with the start of `rewrite.from` keeps those bytes for the next one) and counting
+/// the replacements in `count`.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    rewrite: Rewrite,
+    count: Option<Arc<AtomicU64>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        pending.extend_from_slice(&buf[..n]);
+        if !rewrite.from.is_empty() {
+            let mut i = 0;
+            while i + rewrite.from.len() <= pending.len() {
+                if pending[i..].starts_with(&rewrite.from) {
+                    pending[i..i + rewrite.to.len()].copy_from_slice(&rewrite.to);
+                    if let Some(count) = &count {
+                        count.fetch_add(1, Ordering::SeqCst);
+                    }
+                    i += rewrite.from.len();
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        let keep = (1..rewrite.from.len().min(pending.len() + 1))
+            .rev()
+            .find(|&k| pending.ends_with(&rewrite.from[..k]))
+            .unwrap_or(0);
+        let ready = pending.len() - keep;
+        if to.write_all(&pending[..ready]).await.is_err() {
+            return;
+        }
+        pending.drain(..ready);
+    }
+    let _ = to.write_all(&pending).await;
 }
 
 impl Drop for Proxy {
@@ -632,6 +712,71 @@ async fn a_dropped_websocket_is_reconnected_and_the_run_finishes() {
         matches!(&result, RunOutcome::Succeeded { outputs, .. } if outputs.len() == 1 && outputs[0].bytes.starts_with(b"\x89PNG")),
         "{result:?}"
     );
+    assert!(
+        proxy.history_reads() >= 1,
+        "a socket that dropped may have missed events: the end comes from the history"
+    );
+}
+
+#[tokio::test]
+async fn a_run_seen_whole_on_its_socket_needs_no_history_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let control = SimControl::start(dir.path(), &["--step-time-ms", "1"]).await;
+    let proxy = Proxy::start(control.port()).await;
+    let url = Url::parse(&format!("http://127.0.0.1:{}", proxy.port)).expect("url");
+    let client = Arc::new(client(url));
+    for round in 0..2 {
+        let (handle, _rx) = spawn_run(
+            client.clone(),
+            control.clone(),
+            simple_workflow("whole"),
+            opts(RUN_LIMIT, Duration::from_secs(5)),
+            CancellationToken::new(),
+        );
+        let result = outcome(handle).await;
+        let RunOutcome::Succeeded { outputs, .. } = &result else {
+            panic!("round {round}: expected success, got {result:?}");
+        };
+        assert_eq!(outputs.len(), 1, "round {round}: {result:?}");
+        assert_eq!(outputs[0].node_id, "3");
+        let on_disk = std::fs::read(dir.path().join("output").join(&outputs[0].filename))
+            .expect("the output file");
+        assert_eq!(on_disk, outputs[0].bytes.to_vec(), "round {round}");
+    }
+    // The second round was fully cached: its files came from `executed` events too.
+    assert_eq!(proxy.history_reads(), 0);
+}
+
+#[tokio::test]
+async fn a_skipped_frame_means_the_files_come_from_the_history() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let control = SimControl::start(dir.path(), &["--step-time-ms", "1"]).await;
+    // Every `executed` frame becomes unreadable JSON on its way to the client.
+    let proxy = Proxy::start_rewriting(
+        control.port(),
+        Rewrite {
+            from: br#"{"type": "executed", "data": {"#.to_vec(),
+            to: br#"{"type": "executed", "data": ["#.to_vec(),
+        },
+    )
+    .await;
+    let url = Url::parse(&format!("http://127.0.0.1:{}", proxy.port)).expect("url");
+    let client = Arc::new(client(url));
+    let (handle, _rx) = spawn_run(
+        client,
+        control.clone(),
+        simple_workflow("skipped"),
+        opts(RUN_LIMIT, Duration::from_secs(5)),
+        CancellationToken::new(),
+    );
+    let result = outcome(handle).await;
+    let RunOutcome::Succeeded { outputs, .. } = &result else {
+        panic!("expected success, got {result:?}");
+    };
+    assert_eq!(outputs.len(), 1, "{result:?}");
+    assert!(outputs[0].filename.starts_with("skipped_"), "{result:?}");
+    assert!(outputs[0].bytes.starts_with(b"\x89PNG"));
+    assert_eq!(proxy.history_reads(), 1);
 }
 
 #[tokio::test]

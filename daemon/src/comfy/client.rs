@@ -8,6 +8,7 @@
 //! This module never restarts ComfyUI and never decides a job's fate: the executor and the
 //! supervisor do. It never panics on what the network sends.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -128,10 +129,10 @@ pub struct Submitted {
     pub node_errors: Vec<NodeError>,
 }
 
-/// A prompt that ended successfully, read from its history entry.
-#[derive(Debug, Clone)]
+/// A prompt that ended successfully: its files, from its history entry or, when the event
+/// socket saw the whole run, from its `executed` events (the same ui dicts).
+#[derive(Debug, Clone, PartialEq)]
 pub struct Finished {
-    pub entry: HistoryEntry,
     /// Result files (`type` output, or input for nodes that list inputs), in node id order.
     pub outputs: Vec<OutputRef>,
     /// Preview files (`type` temp, e.g. PreviewImage): not results, wiped when ComfyUI starts.
@@ -139,16 +140,13 @@ pub struct Finished {
 }
 
 impl Finished {
-    fn from_entry(entry: HistoryEntry) -> Finished {
-        let (previews, outputs) = entry
-            .output_files()
-            .into_iter()
+    /// From the ui dicts of the output nodes, by node id.
+    fn from_ui(ui: &BTreeMap<String, Map<String, Value>>) -> Finished {
+        let (previews, outputs) = ui
+            .iter()
+            .flat_map(|(node_id, ui)| output_refs(node_id, ui))
             .partition(|f| f.file_type == super::types::FileType::Temp);
-        Finished {
-            entry,
-            outputs,
-            previews,
-        }
+        Finished { outputs, previews }
     }
 }
 
@@ -206,6 +204,8 @@ const STALE_FRAMES_MAX: usize = 1024;
 pub struct EventSocket {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
     buffered: Option<WsMessage>,
+    /// Frames skipped so far because they did not parse.
+    skipped: u64,
 }
 
 impl std::fmt::Debug for EventSocket {
@@ -239,11 +239,17 @@ impl EventSocket {
             match frame {
                 Message::Text(text) => match WsMessage::parse(text.as_str()) {
                     Ok(msg) => return Some(WsEvent::Message(msg)),
-                    Err(e) => tracing::warn!(error = %e, "skipping a ComfyUI websocket frame"),
+                    Err(e) => {
+                        self.skipped += 1;
+                        tracing::warn!(error = %e, "skipping a ComfyUI websocket frame");
+                    }
                 },
                 Message::Binary(bytes) => match BinaryFrame::parse(&bytes) {
                     Ok(frame) => return Some(WsEvent::Binary(frame)),
-                    Err(e) => tracing::warn!(error = %e, "skipping a ComfyUI binary frame"),
+                    Err(e) => {
+                        self.skipped += 1;
+                        tracing::warn!(error = %e, "skipping a ComfyUI binary frame");
+                    }
                 },
                 Message::Close(_) => return None,
                 Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
@@ -592,7 +598,11 @@ impl ComfyClient {
             }
             Ok(Ok(pair)) => pair,
         };
-        let mut socket = EventSocket { ws, buffered: None };
+        let mut socket = EventSocket {
+            ws,
+            buffered: None,
+            skipped: 0,
+        };
         match tokio::time::timeout(limit, socket.next()).await {
             Ok(Some(WsEvent::Message(WsMessage::Status(_)))) => Ok(socket),
             Ok(Some(WsEvent::Message(other))) => {
@@ -640,11 +650,14 @@ impl ComfyClient {
         *lock_kept(&self.kept_events) = Some((generation, socket));
     }
 
-    /// Follows `prompt_id` to its end and returns its history entry when it succeeded.
+    /// Follows `prompt_id` to its end and returns its files when it succeeded.
     ///
     /// Events for this prompt are relayed to `events` (best effort); other prompts' events are
-    /// ignored. `executing {node: null}` for this prompt is the moment the history entry is
-    /// written, so that is when it is read. When the socket drops, the client reconnects with
+    /// ignored. `executing {node: null}` for this prompt is its end. When the socket saw the
+    /// whole run (it was open before the prompt was posted, never dropped and skipped no frame)
+    /// and `execution_success` came, the files are those of the run's `executed` events, which
+    /// carry the same ui dicts as the history entry; otherwise the history entry, written by
+    /// then, is read. When the socket drops, the client reconnects with
     /// backoff and polls `/history` meanwhile; after a reconnect it checks the history at once,
     /// since the prompt may have ended while it was away. While the socket is up the history is
     /// still polled now and then, as a safety net for a silently dead socket.
@@ -673,11 +686,18 @@ impl ComfyClient {
             // A full or closed receiver must not slow the run down.
             let _ = events.try_send(ev);
         };
+        // The ui dicts of this run's `executed` events by node, while the socket has seen every
+        // event of the run; `None` once it may have missed one.
+        let mut seen: Option<BTreeMap<String, Map<String, Value>>> =
+            socket.as_ref().map(|_| BTreeMap::new());
+        let skipped_before = socket.as_ref().map_or(0, |s| s.skipped);
+        let mut succeeded = false;
         loop {
             if socket.is_none() && Instant::now() >= reconnect_at {
                 match self.connect_events().await {
                     Ok(s) => {
                         tracing::debug!(prompt_id, "ComfyUI websocket reconnected");
+                        seen = None;
                         *socket = Some(s);
                         reconnect_failures = 0;
                         poll_at = Instant::now();
@@ -719,6 +739,7 @@ impl ComfyClient {
                     "ComfyUI websocket dropped; reconnecting and polling history"
                 );
                 relay(RunEvent::Reconnecting);
+                seen = None;
                 *socket = None;
                 reconnect_at = Instant::now();
                 poll_at = Instant::now();
@@ -765,6 +786,12 @@ impl ComfyClient {
                 WsMessage::Executing(d) => match d.node {
                     Some(node) => relay(RunEvent::Executing { node }),
                     None => {
+                        if succeeded
+                            && sock.skipped == skipped_before
+                            && let Some(ui) = &seen
+                        {
+                            return Ok(Finished::from_ui(ui));
+                        }
                         // The history entry is written now.
                         match self.history(prompt_id).await {
                             Ok(Some(entry)) => return finish(entry),
@@ -789,11 +816,15 @@ impl ComfyClient {
                 }),
                 WsMessage::Executed(d) => {
                     let files = output_refs(&d.node, &d.output);
+                    if let Some(seen) = seen.as_mut() {
+                        seen.insert(d.node.clone(), d.output);
+                    }
                     relay(RunEvent::Executed {
                         node: d.node,
                         files,
                     });
                 }
+                WsMessage::ExecutionSuccess(_) => succeeded = true,
                 WsMessage::ExecutionError(e) => {
                     return Err(ComfyError::Execution {
                         node_id: e.node_id,
@@ -843,7 +874,7 @@ fn lock_kept(
 
 fn finish(entry: HistoryEntry) -> Result<Finished, ComfyError> {
     match entry.end() {
-        HistoryEnd::Success => Ok(Finished::from_entry(entry)),
+        HistoryEnd::Success => Ok(Finished::from_ui(&entry.outputs)),
         HistoryEnd::Error(e) => Err(ComfyError::Execution {
             node_id: e.node_id,
             node_type: e.node_type,

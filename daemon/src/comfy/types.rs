@@ -467,8 +467,9 @@ pub struct ExecutedData {
     pub node: String,
     #[serde(default)]
     pub display_node: Option<String>,
-    /// The node's ui dict, the same shape as a history entry's `outputs[node]`.
-    #[serde(default)]
+    /// The node's ui dict, the same shape as a history entry's `outputs[node]`; `null` (a
+    /// cached node without one) is an empty dict.
+    #[serde(default, deserialize_with = "map_or_null")]
     pub output: Map<String, Value>,
     pub prompt_id: String,
 }
@@ -500,6 +501,10 @@ pub struct InterruptedData {
 }
 
 /// Accepts a string, `null` (→ empty) or any other JSON value (→ its JSON text).
+fn map_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Map<String, Value>, D::Error> {
+    Ok(Option::<Map<String, Value>>::deserialize(d)?.unwrap_or_default())
+}
+
 fn string_or_any<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     Ok(match Value::deserialize(d)? {
         Value::String(s) => s,
@@ -790,6 +795,25 @@ mod tests {
         );
         assert!(WsMessage::parse("[1,2]").is_err());
         assert!(WsMessage::parse(r#"{"type":"progress","data":{"value":"x"}}"#).is_err());
+    }
+
+    #[test]
+    fn executed_with_a_null_output_is_an_empty_ui_dict() {
+        let msg = WsMessage::parse(
+            r#"{"type": "executed", "data": {"node": "2", "display_node": "2", "output": null, "prompt_id": "p"}}"#,
+        )
+        .expect("parses");
+        let WsMessage::Executed(d) = msg else {
+            panic!("not executed: {msg:?}");
+        };
+        assert_eq!((d.node.as_str(), d.prompt_id.as_str()), ("2", "p"));
+        assert!(d.output.is_empty());
+        assert!(
+            WsMessage::parse(
+                r#"{"type": "executed", "data": {"node": "2", "output": [], "prompt_id": "p"}}"#
+            )
+            .is_err()
+        );
     }
 
     #[test]
