@@ -1100,12 +1100,34 @@ async fn a_job_leased_to_another_member_is_handed_over_with_its_lease() {
     assert_eq!(get(&store, "l1").await, handed);
     assert_eq!(store.summary().running, 0);
     assert!(store.owned_active().await.expect("owned").is_empty());
-    // Its result now belongs to the new owner.
+    // Its result now belongs to the new owner, with or without a file to write first.
     let err = store
         .finish_attempt("l1", 1, Outcome::Cancelled)
         .await
         .expect_err("not ours");
     assert!(matches!(err, StoreError::NotOwner { .. }), "{err}");
+    let err = store
+        .finish_attempt("l1", 1, Outcome::Succeeded { outputs: vec![] })
+        .await
+        .expect_err("not ours");
+    assert!(matches!(err, StoreError::NotOwner { .. }), "{err}");
+    let err = store
+        .finish_attempt(
+            "l1",
+            1,
+            Outcome::Succeeded {
+                outputs: png("late"),
+            },
+        )
+        .await
+        .expect_err("not ours");
+    assert!(matches!(err, StoreError::NotOwner { .. }), "{err}");
+    let err = store
+        .finish("l1", Outcome::Succeeded { outputs: vec![] })
+        .await
+        .expect_err("not ours");
+    assert!(matches!(err, StoreError::NotOwner { .. }), "{err}");
+    assert!(files_of(dir.path(), "l1").is_empty());
 }
 
 #[tokio::test]
