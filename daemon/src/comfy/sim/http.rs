@@ -25,6 +25,10 @@ use super::validate::{self, Outcome};
 /// The upload limit ComfyUI reports in `/features`.
 const MAX_UPLOAD_SIZE: u64 = 104_857_600;
 
+/// Files up to this size are read for `/view` on the event loop; larger ones on a blocking
+/// thread, so the server keeps answering meanwhile.
+const INLINE_READ_BYTES: u64 = 256 * 1024;
+
 pub fn router(shared: Shared) -> Router {
     let routes = Router::new()
         .route("/ws", get(ws))
@@ -545,13 +549,20 @@ async fn view(State(s): State<Shared>, Query(q): Query<HashMap<String, String>>)
         .map(|f| f.to_string_lossy().into_owned())
         .unwrap_or_default();
     let path = dir.join(&base);
-    let Ok(meta) = tokio::fs::metadata(&path).await else {
+    // A stat, and the read of a small file, are quick enough for the event loop: a hand-off to
+    // a blocking thread would cost more than the work.
+    let Ok(meta) = std::fs::metadata(&path) else {
         return empty(StatusCode::NOT_FOUND);
     };
     if !meta.is_file() {
         return empty(StatusCode::NOT_FOUND);
     }
-    let Ok(bytes) = tokio::fs::read(&path).await else {
+    let read = if meta.len() <= INLINE_READ_BYTES {
+        std::fs::read(&path)
+    } else {
+        tokio::fs::read(&path).await
+    };
+    let Ok(bytes) = read else {
         return empty(StatusCode::NOT_FOUND);
     };
     let mtime = meta.modified().unwrap_or(UNIX_EPOCH);
