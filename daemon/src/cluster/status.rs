@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{Cluster, StatusCell};
@@ -176,6 +177,10 @@ impl StatusSources {
 
 /// Publishes the node's status every `interval` and whenever ComfyUI's state changes, until
 /// `stop`; the last status published says `draining`.
+///
+/// The runner turns busy and idle again with every job: those changes are published at most
+/// once per [`BUSY_GAP`], so a node running many short jobs does not republish (and make every
+/// peer decode) its status for each one. Peers see it a gossip round later in any case.
 pub async fn publish_loop(
     mut sources: StatusSources,
     sink: StatusSink,
@@ -185,21 +190,75 @@ pub async fn publish_loop(
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut busy = sources.runner.watch_busy();
+    let mut schedule = Schedule::new(Instant::now());
     loop {
-        let status = sources.build();
-        publish(&sink, status).await;
+        if schedule.take_due(Instant::now()) {
+            publish(&sink, sources.build()).await;
+        }
+        let now = Instant::now();
         tokio::select! {
             _ = stop.cancelled() => break,
-            _ = sources.draining.cancelled(), if !sources.draining.is_cancelled() => {}
-            changed = sources.supervisor.changed() => if changed.is_err() { break },
-            _ = sources.gpu.changed() => {}
-            changed = busy.changed() => if changed.is_err() { break },
-            _ = tick.tick() => {}
+            _ = sources.draining.cancelled(), if !sources.draining.is_cancelled() => {
+                schedule.changed(now);
+            }
+            changed = sources.supervisor.changed() => {
+                if changed.is_err() { break }
+                schedule.changed(now);
+            }
+            _ = sources.gpu.changed() => schedule.changed(now),
+            changed = busy.changed() => {
+                if changed.is_err() { break }
+                schedule.runner_changed();
+            }
+            _ = tick.tick() => schedule.changed(now),
+            _ = tokio::time::sleep_until(schedule.due.unwrap_or(now)), if schedule.due.is_some() => {}
         }
     }
     let mut status = sources.build();
     status.state = MemberState::Draining;
     publish(&sink, status).await;
+}
+
+/// The least time between two publishes caused by the runner turning busy or idle.
+pub const BUSY_GAP: Duration = Duration::from_millis(100);
+
+/// When the status is published next.
+#[derive(Debug)]
+struct Schedule {
+    published: Instant,
+    /// `None` while nothing changed since the last publish.
+    due: Option<Instant>,
+}
+
+impl Schedule {
+    /// Due at once (the first publish).
+    fn new(now: Instant) -> Schedule {
+        Schedule {
+            published: now,
+            due: Some(now),
+        }
+    }
+
+    /// Something other than the runner changed: publish now.
+    fn changed(&mut self, now: Instant) {
+        self.due = Some(now);
+    }
+
+    /// The runner turned busy or idle: publish no sooner than [`BUSY_GAP`] after the last.
+    fn runner_changed(&mut self) {
+        let at = self.published + BUSY_GAP;
+        self.due = Some(self.due.map_or(at, |due| due.min(at)));
+    }
+
+    /// Whether to publish now; if so, counts it as published.
+    fn take_due(&mut self, now: Instant) -> bool {
+        if self.due.is_some_and(|due| due <= now) {
+            self.published = now;
+            self.due = None;
+            return true;
+        }
+        false
+    }
 }
 
 async fn publish(sink: &StatusSink, status: MemberStatus) {
@@ -214,6 +273,40 @@ mod tests {
     use super::*;
     use crate::protocol::Tier;
     use crate::queue::TierCount;
+
+    #[test]
+    fn runner_changes_are_published_at_most_once_per_gap() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut schedule = Schedule::new(t0);
+        assert!(schedule.take_due(t0), "the first status goes out at once");
+        assert!(!schedule.take_due(t0 + ms(500)), "nothing changed");
+        // Busy, idle and busy again within the gap: one publish, at the gap's end.
+        schedule.runner_changed();
+        schedule.runner_changed();
+        schedule.runner_changed();
+        assert_eq!(schedule.due, Some(t0 + BUSY_GAP));
+        assert!(!schedule.take_due(t0 + ms(99)));
+        assert!(schedule.take_due(t0 + ms(100)));
+        // Long after the last publish, a runner change is due at once.
+        let t1 = t0 + ms(1000);
+        schedule.runner_changed();
+        assert!(schedule.take_due(t1));
+        // Any other change goes out at once, even within the gap.
+        schedule.runner_changed();
+        assert_eq!(schedule.due, Some(t1 + BUSY_GAP));
+        schedule.changed(t1 + ms(10));
+        assert!(schedule.take_due(t1 + ms(10)));
+        schedule.runner_changed();
+        assert_eq!(schedule.due, Some(t1 + ms(10) + BUSY_GAP));
+        schedule.changed(t1 + ms(20));
+        schedule.runner_changed();
+        assert_eq!(
+            schedule.due,
+            Some(t1 + ms(20)),
+            "a runner change never delays"
+        );
+    }
 
     #[test]
     fn state_follows_supervisor_and_runner() {
