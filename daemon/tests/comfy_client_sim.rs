@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use kiln_daemon::comfy::ComfyControl;
 use kiln_daemon::comfy::client::{ClientTimings, ComfyClient, ComfyError, RunEvent};
-use kiln_daemon::comfy::executor::{RunOptions, RunOutcome, run_prompt};
+use kiln_daemon::comfy::executor::{OutputFile, RunOptions, RunOutcome, run_prompt};
 use kiln_daemon::comfy::types::FileType;
 use kiln_daemon::comfy::workflow::validate;
 use serde_json::{Value, json};
@@ -629,6 +629,12 @@ impl Proxy {
         *token = CancellationToken::new();
     }
 
+    /// A client of ComfyUI through this proxy.
+    fn client(&self) -> Arc<ComfyClient> {
+        let url = Url::parse(&format!("http://127.0.0.1:{}", self.port)).expect("url");
+        Arc::new(client(url))
+    }
+
     fn history_reads(&self) -> u64 {
         self.history_reads.load(Ordering::SeqCst)
     }
@@ -691,8 +697,7 @@ async fn a_dropped_websocket_is_reconnected_and_the_run_finishes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let control = SimControl::start(dir.path(), &["--step-time-ms", "50"]).await;
     let proxy = Proxy::start(control.port()).await;
-    let url = Url::parse(&format!("http://127.0.0.1:{}", proxy.port)).expect("url");
-    let client = Arc::new(client(url));
+    let client = proxy.client();
     let (handle, mut rx) = spawn_run(
         client,
         control.clone(),
@@ -723,25 +728,12 @@ async fn a_run_seen_whole_on_its_socket_needs_no_history_read() {
     let dir = tempfile::tempdir().expect("tempdir");
     let control = SimControl::start(dir.path(), &["--step-time-ms", "1"]).await;
     let proxy = Proxy::start(control.port()).await;
-    let url = Url::parse(&format!("http://127.0.0.1:{}", proxy.port)).expect("url");
-    let client = Arc::new(client(url));
+    let client = proxy.client();
     for round in 0..2 {
-        let (handle, _rx) = spawn_run(
-            client.clone(),
-            control.clone(),
-            simple_workflow("whole"),
-            opts(RUN_LIMIT, Duration::from_secs(5)),
-            CancellationToken::new(),
-        );
-        let result = outcome(handle).await;
-        let RunOutcome::Succeeded { outputs, .. } = &result else {
-            panic!("round {round}: expected success, got {result:?}");
-        };
-        assert_eq!(outputs.len(), 1, "round {round}: {result:?}");
-        assert_eq!(outputs[0].node_id, "3");
-        let on_disk = std::fs::read(dir.path().join("output").join(&outputs[0].filename))
+        let output = run_simple_to_one_output(&client, &control, "whole").await;
+        let on_disk = std::fs::read(dir.path().join("output").join(&output.filename))
             .expect("the output file");
-        assert_eq!(on_disk, outputs[0].bytes.to_vec(), "round {round}");
+        assert_eq!(on_disk, output.bytes.to_vec(), "round {round}");
     }
     // The second round was fully cached: its files came from `executed` events too.
     assert_eq!(proxy.history_reads(), 0);
@@ -760,23 +752,34 @@ async fn a_skipped_frame_means_the_files_come_from_the_history() {
         },
     )
     .await;
-    let url = Url::parse(&format!("http://127.0.0.1:{}", proxy.port)).expect("url");
-    let client = Arc::new(client(url));
+    let client = proxy.client();
+    let output = run_simple_to_one_output(&client, &control, "skipped").await;
+    assert!(output.filename.starts_with("skipped_"), "{output:?}");
+    assert!(output.bytes.starts_with(b"\x89PNG"));
+    assert_eq!(proxy.history_reads(), 1);
+}
+
+/// Runs [`simple_workflow`] with `prefix` to success and returns its one output (node 3's).
+async fn run_simple_to_one_output(
+    client: &Arc<ComfyClient>,
+    control: &Arc<SimControl>,
+    prefix: &str,
+) -> OutputFile {
     let (handle, _rx) = spawn_run(
-        client,
+        client.clone(),
         control.clone(),
-        simple_workflow("skipped"),
+        simple_workflow(prefix),
         opts(RUN_LIMIT, Duration::from_secs(5)),
         CancellationToken::new(),
     );
     let result = outcome(handle).await;
-    let RunOutcome::Succeeded { outputs, .. } = &result else {
+    let RunOutcome::Succeeded { mut outputs, .. } = result else {
         panic!("expected success, got {result:?}");
     };
-    assert_eq!(outputs.len(), 1, "{result:?}");
-    assert!(outputs[0].filename.starts_with("skipped_"), "{result:?}");
-    assert!(outputs[0].bytes.starts_with(b"\x89PNG"));
-    assert_eq!(proxy.history_reads(), 1);
+    assert_eq!(outputs.len(), 1, "{outputs:?}");
+    let output = outputs.remove(0);
+    assert_eq!(output.node_id, "3");
+    output
 }
 
 #[tokio::test]
