@@ -500,11 +500,12 @@ pub struct InterruptedData {
     pub executed: Vec<String>,
 }
 
-/// Accepts a string, `null` (→ empty) or any other JSON value (→ its JSON text).
+/// Accepts an object, or `null` (→ empty).
 fn map_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Map<String, Value>, D::Error> {
     Ok(Option::<Map<String, Value>>::deserialize(d)?.unwrap_or_default())
 }
 
+/// Accepts a string, `null` (→ empty) or any other JSON value (→ its JSON text).
 fn string_or_any<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     Ok(match Value::deserialize(d)? {
         Value::String(s) => s,
