@@ -564,7 +564,8 @@ struct Proxy {
     history_reads: Arc<AtomicU64>,
 }
 
-/// What a [`Proxy`] changes in ComfyUI's answers: every `from` becomes `to` (same length).
+/// A replacement a [`Proxy`] makes in one direction of its traffic: every `from` becomes `to`
+/// (same length).
 #[derive(Clone, Default)]
 struct Rewrite {
     from: Vec<u8>,

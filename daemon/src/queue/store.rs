@@ -1501,11 +1501,11 @@ pub fn inline_outputs_in_db(data_dir: &Path, job_id: &str) -> Result<Vec<u32>, S
         .map_err(StoreError::sqlite("listing inline outputs"))
 }
 
-/// Whether an output's content goes into the database rather than a file of its own.
 /// The most bytes of inline outputs, all together, hashed on the caller's thread instead of a
 /// blocking one (SHA-256 of 64 KiB takes ~0.1-0.2 ms).
 const INLINE_ON_CALLER_BYTES: usize = 64 * 1024;
 
+/// Whether an output's content goes into the database rather than a file of its own.
 fn kept_inline(out: &NewOutput, inline_max: u64) -> bool {
     inline_max > 0 && out.bytes.len() as u64 <= inline_max
 }
